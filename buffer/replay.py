@@ -1,0 +1,106 @@
+"""Replay buffer of sample groups with a staleness bound.
+
+The buffer stores whole groups (all samples of one prompt) because group-relative advantages
+(GRPO/RLOO) need the whole group. `take_batch` hands out the oldest groups first and drops groups
+whose policy lag exceeds `max_staleness` (counted in `off_policy/dropped_*`). Admission control
+that keeps stale data from being produced at all lives in the orchestrator; this is the backstop.
+
+Left out on purpose: prioritised replay and curation (buffer/curation is a later addition), and
+reuse of a group for more than one step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from buffer.sample import Sample
+
+
+class ReplayBuffer:
+    """FIFO buffer of sample groups, bounded in policy lag.
+
+    Runs in-process (tests) or as a Ray actor via ``ray.remote(ReplayBuffer)``.
+
+    Args:
+        max_staleness: largest allowed ``learner_version - oldest token version`` of a trained
+            sample, in policy versions; 0 means strictly on-policy.
+        capacity_groups: groups held at most; adding beyond raises instead of losing data.
+
+    Raises:
+        ValueError: on a negative bound or an empty group.
+    """
+
+    def __init__(self, max_staleness: int, capacity_groups: int = 100_000) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+        self.max_staleness = max_staleness
+        self.capacity_groups = capacity_groups
+        self._groups: deque[list[Sample]] = deque()
+        self._dropped_groups = 0
+        self._dropped_samples = 0
+
+    def add_groups(self, groups: list[list[Sample]]) -> int:
+        """Store groups; returns the number of groups now held.
+
+        Raises:
+            ValueError: a group is empty, or capacity would be exceeded.
+        """
+        for g in groups:
+            if not g:
+                raise ValueError("ReplayBuffer.add_groups: got an empty group")
+        if len(self._groups) + len(groups) > self.capacity_groups:
+            raise ValueError(
+                f"ReplayBuffer is full ({len(self._groups)} of {self.capacity_groups} groups); "
+                f"refusing {len(groups)} more rather than dropping data"
+            )
+        self._groups.extend(groups)
+        return len(self._groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def size(self) -> int:
+        """Number of groups held (callable through a Ray actor handle)."""
+        return len(self._groups)
+
+    def take_batch(self, num_groups: int, learner_version: int) -> tuple[list[list[Sample]], dict]:
+        """Remove and return up to ``num_groups`` fresh-enough groups, oldest first.
+
+        Groups whose oldest token is more than ``max_staleness`` versions behind
+        ``learner_version`` are dropped and counted. Returns ``(groups, metrics)``; ``groups`` is
+        shorter than asked when the buffer runs out.
+        """
+        out: list[list[Sample]] = []
+        dropped_now = 0
+        while self._groups and len(out) < num_groups:
+            g = self._groups.popleft()
+            lag = max(s.staleness(learner_version) for s in g)
+            if lag > self.max_staleness:
+                self._dropped_groups += 1
+                self._dropped_samples += len(g)
+                dropped_now += len(g)
+                continue
+            out.append(g)
+        lags = [s.staleness(learner_version) for g in out for s in g]
+        metrics = {
+            "off_policy/dropped_samples": float(dropped_now),
+            "off_policy/dropped_samples_total": float(self._dropped_samples),
+            "off_policy/staleness_mean": float(sum(lags) / len(lags)) if lags else 0.0,
+            "off_policy/staleness_max": float(max(lags)) if lags else 0.0,
+            "buffer/groups_left": float(len(self._groups)),
+        }
+        return out, metrics
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: held groups and drop counters."""
+        return {
+            "groups": list(self._groups),
+            "dropped_groups": self._dropped_groups,
+            "dropped_samples": self._dropped_samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict`."""
+        self._groups = deque(state["groups"])
+        self._dropped_groups = state["dropped_groups"]
+        self._dropped_samples = state["dropped_samples"]

