@@ -1,0 +1,91 @@
+"""`LearnerGroup`: N `LearnerWorker` ranks as Ray actors, addressed as one learner.
+
+Methods ending in ``_remote`` return ObjectRefs; the others wait with the configured timeout and
+raise naming the rank that did not answer.
+
+Left out on purpose: placement groups across nodes (a later addition), an in-process mode.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from learner.worker import LearnerWorker
+
+logger = logging.getLogger(__name__)
+
+
+class LearnerGroup:
+    """Creates the ranks, joins them into one DeepSpeed process group, fans calls out.
+
+    Raises:
+        RuntimeError: the cluster lacks the CPUs/GPUs for the ranks, or setup timed out.
+    """
+
+    def __init__(self, cfg, model_path: str, samples_per_step: int, temperature: float, seed: int) -> None:
+        import ray
+
+        self.cfg = cfg
+        need_cpu, need_gpu = cfg.num_cpus * cfg.num_learners, cfg.num_gpus * cfg.num_learners
+        total = ray.cluster_resources()
+        if total.get("CPU", 0) < need_cpu or total.get("GPU", 0) < need_gpu:
+            raise RuntimeError(
+                f"learner needs {need_cpu:g} CPU and {need_gpu:g} GPU "
+                f"({cfg.num_learners} ranks x learner.num_cpus={cfg.num_cpus:g}, num_gpus={cfg.num_gpus:g}) "
+                f"but the Ray cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU"
+            )
+        env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu" if not cfg.num_gpus else "cuda",
+                            "OMP_NUM_THREADS": str(cfg.torch_threads or max(1, int(cfg.num_cpus)))}}
+        actor = ray.remote(LearnerWorker).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=env)
+        self.ranks = [
+            actor.remote(cfg, model_path, r, cfg.num_learners, samples_per_step, temperature, seed)
+            for r in range(cfg.num_learners)
+        ]
+        addr, port = self._get([self.ranks[0].master_address.remote()], "master_address")[0]
+        self.num_params = self._get([r.setup.remote(addr, port) for r in self.ranks], "setup")[0]
+        logger.info("learner group up: %d ranks, %.1fM params", len(self.ranks), self.num_params / 1e6)
+
+    def _get(self, refs: list, what: str, timeout: float | None = None):
+        import ray
+
+        timeout = timeout or self.cfg.step_timeout_s
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(ready) < len(refs):
+            missing = [i for i, r in enumerate(refs) if r not in ready]
+            raise TimeoutError(f"learner rank(s) {missing} did not finish {what} within {timeout:.0f} s")
+        return ray.get(refs)
+
+    def train_step_remote(self, batch_ref, learner_version: int) -> list:
+        """Start one optimizer step on every rank; returns one ObjectRef of metrics per rank."""
+        return [r.train_step.remote(batch_ref, learner_version) for r in self.ranks]
+
+    @staticmethod
+    def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+        """Combine rank metrics: losses and token counts add up, rates are token-weighted means."""
+        out: dict[str, float] = {}
+        toks = [m.get("learner/tokens", 0.0) for m in per_rank]
+        tot = max(sum(toks), 1.0)
+        for key in per_rank[0]:
+            vals = [m.get(key, 0.0) for m in per_rank]
+            if key in ("learner/loss", "learner/tokens"):
+                out[key] = sum(vals)
+            elif key.startswith(("rollout/", "learner/grad_norm", "learner/lr", "learner/zero_variance")):
+                out[key] = vals[0]
+            elif key == "learner/seconds":
+                out[key] = max(vals)
+            else:
+                out[key] = sum(v * t for v, t in zip(vals, toks)) / tot
+        return out
+
+    def export_weights_remote(self, dtype: str, bucket_bytes: int):
+        """Export full weights; returns ``(buckets_ref, metrics_ref)`` of rank 0."""
+        refs = [r.export_weights.options(num_returns=2).remote(dtype, bucket_bytes) for r in self.ranks]
+        return refs[0]
+
+    def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
+        """Rank 0's logprobs of ``token_ids[prompt_len:]``."""
+        return self._get([self.ranks[0].sequence_logprobs.remote(token_ids, prompt_len)], "sequence_logprobs")[0]
+
+    def save_pretrained(self, out_dir: str) -> str:
+        """Write the current policy as an HF dir; returns its path."""
+        return self._get([r.save_pretrained.remote(out_dir) for r in self.ranks], "save_pretrained")[0]

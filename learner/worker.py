@@ -1,0 +1,263 @@
+"""`LearnerWorker`: one DeepSpeed (ZeRO) rank inside a Ray actor.
+
+Each rank receives the whole batch (an ObjectRef resolved by Ray straight from the buffer actor),
+computes group advantages on it (cheap, identical on every rank) and trains on its own shard
+``samples[rank::world_size]`` with gradient accumulation over micro-batches. The loss is a token
+mean over the global batch, so the update does not depend on how samples fall into ranks and
+micro-batches.
+
+Weight export gathers full parameters (ZeRO-3: every rank must enter the gather) and rank 0 packs
+them into a few safetensors buckets for the rollout workers.
+
+Left out on purpose: PPO epochs / several optimizer steps per batch (one step per batch makes the
+proximal policy equal the current one exactly), checkpoint/resume (a later addition), sequence
+packing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LearnerWorker:
+    """One DeepSpeed rank.
+
+    Args:
+        cfg: `LearnerConfig`.
+        model_path: local HF model dir.
+        rank, world_size: position in the learner group.
+        samples_per_step: global batch size in samples (sets gradient accumulation).
+        temperature: rollout sampling temperature; logits are divided by it so learner logprobs
+            are of the same distribution vLLM sampled from.
+        seed: torch seed.
+    """
+
+    def __init__(self, cfg, model_path: str, rank: int, world_size: int, samples_per_step: int,
+                 temperature: float, seed: int) -> None:
+        import torch
+
+        threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed + rank)
+        self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
+        self.temperature = temperature
+        per_rank = samples_per_step // world_size
+        self.gas = per_rank // cfg.micro_batch_size
+        self.samples_per_step = samples_per_step
+        self.engine = None
+        self.version = 0
+
+    def master_address(self) -> tuple[str, int]:
+        """Address and a free port for the rendezvous (called on rank 0)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group and build the DeepSpeed engine; returns the parameter count."""
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        use_cuda = torch.cuda.is_available() and self.cfg.num_gpus > 0
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if not use_cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            # Avoid a ~40 s JIT build of the shared-memory comm op on first init (PLATFORM.md).
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model.config.use_cache = False
+        c = self.cfg
+        ds_config = {
+            "train_micro_batch_size_per_gpu": c.micro_batch_size,
+            "gradient_accumulation_steps": self.gas,
+            "train_batch_size": self.samples_per_step,
+            "gradient_clipping": c.grad_clip,
+            "zero_optimization": {"stage": c.zero_stage},
+            "bf16": {"enabled": c.dtype == "bf16"},
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": c.lr, "weight_decay": c.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
+                "torch_adam": True}},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if c.warmup_steps:
+            ds_config["scheduler"] = {"type": "WarmupLR", "params": {
+                "warmup_min_lr": 0.0, "warmup_max_lr": c.lr, "warmup_num_steps": c.warmup_steps,
+                "warmup_type": "linear"}}
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        self.ref_model = None
+        if c.kl_coef > 0:
+            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+            self.ref_model.requires_grad_(False)
+        return sum(p.numel() for p in model.parameters())
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _response_logprobs(self, model, samples, device):
+        """Per-token logprobs of each sample's response tokens: ``[B, R_max]`` plus mask ``[B, R_max]``."""
+        import torch
+
+        lens = [s.num_tokens for s in samples]
+        T, R = max(lens), max(max(len(s.response_ids) for s in samples), 1)
+        ids = torch.zeros(len(samples), T, dtype=torch.long)
+        attn = torch.zeros(len(samples), T, dtype=torch.long)
+        for i, s in enumerate(samples):
+            seq = s.prompt_ids + s.response_ids
+            ids[i, : len(seq)] = torch.tensor(seq)
+            attn[i, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+        logits = logits / self.temperature
+        out = torch.zeros(len(samples), R, device=device)
+        mask = torch.zeros(len(samples), R, device=device)
+        for i, s in enumerate(samples):
+            P, r = len(s.prompt_ids), len(s.response_ids)
+            if r == 0:
+                continue
+            lp = torch.log_softmax(logits[i, P - 1 : P - 1 + r], dim=-1)
+            tgt = torch.tensor(s.response_ids, device=device)
+            out[i, :r] = lp.gather(1, tgt[:, None]).squeeze(1)
+            mask[i, :r] = torch.tensor(s.loss_mask, dtype=torch.float32, device=device)
+        return out, mask
+
+    # ---- training --------------------------------------------------------------------------
+    def train_step(self, batch: list, learner_version: int) -> dict[str, float]:
+        """One optimizer step on ``batch`` (a list of sample groups; every rank gets all of it).
+
+        Returns metrics (token-weighted means over this rank's micro-batches) and raises
+        ValueError if the batch size differs from ``samples_per_step``.
+        """
+        import torch
+
+        from learner.advantages import grpo_advantages
+        from learner.losses import ppo_clip_tis_loss
+
+        t0 = time.perf_counter()
+        samples = [s for g in batch for s in g]
+        if len(samples) != self.samples_per_step:
+            raise ValueError(f"learner got {len(samples)} samples, expected {self.samples_per_step}")
+        rewards = torch.tensor([[s.reward for s in g] for g in batch], dtype=torch.float32)
+        adv, adv_metrics = grpo_advantages(rewards, normalize_std=self.cfg.advantage == "grpo")
+        adv = adv.flatten().tolist()
+        global_tokens = sum(sum(s.loss_mask) for s in samples)
+        mine = list(range(self.rank, len(samples), self.world_size))
+        m = self.cfg.micro_batch_size
+        device = self.engine.device
+        totals: dict[str, float] = {}
+        tok_total = 0.0
+        normalizer = max(global_tokens, 1) / (self.gas * self.world_size)
+        for start in range(0, len(mine), m):
+            idx = mine[start : start + m]
+            mb = [samples[i] for i in idx]
+            logprobs, mask = self._response_logprobs(self.engine, mb, device)
+            beh = torch.zeros_like(logprobs)
+            for i, s in enumerate(mb):
+                beh[i, : len(s.behaviour_logprobs)] = torch.tensor(s.behaviour_logprobs)
+            ref = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref, _ = self._response_logprobs(self.ref_model, mb, device)
+            loss, met = ppo_clip_tis_loss(
+                logprobs, logprobs.detach(), beh, torch.tensor([adv[i] for i in idx], device=device),
+                mask, self.cfg.clip_low, self.cfg.clip_high, self.cfg.tis_cap,
+                loss_normalizer=normalizer, ref_logprobs=ref, kl_coef=self.cfg.kl_coef,
+            )
+            self.engine.backward(loss)
+            self.engine.step()
+            ntok = met["learner/tokens"]
+            tok_total += ntok
+            for k, v in met.items():
+                if k != "learner/tokens":
+                    totals[k] = totals.get(k, 0.0) + v * ntok
+            # Each micro-loss is already scaled to its share of the global token mean.
+            totals["learner/loss"] = totals.get("learner/loss", 0.0) + float(loss.detach()) / (self.gas * self.world_size)
+        self.version = learner_version + 1
+        out = {k: v / max(tok_total, 1.0) for k, v in totals.items() if k != "learner/loss"}
+        out["learner/loss"] = totals.get("learner/loss", 0.0)
+        out["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["learner/lr"] = float(self.engine.get_lr()[0])
+        out["learner/tokens"] = tok_total
+        out["learner/seconds"] = time.perf_counter() - t0
+        out.update(adv_metrics)
+        if self.rank == 0:
+            out["rollout/reward_mean"] = float(rewards.mean())
+            out["rollout/correct_frac"] = sum(s.correct for s in samples) / len(samples)
+            out["rollout/response_len_mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
+            out["rollout/truncated_frac"] = sum(s.status == "truncated" for s in samples) / len(samples)
+        return out
+
+    # ---- weights ---------------------------------------------------------------------------
+    def _gathered_named_params(self):
+        """Yield ``(hf_name, full tensor on CPU)``; under ZeRO-3 every rank must call this."""
+        import deepspeed
+
+        module = self.engine.module
+        for name, p in module.named_parameters():
+            if self.cfg.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, p.detach().to("cpu", copy=True)
+            else:
+                yield name, p.detach().to("cpu")
+
+    def export_weights(self, dtype: str, bucket_bytes: int) -> tuple[list[bytes] | None, dict]:
+        """Full weights as safetensors buckets (rank 0; other ranks return None) and export metrics.
+
+        Tied parameters appear once (``named_parameters`` de-duplicates), which is what vLLM's
+        loader expects for tied embeddings.
+        """
+        import torch
+
+        from rollout.engine import serialize_buckets  # the format the engine loads
+
+        t0 = time.perf_counter()
+        dt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+        named = ((n, t.to(dt)) for n, t in self._gathered_named_params())
+        if self.rank != 0:
+            for _ in named:  # take part in ZeRO-3 gathers
+                pass
+            return None, {}
+        buckets = serialize_buckets(named, bucket_bytes)
+        return buckets, {"weights/export_seconds": time.perf_counter() - t0,
+                         "weights/bytes": float(sum(len(b) for b in buckets)),
+                         "weights/buckets": float(len(buckets))}
+
+    def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
+        """Learner logprobs of ``token_ids[prompt_len:]`` at temperature 1 (for push checks)."""
+        import torch
+
+        from buffer import Sample
+
+        s = Sample("check", "check", token_ids[:prompt_len], token_ids[prompt_len:],
+                   [0.0] * (len(token_ids) - prompt_len), [0] * (len(token_ids) - prompt_len))
+        saved, self.temperature = self.temperature, 1.0
+        try:
+            with torch.no_grad():
+                lp, _ = self._response_logprobs(self.engine, [s], self.engine.device)
+        finally:
+            self.temperature = saved
+        return lp[0, : len(token_ids) - prompt_len].tolist()
+
+    def save_pretrained(self, out_dir: str) -> str | None:
+        """Write the current policy as an HF model dir (rank 0); every rank must call it."""
+        import shutil
+
+        state = {n: t for n, t in self._gathered_named_params()}
+        if self.rank != 0:
+            return None
+        self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        for f in os.listdir(self.model_path):
+            if f.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                shutil.copy(os.path.join(self.model_path, f), out_dir)
+        return out_dir

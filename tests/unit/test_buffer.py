@@ -1,0 +1,48 @@
+import pytest
+
+from buffer import ReplayBuffer, Sample
+
+
+def _group(key: str, version: int, n: int = 2) -> list[Sample]:
+    return [Sample("p", key, [1, 2], [3, 4], [-0.1, -0.2], [version, version]) for _ in range(n)]
+
+
+def test_sample_validates_lengths_and_staleness():
+    s = Sample("p", "g", [1], [2, 3, 4], [-1.0, -1.0, -1.0], [2, 3, 3])
+    assert s.loss_mask == [1, 1, 1] and s.oldest_version == 2 and s.staleness(5) == 3
+    with pytest.raises(ValueError, match="behaviour_logprobs"):
+        Sample("p", "g", [1], [2, 3], [-1.0], [0, 0])
+
+
+def test_take_batch_drops_stale_groups_and_counts_them():
+    buf = ReplayBuffer(max_staleness=1)
+    buf.add_groups([_group("old", 0), _group("ok", 1), _group("new", 2)])
+    groups, m = buf.take_batch(2, learner_version=2)
+    assert [g[0].group_id for g in groups] == ["ok", "new"]
+    assert m["off_policy/dropped_samples"] == 2 and m["off_policy/staleness_max"] == 1
+    assert len(buf) == 0
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = ReplayBuffer(max_staleness=0)
+    a.add_groups([_group("x", 0), _group("y", 1), _group("z", 1)])
+    first, _ = a.take_batch(1, learner_version=1)  # drops x, returns y
+    assert [g[0].group_id for g in first] == ["y"]
+    b = ReplayBuffer(max_staleness=0)
+    b.load_state_dict(a.state_dict())
+    ga, ma = a.take_batch(5, 1)
+    gb, mb = b.take_batch(5, 1)
+    assert [g[0].group_id for g in ga] == [g[0].group_id for g in gb] == ["z"]
+    assert ma == mb
+
+
+def test_bad_input_loses_no_data():
+    buf = ReplayBuffer(max_staleness=0, capacity_groups=1)
+    buf.add_groups([_group("a", 0)])
+    with pytest.raises(ValueError, match="full"):
+        buf.add_groups([_group("b", 0)])
+    with pytest.raises(ValueError, match="empty group"):
+        buf.add_groups([[]])
+    assert len(buf) == 1
+    with pytest.raises(ValueError, match="max_staleness"):
+        ReplayBuffer(max_staleness=-1)

@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "deploy").rglob("*.toml")), ids=lambda p: p.name)
+def test_every_deploy_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig) and cfg.samples_per_step > 0
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["learner.lr=1e-6", "rollout.dtype=float32", "model.path=/x/y", "num_steps=3"])
+    assert cfg.learner.lr == 1e-6 and cfg.rollout.dtype == "float32"
+    assert cfg.model.path == "/x/y" and cfg.num_steps == 3
+
+
+@pytest.mark.parametrize("override,field", [
+    ("learner.lr=abc", "learner.lr"),
+    ("learner.zero_stage=5", "learner.zero_stage"),
+    ("rollout.group_size=1", "rollout.group_size"),
+    ("learner.no_such_field=1", "learner.no_such_field"),
+])
+def test_validation_errors_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_batch_divisibility_is_checked():
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(None, ["prompts_per_step=3", "rollout.group_size=3", "learner.micro_batch_size=2"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("num_steps = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["num_steps"])
+
+
+def test_configs_are_frozen():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.learner.lr = 1.0
