@@ -83,8 +83,9 @@ class LearnerGroup:
         return refs[0]
 
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
-        """Rank 0's logprobs of ``token_ids[prompt_len:]``."""
-        return self._get([self.ranks[0].sequence_logprobs.remote(token_ids, prompt_len)], "sequence_logprobs")[0]
+        """Rank 0's logprobs of ``token_ids[prompt_len:]`` (every rank runs the forward: ZeRO-3 gathers)."""
+        return self._get([r.sequence_logprobs.remote(token_ids, prompt_len) for r in self.ranks],
+                         "sequence_logprobs")[0]
 
     def save_pretrained(self, out_dir: str) -> str:
         """Write the current policy as an HF dir; returns its path."""

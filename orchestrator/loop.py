@@ -78,6 +78,13 @@ class Trainer:
         self.cursor = PromptCursor(train_problems, cfg.seed)
         self.version = 0
 
+    def shutdown(self) -> None:
+        """Kill every actor of this run (buffer, learner ranks, rollout workers), freeing their resources."""
+        import ray
+
+        for actor in [self.buffer, *self.learner.ranks, *self.rollout.workers]:
+            ray.kill(actor)
+
     def evaluate(self, version: int) -> dict[str, float]:
         """Greedy held-out accuracy (strict exact match) with weights of ``version`` or newer."""
         if not self.eval_problems:
@@ -99,86 +106,111 @@ class Trainer:
 
         from orchestrator.metrics import MetricsLogger
 
-        cfg, rollout, learner, buffer, cursor = self.cfg, self.rollout, self.learner, self.buffer, self.cursor
-        rc, P = cfg.rollout, cfg.prompts_per_step
-        metrics_log = MetricsLogger(self.run_dir)
-        evaluate = self.evaluate
-        last = metrics_log.log(0, evaluate(0))
+        cfg, rc = self.cfg, self.cfg.rollout
+        self.metrics_log = MetricsLogger(self.run_dir)
+        last = self.metrics_log.log(0, self.evaluate(0))
         logger.info("step 0: held-out accuracy %s", last.get("eval/accuracy"))
-        version, dispatched, ready_groups, gen_tokens = 0, 0, 0, 0.0
-        inflight: dict = {}  # generate ref -> worker index
-        train_refs: list = []
-        pushes: list = []  # (deadline, version, refs)
-        t_step = time.perf_counter()
+        self.dispatched, self.ready_groups, self.inflight, self.pushes = 0, 0, {}, []
+        self.acc = {"tokens": 0.0, "load_seconds": 0.0}
+        self.t_step, train_refs = time.perf_counter(), []
         bar = tqdm(total=cfg.num_steps, disable=not progress, desc="train", unit="step")
-        while version < cfg.num_steps:
-            # 1. Keep generators busy within the staleness budget (two requests queued per worker).
-            limit = min((cfg.buffer.max_staleness + version + 1) * P, cfg.num_steps * P)
-            while dispatched < limit and min(rollout.inflight) < 2:
-                k = min(rc.prompts_per_request, limit - dispatched)
-                need = (dispatched + k - 1) // P - cfg.buffer.max_staleness
-                idx = rollout.least_loaded()
-                probs = cursor.take(k)
-                keys = [f"g{dispatched + i}" for i in range(k)]
-                inflight[rollout.generate_remote(idx, probs, keys, max(0, need), cfg.seed * 100003 + dispatched)] = idx
-                dispatched += k
-            # 2. Train when a batch is ready and the learner is idle.
-            if not train_refs and ready_groups >= P:
-                batch_ref, take_metrics_ref = buffer.take_batch.options(num_returns=2).remote(P, version)
-                train_refs = learner.train_step_remote(batch_ref, version)
-                ready_groups -= P
-            # 3. Wait for the next event.
-            waitable = list(inflight) + train_refs[:1]
-            done, _ = ray.wait(waitable, num_returns=1, timeout=rc.request_timeout_s)
+        while self.version < cfg.num_steps:
+            self._dispatch()
+            if not train_refs and self.ready_groups >= cfg.prompts_per_step:  # learner idle, batch ready
+                batch_ref, take_ref = self.buffer.take_batch.options(num_returns=2).remote(
+                    cfg.prompts_per_step, self.version)
+                train_refs = self.learner.train_step_remote(batch_ref, self.version)
+                self.ready_groups -= cfg.prompts_per_step
+            done, _ = ray.wait(list(self.inflight) + train_refs[:1], num_returns=1, timeout=rc.request_timeout_s)
             if not done:
                 raise TimeoutError(f"no generation or learner step finished within {rc.request_timeout_s:.0f} s")
-            finished, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0) if inflight else ([], [])
-            for ref in finished:
-                meta = ray.get(ref)
-                rollout.done(inflight.pop(ref))
-                ready_groups += int(meta["groups"])
-                gen_tokens += meta["tokens"]
-            now = time.monotonic()
-            for deadline, v, refs in pushes:
-                if now > deadline and ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
-                    raise TimeoutError(f"weight push of policy version {v} to the rollout workers did not "
-                                       f"finish within {rc.weight_push_timeout_s:.0f} s")
-            pushes = [p for p in pushes if ray.wait(p[2], num_returns=len(p[2]), timeout=0)[1]]
+            self._collect_generations()
+            self._check_pushes()
             if train_refs and ray.wait(train_refs[:1], timeout=0)[0]:
-                step_metrics = learner.merge_metrics(_wait(train_refs, cfg.learner.step_timeout_s, "learner step"))
-                step_metrics.update(ray.get(take_metrics_ref, timeout=60))
+                last = self._finish_step(train_refs, take_ref)
                 train_refs = []
-                version += 1
-                buckets_ref, export_ref = learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
-                pushes.append((time.monotonic() + rc.weight_push_timeout_s, version,
-                               rollout.push_weights_remote(version, buckets_ref)))
-                step_metrics.update(ray.get(export_ref, timeout=rc.weight_push_timeout_s))
-                elapsed = time.perf_counter() - t_step
-                t_step = time.perf_counter()
-                step_metrics.update({
-                    "perf/step_seconds": elapsed,
-                    "perf/rollout_tokens_per_s": gen_tokens / elapsed,
-                    "perf/learner_tokens_per_s": step_metrics["learner/tokens"] / max(step_metrics["learner/seconds"], 1e-9),
-                    "policy/version": float(version),
-                })
-                gen_tokens = 0.0
-                if version == cfg.num_steps or (cfg.eval_every and version % cfg.eval_every == 0):
-                    step_metrics.update(evaluate(version))
-                last = metrics_log.log(version, step_metrics)
                 bar.update(1)
-                bar.set_postfix(reward=f"{step_metrics.get('rollout/reward_mean', 0):.3f}",
-                                acc=f"{step_metrics.get('eval/accuracy', float('nan')):.3f}",
-                                stale=f"{step_metrics.get('off_policy/staleness_max', 0):.0f}")
+                bar.set_postfix(reward=f"{last.get('rollout/reward_mean', 0):.3f}",
+                                acc=f"{last.get('eval/accuracy') or float('nan'):.3f}",
+                                stale=f"{last.get('off_policy/staleness_max', 0):.0f}")
         bar.close()
-        _wait([r for _, _, refs in pushes for r in refs], rc.weight_push_timeout_s, "final weight push")
-        final_dir = learner.save_pretrained(str(self.run_dir / "final_model"))
-        stats = _wait([w.stats.remote() for w in rollout.workers], 60, "rollout stats")
+        _wait([r for _, _, refs in self.pushes for r in refs], rc.weight_push_timeout_s, "final weight push")
+        final_dir = self.learner.save_pretrained(str(self.run_dir / "final_model"))
+        stats = _wait([w.stats.remote() for w in self.rollout.workers], 60, "rollout stats")
         summary = {**last, "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
                    "final_model": final_dir}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        metrics_log.close()
-        self.version = version
+        self.metrics_log.close()
         return summary
+
+    def _dispatch(self) -> None:
+        """Admission control: send prompts while the staleness budget allows (<= 2 requests per worker)."""
+        cfg, rc, P = self.cfg, self.cfg.rollout, self.cfg.prompts_per_step
+        limit = min((cfg.buffer.max_staleness + self.version + 1) * P, cfg.num_steps * P)
+        while self.dispatched < limit and min(self.rollout.inflight) < 2:
+            k = min(rc.prompts_per_request, limit - self.dispatched)
+            # the last group of this request is trained at step (d + k - 1) // P at the latest
+            min_version = max(0, (self.dispatched + k - 1) // P - cfg.buffer.max_staleness)
+            idx = self.rollout.least_loaded()
+            keys = [f"g{self.dispatched + i}" for i in range(k)]
+            ref = self.rollout.generate_remote(idx, self.cursor.take(k), keys, min_version,
+                                               cfg.seed * 100003 + self.dispatched)
+            self.inflight[ref] = idx
+            self.dispatched += k
+
+    def _collect_generations(self) -> None:
+        import ray
+
+        if not self.inflight:
+            return
+        finished, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+        for ref in finished:
+            meta = ray.get(ref)  # re-raises a worker's error here, in the main loop
+            self.rollout.done(self.inflight.pop(ref))
+            self.ready_groups += int(meta["groups"])
+            self.acc["tokens"] += meta["tokens"]
+            self.acc["load_seconds"] += meta["load_seconds"]
+
+    def _check_pushes(self) -> None:
+        """Retire finished weight pushes; raise if one is past its deadline."""
+        import ray
+
+        still = []
+        for deadline, version, refs in self.pushes:
+            if not ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
+                # reloads done on arrival; deferred ones are counted by the next generate call
+                self.acc["load_seconds"] += sum(r["load_seconds"] for r in ray.get(refs))
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"weight push of policy version {version} to the rollout workers did not "
+                                   f"finish within {self.cfg.rollout.weight_push_timeout_s:.0f} s")
+            else:
+                still.append((deadline, version, refs))
+        self.pushes = still
+
+    def _finish_step(self, train_refs: list, take_ref) -> dict:
+        """Collect a learner step, bump the version, push weights asynchronously, log metrics."""
+        import ray
+
+        cfg, rc = self.cfg, self.cfg.rollout
+        m = self.learner.merge_metrics(_wait(train_refs, cfg.learner.step_timeout_s, "learner step"))
+        m.update(ray.get(take_ref, timeout=60))
+        self.version += 1
+        buckets_ref, export_ref = self.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
+        self.pushes.append((time.monotonic() + rc.weight_push_timeout_s, self.version,
+                            self.rollout.push_weights_remote(self.version, buckets_ref)))
+        m.update(ray.get(export_ref, timeout=rc.weight_push_timeout_s))
+        elapsed, self.t_step = time.perf_counter() - self.t_step, time.perf_counter()
+        m.update({
+            "perf/step_seconds": elapsed,
+            "perf/rollout_tokens_per_s": self.acc["tokens"] / elapsed,
+            "perf/learner_tokens_per_s": m["learner/tokens"] / max(m["learner/seconds"], 1e-9),
+            "weights/load_seconds": self.acc["load_seconds"],
+            "policy/version": float(self.version),
+        })
+        self.acc = {"tokens": 0.0, "load_seconds": 0.0}
+        if self.version == cfg.num_steps or (cfg.eval_every and self.version % cfg.eval_every == 0):
+            m.update(self.evaluate(self.version))
+        return self.metrics_log.log(self.version, m)
 
 
 def train(cfg, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,

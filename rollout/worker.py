@@ -62,19 +62,21 @@ class RolloutWorker:
     def receive_weights(self, version: int, buckets: list[bytes]) -> dict[str, float]:
         """Stage weights of ``version``; apply now if the engine is idle, else before the next request.
 
-        Returns ``{"bytes": ..., "applied": 0/1}``.
+        Returns ``{"bytes": ..., "applied": 0/1, "load_seconds": ...}``.
         """
         with self._cond:
             if self._pending is None or version > self._pending[0]:
                 self._pending = (version, buckets)
             self._cond.notify_all()
-        applied = 0.0
+        applied, seconds = 0.0, 0.0
         if self._engine_lock.acquire(blocking=False):
             try:
+                t0 = time.perf_counter()
                 applied = float(self._apply_pending())
+                seconds = time.perf_counter() - t0
             finally:
                 self._engine_lock.release()
-        return {"bytes": float(sum(len(b) for b in buckets)), "applied": applied}
+        return {"bytes": float(sum(len(b) for b in buckets)), "applied": applied, "load_seconds": seconds}
 
     def _apply_pending(self) -> bool:
         """Load staged weights (caller holds the engine lock). Returns whether it loaded any."""
@@ -112,7 +114,9 @@ class RolloutWorker:
              temperature: float, seed: int | None):
         self._wait_for_version(min_version, self.cfg.weight_push_timeout_s)
         with self._engine_lock:
+            t_load = time.perf_counter()
             self._apply_pending()
+            load_seconds = time.perf_counter() - t_load
             version = self.version
             prompts = [
                 encode_prompt(self.engine.tokenizer, p.question, self.data_cfg.instruction, self.data_cfg.one_shot)
@@ -121,7 +125,7 @@ class RolloutWorker:
             t0 = time.perf_counter()
             outs = self.engine.generate(prompts, n, max_tokens, temperature, self.cfg.top_p, seed)
             seconds = time.perf_counter() - t0
-        return prompts, outs, version, seconds
+        return prompts, outs, version, seconds, load_seconds
 
     def generate(self, problems: list[Problem], group_keys: list[str], min_version: int,
                  seed: int | None = None) -> dict[str, float]:
@@ -135,13 +139,13 @@ class RolloutWorker:
 
         Returns:
             metadata: groups, samples, response tokens, reward sum, correct count, generation
-            seconds, version used, worker index.
+            seconds, seconds spent loading staged weights first, version used, worker index.
 
         Raises:
             TimeoutError: weights of ``min_version`` did not arrive in time.
         """
         c = self.cfg
-        prompts, outs, version, seconds = self._run(problems, min_version, c.group_size, c.max_tokens,
+        prompts, outs, version, seconds, load_seconds = self._run(problems, min_version, c.group_size, c.max_tokens,
                                                     c.temperature, seed)
         groups, tokens, reward_sum, correct = [], 0, 0.0, 0
         for prob, key, ids, comps in zip(problems, group_keys, prompts, outs):
@@ -163,11 +167,12 @@ class RolloutWorker:
         self._requests += 1
         return {"groups": float(len(groups)), "samples": float(sum(len(g) for g in groups)),
                 "tokens": float(tokens), "reward_sum": reward_sum, "correct": float(correct),
-                "seconds": seconds, "version": float(version), "worker": float(self.index)}
+                "seconds": seconds, "load_seconds": load_seconds, "version": float(version),
+                "worker": float(self.index)}
 
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
         """Greedy (temperature 0) answers to ``problems``; returns strict exact-match correctness."""
-        _, outs, _, _ = self._run(problems, min_version, 1, max_tokens, 0.0, None)
+        _, outs, *_ = self._run(problems, min_version, 1, max_tokens, 0.0, None)
         return [score_response(g[0].text, p.answer)[1] for p, g in zip(problems, outs)]
 
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int, min_version: int = 0) -> list[float]:

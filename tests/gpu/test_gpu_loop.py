@@ -21,5 +21,8 @@ def test_loop_on_one_gpu(tiny_model, ray_local, tmp_path):
     ])
     trainer = Trainer(cfg, tmp_path / "run", tiny_model, load_problems(cfg.data, "train"),
                       load_problems(cfg.data, "eval"))
-    summary = trainer.run(progress=False)
+    try:
+        summary = trainer.run(progress=False)
+    finally:
+        trainer.shutdown()
     assert summary["policy/version"] == 2

@@ -43,13 +43,20 @@ def _hf_logprobs(model_dir: str, seq: list[int], prompt_len: int) -> torch.Tenso
 
 
 @pytest.mark.timeout(900)
-def test_real_loop_two_ranks_pushes_weights_and_writes_metrics(tiny_model, ray_local, tmp_path):
-    import ray
-
-    cfg = _cfg(tiny_model, tmp_path, zero_stage=2, steps=3)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_real_loop_two_ranks_pushes_weights_and_writes_metrics(tiny_model, ray_local, tmp_path, zero_stage):
+    cfg = _cfg(tiny_model, tmp_path, zero_stage=zero_stage, steps=3)
     run_dir = tmp_path / "run"
     trainer = Trainer(cfg, run_dir, tiny_model, load_problems(cfg.data, "train"), load_problems(cfg.data, "eval"))
-    summary = trainer.run(progress=False)
+    try:
+        summary = trainer.run(progress=False)
+        _check_run(trainer, summary, cfg, run_dir, tiny_model)
+    finally:
+        trainer.shutdown()
+
+
+def _check_run(trainer, summary, cfg, run_dir, tiny_model):
+    import ray
 
     # the policy version advanced once per step, and every worker serves the last one
     assert trainer.version == 3 and summary["policy/version"] == 3
