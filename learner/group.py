@@ -19,21 +19,14 @@ class LearnerGroup:
     """Creates the ranks, joins them into one DeepSpeed process group, fans calls out.
 
     Raises:
-        RuntimeError: the cluster lacks the CPUs/GPUs for the ranks, or setup timed out.
+        TimeoutError: a rank did not finish setup in time (resources are checked before, by the
+            orchestrator's `check_resources`).
     """
 
     def __init__(self, cfg, model_path: str, samples_per_step: int, temperature: float, seed: int) -> None:
         import ray
 
         self.cfg = cfg
-        need_cpu, need_gpu = cfg.num_cpus * cfg.num_learners, cfg.num_gpus * cfg.num_learners
-        total = ray.cluster_resources()
-        if total.get("CPU", 0) < need_cpu or total.get("GPU", 0) < need_gpu:
-            raise RuntimeError(
-                f"learner needs {need_cpu:g} CPU and {need_gpu:g} GPU "
-                f"({cfg.num_learners} ranks x learner.num_cpus={cfg.num_cpus:g}, num_gpus={cfg.num_gpus:g}) "
-                f"but the Ray cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU"
-            )
         env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu" if not cfg.num_gpus else "cuda",
                             "OMP_NUM_THREADS": str(cfg.torch_threads or max(1, int(cfg.num_cpus)))}}
         actor = ray.remote(LearnerWorker).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=env)

@@ -45,6 +45,26 @@ class PromptCursor:
         return out
 
 
+def check_resources(cfg, cluster: dict[str, float]) -> None:
+    """Fail fast when the cluster cannot host the run's actors (Ray would wait silently forever).
+
+    Raises:
+        RuntimeError: naming the resource, how much the config asks for and how much exists.
+    """
+    lc, rc = cfg.learner, cfg.rollout
+    need = {
+        "CPU": lc.num_learners * lc.num_cpus + rc.num_workers * rc.num_cpus,
+        "GPU": lc.num_learners * lc.num_gpus + rc.num_workers * rc.num_gpus,
+    }
+    for res, amount in need.items():
+        if amount > cluster.get(res, 0.0) + 1e-9:
+            raise RuntimeError(
+                f"the run needs {amount:g} {res} (learner: {lc.num_learners} x {getattr(lc, 'num_' + res.lower() + 's'):g}, "
+                f"rollout: {rc.num_workers} x {getattr(rc, 'num_' + res.lower() + 's'):g}) but the Ray cluster has "
+                f"{cluster.get(res, 0.0):g}; lower learner/rollout num_{res.lower()}s or add nodes"
+            )
+
+
 def _wait(refs: list, timeout: float, what: str):
     import ray
 
@@ -72,6 +92,7 @@ class Trainer:
         from rollout.worker import RolloutGroup
 
         self.cfg, self.run_dir, self.eval_problems = cfg, Path(run_dir), eval_problems
+        check_resources(cfg, ray.cluster_resources())
         self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(cfg.buffer.max_staleness)
         self.learner = LearnerGroup(cfg.learner, model_path, cfg.samples_per_step, cfg.rollout.temperature, cfg.seed)
         self.rollout = RolloutGroup(cfg.rollout, cfg.data, model_path, self.buffer)
@@ -91,8 +112,9 @@ class Trainer:
             return {}
         rc = self.cfg.rollout
         t0 = time.perf_counter()
+        # one request per worker, which may first wait for the weights of `version`
         acc = self.rollout.evaluate(self.eval_problems, version, self.cfg.eval_max_tokens or rc.max_tokens,
-                                    rc.request_timeout_s * max(1, len(self.eval_problems)))
+                                    rc.request_timeout_s + rc.weight_push_timeout_s)
         return {"eval/accuracy": acc, "eval/seconds": time.perf_counter() - t0}
 
     def run(self, progress: bool = True) -> dict:
@@ -121,9 +143,10 @@ class Trainer:
                     cfg.prompts_per_step, self.version)
                 train_refs = self.learner.train_step_remote(batch_ref, self.version)
                 self.ready_groups -= cfg.prompts_per_step
-            done, _ = ray.wait(list(self.inflight) + train_refs[:1], num_returns=1, timeout=rc.request_timeout_s)
+            wait_s = max(rc.request_timeout_s, cfg.learner.step_timeout_s if train_refs else 0.0)
+            done, _ = ray.wait(list(self.inflight) + train_refs[:1], num_returns=1, timeout=wait_s)
             if not done:
-                raise TimeoutError(f"no generation or learner step finished within {rc.request_timeout_s:.0f} s")
+                raise TimeoutError(f"no generation (rollout workers) or learner step finished within {wait_s:.0f} s")
             self._collect_generations()
             self._check_pushes()
             if train_refs and ray.wait(train_refs[:1], timeout=0)[0]:

@@ -82,6 +82,23 @@ def _check_run(trainer, summary, cfg, run_dir, tiny_model):
     # ... and those weights are not the initial ones
     initial_lp = _hf_logprobs(tiny_model, tok_ids, 8)
     assert (initial_lp - learner_lp).abs().max().item() > 50 * LOGPROB_TOL
-    # the final model is an HF dir transformers loads, holding the same policy
+    # the final model is an HF dir that transformers and vLLM both load, holding the same policy
     final_lp = _hf_logprobs(summary["final_model"], tok_ids, 8)
     assert (final_lp - learner_lp).abs().max().item() < LOGPROB_TOL
+    assert (_vllm_logprobs(summary["final_model"], tok_ids, 8) - learner_lp).abs().max().item() < LOGPROB_TOL
+
+
+def _vllm_logprobs(model_dir: str, seq: list[int], prompt_len: int) -> torch.Tensor:
+    """Logprobs from a fresh vLLM engine on ``model_dir``, in a subprocess (its own process state)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from rollout.engine import VLLMEngine; "
+        f"e = VLLMEngine({model_dir!r}, dtype='float32', kv_cache_memory_bytes=64 << 20, max_model_len=256); "
+        f"print('LOGPROBS', json.dumps(e.sequence_logprobs({seq!r}, {prompt_len})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("LOGPROBS "))
+    return torch.tensor(json.loads(line.split(" ", 1)[1]))

@@ -50,3 +50,14 @@ def test_configs_are_frozen():
     cfg = load_config(None)
     with pytest.raises(Exception):
         cfg.learner.lr = 1.0
+
+
+def test_unsatisfiable_resources_fail_fast_naming_the_resource():
+    from orchestrator.loop import check_resources
+
+    cfg = load_config(None, ["learner.num_learners=2", "learner.num_cpus=1", "rollout.num_cpus=1"])
+    with pytest.raises(RuntimeError, match=r"needs 3 CPU .* has 2"):
+        check_resources(cfg, {"CPU": 2.0})
+    with pytest.raises(RuntimeError, match=r"needs 1 GPU"):
+        check_resources(load_config(None, ["learner.num_gpus=1"]), {"CPU": 8.0})
+    check_resources(cfg, {"CPU": 3.0})  # exactly enough
