@@ -44,3 +44,43 @@ def grpo_advantages(
         adv = adv / (std + eps)
     zero_var = (std.squeeze(1) < eps).float().mean().item()
     return adv, {"learner/zero_variance_group_frac": zero_var}
+
+
+def rloo_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """RLOO leave-one-out baseline: ``A_i = r_i - mean_{j != i} r_j = n/(n-1) * (r_i - mean(r))``.
+
+    Source: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+    Learning from Human Feedback in LLMs" (RLOO). Shapes as `grpo_advantages`.
+
+    Raises:
+        ValueError: ``rewards`` is not ``[num_groups, group_size >= 2]``.
+    """
+    adv, m = grpo_advantages(rewards, normalize_std=False)
+    n = rewards.shape[1]
+    return adv * (n / (n - 1)), m
+
+
+def reinforce_pp_baseline_advantages(
+    rewards: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """REINFORCE++-baseline: subtract the group mean, then normalise by the whole batch's std.
+
+    ``A = (a - mean_batch(a)) / (std_batch(a) + eps)`` with ``a = r - mean_group(r)``. Source: Hu et al.
+    2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models".
+    Shapes as `grpo_advantages`; a batch with all-equal centred rewards gives zeros.
+
+    Raises:
+        ValueError: ``rewards`` is not ``[num_groups, group_size >= 2]``.
+    """
+    centred, m = grpo_advantages(rewards, normalize_std=False)
+    std = centred.std(unbiased=True) if centred.numel() > 1 else torch.tensor(0.0)
+    return (centred - centred.mean()) / (std + eps), m
+
+
+ADVANTAGE_ESTIMATORS = {
+    "grpo": lambda r: grpo_advantages(r, normalize_std=True),
+    "drgrpo": lambda r: grpo_advantages(r, normalize_std=False),
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_baseline_advantages,
+}
+"""Registry keyed by `LearnerConfig.advantage`."""

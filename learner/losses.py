@@ -1,109 +1,246 @@
-"""Policy-gradient losses: pure functions on per-token tensors.
+"""Off-policy policy-gradient variants: pure functions, one per variant, in a registry.
 
-Shapes: B sequences, T response positions (right-padded); ``mask`` is 1 on trained tokens.
+Every variant takes a `PolicyLossInput` (shapes: B sequences, T right-padded response positions)
+and returns ``(loss, metrics)``. The loss is ``sum(mask * per_token) / loss_normalizer``, so
+micro-batches and ranks combine into one token mean. Three policies appear: pi_theta (the learner,
+with grad), pi_prox (the proximal policy: the learner before this optimizer step) and pi_behav (the
+rollout engine that sampled the tokens). "Decoupled PPO" (Hilton et al. 2022, "Batch size-invariance
+for policy optimization"; AReaL, Fu et al. 2025) clips pi_theta/pi_prox and corrects pi_prox/pi_behav
+separately, which is what each variant below does in its own way.
 
-Left out on purpose: the decoupled-PPO / TOPR / IcePop variants (a later addition), value losses.
+`k3_kl_penalty` is the optional KL-to-reference term the learner adds to any variant.
+
+Left out on purpose: value-function losses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
+_LOG_CLAMP = 20.0
 
-def ppo_clip_tis_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    behaviour_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    tis_cap: float = 2.0,
-    loss_normalizer: float | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip surrogate weighted by a truncated importance sampling (TIS) correction.
 
-    Per token t with ``ratio = exp(logprobs - old_logprobs)``:
+@dataclass
+class PolicyLossInput:
+    """Inputs of every policy loss.
 
-        pg_t  = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))   (PPO, Schulman 2017)
-        w_t   = min(exp(old_logprobs - behaviour_logprobs), tis_cap)   (detached)
-        loss  = sum_t mask_t * w_t * pg_t / loss_normalizer  [+ kl_coef * k3(ref || pi)]
-
-    The TIS weight corrects for the rollout engine's behaviour policy differing from the learner's
-    (policy lag and bf16/fp32 numerics): Yao et al. 2025, "Your Efficient RL Framework Secretly
-    Brings You Off-Policy RL Training" (truncated importance sampling). ``clip_high > clip_low``
-    gives DAPO's clip-higher. The KL term uses Schulman's k3 estimator
-    ``exp(ref - logp) - (ref - logp) - 1``.
-
-    Args:
-        logprobs: ``[B, T]`` learner log-probs of the sampled tokens (with grad).
-        old_logprobs: ``[B, T]`` proximal-policy log-probs (no grad); equal to ``logprobs.detach()``
-            when each batch gets a single optimizer step.
-        behaviour_logprobs: ``[B, T]`` log-probs reported by the rollout engine.
-        advantages: ``[B]`` sequence advantages (broadcast to every token).
-        mask: ``[B, T]`` 1/0 float or bool mask of trained tokens.
-        clip_low, clip_high: PPO clip range below / above 1.
-        tis_cap: upper truncation of the importance weight (C in the TIS paper), > 0.
-        loss_normalizer: divide the masked sum by this many tokens (e.g. the global batch's token
-            count, so micro-batches and ranks combine into one token mean); default ``mask.sum()``.
-        ref_logprobs: ``[B, T]`` reference-model log-probs, needed when ``kl_coef > 0``.
-        kl_coef: weight of the KL-to-reference penalty.
-
-    Returns:
-        ``(loss scalar, metrics)`` with metric values as Python floats over masked tokens.
-
-    Raises:
-        ValueError: mismatched shapes, ``tis_cap <= 0``, or ``kl_coef > 0`` without ``ref_logprobs``.
+    Attributes:
+        logprobs: ``[B, T]`` log pi_theta of the sampled tokens (with grad).
+        prox_logprobs: ``[B, T]`` log pi_prox (no grad).
+        behaviour_logprobs: ``[B, T]`` log pi_behav reported by the rollout engine.
+        advantages: ``[B]`` sequence advantages.
+        mask: ``[B, T]`` 1 on trained tokens.
+        loss_normalizer: token count the masked sum is divided by (default: ``mask.sum()``).
     """
-    if not (logprobs.shape == old_logprobs.shape == behaviour_logprobs.shape == mask.shape):
-        raise ValueError(
-            "ppo_clip_tis_loss: shapes differ: logprobs "
-            f"{tuple(logprobs.shape)}, old {tuple(old_logprobs.shape)}, behaviour "
-            f"{tuple(behaviour_logprobs.shape)}, mask {tuple(mask.shape)}"
-        )
-    if advantages.shape != logprobs.shape[:1]:
-        raise ValueError(f"advantages must be [B]={tuple(logprobs.shape[:1])}, got {tuple(advantages.shape)}")
-    if tis_cap <= 0:
-        raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
-    if kl_coef > 0 and ref_logprobs is None:
-        raise ValueError("kl_coef > 0 needs ref_logprobs")
-    mask = mask.to(logprobs.dtype)
+
+    logprobs: torch.Tensor
+    prox_logprobs: torch.Tensor
+    behaviour_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    loss_normalizer: float | None = None
+
+    def __post_init__(self) -> None:
+        shapes = {tuple(t.shape) for t in (self.logprobs, self.prox_logprobs, self.behaviour_logprobs, self.mask)}
+        if len(shapes) != 1 or self.logprobs.dim() != 2:
+            raise ValueError(f"PolicyLossInput: [B, T] tensors must share one shape, got {sorted(shapes)}")
+        if tuple(self.advantages.shape) != tuple(self.logprobs.shape[:1]):
+            raise ValueError(f"advantages must be [B]={tuple(self.logprobs.shape[:1])}, got {tuple(self.advantages.shape)}")
+        self.mask = self.mask.to(self.logprobs.dtype)
+
+    @property
+    def prox_vs_behav(self) -> torch.Tensor:
+        """``[B, T]`` log(pi_prox / pi_behav), clamped to +-20, zero on masked tokens."""
+        return ((self.prox_logprobs - self.behaviour_logprobs) * self.mask).clamp(-_LOG_CLAMP, _LOG_CLAMP)
+
+    def seq_log_ratio(self, mean: bool) -> torch.Tensor:
+        """``[B]`` sum (or mean) over trained tokens of log(pi_prox / pi_behav)."""
+        s = self.prox_vs_behav.sum(1)
+        return s / self.mask.sum(1).clamp(min=1.0) if mean else s.clamp(-_LOG_CLAMP, _LOG_CLAMP)
+
+
+def _ppo_clip(inp: PolicyLossInput, clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip surrogate on pi_theta/pi_prox and the clipped-token indicator, ``[B, T]``."""
+    ratio = torch.exp((inp.logprobs - inp.prox_logprobs).clamp(-_LOG_CLAMP, _LOG_CLAMP))
+    adv = inp.advantages.to(ratio.dtype).unsqueeze(1)
+    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(pg1, pg2), (pg2 > pg1).to(ratio.dtype)
+
+
+def _finish(inp: PolicyLossInput, per_token: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor,
+            extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Masked, normalised loss and the common ``off_policy/*`` metrics (``weight``/``kept`` are ``[B, T]``)."""
+    mask = inp.mask
     n_tok = mask.sum()
-    normalizer = float(loss_normalizer) if loss_normalizer is not None else n_tok.clamp(min=1.0)
-    adv = advantages.to(logprobs.dtype).unsqueeze(1)
-
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    pg = torch.maximum(pg1, pg2)
-
-    with torch.no_grad():
-        # log(pi_learner / pi_behaviour) on tokens sampled from the behaviour policy.
-        log_w = (old_logprobs - behaviour_logprobs).clamp(-20.0, 20.0)
-        raw_w = torch.exp(log_w)
-        w = raw_w.clamp(max=tis_cap)
-        mismatch_k3 = raw_w - 1.0 - log_w  # k3 estimate of KL(behaviour || learner)
-
-    per_token = w * pg
-    if kl_coef > 0:
-        d = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
-        per_token = per_token + kl_coef * (torch.exp(d) - d - 1.0)
-    loss = (per_token * mask).sum() / normalizer
-
+    normalizer = float(inp.loss_normalizer) if inp.loss_normalizer is not None else n_tok.clamp(min=1.0)
+    loss = (per_token * weight * kept * mask).sum() / normalizer
     with torch.no_grad():
         denom = n_tok.clamp(min=1.0)
-
-        def mmean(x: torch.Tensor) -> float:
-            return float((x * mask).sum() / denom)
-
+        log_w = inp.prox_vs_behav
         metrics = {
-            "learner/pg_clipfrac": mmean((pg2 > pg1).to(logprobs.dtype)),
-            "off_policy/is_weight_mean": mmean(w),
-            "off_policy/is_truncated_frac": mmean((raw_w > tis_cap).to(logprobs.dtype)),
-            "off_policy/mismatch_kl": mmean(mismatch_k3),
+            "off_policy/is_weight_mean": float((weight * mask).sum() / denom),
+            "off_policy/masked_frac": float(((1 - kept) * mask).sum() / denom),
+            "off_policy/mismatch_kl": float(((torch.exp(log_w) - 1 - log_w) * mask).sum() / denom),
             "learner/tokens": float(n_tok),
         }
+        metrics.update({k: float((v * mask).sum() / denom) for k, v in extra.items()})
     return loss, metrics
+
+
+def ppo_tis_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high: float = 0.28, tis_cap: float = 2.0,
+                 level: str = "token", **_: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """Decoupled PPO with truncated importance sampling (TIS).
+
+    ``loss_t = min(w, C) * max(-A r_t, -A clip(r_t, 1-clip_low, 1+clip_high))`` with
+    ``r_t = pi_theta/pi_prox`` and ``w = pi_prox/pi_behav`` per token (``level="token"``) or per sequence
+    (product over its tokens, ``level="sequence"``), detached. Sources: Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training" (TIS); AReaL (decoupled PPO).
+
+    Raises:
+        ValueError: ``tis_cap <= 0`` or an unknown ``level``.
+    """
+    if tis_cap <= 0:
+        raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
+    pg, clipped = _ppo_clip(inp, clip_low, clip_high)
+    with torch.no_grad():
+        raw = torch.exp(inp.prox_vs_behav if level == "token" else inp.seq_log_ratio(mean=False)[:, None].expand_as(pg))
+        w = raw.clamp(max=tis_cap)
+    return _finish(inp, pg, w, torch.ones_like(pg),
+                   {"learner/pg_clipfrac": clipped, "off_policy/is_truncated_frac": (raw > tis_cap).to(pg.dtype)})
+
+
+def ppo_seq_tis_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high: float = 0.28, tis_cap: float = 2.0,
+                     **_: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """`ppo_tis_loss` with one truncated weight per sequence (``level="sequence"``)."""
+    return ppo_tis_loss(inp, clip_low, clip_high, tis_cap, level="sequence")
+
+
+def ppo_uncorrected_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high: float = 0.28,
+                         **_: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip against pi_prox with no behaviour correction (weight 1): only sound on-policy."""
+    pg, clipped = _ppo_clip(inp, clip_low, clip_high)
+    one = torch.ones_like(pg)
+    return _finish(inp, pg, one, one, {"learner/pg_clipfrac": clipped})
+
+
+def icepop_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high: float = 0.28, band_low: float = 0.5,
+                band_high: float = 2.0, **_: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """IcePop: PPO-clip on tokens whose ``pi_prox/pi_behav`` lies in ``[band_low, band_high]``; others masked.
+
+    Source: Ling Team 2025, "Every Step Evolves: Scaling Reinforcement Learning for Trillion-Scale
+    Thinking Model" (IcePop: discard tokens with large training/inference probability discrepancy).
+
+    Raises:
+        ValueError: an empty band.
+    """
+    if not 0 < band_low <= 1 <= band_high:
+        raise ValueError(f"need 0 < band_low <= 1 <= band_high, got [{band_low}, {band_high}]")
+    pg, clipped = _ppo_clip(inp, clip_low, clip_high)
+    with torch.no_grad():
+        r = torch.exp(inp.prox_vs_behav)
+        kept = ((r >= band_low) & (r <= band_high)).to(pg.dtype)
+    return _finish(inp, pg, torch.ones_like(pg), kept, {"learner/pg_clipfrac": clipped})
+
+
+def seq_mask_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high: float = 0.28, band_low: float = 0.5,
+                  band_high: float = 2.0, **_: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sequence-level geometric-mean masking: drop whole sequences whose per-token geometric mean of
+    ``pi_prox/pi_behav`` (``exp(mean_t log ratio)``) leaves ``[band_low, band_high]``; PPO-clip on the rest.
+
+    Source: the "geometric mean" rollout-correction mask of verl's rollout-correction guide
+    (Liu et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the Inference-Training
+    Mismatch").
+
+    Raises:
+        ValueError: an empty band.
+    """
+    if not 0 < band_low <= 1 <= band_high:
+        raise ValueError(f"need 0 < band_low <= 1 <= band_high, got [{band_low}, {band_high}]")
+    pg, clipped = _ppo_clip(inp, clip_low, clip_high)
+    with torch.no_grad():
+        g = torch.exp(inp.seq_log_ratio(mean=True))
+        kept = ((g >= band_low) & (g <= band_high)).to(pg.dtype)[:, None].expand_as(pg)
+    return _finish(inp, pg, torch.ones_like(pg), kept, {"learner/pg_clipfrac": clipped})
+
+
+def gspo_loss(inp: PolicyLossInput, clip_low: float = 3e-4, clip_high: float = 4e-4, tis_cap: float = 2.0,
+              **_: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO: clip the length-normalised sequence ratio ``s = exp(mean_t log(pi_theta/pi_prox))``.
+
+    Token form ``s_t = sg(s) * pi_theta(y_t) / sg(pi_theta(y_t))`` (same value, per-token gradient),
+    loss ``max(-A s_t, -A clip(s_t, 1-clip_low, 1+clip_high))``, times the sequence-level TIS weight
+    ``min(pi_prox(y)/pi_behav(y), tis_cap)`` for the behaviour mismatch. Source: Zheng et al. 2025,
+    "Group Sequence Policy Optimization" (clip range 3e-4 / 4e-4 there).
+
+    Raises:
+        ValueError: ``tis_cap <= 0``.
+    """
+    if tis_cap <= 0:
+        raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
+    mask = inp.mask
+    n = mask.sum(1).clamp(min=1.0)
+    seq_log = ((inp.logprobs - inp.prox_logprobs) * mask).sum(1) / n
+    s = torch.exp(seq_log.clamp(-_LOG_CLAMP, _LOG_CLAMP)).detach()[:, None]
+    s_tok = s * torch.exp(inp.logprobs - inp.logprobs.detach())
+    adv = inp.advantages.to(s_tok.dtype).unsqueeze(1)
+    pg1, pg2 = -adv * s_tok, -adv * s_tok.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    with torch.no_grad():
+        raw = torch.exp(inp.seq_log_ratio(mean=False))[:, None].expand_as(pg)
+        w = raw.clamp(max=tis_cap)
+    return _finish(inp, pg, w, torch.ones_like(pg),
+                   {"learner/pg_clipfrac": (pg2 > pg1).to(pg.dtype),
+                    "off_policy/is_truncated_frac": (raw > tis_cap).to(pg.dtype)})
+
+
+def topr_loss(inp: PolicyLossInput, **_: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """TOPR, tapered off-policy REINFORCE: ``loss_t = -w * A * log pi_theta(y_t)`` where ``w = 1`` for
+    ``A >= 0`` (plain REINFORCE) and ``w = sg(clip(pi_prox(y)/pi_behav(y), 0, 1))`` (sequence ratio) for
+    ``A < 0``. Source: Le Roux et al. 2025, "Tapered Off-Policy REINFORCE".
+    """
+    with torch.no_grad():
+        seq_w = torch.exp(inp.seq_log_ratio(mean=False)).clamp(max=1.0)
+        w = torch.where(inp.advantages >= 0, torch.ones_like(seq_w), seq_w)[:, None].expand_as(inp.logprobs)
+    adv = inp.advantages.to(inp.logprobs.dtype).unsqueeze(1)
+    pg = -adv * inp.logprobs
+    return _finish(inp, pg, w.to(pg.dtype), torch.ones_like(pg), {})
+
+
+PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "ppo_tis": ppo_tis_loss,
+    "ppo_seq_tis": ppo_seq_tis_loss,
+    "ppo": ppo_uncorrected_loss,
+    "icepop": icepop_loss,
+    "seq_mask": seq_mask_loss,
+    "gspo": gspo_loss,
+    "topr": topr_loss,
+}
+"""Registry keyed by `LearnerConfig.loss`. ``ppo`` is the only variant with no off-policy correction."""
+
+
+def k3_kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                  loss_normalizer: float | None = None) -> tuple[torch.Tensor, float]:
+    """KL(pi_theta || pi_ref) by Schulman's k3 estimator ``exp(d) - d - 1``, ``d = log pi_ref - log pi_theta``.
+
+    Args: ``[B, T]`` tensors; the masked sum is divided by ``loss_normalizer`` (default ``mask.sum()``).
+    Returns ``(penalty with grad, its token mean as a float)``.
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    if logprobs.shape != ref_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"k3_kl_penalty: shapes differ: {tuple(logprobs.shape)}, {tuple(ref_logprobs.shape)}, "
+                         f"{tuple(mask.shape)}")
+    mask = mask.to(logprobs.dtype)
+    d = (ref_logprobs - logprobs).clamp(-_LOG_CLAMP, _LOG_CLAMP)
+    per_token = (torch.exp(d) - d - 1.0) * mask
+    n = mask.sum().clamp(min=1.0)
+    normalizer = float(loss_normalizer) if loss_normalizer is not None else n
+    return per_token.sum() / normalizer, float(per_token.detach().sum() / n)

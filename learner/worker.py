@@ -141,15 +141,15 @@ class LearnerWorker:
         """
         import torch
 
-        from learner.advantages import grpo_advantages
-        from learner.losses import ppo_clip_tis_loss
+        from learner.advantages import ADVANTAGE_ESTIMATORS
+        from learner.losses import POLICY_LOSSES, PolicyLossInput, k3_kl_penalty
 
         t0 = time.perf_counter()
         samples = [s for g in batch for s in g]
         if len(samples) != self.samples_per_step:
             raise ValueError(f"learner got {len(samples)} samples, expected {self.samples_per_step}")
         rewards = torch.tensor([[s.reward for s in g] for g in batch], dtype=torch.float32)
-        adv, adv_metrics = grpo_advantages(rewards, normalize_std=self.cfg.advantage == "grpo")
+        adv, adv_metrics = ADVANTAGE_ESTIMATORS[self.cfg.advantage](rewards)
         adv = adv.flatten().tolist()
         global_tokens = sum(sum(s.loss_mask) for s in samples)
         mine = list(range(self.rank, len(samples), self.world_size))
@@ -165,15 +165,17 @@ class LearnerWorker:
             beh = torch.zeros_like(logprobs)
             for i, s in enumerate(mb):
                 beh[i, : len(s.behaviour_logprobs)] = torch.tensor(s.behaviour_logprobs)
-            ref = None
+            c = self.cfg
+            # One optimizer step per batch: the proximal policy is the current one, exactly.
+            inp = PolicyLossInput(logprobs, logprobs.detach(), beh,
+                                  torch.tensor([adv[i] for i in idx], device=device), mask, normalizer)
+            loss, met = POLICY_LOSSES[c.loss](inp, clip_low=c.clip_low, clip_high=c.clip_high,
+                                              tis_cap=c.tis_cap, band_low=c.band_low, band_high=c.band_high)
             if self.ref_model is not None:
                 with torch.no_grad():
                     ref, _ = self._response_logprobs(self.ref_model, mb, device)
-            loss, met = ppo_clip_tis_loss(
-                logprobs, logprobs.detach(), beh, torch.tensor([adv[i] for i in idx], device=device),
-                mask, self.cfg.clip_low, self.cfg.clip_high, self.cfg.tis_cap,
-                loss_normalizer=normalizer, ref_logprobs=ref, kl_coef=self.cfg.kl_coef,
-            )
+                penalty, met["learner/kl_ref"] = k3_kl_penalty(logprobs, ref, mask, normalizer)
+                loss = loss + c.kl_coef * penalty
             self.engine.backward(loss)
             self.engine.step()
             ntok = met["learner/tokens"]

@@ -92,10 +92,16 @@ class LearnerConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="linear LR warmup steps")
     grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
     micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per forward/backward")
-    advantage: Literal["grpo", "drgrpo"] = Field("grpo", description="advantage estimator")
-    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="PPO clip below 1")
-    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="PPO clip above 1 (clip-higher)")
+    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp"] = Field(
+        "grpo", description="advantage estimator (learner.advantages.ADVANTAGE_ESTIMATORS)")
+    loss: Literal["ppo_tis", "ppo_seq_tis", "icepop", "seq_mask", "gspo", "topr", "ppo"] = Field(
+        "ppo_tis", description="policy loss / off-policy correction (learner.losses.POLICY_LOSSES); "
+        "'ppo' has no behaviour correction")
+    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="PPO/GSPO clip below 1")
+    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="PPO/GSPO clip above 1 (clip-higher)")
     tis_cap: float = Field(2.0, gt=0.0, description="truncated importance sampling cap C")
+    band_low: float = Field(0.5, gt=0.0, le=1.0, description="icepop/seq_mask: lowest kept pi_prox/pi_behav")
+    band_high: float = Field(2.0, ge=1.0, description="icepop/seq_mask: highest kept pi_prox/pi_behav")
     kl_coef: float = Field(0.0, ge=0.0, description="KL-to-reference weight (0: no reference model)")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per learner rank")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per learner rank (0 on CPU)")
@@ -108,7 +114,22 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    # on-policy GRPO; TIS still corrects the bf16/fp32 rollout-learner mismatch
+    "sync_grpo": {"buffer": {"max_staleness": 0}, "learner": {"loss": "ppo_tis", "advantage": "grpo"}},
+    # AReaL-style asynchronous decoupled PPO with token-level truncated IS
+    "async_decoupled_tis": {"buffer": {"max_staleness": 2}, "learner": {"loss": "ppo_tis", "advantage": "grpo"}},
+    # tapered off-policy REINFORCE with a leave-one-out baseline, tolerant of older data
+    "async_topr": {"buffer": {"max_staleness": 4}, "learner": {"loss": "topr", "advantage": "rloo"}},
+}
+"""Named presets: `RunConfig.preset` fills these fields unless the config sets them explicitly."""
+
+
 class RunConfig(_Strict):
+    preset: Literal["sync_grpo", "async_decoupled_tis", "async_topr"] | None = Field(
+        None, description="named algorithm preset (explicit fields override it)")
+    allow_uncorrected_off_policy: bool = Field(
+        False, description="permit buffer.max_staleness > 0 with learner.loss = 'ppo' (no correction)")
     name: str = Field("run", min_length=1, description="run name (run dir prefix)")
     output_dir: str = Field("runs", description="parent folder of run dirs")
     seed: int = Field(0, description="global seed")
@@ -125,6 +146,15 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if self.buffer.max_staleness > 0 and self.learner.loss == "ppo" and not self.allow_uncorrected_off_policy:
+            raise ValueError(
+                f"buffer.max_staleness = {self.buffer.max_staleness} trains on samples from older policies, "
+                "but learner.loss = 'ppo' has no off-policy correction: its ratio is anchored to the "
+                "learner's proximal policy, not the policy that generated the data, so the gradient is "
+                "biased. Pick a corrected loss (e.g. learner.loss = 'ppo_tis' or preset = "
+                "'async_decoupled_tis'), set buffer.max_staleness = 0, or set "
+                "allow_uncorrected_off_policy = true"
+            )
         samples = self.prompts_per_step * self.rollout.group_size
         per_rank = self.learner.num_learners * self.learner.micro_batch_size
         if samples % per_rank:
@@ -164,11 +194,19 @@ def _format_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: values in ``override`` win; sections merge recursively."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a run config from TOML and apply dotted ``key=value`` overrides.
 
     Override values are parsed as TOML values (``1e-6``, ``true``, ``"x"``, ``[1, 2]``), falling
-    back to a bare string.
+    back to a bare string. A ``preset`` fills its fields (`PRESETS`) unless set explicitly.
 
     Raises:
         ConfigError: missing/unparsable file, malformed override, or a field that fails
@@ -191,6 +229,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
         node[keys[-1]] = value
+    preset = data.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"invalid config: preset: unknown preset {preset!r} (known: {sorted(PRESETS)})")
+        data = _merge(PRESETS[preset], data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

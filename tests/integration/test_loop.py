@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 LOGPROB_TOL = 1e-3
 
 
-def _cfg(model: str, tmp_path, zero_stage: int, steps: int):
+def _cfg(model: str, tmp_path, zero_stage: int, steps: int, max_staleness: int):
     return load_config(None, [
         f"model.path={model}", f"output_dir={tmp_path}", f"num_steps={steps}", "prompts_per_step=4",
         "data.train_size=64", "data.eval_size=8", 'data.task_config={max_terms = 2, max_digits = 1}',
@@ -29,7 +29,7 @@ def _cfg(model: str, tmp_path, zero_stage: int, steps: int):
         "learner.micro_batch_size=4", "learner.num_cpus=0.5", "learner.step_timeout_s=300",
         # A random tiny model earns no reward (zero advantages, zero policy gradient): weight decay
         # still moves every weight, so the push check below compares changed weights.
-        "learner.lr=0.05", "learner.weight_decay=1.0", "buffer.max_staleness=1",
+        "learner.lr=0.05", "learner.weight_decay=1.0", f"buffer.max_staleness={max_staleness}",
     ])
 
 
@@ -43,9 +43,10 @@ def _hf_logprobs(model_dir: str, seq: list[int], prompt_len: int) -> torch.Tenso
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_real_loop_two_ranks_pushes_weights_and_writes_metrics(tiny_model, ray_local, tmp_path, zero_stage):
-    cfg = _cfg(tiny_model, tmp_path, zero_stage=zero_stage, steps=3)
+@pytest.mark.parametrize("zero_stage,max_staleness", [(2, 1), (3, 0)], ids=["zero2-async", "zero3-sync"])
+def test_real_loop_two_ranks_pushes_weights_and_writes_metrics(tiny_model, ray_local, tmp_path, zero_stage,
+                                                               max_staleness):
+    cfg = _cfg(tiny_model, tmp_path, zero_stage=zero_stage, steps=3, max_staleness=max_staleness)
     run_dir = tmp_path / "run"
     trainer = Trainer(cfg, run_dir, tiny_model, load_problems(cfg.data, "train"), load_problems(cfg.data, "eval"))
     try:
@@ -69,7 +70,8 @@ def _check_run(trainer, summary, cfg, run_dir, tiny_model):
         for key in ("learner/loss", "rollout/reward_mean", "off_policy/mismatch_kl", "perf/rollout_tokens_per_s",
                     "perf/learner_tokens_per_s", "weights/export_seconds", "off_policy/staleness_max"):
             assert key in r, key
-        assert r["off_policy/staleness_max"] <= cfg.buffer.max_staleness
+        assert r["off_policy/staleness_max"] <= cfg.buffer.max_staleness  # 0: strictly on-policy
+        assert r["off_policy/dropped_samples"] == 0  # admission control, not the drop, holds the bound
         assert r["weights/bytes"] > 0 and r["learner/tokens"] > 0
     assert 0.0 <= recs[-1]["eval/accuracy"] <= 1.0
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

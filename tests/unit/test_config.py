@@ -61,3 +61,29 @@ def test_unsatisfiable_resources_fail_fast_naming_the_resource():
     with pytest.raises(RuntimeError, match=r"needs 1 GPU"):
         check_resources(load_config(None, ["learner.num_gpus=1"]), {"CPU": 8.0})
     check_resources(cfg, {"CPU": 3.0})  # exactly enough
+
+
+def test_stale_data_without_correction_is_refused_with_a_reason():
+    with pytest.raises(ConfigError, match="no off-policy correction"):
+        load_config(None, ["buffer.max_staleness=2", "learner.loss=ppo"])
+    assert load_config(None, ["buffer.max_staleness=0", "learner.loss=ppo"]).learner.loss == "ppo"
+    cfg = load_config(None, ["buffer.max_staleness=2", "learner.loss=ppo", "allow_uncorrected_off_policy=true"])
+    assert cfg.buffer.max_staleness == 2
+
+
+def test_presets_fill_fields_and_explicit_values_win():
+    cfg = load_config(None, ["preset=async_topr"])
+    assert (cfg.learner.loss, cfg.learner.advantage, cfg.buffer.max_staleness) == ("topr", "rloo", 4)
+    cfg = load_config(None, ["preset=async_topr", "buffer.max_staleness=1"])
+    assert cfg.buffer.max_staleness == 1 and cfg.learner.loss == "topr"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(None, ["preset=fastest"])
+
+
+def test_every_registered_variant_is_selectable():
+    from learner.advantages import ADVANTAGE_ESTIMATORS
+    from learner.losses import POLICY_LOSSES
+    from orchestrator.config import LearnerConfig
+
+    assert set(LearnerConfig.model_fields["loss"].annotation.__args__) == set(POLICY_LOSSES)
+    assert set(LearnerConfig.model_fields["advantage"].annotation.__args__) == set(ADVANTAGE_ESTIMATORS)
