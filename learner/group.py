@@ -23,13 +23,14 @@ class LearnerGroup:
             orchestrator's `check_resources`).
     """
 
-    def __init__(self, cfg, model_path: str, samples_per_step: int, temperature: float, seed: int) -> None:
+    def __init__(self, cfg, model_path: str, samples_per_step: int, temperature: float, seed: int,
+                 worker_cls: type = LearnerWorker) -> None:
         import ray
 
         self.cfg = cfg
         env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu" if not cfg.num_gpus else "cuda",
                             "OMP_NUM_THREADS": str(cfg.torch_threads or max(1, int(cfg.num_cpus)))}}
-        actor = ray.remote(LearnerWorker).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=env)
+        actor = ray.remote(worker_cls).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=env)
         self.ranks = [
             actor.remote(cfg, model_path, r, cfg.num_learners, samples_per_step, temperature, seed)
             for r in range(cfg.num_learners)

@@ -78,24 +78,29 @@ class Trainer:
     """Owns the actors of one run (buffer, learner group, rollout group) and runs the loop.
 
     Construction starts every actor and waits until they are up; `run` trains; the actors stay
-    alive afterwards so callers (tests, benchmarks) can inspect them.
+    alive afterwards so callers (tests, benchmarks) can inspect them. ``learner_worker_cls`` /
+    ``rollout_worker_cls`` substitute subclasses of the real workers (e.g. deliberately slowed ones).
 
     Raises:
         RuntimeError: the cluster cannot host the actors.
     """
 
-    def __init__(self, cfg, run_dir: Path, model_path: str, train_problems: list, eval_problems: list) -> None:
+    def __init__(self, cfg, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,
+                 learner_worker_cls: type | None = None, rollout_worker_cls: type | None = None) -> None:
         import ray
 
         from buffer import ReplayBuffer
         from learner.group import LearnerGroup
-        from rollout.worker import RolloutGroup
+        from learner.worker import LearnerWorker
+        from rollout.worker import RolloutGroup, RolloutWorker
 
         self.cfg, self.run_dir, self.eval_problems = cfg, Path(run_dir), eval_problems
         check_resources(cfg, ray.cluster_resources())
         self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(cfg.buffer.max_staleness)
-        self.learner = LearnerGroup(cfg.learner, model_path, cfg.samples_per_step, cfg.rollout.temperature, cfg.seed)
-        self.rollout = RolloutGroup(cfg.rollout, cfg.data, model_path, self.buffer)
+        self.learner = LearnerGroup(cfg.learner, model_path, cfg.samples_per_step, cfg.rollout.temperature, cfg.seed,
+                                    worker_cls=learner_worker_cls or LearnerWorker)
+        self.rollout = RolloutGroup(cfg.rollout, cfg.data, model_path, self.buffer,
+                                    worker_cls=rollout_worker_cls or RolloutWorker)
         self.cursor = PromptCursor(train_problems, cfg.seed)
         self.version = 0
 

@@ -207,13 +207,14 @@ class RolloutGroup:
         RuntimeError: a worker failed to start within ``startup_timeout_s``.
     """
 
-    def __init__(self, cfg, data_cfg, model_path: str, buffer, startup_timeout_s: float = 600.0) -> None:
+    def __init__(self, cfg, data_cfg, model_path: str, buffer, startup_timeout_s: float = 600.0,
+                 worker_cls: type = RolloutWorker) -> None:
         import ray
 
         self.cfg = cfg
         env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
                             "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
-        actor = ray.remote(RolloutWorker).options(
+        actor = ray.remote(worker_cls).options(
             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_concurrency=4, runtime_env=env
         )
         self.workers = [actor.remote(cfg, data_cfg, model_path, i, buffer) for i in range(cfg.num_workers)]

@@ -24,6 +24,18 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sums_model(tmp_path_factory) -> str:
+    """A tiny model pretrained on the answer format of 1-digit sums: RL sees mixed rewards."""
+    from tiny_model import build_tiny_model, pretrain_on_sums
+
+    from orchestrator.config import DataConfig
+
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny_sums_model"))
+    pretrain_on_sums(path, DataConfig().instruction)
+    return path
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A private local Ray instance (never joins another cluster on this machine)."""
     import ray

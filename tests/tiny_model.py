@@ -52,3 +52,44 @@ def build_tiny_model(dest: Path, seed: int = 0) -> str:
     model = LlamaForCausalLM(config)
     model.save_pretrained(dest, safe_serialization=True)
     return str(dest)
+
+
+def pretrain_on_sums(model_dir: str, instruction: str, steps: int = 300, seed: int = 0) -> dict[str, float]:
+    """Teach the tiny model the answer format on 1-digit sums (in place), so RL tests see rewards.
+
+    Supervised next-token training on ``prompt -> "a + b = c.\\nAnswer: c"`` with the run's chat
+    prompt (no one-shot demo). Returns ``{"loss": final training loss}``.
+    """
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout.tasks import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    seqs = []
+    for a, b in pairs:
+        prompt = encode_prompt(tok, f"Calculate {a} + {b}.", instruction, one_shot=False)
+        answer = tok(f"{a} + {b} = {a + b}.\nAnswer: {a + b}<|im_end|>", add_special_tokens=False)["input_ids"]
+        seqs.append((prompt, answer))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(seed)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        batch = rng.sample(seqs, 16)
+        T = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), T), tok.pad_token_id)
+        labels = torch.full((len(batch), T), -100)
+        for i, (p, a) in enumerate(batch):
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
+        loss = model(input_ids=ids, labels=labels, attention_mask=(ids != tok.pad_token_id).long()).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return {"loss": float(loss.detach())}
