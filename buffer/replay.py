@@ -68,7 +68,8 @@ class ReplayBuffer:
 
         Groups whose oldest token is more than ``max_staleness`` versions behind
         ``learner_version`` are dropped and counted. Returns ``(groups, metrics)``; ``groups`` is
-        shorter than asked when the buffer runs out.
+        shorter than asked when the buffer runs out. Metrics: dropped count and fraction, staleness
+        mean/max and histogram (``off_policy/staleness_frac_<lag>`` for lag 0..max_staleness).
         """
         out: list[list[Sample]] = []
         dropped_now = 0
@@ -82,13 +83,18 @@ class ReplayBuffer:
                 continue
             out.append(g)
         lags = [s.staleness(learner_version) for g in out for s in g]
+        taken = len(lags)
         metrics = {
             "off_policy/dropped_samples": float(dropped_now),
+            "off_policy/dropped_frac": dropped_now / (dropped_now + taken) if dropped_now + taken else 0.0,
             "off_policy/dropped_samples_total": float(self._dropped_samples),
             "off_policy/staleness_mean": float(sum(lags) / len(lags)) if lags else 0.0,
             "off_policy/staleness_max": float(max(lags)) if lags else 0.0,
             "buffer/groups_left": float(len(self._groups)),
         }
+        # staleness histogram: fraction of trained samples at each lag 0..max_staleness
+        for lag in range(self.max_staleness + 1):
+            metrics[f"off_policy/staleness_frac_{lag}"] = lags.count(lag) / taken if taken else 0.0
         return out, metrics
 
     def state_dict(self) -> dict:

@@ -20,6 +20,8 @@ def test_take_batch_drops_stale_groups_and_counts_them():
     groups, m = buf.take_batch(2, learner_version=2)
     assert [g[0].group_id for g in groups] == ["ok", "new"]
     assert m["off_policy/dropped_samples"] == 2 and m["off_policy/staleness_max"] == 1
+    assert m["off_policy/dropped_frac"] == pytest.approx(2 / 6)
+    assert m["off_policy/staleness_frac_0"] == 0.5 and m["off_policy/staleness_frac_1"] == 0.5
     assert len(buf) == 0
 
 
