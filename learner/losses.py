@@ -128,6 +128,18 @@ def ppo_uncorrected_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high:
     return _finish(inp, pg, one, one, {"learner/pg_clipfrac": clipped})
 
 
+def _in_band_ppo(inp: PolicyLossInput, clip_low: float, clip_high: float, band_low: float, band_high: float,
+                 log_ratio: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip on tokens where ``exp(log_ratio)`` (``[B, T]`` or ``[B, 1]``) is within the band; others masked."""
+    if not 0 < band_low <= 1 <= band_high:
+        raise ValueError(f"need 0 < band_low <= 1 <= band_high, got [{band_low}, {band_high}]")
+    pg, clipped = _ppo_clip(inp, clip_low, clip_high)
+    with torch.no_grad():
+        r = torch.exp(log_ratio).expand_as(pg)
+        kept = ((r >= band_low) & (r <= band_high)).to(pg.dtype)
+    return _finish(inp, pg, torch.ones_like(pg), kept, {"learner/pg_clipfrac": clipped})
+
+
 def icepop_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high: float = 0.28, band_low: float = 0.5,
                 band_high: float = 2.0, **_: object) -> tuple[torch.Tensor, dict[str, float]]:
     """IcePop: PPO-clip on tokens whose ``pi_prox/pi_behav`` lies in ``[band_low, band_high]``; others masked.
@@ -138,13 +150,7 @@ def icepop_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high: float = 
     Raises:
         ValueError: an empty band.
     """
-    if not 0 < band_low <= 1 <= band_high:
-        raise ValueError(f"need 0 < band_low <= 1 <= band_high, got [{band_low}, {band_high}]")
-    pg, clipped = _ppo_clip(inp, clip_low, clip_high)
-    with torch.no_grad():
-        r = torch.exp(inp.prox_vs_behav)
-        kept = ((r >= band_low) & (r <= band_high)).to(pg.dtype)
-    return _finish(inp, pg, torch.ones_like(pg), kept, {"learner/pg_clipfrac": clipped})
+    return _in_band_ppo(inp, clip_low, clip_high, band_low, band_high, inp.prox_vs_behav)
 
 
 def seq_mask_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high: float = 0.28, band_low: float = 0.5,
@@ -159,13 +165,7 @@ def seq_mask_loss(inp: PolicyLossInput, clip_low: float = 0.2, clip_high: float 
     Raises:
         ValueError: an empty band.
     """
-    if not 0 < band_low <= 1 <= band_high:
-        raise ValueError(f"need 0 < band_low <= 1 <= band_high, got [{band_low}, {band_high}]")
-    pg, clipped = _ppo_clip(inp, clip_low, clip_high)
-    with torch.no_grad():
-        g = torch.exp(inp.seq_log_ratio(mean=True))
-        kept = ((g >= band_low) & (g <= band_high)).to(pg.dtype)[:, None].expand_as(pg)
-    return _finish(inp, pg, torch.ones_like(pg), kept, {"learner/pg_clipfrac": clipped})
+    return _in_band_ppo(inp, clip_low, clip_high, band_low, band_high, inp.seq_log_ratio(mean=True)[:, None])
 
 
 def gspo_loss(inp: PolicyLossInput, clip_low: float = 3e-4, clip_high: float = 4e-4, tis_cap: float = 2.0,
