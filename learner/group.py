@@ -49,9 +49,9 @@ class LearnerGroup:
             raise TimeoutError(f"learner rank(s) {missing} did not finish {what} within {timeout:.0f} s")
         return ray.get(refs)
 
-    def train_step_remote(self, batch_ref, learner_version: int) -> list:
+    def train_step_remote(self, batch_ref) -> list:
         """Start one optimizer step on every rank; returns one ObjectRef of metrics per rank."""
-        return [r.train_step.remote(batch_ref, learner_version) for r in self.ranks]
+        return [r.train_step.remote(batch_ref) for r in self.ranks]
 
     @staticmethod
     def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

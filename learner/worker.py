@@ -56,7 +56,6 @@ class LearnerWorker:
         self.gas = per_rank // cfg.micro_batch_size
         self.samples_per_step = samples_per_step
         self.engine = None
-        self.version = 0
 
     def master_address(self) -> tuple[str, int]:
         """Address and a free port for the rendezvous (called on rank 0)."""
@@ -133,7 +132,7 @@ class LearnerWorker:
         return out, mask
 
     # ---- training --------------------------------------------------------------------------
-    def train_step(self, batch: list, learner_version: int) -> dict[str, float]:
+    def train_step(self, batch: list) -> dict[str, float]:
         """One optimizer step on ``batch`` (a list of sample groups; every rank gets all of it).
 
         Returns metrics (token-weighted means over this rank's micro-batches) and raises
@@ -153,7 +152,7 @@ class LearnerWorker:
         adv = adv.flatten().tolist()
         global_tokens = sum(sum(s.loss_mask) for s in samples)
         mine = list(range(self.rank, len(samples), self.world_size))
-        m = self.cfg.micro_batch_size
+        c, m = self.cfg, self.cfg.micro_batch_size
         device = self.engine.device
         totals: dict[str, float] = {}
         tok_total = 0.0
@@ -165,7 +164,6 @@ class LearnerWorker:
             beh = torch.zeros_like(logprobs)
             for i, s in enumerate(mb):
                 beh[i, : len(s.behaviour_logprobs)] = torch.tensor(s.behaviour_logprobs)
-            c = self.cfg
             # One optimizer step per batch: the proximal policy is the current one, exactly.
             inp = PolicyLossInput(logprobs, logprobs.detach(), beh,
                                   torch.tensor([adv[i] for i in idx], device=device), mask, normalizer)
@@ -185,7 +183,6 @@ class LearnerWorker:
                     totals[k] = totals.get(k, 0.0) + v * ntok
             # Each micro-loss is already scaled to its share of the global token mean.
             totals["learner/loss"] = totals.get("learner/loss", 0.0) + float(loss.detach()) / (self.gas * self.world_size)
-        self.version = learner_version + 1
         out = {k: v / max(tok_total, 1.0) for k, v in totals.items() if k != "learner/loss"}
         out["learner/loss"] = totals.get("learner/loss", 0.0)
         out["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)

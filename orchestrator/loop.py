@@ -146,7 +146,7 @@ class Trainer:
             if not train_refs and self.ready_groups >= cfg.prompts_per_step:  # learner idle, batch ready
                 batch_ref, take_ref = self.buffer.take_batch.options(num_returns=2).remote(
                     cfg.prompts_per_step, self.version)
-                train_refs = self.learner.train_step_remote(batch_ref, self.version)
+                train_refs = self.learner.train_step_remote(batch_ref)
                 self.ready_groups -= cfg.prompts_per_step
             wait_s = max(rc.request_timeout_s, cfg.learner.step_timeout_s if train_refs else 0.0)
             done, _ = ray.wait(list(self.inflight) + train_refs[:1], num_returns=1, timeout=wait_s)

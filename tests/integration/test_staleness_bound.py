@@ -28,9 +28,9 @@ STEPS = 6
 
 
 class SlowLearner(LearnerWorker):
-    def train_step(self, batch, learner_version):
+    def train_step(self, batch):
         time.sleep(3.0)
-        return super().train_step(batch, learner_version)
+        return super().train_step(batch)
 
 
 class SlowRollout(RolloutWorker):
