@@ -23,7 +23,7 @@ class LearnerGroup:
             orchestrator's `check_resources`).
     """
 
-    def __init__(self, cfg, model_path: str, samples_per_step: int, temperature: float, seed: int,
+    def __init__(self, cfg, model_path: str, samples_per_step: int, max_tokens: int, temperature: float, seed: int,
                  worker_cls: type = LearnerWorker) -> None:
         import ray
 
@@ -32,7 +32,7 @@ class LearnerGroup:
                             "OMP_NUM_THREADS": str(cfg.torch_threads or max(1, int(cfg.num_cpus)))}}
         actor = ray.remote(worker_cls).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=env)
         self.ranks = [
-            actor.remote(cfg, model_path, r, cfg.num_learners, samples_per_step, temperature, seed)
+            actor.remote(cfg, model_path, r, cfg.num_learners, samples_per_step, max_tokens, temperature, seed)
             for r in range(cfg.num_learners)
         ]
         addr, port = self._get([self.ranks[0].master_address.remote()], "master_address")[0]
@@ -49,9 +49,9 @@ class LearnerGroup:
             raise TimeoutError(f"learner rank(s) {missing} did not finish {what} within {timeout:.0f} s")
         return ray.get(refs)
 
-    def train_step_remote(self, batch_ref) -> list:
-        """Start one optimizer step on every rank; returns one ObjectRef of metrics per rank."""
-        return [r.train_step.remote(batch_ref) for r in self.ranks]
+    def train_step_remote(self, batch_ref, version: int) -> list:
+        """Start one training step (from policy ``version``) on every rank; one metrics ObjectRef per rank."""
+        return [r.train_step.remote(batch_ref, version) for r in self.ranks]
 
     @staticmethod
     def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -63,7 +63,8 @@ class LearnerGroup:
             vals = [m.get(key, 0.0) for m in per_rank]
             if key in ("learner/loss", "learner/tokens"):
                 out[key] = sum(vals)
-            elif key.startswith(("rollout/", "learner/grad_norm", "learner/lr", "learner/zero_variance")):
+            elif key.startswith(("rollout/", "learner/grad_norm", "learner/lr", "learner/zero_variance",
+                                 "learner/optimizer_steps", "off_policy/sample_weight_mean")):
                 out[key] = vals[0]
             elif key == "learner/seconds":
                 out[key] = max(vals)

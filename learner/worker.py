@@ -9,8 +9,11 @@ micro-batches.
 Weight export gathers full parameters (ZeRO-3: every rank must enter the gather) and rank 0 packs
 them into a few safetensors buckets for the rollout workers.
 
-Left out on purpose: PPO epochs / several optimizer steps per batch (one step per batch makes the
-proximal policy equal the current one exactly), checkpoint/resume (a later addition), sequence
+Several optimizer steps per batch (``learner.ppo_minibatches``) make pi_prox differ from the current
+policy after the first one; it is then recomputed by a forward pass before training or approximated
+log-linearly by version (`learner.off_policy`).
+
+Left out on purpose: several epochs over a batch, checkpoint/resume (a later addition), sequence
 packing.
 """
 
@@ -38,22 +41,23 @@ class LearnerWorker:
         model_path: local HF model dir.
         rank, world_size: position in the learner group.
         samples_per_step: global batch size in samples (sets gradient accumulation).
+        max_tokens: rollout max response tokens (Dr. GRPO's constant loss normaliser).
         temperature: rollout sampling temperature; logits are divided by it so learner logprobs
             are of the same distribution vLLM sampled from.
         seed: torch seed.
     """
 
     def __init__(self, cfg, model_path: str, rank: int, world_size: int, samples_per_step: int,
-                 temperature: float, seed: int) -> None:
+                 max_tokens: int, temperature: float, seed: int) -> None:
         import torch
 
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
         torch.set_num_threads(threads)
         torch.manual_seed(seed + rank)
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
-        self.temperature = temperature
-        per_rank = samples_per_step // world_size
-        self.gas = per_rank // cfg.micro_batch_size
+        self.temperature, self.max_tokens = temperature, max_tokens
+        # gradient accumulation steps per optimizer step (one optimizer step per PPO minibatch)
+        self.gas = samples_per_step // (world_size * cfg.ppo_minibatches * cfg.micro_batch_size)
         self.samples_per_step = samples_per_step
         self.engine = None
 
@@ -83,7 +87,7 @@ class LearnerWorker:
         ds_config = {
             "train_micro_batch_size_per_gpu": c.micro_batch_size,
             "gradient_accumulation_steps": self.gas,
-            "train_batch_size": self.samples_per_step,
+            "train_batch_size": self.samples_per_step // c.ppo_minibatches,
             "gradient_clipping": c.grad_clip,
             "zero_optimization": {"stage": c.zero_stage},
             "bf16": {"enabled": c.dtype == "bf16"},
@@ -132,63 +136,119 @@ class LearnerWorker:
         return out, mask
 
     # ---- training --------------------------------------------------------------------------
-    def train_step(self, batch: list) -> dict[str, float]:
-        """One optimizer step on ``batch`` (a list of sample groups; every rank gets all of it).
+    def _padded(self, mb, attr: str, like, pad: float):
+        """``[B, R_max]`` tensor of a per-token Sample field, right-padded with ``pad``."""
+        import torch
 
-        Returns metrics (token-weighted means over this rank's micro-batches) and raises
-        ValueError if the batch size differs from ``samples_per_step``.
+        out = torch.full_like(like, pad)
+        for i, s in enumerate(mb):
+            vals = getattr(s, attr)
+            out[i, : len(vals)] = torch.tensor(vals, dtype=out.dtype)
+        return out
+
+    def _recompute_prox(self, samples: list) -> list:
+        """log pi_prox of each sample (``[R]`` tensors): a no-grad forward pass before the first step."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(samples), self.cfg.micro_batch_size):
+                mb = samples[start : start + self.cfg.micro_batch_size]
+                lp, _ = self._response_logprobs(self.engine, mb, self.engine.device)
+                out.extend(lp[i, : len(s.response_ids)].clone() for i, s in enumerate(mb))
+        return out
+
+    def train_step(self, batch: list, version: int) -> dict[str, float]:
+        """``learner.ppo_minibatches`` optimizer steps on ``batch`` (sample groups; every rank gets all).
+
+        ``version`` is the learner's policy version before the step (the proximal policy). Group
+        advantages are computed on the whole batch; each sample's advantage is scaled by
+        ``staleness_decay ** staleness``. Rank ``r`` trains on ``samples[r::world]``, split into
+        minibatches; each minibatch loss is normalised over all ranks (``learner.loss_agg``). pi_prox
+        is the current policy exactly in the first minibatch, then recomputed before training or
+        approximated log-linearly (``learner.prox_logprobs``).
+
+        Returns metrics (token-weighted means over this rank's micro-batches).
+
+        Raises:
+            ValueError: the batch size differs from ``samples_per_step``.
         """
         import torch
 
         from learner.advantages import ADVANTAGE_ESTIMATORS
         from learner.losses import POLICY_LOSSES, PolicyLossInput, k3_kl_penalty
+        from learner.off_policy import loglinear_prox_logprobs, loss_normalizer, staleness_weights
 
         t0 = time.perf_counter()
         samples = [s for g in batch for s in g]
         if len(samples) != self.samples_per_step:
             raise ValueError(f"learner got {len(samples)} samples, expected {self.samples_per_step}")
+        c, m, W, M = self.cfg, self.cfg.micro_batch_size, self.world_size, self.cfg.ppo_minibatches
         rewards = torch.tensor([[s.reward for s in g] for g in batch], dtype=torch.float32)
-        adv, adv_metrics = ADVANTAGE_ESTIMATORS[self.cfg.advantage](rewards)
-        adv = adv.flatten().tolist()
-        global_tokens = sum(sum(s.loss_mask) for s in samples)
-        mine = list(range(self.rank, len(samples), self.world_size))
-        c, m = self.cfg, self.cfg.micro_batch_size
+        adv, adv_metrics = ADVANTAGE_ESTIMATORS[c.advantage](rewards)
+        weights = staleness_weights(torch.tensor([s.staleness(version) for s in samples]), c.staleness_decay)
+        adv = (adv.flatten() * weights).tolist()
+        shards = [list(range(r, len(samples), W)) for r in range(W)]
+        mine, per_mb = shards[self.rank], len(shards[0]) // M
+        prox_exact = self._recompute_prox([samples[i] for i in mine]) if M > 1 and c.prox_logprobs == "recompute" else None
         device = self.engine.device
         totals: dict[str, float] = {}
-        tok_total = 0.0
-        normalizer = max(global_tokens, 1) / (self.gas * self.world_size)
-        for start in range(0, len(mine), m):
-            idx = mine[start : start + m]
-            mb = [samples[i] for i in idx]
-            logprobs, mask = self._response_logprobs(self.engine, mb, device)
-            beh = torch.zeros_like(logprobs)
-            for i, s in enumerate(mb):
-                beh[i, : len(s.behaviour_logprobs)] = torch.tensor(s.behaviour_logprobs)
-            # One optimizer step per batch: the proximal policy is the current one, exactly.
-            inp = PolicyLossInput(logprobs, logprobs.detach(), beh,
-                                  torch.tensor([adv[i] for i in idx], device=device), mask, normalizer)
-            loss, met = POLICY_LOSSES[c.loss](inp, clip_low=c.clip_low, clip_high=c.clip_high,
-                                              tis_cap=c.tis_cap, band_low=c.band_low, band_high=c.band_high)
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    ref, _ = self._response_logprobs(self.ref_model, mb, device)
-                penalty, met["learner/kl_ref"] = k3_kl_penalty(logprobs, ref, mask, normalizer)
-                loss = loss + c.kl_coef * penalty
-            self.engine.backward(loss)
-            self.engine.step()
-            ntok = met["learner/tokens"]
-            tok_total += ntok
-            for k, v in met.items():
-                if k != "learner/tokens":
-                    totals[k] = totals.get(k, 0.0) + v * ntok
-            # Each micro-loss is already scaled to its share of the global token mean.
-            totals["learner/loss"] = totals.get("learner/loss", 0.0) + float(loss.detach()) / (self.gas * self.world_size)
-        out = {k: v / max(tok_total, 1.0) for k, v in totals.items() if k != "learner/loss"}
-        out["learner/loss"] = totals.get("learner/loss", 0.0)
+        key_tokens: dict[str, float] = {}
+        tok_total, loss_total = 0.0, 0.0
+        for k in range(M):
+            lo, hi = k * per_mb, (k + 1) * per_mb
+            mb_all = [i for sh in shards for i in sh[lo:hi]]
+            n_tok = sum(sum(samples[i].loss_mask) for i in mb_all)
+            # DeepSpeed divides by GAS and averages over ranks: undo both so the minibatch is one mean
+            normalizer = loss_normalizer(c.loss_agg, n_tok, len(mb_all), self.max_tokens) / (self.gas * W)
+            for start in range(lo, hi, m):
+                pos = list(range(start, min(start + m, hi)))
+                mb = [samples[mine[p]] for p in pos]
+                logprobs, mask = self._response_logprobs(self.engine, mb, device)
+                beh = self._padded(mb, "behaviour_logprobs", logprobs, 0.0)
+                extra: dict[str, float] = {}
+                if k == 0:  # no optimizer step yet in this batch: pi_theta is pi_prox exactly
+                    prox = logprobs.detach()
+                else:  # metrics here cover minibatches 2..M
+                    versions = self._padded(mb, "policy_versions", logprobs, float(version))
+                    approx = loglinear_prox_logprobs(beh, logprobs.detach(), versions, version, version + k / M)
+                    prox = approx
+                    if prox_exact is not None:
+                        prox = torch.zeros_like(logprobs)
+                        for i, p in enumerate(pos):
+                            prox[i, : len(prox_exact[p])] = prox_exact[p]
+                        n = mask.sum().clamp(min=1.0)
+                        extra["off_policy/prox_loglinear_abs_err"] = float(((approx - prox).abs() * mask).sum() / n)
+                    # how far pi_theta has moved from pi_prox within this batch, nats per token
+                    extra["learner/intra_batch_drift"] = float(((logprobs.detach() - prox).abs() * mask).sum()
+                                                              / mask.sum().clamp(min=1.0))
+                inp = PolicyLossInput(logprobs, prox, beh, torch.tensor([adv[mine[p]] for p in pos], device=device),
+                                      mask, normalizer)
+                loss, met = POLICY_LOSSES[c.loss](inp, clip_low=c.clip_low, clip_high=c.clip_high, tis_cap=c.tis_cap,
+                                                  band_low=c.band_low, band_high=c.band_high)
+                met.update(extra)
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        ref, _ = self._response_logprobs(self.ref_model, mb, device)
+                    penalty, met["learner/kl_ref"] = k3_kl_penalty(logprobs, ref, mask, normalizer)
+                    loss = loss + c.kl_coef * penalty
+                self.engine.backward(loss)
+                self.engine.step()  # DeepSpeed steps the optimizer at each GAS boundary
+                ntok = met.pop("learner/tokens")
+                tok_total += ntok
+                for key, v in met.items():  # token-weighted over the micro-batches that report the key
+                    totals[key] = totals.get(key, 0.0) + v * ntok
+                    key_tokens[key] = key_tokens.get(key, 0.0) + ntok
+                # this rank's share of the minibatch mean, averaged over minibatches
+                loss_total += float(loss.detach()) / (self.gas * W * M)
+        out = {k: v / max(key_tokens[k], 1.0) for k, v in totals.items()}
+        out["learner/loss"] = loss_total
         out["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["learner/lr"] = float(self.engine.get_lr()[0])
         out["learner/tokens"] = tok_total
         out["learner/seconds"] = time.perf_counter() - t0
+        out["learner/optimizer_steps"] = float(M)
+        out["off_policy/sample_weight_mean"] = float(weights.mean())
         out.update(adv_metrics)
         if self.rank == 0:
             out["rollout/reward_mean"] = float(rewards.mean())

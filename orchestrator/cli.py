@@ -1,4 +1,7 @@
-"""`relayrl` command line: ``train`` a run from a TOML config, ``prepare-model``.
+"""`relayrl` command line: ``train`` a run from a TOML config, ``experiment``, ``prepare-model``.
+
+``relayrl experiment SPEC --out docs/x.md`` runs the variants of an experiment spec one after the
+other and writes a comparison table.
 
 ``relayrl train CONFIG [key.sub=value ...]`` validates the config, resolves the model and data,
 starts (or joins) Ray, runs the loop and writes a run dir. Errors a user can fix (bad config
@@ -62,6 +65,13 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from orchestrator.experiment import run_experiment
+
+    print(run_experiment(args.spec, args.out, args.only or None, args.variant_timeout))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``relayrl`` console script; returns the exit code."""
     parser = argparse.ArgumentParser(prog="relayrl", description=__doc__.splitlines()[0])
@@ -72,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (CI/logs)")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("experiment", help="run the variants of an experiment spec and write a table")
+    p.add_argument("spec", help="experiment spec (TOML), e.g. deploy/experiments/off_policy.toml")
+    p.add_argument("--out", help="Markdown file to write (a .json with the raw summaries goes next to it)")
+    p.add_argument("--only", action="append", help="run only this variant (repeatable)")
+    p.add_argument("--variant-timeout", type=float, default=3600.0, help="seconds per variant before it is killed")
+    p.set_defaults(fn=cmd_experiment)
     p = sub.add_parser("prepare-model", help="convert/resolve a model to a local HF dir and print it")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     p.set_defaults(fn=cmd_prepare_model)

@@ -103,6 +103,15 @@ class LearnerConfig(_Strict):
     band_low: float = Field(0.5, gt=0.0, le=1.0, description="icepop/seq_mask: lowest kept pi_prox/pi_behav")
     band_high: float = Field(2.0, ge=1.0, description="icepop/seq_mask: highest kept pi_prox/pi_behav")
     kl_coef: float = Field(0.0, ge=0.0, description="KL-to-reference weight (0: no reference model)")
+    ppo_minibatches: int = Field(1, ge=1, le=1024, description="optimizer steps per batch (PPO minibatches)")
+    prox_logprobs: Literal["recompute", "loglinear"] = Field(
+        "recompute", description="pi_prox for minibatches after the first: learner forward pass, or "
+        "AReaL's log-linear interpolation between behaviour and current logprobs (no extra pass)")
+    loss_agg: Literal["token_mean", "constant"] = Field(
+        "token_mean", description="loss normaliser: trained tokens in the minibatch, or "
+        "samples*rollout.max_tokens (Dr. GRPO's constant)")
+    staleness_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="weight decay**staleness on each sample's loss (1: no down-weighting)")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per learner rank")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per learner rank (0 on CPU)")
     step_timeout_s: float = Field(1800.0, gt=0, description="max seconds for one learner call")
@@ -136,6 +145,8 @@ class RunConfig(_Strict):
     num_steps: int = Field(10, ge=1, le=10_000_000, description="learner optimizer steps")
     prompts_per_step: int = Field(8, ge=1, description="groups (prompts) per learner step")
     eval_every: int = Field(0, ge=0, description="held-out eval every N steps (0: start and end)")
+    time_budget_s: float = Field(
+        0.0, ge=0.0, description="stop after the first step that ends past this many seconds (0: none)")
     eval_max_tokens: int | None = Field(None, ge=1, description="eval max tokens (None: rollout's)")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -156,11 +167,12 @@ class RunConfig(_Strict):
                 "allow_uncorrected_off_policy = true"
             )
         samples = self.prompts_per_step * self.rollout.group_size
-        per_rank = self.learner.num_learners * self.learner.micro_batch_size
-        if samples % per_rank:
+        lc = self.learner
+        unit = lc.num_learners * lc.micro_batch_size * lc.ppo_minibatches
+        if samples % unit:
             raise ValueError(
                 f"prompts_per_step*rollout.group_size = {samples} samples must be divisible by "
-                f"learner.num_learners*learner.micro_batch_size = {per_rank}"
+                f"learner.num_learners*learner.micro_batch_size*learner.ppo_minibatches = {unit}"
             )
         return self
 

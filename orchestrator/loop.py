@@ -97,7 +97,8 @@ class Trainer:
         self.cfg, self.run_dir, self.eval_problems = cfg, Path(run_dir), eval_problems
         check_resources(cfg, ray.cluster_resources())
         self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(cfg.buffer.max_staleness)
-        self.learner = LearnerGroup(cfg.learner, model_path, cfg.samples_per_step, cfg.rollout.temperature, cfg.seed,
+        self.learner = LearnerGroup(cfg.learner, model_path, cfg.samples_per_step, cfg.rollout.max_tokens,
+                                    cfg.rollout.temperature, cfg.seed,
                                     worker_cls=learner_worker_cls or LearnerWorker)
         self.rollout = RolloutGroup(cfg.rollout, cfg.data, model_path, self.buffer,
                                     worker_cls=rollout_worker_cls or RolloutWorker)
@@ -139,6 +140,7 @@ class Trainer:
         logger.info("step 0: held-out accuracy %s", last.get("eval/accuracy"))
         self.dispatched, self.ready_groups, self.inflight, self.pushes = 0, 0, {}, []
         self.acc = {"tokens": 0.0, "load_seconds": 0.0}
+        self.train_seconds = 0.0
         self.t_step, train_refs = time.perf_counter(), []
         bar = tqdm(total=cfg.num_steps, disable=not progress, desc="train", unit="step")
         while self.version < cfg.num_steps:
@@ -146,7 +148,7 @@ class Trainer:
             if not train_refs and self.ready_groups >= cfg.prompts_per_step:  # learner idle, batch ready
                 batch_ref, take_ref = self.buffer.take_batch.options(num_returns=2).remote(
                     cfg.prompts_per_step, self.version)
-                train_refs = self.learner.train_step_remote(batch_ref)
+                train_refs = self.learner.train_step_remote(batch_ref, self.version)
                 self.ready_groups -= cfg.prompts_per_step
             wait_s = max(rc.request_timeout_s, cfg.learner.step_timeout_s if train_refs else 0.0)
             done, _ = ray.wait(list(self.inflight) + train_refs[:1], num_returns=1, timeout=wait_s)
@@ -155,17 +157,24 @@ class Trainer:
             self._collect_generations()
             self._check_pushes()
             if train_refs and ray.wait(train_refs[:1], timeout=0)[0]:
-                last = self._finish_step(train_refs, take_ref)
+                # the budget counts training wall clock; held-out evals pause the loop and are excluded
+                spent = self.train_seconds + time.perf_counter() - self.t_step
+                out_of_time = bool(cfg.time_budget_s) and spent >= cfg.time_budget_s
+                last = self._finish_step(train_refs, take_ref, final=out_of_time)
                 train_refs = []
                 bar.update(1)
                 bar.set_postfix(reward=f"{last.get('rollout/reward_mean', 0):.3f}",
                                 acc=f"{last.get('eval/accuracy') or float('nan'):.3f}",
                                 stale=f"{last.get('off_policy/staleness_max', 0):.0f}")
+                if out_of_time:
+                    logger.info("time budget of %.0f s reached after %d steps", cfg.time_budget_s, self.version)
+                    break
         bar.close()
         _wait([r for _, _, refs in self.pushes for r in refs], rc.weight_push_timeout_s, "final weight push")
         final_dir = self.learner.save_pretrained(str(self.run_dir / "final_model"))
         stats = _wait([w.stats.remote() for w in self.rollout.workers], 60, "rollout stats")
         summary = {**last, "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
+                   "perf/trained_samples_per_s": self.version * cfg.samples_per_step / max(self.train_seconds, 1e-9),
                    "final_model": final_dir}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics_log.close()
@@ -215,8 +224,11 @@ class Trainer:
                 still.append((deadline, version, refs))
         self.pushes = still
 
-    def _finish_step(self, train_refs: list, take_ref) -> dict:
-        """Collect a learner step, bump the version, push weights asynchronously, log metrics."""
+    def _finish_step(self, train_refs: list, take_ref, final: bool = False) -> dict:
+        """Collect a learner step, bump the version, push weights asynchronously, log metrics.
+
+        Evaluates after the last step (``final`` or ``num_steps`` reached) and every ``eval_every``.
+        """
         import ray
 
         cfg, rc = self.cfg, self.cfg.rollout
@@ -227,17 +239,20 @@ class Trainer:
         self.pushes.append((time.monotonic() + rc.weight_push_timeout_s, self.version,
                             self.rollout.push_weights_remote(self.version, buckets_ref)))
         m.update(ray.get(export_ref, timeout=rc.weight_push_timeout_s))
-        elapsed, self.t_step = time.perf_counter() - self.t_step, time.perf_counter()
+        now = time.perf_counter()
+        elapsed, self.train_seconds, self.t_step = now - self.t_step, self.train_seconds + now - self.t_step, now
         m.update({
             "perf/step_seconds": elapsed,
+            "perf/train_seconds": self.train_seconds,
             "perf/rollout_tokens_per_s": self.acc["tokens"] / elapsed,
             "perf/learner_tokens_per_s": m["learner/tokens"] / max(m["learner/seconds"], 1e-9),
             "weights/load_seconds": self.acc["load_seconds"],
             "policy/version": float(self.version),
         })
         self.acc = {"tokens": 0.0, "load_seconds": 0.0}
-        if self.version == cfg.num_steps or (cfg.eval_every and self.version % cfg.eval_every == 0):
+        if final or self.version == cfg.num_steps or (cfg.eval_every and self.version % cfg.eval_every == 0):
             m.update(self.evaluate(self.version))
+        self.t_step = time.perf_counter()  # eval time is not step time
         return self.metrics_log.log(self.version, m)
 
 

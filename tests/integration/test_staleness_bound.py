@@ -28,9 +28,9 @@ STEPS = 6
 
 
 class SlowLearner(LearnerWorker):
-    def train_step(self, batch):
+    def train_step(self, batch, version):
         time.sleep(3.0)
-        return super().train_step(batch)
+        return super().train_step(batch, version)
 
 
 class SlowRollout(RolloutWorker):
