@@ -5,14 +5,21 @@ The buffer stores whole groups (all samples of one prompt) because group-relativ
 whose policy lag exceeds `max_staleness` (counted in `off_policy/dropped_*`). Admission control
 that keeps stale data from being produced at all lives in the orchestrator; this is the backstop.
 
-Left out on purpose: prioritised replay and curation (buffer/curation is a later addition), and
-reuse of a group for more than one step.
+Curation hooks applied as groups arrive: DAPO dynamic sampling (zero-variance groups are counted and
+not stored) and SPO's per-prompt value tracker (sets each sample's ``baseline``), both from
+`buffer.curation`.
+
+With ``prioritized = True`` a batch takes the highest-`group_priority` groups among the fresh-enough
+ones instead of the oldest; passed-over groups age and are dropped (counted) once past the bound.
+
+Left out on purpose: reuse of a group for more than one step.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from buffer.curation import PromptValueTracker, ZeroVarianceFilter, group_priority
 from buffer.sample import Sample
 
 
@@ -25,25 +32,36 @@ class ReplayBuffer:
         max_staleness: largest allowed ``learner_version - oldest token version`` of a trained
             sample, in policy versions; 0 means strictly on-policy.
         capacity_groups: groups held at most; adding beyond raises instead of losing data.
+        dynamic_sampling: drop groups whose rewards are all equal (counted, never stored).
+        value_tracker_discount: when set, SPO's per-prompt value tracker with this discount fills
+            every sample's ``baseline``.
+        prioritized: take the highest-priority fresh groups first (`group_priority`), not FIFO.
 
     Raises:
         ValueError: on a negative bound or an empty group.
     """
 
-    def __init__(self, max_staleness: int, capacity_groups: int = 100_000) -> None:
+    def __init__(self, max_staleness: int, capacity_groups: int = 100_000, dynamic_sampling: bool = False,
+                 value_tracker_discount: float | None = None, prioritized: bool = False) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.max_staleness = max_staleness
         self.capacity_groups = capacity_groups
+        self.filter = ZeroVarianceFilter() if dynamic_sampling else None
+        self.values = PromptValueTracker(value_tracker_discount) if value_tracker_discount else None
+        self.prioritized = prioritized
+        self._taken_ids: set[str] = set()  # group ids handed out for training (resume de-duplication)
         self._groups: deque[list[Sample]] = deque()
         self._dropped_groups = 0
         self._dropped_samples = 0
 
-    def add_groups(self, groups: list[list[Sample]]) -> int:
-        """Store groups; returns the number of groups now held.
+    def add_groups(self, groups: list[list[Sample]]) -> dict[str, int]:
+        """Store groups (minus those dynamic sampling filters out).
+
+        Returns ``{"kept": groups stored now, "held": groups held in all}``.
 
         Raises:
-            ValueError: a group is empty, or capacity would be exceeded.
+            ValueError: a group is empty, or capacity would be exceeded (nothing is stored then).
         """
         for g in groups:
             if not g:
@@ -53,18 +71,30 @@ class ReplayBuffer:
                 f"ReplayBuffer is full ({len(self._groups)} of {self.capacity_groups} groups); "
                 f"refusing {len(groups)} more rather than dropping data"
             )
-        self._groups.extend(groups)
-        return len(self._groups)
+        kept = 0
+        for g in groups:
+            if self.values is not None:
+                b = self.values.baseline_then_update(g[0].prompt_id, [s.reward for s in g])
+                for s in g:
+                    s.baseline = b
+            if self.filter is None or self.filter.keep(g):
+                self._groups.append(g)
+                kept += 1
+        return {"kept": kept, "held": len(self._groups)}
 
     def __len__(self) -> int:
         return len(self._groups)
+
+    def group_ids(self) -> tuple[set[str], set[str]]:
+        """``(ids of groups held, ids of groups already taken for training)``."""
+        return {g[0].group_id for g in self._groups}, set(self._taken_ids)
 
     def size(self) -> int:
         """Number of groups held (callable through a Ray actor handle)."""
         return len(self._groups)
 
     def take_batch(self, num_groups: int, learner_version: int) -> tuple[list[list[Sample]], dict]:
-        """Remove and return up to ``num_groups`` fresh-enough groups, oldest first.
+        """Remove and return up to ``num_groups`` fresh-enough groups, oldest (or highest-priority) first.
 
         Groups whose oldest token is more than ``max_staleness`` versions behind
         ``learner_version`` are dropped and counted. Returns ``(groups, metrics)``; ``groups`` is
@@ -73,6 +103,19 @@ class ReplayBuffer:
         """
         out: list[list[Sample]] = []
         dropped_now = 0
+        if self.prioritized:  # drop everything past the bound, then take the best of the rest
+            fresh = deque()
+            for g in self._groups:
+                if max(s.staleness(learner_version) for s in g) > self.max_staleness:
+                    self._dropped_groups += 1
+                    self._dropped_samples += len(g)
+                    dropped_now += len(g)
+                else:
+                    fresh.append(g)
+            ranked = sorted(range(len(fresh)), key=lambda i: -group_priority(fresh[i]))  # stable: ties FIFO
+            chosen = set(ranked[:num_groups])
+            out = [fresh[i] for i in sorted(chosen, key=ranked.index)]
+            self._groups = deque(g for i, g in enumerate(fresh) if i not in chosen)
         while self._groups and len(out) < num_groups:
             g = self._groups.popleft()
             lag = max(s.staleness(learner_version) for s in g)
@@ -82,6 +125,7 @@ class ReplayBuffer:
                 dropped_now += len(g)
                 continue
             out.append(g)
+        self._taken_ids.update(g[0].group_id for g in out)
         lags = [s.staleness(learner_version) for g in out for s in g]
         taken = len(lags)
         metrics = {
@@ -91,7 +135,10 @@ class ReplayBuffer:
             "off_policy/staleness_mean": float(sum(lags) / len(lags)) if lags else 0.0,
             "off_policy/staleness_max": float(max(lags)) if lags else 0.0,
             "buffer/groups_left": float(len(self._groups)),
+            "_group_ids": [g[0].group_id for g in out],  # for the driver's audit log, not a metric
         }
+        if self.filter is not None:
+            metrics.update(self.filter.metrics())
         # staleness histogram: fraction of trained samples at each lag 0..max_staleness
         for lag in range(self.max_staleness + 1):
             metrics[f"off_policy/staleness_frac_{lag}"] = lags.count(lag) / taken if taken else 0.0
@@ -103,6 +150,9 @@ class ReplayBuffer:
             "groups": list(self._groups),
             "dropped_groups": self._dropped_groups,
             "dropped_samples": self._dropped_samples,
+            "filter": self.filter.state_dict() if self.filter else None,
+            "values": self.values.state_dict() if self.values else None,
+            "taken_ids": sorted(self._taken_ids),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -110,3 +160,8 @@ class ReplayBuffer:
         self._groups = deque(state["groups"])
         self._dropped_groups = state["dropped_groups"]
         self._dropped_samples = state["dropped_samples"]
+        self._taken_ids = set(state.get("taken_ids", []))
+        if self.filter is not None and state.get("filter"):
+            self.filter.load_state_dict(state["filter"])
+        if self.values is not None and state.get("values"):
+            self.values.load_state_dict(state["values"])

@@ -35,6 +35,8 @@ class Sample:
         answer: the reference answer, kept for metrics.
         response_text: decoded response, kept for logging.
         correct: whether the strict-parse answer matched exactly (held-out accuracy uses this).
+        baseline: per-prompt value estimate set by the buffer when SPO's value tracker is on
+            (``learner.advantage = "spo"``), read before this sample's own reward; else None.
     """
 
     prompt_id: str
@@ -49,6 +51,7 @@ class Sample:
     answer: str = ""
     response_text: str = ""
     correct: bool = False
+    baseline: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)

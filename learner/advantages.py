@@ -77,10 +77,37 @@ def reinforce_pp_baseline_advantages(
     return (centred - centred.mean()) / (std + eps), m
 
 
+def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, dict[str, float]]:
+    """SPO advantages: ``A = r - b(prompt)`` from a persistent per-prompt value tracker, then
+    normalised by the whole batch's std.
+
+    Source: Xu et al. 2025, "Single-stream Policy Optimization", eq. 5-6 (batch-level
+    normalisation). Groups may have one sample: the baseline does not come from the group.
+
+    Args:
+        rewards, baselines: ``[num_groups, group_size]`` (``group_size >= 1``).
+
+    Returns:
+        ``(advantages, metrics)``; ``learner/zero_variance_group_frac`` as in `grpo_advantages` for
+        groups of 2 or more (0 for single-sample groups).
+
+    Raises:
+        ValueError: shapes differ or are not 2-D.
+    """
+    if rewards.dim() != 2 or baselines.shape != rewards.shape:
+        raise ValueError(f"rewards and baselines must share a [G, n] shape, got {tuple(rewards.shape)} "
+                         f"and {tuple(baselines.shape)}")
+    adv = rewards.float() - baselines.float()
+    std = adv.std(unbiased=True) if adv.numel() > 1 else torch.tensor(0.0)
+    zero_var = (rewards.std(dim=1, unbiased=True) < eps).float().mean().item() if rewards.shape[1] > 1 else 0.0
+    return adv / (std + eps), {"learner/zero_variance_group_frac": zero_var}
+
+
 ADVANTAGE_ESTIMATORS = {
-    "grpo": lambda r: grpo_advantages(r, normalize_std=True),
-    "drgrpo": lambda r: grpo_advantages(r, normalize_std=False),
-    "rloo": rloo_advantages,
-    "reinforce_pp": reinforce_pp_baseline_advantages,
+    "grpo": lambda r, b=None: grpo_advantages(r, normalize_std=True),
+    "drgrpo": lambda r, b=None: grpo_advantages(r, normalize_std=False),
+    "rloo": lambda r, b=None: rloo_advantages(r),
+    "reinforce_pp": lambda r, b=None: reinforce_pp_baseline_advantages(r),
+    "spo": lambda r, b: spo_advantages(r, b),
 }
-"""Registry keyed by `LearnerConfig.advantage`."""
+"""Registry keyed by `LearnerConfig.advantage`: ``fn(rewards [G, n], baselines [G, n] | None)``."""

@@ -63,7 +63,7 @@ class LearnerGroup:
             vals = [m.get(key, 0.0) for m in per_rank]
             if key in ("learner/loss", "learner/tokens"):
                 out[key] = sum(vals)
-            elif key.startswith(("rollout/", "learner/grad_norm", "learner/lr", "learner/zero_variance",
+            elif key.startswith(("rollout/", "curation/", "learner/grad_norm", "learner/lr", "learner/zero_variance",
                                  "learner/optimizer_steps", "off_policy/sample_weight_mean")):
                 out[key] = vals[0]
             elif key == "learner/seconds":
@@ -81,6 +81,14 @@ class LearnerGroup:
         """Rank 0's logprobs of ``token_ids[prompt_len:]`` (every rank runs the forward: ZeRO-3 gathers)."""
         return self._get([r.sequence_logprobs.remote(token_ids, prompt_len) for r in self.ranks],
                          "sequence_logprobs")[0]
+
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        """Every rank writes its DeepSpeed state and RNG into ``ckpt_dir`` (waits, bounded)."""
+        self._get([r.save_checkpoint.remote(ckpt_dir) for r in self.ranks], "save_checkpoint")
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        """Every rank restores from ``ckpt_dir`` (waits, bounded)."""
+        self._get([r.load_checkpoint.remote(ckpt_dir) for r in self.ranks], "load_checkpoint")
 
     def save_pretrained(self, out_dir: str) -> str:
         """Write the current policy as an HF dir; returns its path."""

@@ -13,8 +13,7 @@ Several optimizer steps per batch (``learner.ppo_minibatches``) make pi_prox dif
 policy after the first one; it is then recomputed by a forward pass before training or approximated
 log-linearly by version (`learner.off_policy`).
 
-Left out on purpose: several epochs over a batch, checkpoint/resume (a later addition), sequence
-packing.
+Left out on purpose: several epochs over a batch, sequence packing.
 """
 
 from __future__ import annotations
@@ -185,7 +184,13 @@ class LearnerWorker:
             raise ValueError(f"learner got {len(samples)} samples, expected {self.samples_per_step}")
         c, m, W, M = self.cfg, self.cfg.micro_batch_size, self.world_size, self.cfg.ppo_minibatches
         rewards = torch.tensor([[s.reward for s in g] for g in batch], dtype=torch.float32)
-        adv, adv_metrics = ADVANTAGE_ESTIMATORS[c.advantage](rewards)
+        baselines = None
+        if c.advantage == "spo":
+            if any(s.baseline is None for s in samples):
+                raise ValueError("learner.advantage = 'spo' needs per-prompt baselines: set buffer.value_tracker = true")
+            baselines = torch.tensor([[s.baseline for s in g] for g in batch], dtype=torch.float32)
+        adv, adv_metrics = ADVANTAGE_ESTIMATORS[c.advantage](rewards, baselines)
+        effective = int((adv.abs() > 1e-6).sum())
         weights = staleness_weights(torch.tensor([s.staleness(version) for s in samples]), c.staleness_decay)
         adv = (adv.flatten() * weights).tolist()
         shards = [list(range(r, len(samples), W)) for r in range(W)]
@@ -251,6 +256,7 @@ class LearnerWorker:
         out["off_policy/sample_weight_mean"] = float(weights.mean())
         out.update(adv_metrics)
         if self.rank == 0:
+            out["curation/effective_samples"] = float(effective)  # samples with a non-zero advantage
             out["rollout/reward_mean"] = float(rewards.mean())
             out["rollout/correct_frac"] = sum(s.correct for s in samples) / len(samples)
             out["rollout/response_len_mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
@@ -307,6 +313,35 @@ class LearnerWorker:
         finally:
             self.temperature = saved
         return lp[0, : len(token_ids) - prompt_len].tolist()
+
+    # ---- checkpoint ------------------------------------------------------------------------
+    def save_checkpoint(self, ckpt_dir: str) -> bool:
+        """DeepSpeed checkpoint (model, optimizer, LR scheduler; ZeRO partitions) plus this rank's
+        torch RNG state under ``ckpt_dir``; every rank must call it. Returns True."""
+        import torch
+
+        self.engine.save_checkpoint(ckpt_dir, tag="deepspeed", save_latest=False)
+        torch.save({"torch": torch.get_rng_state()}, os.path.join(ckpt_dir, f"rng_rank{self.rank}.pt"))
+        return True
+
+    def load_checkpoint(self, ckpt_dir: str) -> bool:
+        """Restore what `save_checkpoint` wrote; every rank must call it.
+
+        Raises:
+            FileNotFoundError: the checkpoint lacks the DeepSpeed state or this rank's RNG file.
+        """
+        import torch
+
+        rng = os.path.join(ckpt_dir, f"rng_rank{self.rank}.pt")
+        if not os.path.isfile(rng):
+            raise FileNotFoundError(f"checkpoint {ckpt_dir} has no RNG state for learner rank {self.rank} "
+                                    "(was it written with a different learner.num_learners?)")
+        path, _ = self.engine.load_checkpoint(ckpt_dir, tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {ckpt_dir}/deepspeed")
+        torch.set_rng_state(torch.load(rng)["torch"])
+        return True
 
     def save_pretrained(self, out_dir: str) -> str | None:
         """Write the current policy as an HF model dir (rank 0); every rank must call it."""

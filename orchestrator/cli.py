@@ -7,7 +7,7 @@ other and writes a comparison table.
 starts (or joins) Ray, runs the loop and writes a run dir. Errors a user can fix (bad config
 value, missing model or data file, empty dataset, too few resources) print one line and exit 2.
 
-Left out on purpose: ``resume``, ``scale``, ``bench``, ``report`` (later additions).
+Left out on purpose: ``scale``, ``bench``, ``report`` (later additions).
 """
 
 from __future__ import annotations
@@ -40,19 +40,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.models import resolve_model_path
     from rollout.tasks import load_problems
 
+    from orchestrator.checkpoint import find_run_to_resume, latest_checkpoint
+
     cfg = load_config(args.config, args.overrides)
     train_problems = load_problems(cfg.data, "train")
     eval_problems = load_problems(cfg.data, "eval")
+    run_dir, ckpt = None, None
+    if args.resume not in (None, "auto"):  # an explicit run dir must have a checkpoint
+        run_dir, ckpt = Path(args.resume), latest_checkpoint(Path(args.resume))
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume {args.resume}: no complete checkpoint under {run_dir}/checkpoints")
+    elif args.resume == "auto" or cfg.checkpoint.resume == "auto":
+        run_dir = find_run_to_resume(cfg.output_dir, cfg.name)
+        ckpt = latest_checkpoint(run_dir) if run_dir else None
+        if ckpt is None:
+            logger.info("resume: no run named %r with a complete checkpoint under %s; starting fresh",
+                        cfg.name, cfg.output_dir)
     model_path = resolve_model_path(cfg.model.path)
-    run_dir = Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    if ckpt is None:
+        run_dir = Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    else:
+        logger.info("resuming %s from %s", run_dir, ckpt.name)
     logger.info("run dir %s; model %s; %d train / %d held-out problems", run_dir, model_path,
                 len(train_problems), len(eval_problems))
     _init_ray(cfg)
     from orchestrator.loop import train
 
-    summary = train(cfg, run_dir, model_path, train_problems, eval_problems, progress=not args.quiet)
+    summary = train(cfg, run_dir, model_path, train_problems, eval_problems, progress=not args.quiet,
+                    resume_from=ckpt)
     print(json.dumps({k: summary.get(k) for k in ("step", "eval/accuracy", "time/elapsed_s", "final_model")}))
     print(f"run dir: {run_dir}")
     return 0
@@ -81,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="run config (TOML), e.g. deploy/examples/arithmetic_smollm2.toml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (CI/logs)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest complete checkpoint; without a value, the newest "
+                   "'<output_dir>/<name>-*' run that has one (fresh start if none)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("experiment", help="run the variants of an experiment spec and write a table")
     p.add_argument("spec", help="experiment spec (TOML), e.g. deploy/experiments/off_policy.toml")
@@ -91,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare-model", help="convert/resolve a model to a local HF dir and print it")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     p.set_defaults(fn=cmd_prepare_model)
-    args = parser.parse_args(argv)
+    # dotted overrides may follow options (`train cfg.toml --resume run key=value`)
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.cmd != "train" or any("=" not in x or x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from orchestrator.config import ConfigError

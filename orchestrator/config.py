@@ -61,7 +61,7 @@ class DataConfig(_Strict):
 
 class RolloutConfig(_Strict):
     num_workers: int = Field(1, ge=1, le=1024, description="vLLM rollout worker actors")
-    group_size: int = Field(8, ge=2, le=1024, description="samples per prompt (n)")
+    group_size: int = Field(8, ge=1, le=1024, description="samples per prompt (n; 1 only with advantage 'spo')")
     max_tokens: int = Field(96, ge=1, le=131072, description="max generated tokens per sample")
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling p")
@@ -81,6 +81,18 @@ class BufferConfig(_Strict):
     max_staleness: int = Field(
         1, ge=0, le=1000, description="max policy lag (versions) of trained samples; 0 = on-policy"
     )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO dynamic sampling: drop zero-reward-variance groups, generate more to refill")
+    max_refill_factor: float = Field(
+        8.0, ge=1.0, description="stop the run when one step needed more than this many times "
+        "prompts_per_step generated groups (dynamic sampling finds no signal)")
+    prompt_sampler: Literal["uniform", "difficulty"] = Field(
+        "uniform", description="prompt selection: shuffled epochs, or pass-rate-aware (buffer.prompt_sampler)")
+    sampler_floor: float = Field(0.05, ge=0.0, le=1.0, description="difficulty sampler: uniform mixture weight")
+    prioritized_replay: bool = Field(
+        False, description="train the highest reward-variance+diversity fresh groups first, not FIFO")
+    value_tracker: bool = Field(False, description="SPO per-prompt value tracker fills sample baselines")
+    value_tracker_discount: float = Field(0.9, gt=0.0, le=1.0, description="SPO tracker discount per reward")
 
 
 class LearnerConfig(_Strict):
@@ -92,7 +104,7 @@ class LearnerConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="linear LR warmup steps")
     grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
     micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per forward/backward")
-    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp"] = Field(
+    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp", "spo"] = Field(
         "grpo", description="advantage estimator (learner.advantages.ADVANTAGE_ESTIMATORS)")
     loss: Literal["ppo_tis", "ppo_seq_tis", "icepop", "seq_mask", "gspo", "topr", "ppo"] = Field(
         "ppo_tis", description="policy loss / off-policy correction (learner.losses.POLICY_LOSSES); "
@@ -116,6 +128,14 @@ class LearnerConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per learner rank (0 on CPU)")
     step_timeout_s: float = Field(1800.0, gt=0, description="max seconds for one learner call")
     torch_threads: int = Field(0, ge=0, description="torch threads per rank (0: from num_cpus)")
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(0, ge=0, description="write a checkpoint every N steps and at the end (0: never)")
+    keep: int = Field(2, ge=1, le=1000, description="complete checkpoints kept (older ones are deleted)")
+    resume: Literal["never", "auto"] = Field(
+        "never", description="auto: continue the newest '<output_dir>/<name>-*' run with a complete "
+        "checkpoint, else start fresh (what a restarted cluster job wants)")
 
 
 class RayConfig(_Strict):
@@ -153,6 +173,7 @@ class RunConfig(_Strict):
     rollout: RolloutConfig = RolloutConfig()
     buffer: BufferConfig = BufferConfig()
     learner: LearnerConfig = LearnerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -166,6 +187,14 @@ class RunConfig(_Strict):
                 "'async_decoupled_tis'), set buffer.max_staleness = 0, or set "
                 "allow_uncorrected_off_policy = true"
             )
+        n, adv = self.rollout.group_size, self.learner.advantage
+        if adv == "spo" and not self.buffer.value_tracker:
+            raise ValueError("learner.advantage = 'spo' needs buffer.value_tracker = true (it supplies the baselines)")
+        if n == 1 and adv != "spo":
+            raise ValueError(f"rollout.group_size = 1 has no group baseline for learner.advantage = {adv!r}; "
+                             "use 'spo' (per-prompt value tracker) or group_size >= 2")
+        if n == 1 and self.buffer.dynamic_sampling:
+            raise ValueError("buffer.dynamic_sampling drops zero-variance groups: every group of size 1 is one")
         samples = self.prompts_per_step * self.rollout.group_size
         lc = self.learner
         unit = lc.num_learners * lc.micro_batch_size * lc.ppo_minibatches

@@ -7,42 +7,23 @@ version ``>= d // prompts_per_step - max_staleness``; the request says so (``min
 worker waits for those weights. Hence no sample ever exceeds the bound; the buffer's drop is only
 a backstop. ``max_staleness = 0`` is the synchronous on-policy schedule through the same code.
 
-Left out on purpose: checkpoint/resume, fault tolerance, curation (later additions).
+Curation: prompts come from a `buffer.prompt_sampler` fed with every group's rewards; with dynamic
+sampling the buffer drops zero-variance groups and admission control refills their slots.
+
+Checkpoints (`orchestrator.checkpoint`) are written after a step when ``checkpoint.every`` says so;
+a resumed run re-issues the prompts that were in flight.
+
+Left out on purpose: fault tolerance of rollout workers (a later addition).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-
-
-class PromptCursor:
-    """Endless, seeded, epoch-shuffled walk over the training problems (state = epoch, position)."""
-
-    def __init__(self, problems: list, seed: int) -> None:
-        self.problems, self.seed, self.epoch, self.pos = problems, seed, 0, 0
-        self._order = self._shuffle()
-
-    def _shuffle(self) -> list[int]:
-        order = list(range(len(self.problems)))
-        random.Random(self.seed + self.epoch).shuffle(order)
-        return order
-
-    def take(self, k: int) -> list:
-        """Next ``k`` problems."""
-        out = []
-        for _ in range(k):
-            if self.pos == len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._shuffle()
-            out.append(self.problems[self._order[self.pos]])
-            self.pos += 1
-        return out
 
 
 def check_resources(cfg, cluster: dict[str, float]) -> None:
@@ -86,24 +67,41 @@ class Trainer:
     """
 
     def __init__(self, cfg, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,
-                 learner_worker_cls: type | None = None, rollout_worker_cls: type | None = None) -> None:
+                 learner_worker_cls: type | None = None, rollout_worker_cls: type | None = None,
+                 resume_from: Path | None = None) -> None:
         import ray
 
-        from buffer import ReplayBuffer
+        from buffer import PROMPT_SAMPLERS, ReplayBuffer
         from learner.group import LearnerGroup
         from learner.worker import LearnerWorker
         from rollout.worker import RolloutGroup, RolloutWorker
 
         self.cfg, self.run_dir, self.eval_problems = cfg, Path(run_dir), eval_problems
         check_resources(cfg, ray.cluster_resources())
-        self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(cfg.buffer.max_staleness)
+        bc = cfg.buffer
+        self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
+            bc.max_staleness, dynamic_sampling=bc.dynamic_sampling,
+            value_tracker_discount=bc.value_tracker_discount if bc.value_tracker else None,
+            prioritized=bc.prioritized_replay)
         self.learner = LearnerGroup(cfg.learner, model_path, cfg.samples_per_step, cfg.rollout.max_tokens,
                                     cfg.rollout.temperature, cfg.seed,
                                     worker_cls=learner_worker_cls or LearnerWorker)
         self.rollout = RolloutGroup(cfg.rollout, cfg.data, model_path, self.buffer,
                                     worker_cls=rollout_worker_cls or RolloutWorker)
-        self.cursor = PromptCursor(train_problems, cfg.seed)
+        self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=cfg.rollout.group_size,
+                                                           floor=bc.sampler_floor)
         self.version = 0
+        # groups: dispatched (ids), kept by the buffer, in flight, ready to train; inflight: ref -> request
+        self.dispatched, self.kept, self.inflight_groups, self.ready_groups = 0, 0, 0, 0
+        self.inflight, self.pushes, self.reissue = {}, [], []
+        self.gen = {"groups": 0, "zero_variance": 0, "samples_total": 0}  # generated since the last step
+        self.train_seconds = 0.0
+        self.resume_metrics: dict[str, float] = {}
+        if resume_from is not None:
+            from orchestrator import checkpoint
+
+            self.resume_metrics = checkpoint.restore(self, resume_from)
+        self.resumed = resume_from is not None
 
     def shutdown(self) -> None:
         """Kill every actor of this run (buffer, learner ranks, rollout workers), freeing their resources."""
@@ -135,14 +133,15 @@ class Trainer:
         from orchestrator.metrics import MetricsLogger
 
         cfg, rc = self.cfg, self.cfg.rollout
-        self.metrics_log = MetricsLogger(self.run_dir)
-        last = self.metrics_log.log(0, self.evaluate(0))
-        logger.info("step 0: held-out accuracy %s", last.get("eval/accuracy"))
-        self.dispatched, self.ready_groups, self.inflight, self.pushes = 0, 0, {}, []
+        # a resumed run continues its own curves: records past the checkpoint are dropped
+        self.metrics_log = MetricsLogger(self.run_dir, keep_steps_upto=self.version if self.resumed else None)
+        last = self.metrics_log.log(0, self.evaluate(0)) if self.version == 0 else {}
         self.acc = {"tokens": 0.0, "load_seconds": 0.0}
-        self.train_seconds = 0.0
+        for problems, keys, min_version, seed in self.reissue:  # a resumed run's in-flight prompts first
+            self._send(problems, keys, min_version, seed)
+        self.reissue = []
         self.t_step, train_refs = time.perf_counter(), []
-        bar = tqdm(total=cfg.num_steps, disable=not progress, desc="train", unit="step")
+        bar = tqdm(total=cfg.num_steps, initial=self.version, disable=not progress, desc="train", unit="step")
         while self.version < cfg.num_steps:
             self._dispatch()
             if not train_refs and self.ready_groups >= cfg.prompts_per_step:  # learner idle, batch ready
@@ -166,6 +165,11 @@ class Trainer:
                 bar.set_postfix(reward=f"{last.get('rollout/reward_mean', 0):.3f}",
                                 acc=f"{last.get('eval/accuracy') or float('nan'):.3f}",
                                 stale=f"{last.get('off_policy/staleness_max', 0):.0f}")
+                ck = cfg.checkpoint
+                if ck.every and (self.version % ck.every == 0 or out_of_time or self.version == cfg.num_steps):
+                    from orchestrator import checkpoint
+
+                    checkpoint.save(self)
                 if out_of_time:
                     logger.info("time budget of %.0f s reached after %d steps", cfg.time_budget_s, self.version)
                     break
@@ -173,29 +177,58 @@ class Trainer:
         _wait([r for _, _, refs in self.pushes for r in refs], rc.weight_push_timeout_s, "final weight push")
         final_dir = self.learner.save_pretrained(str(self.run_dir / "final_model"))
         stats = _wait([w.stats.remote() for w in self.rollout.workers], 60, "rollout stats")
-        summary = {**last, "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
+        summary = {**last, **self._audit_groups(), "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
                    "perf/trained_samples_per_s": self.version * cfg.samples_per_step / max(self.train_seconds, 1e-9),
                    "final_model": final_dir}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics_log.close()
         return summary
 
+    def _audit_groups(self) -> dict[str, float]:
+        """Where every dispatched group ended up; the ``data/*`` counts add up to ``data/dispatched_groups``."""
+        import ray
+
+        held, taken = ray.get(self.buffer.group_ids.remote(), timeout=60)
+        state = ray.get(self.buffer.state_dict.remote(), timeout=60)
+        unarrived = {k for r in self.inflight.values() for k in r["keys"]} - held - taken
+        f = state["filter"]
+        return {"data/dispatched_groups": float(self.dispatched), "data/trained_groups": float(len(taken)),
+                "data/groups_in_buffer": float(len(held)), "data/groups_in_flight": float(len(unarrived)),
+                "data/groups_filtered": float(f["seen"] - f["kept"]) if f else 0.0,
+                "data/groups_dropped_stale": float(state["dropped_groups"])}
+
     def _dispatch(self) -> None:
-        """Admission control: send prompts while the staleness budget allows (<= 2 requests per worker)."""
+        """Admission control: send prompts while the staleness budget allows (<= 2 requests per worker).
+
+        Budget is counted in groups kept by the buffer plus groups in flight, so groups that dynamic
+        sampling filters out free their slot and are replaced (the refill).
+        """
         cfg, rc, P = self.cfg, self.cfg.rollout, self.cfg.prompts_per_step
         limit = min((cfg.buffer.max_staleness + self.version + 1) * P, cfg.num_steps * P)
-        while self.dispatched < limit and min(self.rollout.inflight) < 2:
-            k = min(rc.prompts_per_request, limit - self.dispatched)
-            # the last group of this request is trained at step (d + k - 1) // P at the latest
-            min_version = max(0, (self.dispatched + k - 1) // P - cfg.buffer.max_staleness)
-            idx = self.rollout.least_loaded()
+        while self.kept + self.inflight_groups < limit and min(self.rollout.inflight) < 2:
+            pos = self.kept + self.inflight_groups  # FIFO position of this request's first group, at most
+            k = min(rc.prompts_per_request, limit - pos)
+            # the last group of this request is trained at step (pos + k - 1) // P at the latest
+            min_version = max(0, (pos + k - 1) // P - cfg.buffer.max_staleness)
             keys = [f"g{self.dispatched + i}" for i in range(k)]
-            ref = self.rollout.generate_remote(idx, self.cursor.take(k), keys, min_version,
-                                               cfg.seed * 100003 + self.dispatched)
-            self.inflight[ref] = idx
+            self._send(self.sampler.take(k), keys, min_version, cfg.seed * 100003 + self.dispatched)
             self.dispatched += k
 
+    def _send(self, problems: list, keys: list[str], min_version: int, seed: int) -> None:
+        """One generate request to the least-loaded worker, remembered until it is collected."""
+        idx = self.rollout.least_loaded()
+        ref = self.rollout.generate_remote(idx, problems, keys, min_version, seed)
+        self.inflight[ref] = {"worker": idx, "problems": problems, "keys": keys, "min_version": min_version,
+                              "seed": seed}
+        self.inflight_groups += len(keys)
+
     def _collect_generations(self) -> None:
+        """Account finished generate calls; feed group rewards to the prompt sampler.
+
+        Raises:
+            RuntimeError: dynamic sampling generated more than ``max_refill_factor * prompts_per_step``
+                groups since the last step without filling a batch.
+        """
         import ray
 
         if not self.inflight:
@@ -203,10 +236,26 @@ class Trainer:
         finished, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
         for ref in finished:
             meta = ray.get(ref)  # re-raises a worker's error here, in the main loop
-            self.rollout.done(self.inflight.pop(ref))
-            self.ready_groups += int(meta["groups"])
+            req = self.inflight.pop(ref)
+            k = len(req["keys"])
+            self.rollout.done(req["worker"])
+            self.inflight_groups -= k
+            self.kept += int(meta["groups_kept"])
+            self.ready_groups += int(meta["groups_kept"])
+            for prompt_id, rewards in meta["group_rewards"]:
+                self.sampler.update(prompt_id, rewards)
+                self.gen["zero_variance"] += int(max(rewards) - min(rewards) < 1e-6)
+            self.gen["groups"] += k
+            self.gen["samples_total"] += int(meta["samples"])
             self.acc["tokens"] += meta["tokens"]
             self.acc["load_seconds"] += meta["load_seconds"]
+        bc, P = self.cfg.buffer, self.cfg.prompts_per_step
+        if bc.dynamic_sampling and self.gen["groups"] > bc.max_refill_factor * P and self.ready_groups < P:
+            raise RuntimeError(
+                f"dynamic sampling generated {self.gen['groups']} groups since the last step and kept only "
+                f"{self.ready_groups} of the {P} needed ({self.gen['zero_variance']} had all-equal rewards): the "
+                "prompts are all solved or all failed by this policy. Change the data, or raise "
+                f"buffer.max_refill_factor (now {bc.max_refill_factor:g})")
 
     def _check_pushes(self) -> None:
         """Retire finished weight pushes; raise if one is past its deadline."""
@@ -234,6 +283,7 @@ class Trainer:
         cfg, rc = self.cfg, self.cfg.rollout
         m = self.learner.merge_metrics(_wait(train_refs, cfg.learner.step_timeout_s, "learner step"))
         m.update(ray.get(take_ref, timeout=60))
+        self.metrics_log.audit(self.version + 1, m.pop("_group_ids"))
         self.version += 1
         buckets_ref, export_ref = self.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
         self.pushes.append((time.monotonic() + rc.weight_push_timeout_s, self.version,
@@ -249,6 +299,16 @@ class Trainer:
             "weights/load_seconds": self.acc["load_seconds"],
             "policy/version": float(self.version),
         })
+        m.update(self.resume_metrics)  # logged once, with the first step after a resume
+        self.resumed, self.resume_metrics = self.resumed or bool(self.resume_metrics), {}
+        g = self.gen
+        m.update({
+            "curation/groups_generated": float(g["groups"]),
+            "curation/zero_variance_generated_frac": g["zero_variance"] / g["groups"] if g["groups"] else 0.0,
+            "curation/rollouts_per_trained_sample": g["samples_total"] / (self.version * cfg.samples_per_step),
+            **self.sampler.metrics(),
+        })
+        g["groups"] = g["zero_variance"] = 0
         self.acc = {"tokens": 0.0, "load_seconds": 0.0}
         if final or self.version == cfg.num_steps or (cfg.eval_every and self.version % cfg.eval_every == 0):
             m.update(self.evaluate(self.version))
@@ -257,6 +317,6 @@ class Trainer:
 
 
 def train(cfg, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,
-          progress: bool = True) -> dict:
-    """Build a `Trainer` and run it; returns its summary."""
-    return Trainer(cfg, run_dir, model_path, train_problems, eval_problems).run(progress)
+          progress: bool = True, resume_from: Path | None = None) -> dict:
+    """Build a `Trainer` (restored from ``resume_from`` when given) and run it; returns its summary."""
+    return Trainer(cfg, run_dir, model_path, train_problems, eval_problems, resume_from=resume_from).run(progress)

@@ -14,17 +14,44 @@ import time
 from pathlib import Path
 
 
-class MetricsLogger:
-    """Writes ``metrics.jsonl`` and TensorBoard events under ``run_dir``."""
+def truncate_jsonl(path: Path, max_step: int) -> float:
+    """Drop records of ``path`` with ``step > max_step`` (rewritten atomically); returns the last kept
+    record's ``time/elapsed_s`` (0 if none)."""
+    if not path.is_file():
+        return 0.0
+    kept = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    kept = [r for r in kept if r.get("step", 0) <= max_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return max((r.get("time/elapsed_s") or 0.0 for r in kept), default=0.0)
 
-    def __init__(self, run_dir: str | Path) -> None:
+
+class MetricsLogger:
+    """Writes ``metrics.jsonl``, TensorBoard events and ``trained_groups.jsonl`` under ``run_dir``.
+
+    ``keep_steps_upto`` (resume): records after that step are dropped from both JSONL files first,
+    and elapsed time continues from the last kept record. TensorBoard keeps the abandoned points; it
+    shows the newest value of a step.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_steps_upto: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        offset = 0.0
+        if keep_steps_upto is not None:
+            offset = truncate_jsonl(self.run_dir / "metrics.jsonl", keep_steps_upto)
+            truncate_jsonl(self.run_dir / "trained_groups.jsonl", keep_steps_upto)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._audit = open(self.run_dir / "trained_groups.jsonl", "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-        self._t0 = time.time()
+        self._t0 = time.time() - offset
+
+    def audit(self, step: int, group_ids: list[str]) -> None:
+        """Record which groups (prompt dispatches) step ``step`` trained on (``trained_groups.jsonl``)."""
+        self._audit.write(json.dumps({"step": step, "groups": group_ids}) + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Record ``metrics`` at ``step``; returns the record written (with step and elapsed time)."""
@@ -40,4 +67,5 @@ class MetricsLogger:
     def close(self) -> None:
         """Flush and close both sinks."""
         self._jsonl.close()
+        self._audit.close()
         self._tb.close()

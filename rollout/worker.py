@@ -138,8 +138,10 @@ class RolloutWorker:
             seed: sampling seed of this request.
 
         Returns:
-            metadata: groups, samples, response tokens, reward sum, correct count, generation
-            seconds, seconds spent loading staged weights first, version used, worker index.
+            metadata: groups generated and kept by the buffer (dynamic sampling), each group's
+            ``(prompt_id, rewards)``, samples, response tokens, reward sum, correct count,
+            generation seconds, seconds spent loading staged weights first, version used, worker
+            index.
 
         Raises:
             TimeoutError: weights of ``min_version`` did not arrive in time.
@@ -163,9 +165,11 @@ class RolloutWorker:
                 reward_sum += reward
                 correct += int(ok)
             groups.append(group)
-        _call(self.buffer.add_groups, groups)
+        added = _call(self.buffer.add_groups, groups)
         self._requests += 1
-        return {"groups": float(len(groups)), "samples": float(sum(len(g) for g in groups)),
+        return {"groups": float(len(groups)), "groups_kept": float(added["kept"]),
+                "group_rewards": [(g[0].prompt_id, [s.reward for s in g]) for g in groups],
+                "samples": float(sum(len(g) for g in groups)),
                 "tokens": float(tokens), "reward_sum": reward_sum, "correct": float(correct),
                 "seconds": seconds, "load_seconds": load_seconds, "version": float(version),
                 "worker": float(self.index)}

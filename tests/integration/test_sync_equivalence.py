@@ -41,7 +41,7 @@ def _sync_reference(trainer: Trainer) -> list[dict]:
         refs = []
         for start in range(v * P, (v + 1) * P, rc.prompts_per_request):
             k = rc.prompts_per_request
-            refs.append(trainer.rollout.generate_remote(0, trainer.cursor.take(k), [f"g{start + i}" for i in range(k)],
+            refs.append(trainer.rollout.generate_remote(0, trainer.sampler.take(k), [f"g{start + i}" for i in range(k)],
                                                         v, cfg.seed * 100003 + start))
         _wait(refs, 300, "reference generate")
         batch_ref, take_ref = trainer.buffer.take_batch.options(num_returns=2).remote(P, v)

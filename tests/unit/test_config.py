@@ -7,10 +7,24 @@ from orchestrator.config import ConfigError, RunConfig, load_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "deploy").rglob("*.toml")), ids=lambda p: p.name)
+EXPERIMENTS = ROOT / "deploy" / "experiments"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "deploy").rglob("*.toml") if EXPERIMENTS not in p.parents),
+                         ids=lambda p: p.name)
 def test_every_deploy_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig) and cfg.samples_per_step > 0
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_experiment_variant_config_loads(path):
+    from orchestrator.experiment import load_spec
+
+    spec = load_spec(path)
+    for v in spec.variants:  # each variant is a valid run config before hours are spent on it
+        cfg = load_config(ROOT / spec.config, [*spec.overrides, *v.overrides])
+        assert isinstance(cfg, RunConfig), v.name
 
 
 def test_dotted_overrides_are_typed():
