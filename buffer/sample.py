@@ -37,6 +37,7 @@ class Sample:
         correct: whether the strict-parse answer matched exactly (held-out accuracy uses this).
         baseline: per-prompt value estimate set by the buffer when SPO's value tracker is on
             (``learner.advantage = "spo"``), read before this sample's own reward; else None.
+        error: why the sample failed (status ``failed``), e.g. the reward function raised.
     """
 
     prompt_id: str
@@ -52,6 +53,7 @@ class Sample:
     response_text: str = ""
     correct: bool = False
     baseline: float | None = None
+    error: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)

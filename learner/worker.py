@@ -19,6 +19,7 @@ Left out on purpose: several epochs over a batch, sequence packing.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -195,6 +196,7 @@ class LearnerWorker:
         adv = (adv.flatten() * weights).tolist()
         shards = [list(range(r, len(samples), W)) for r in range(W)]
         mine, per_mb = shards[self.rank], len(shards[0]) // M
+        skipped_before = self.engine.skipped_steps
         prox_exact = self._recompute_prox([samples[i] for i in mine]) if M > 1 and c.prox_logprobs == "recompute" else None
         device = self.engine.device
         totals: dict[str, float] = {}
@@ -248,7 +250,15 @@ class LearnerWorker:
                 loss_total += float(loss.detach()) / (self.gas * W * M)
         out = {k: v / max(key_tokens[k], 1.0) for k, v in totals.items()}
         out["learner/loss"] = loss_total
-        out["learner/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        # DeepSpeed (bf16, ZeRO 1/2) skips an optimizer step whose gradients are non-finite and counts it
+        out["learner/skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
+        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        if not math.isfinite(grad_norm) and out["learner/skipped_steps"] == 0:
+            raise RuntimeError(
+                f"learner rank {self.rank}: non-finite gradient norm ({grad_norm}) and the optimizer step was "
+                f"applied (learner.dtype={c.dtype}, zero_stage={c.zero_stage} do not check gradients); the "
+                "weights are no longer valid: resume from the last checkpoint")
+        out["learner/grad_norm"] = grad_norm if math.isfinite(grad_norm) else -1.0
         out["learner/lr"] = float(self.engine.get_lr()[0])
         out["learner/tokens"] = tok_total
         out["learner/seconds"] = time.perf_counter() - t0

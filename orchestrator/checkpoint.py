@@ -188,6 +188,7 @@ def restore(trainer, ckpt: Path) -> dict[str, float]:
     buckets_ref, _ = trainer.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
     _wait(trainer.rollout.push_weights_remote(trainer.version, buckets_ref), rc.weight_push_timeout_s,
           "weight push of the restored policy")
+    trainer.last_weights = (trainer.version, buckets_ref)
     logger.info("resumed from %s: policy version %d, %d in-flight groups to re-issue", ckpt, trainer.version, reissued)
     return {"resume/step": float(trainer.version), "resume/reissued_groups": float(reissued),
             "resume/seconds": time.perf_counter() - t0}

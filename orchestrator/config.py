@@ -73,6 +73,11 @@ class RolloutConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rollout worker (0 on CPU)")
     request_timeout_s: float = Field(600.0, gt=0, description="max seconds for one generate call")
     weight_push_timeout_s: float = Field(300.0, gt=0, description="max seconds for one weight push")
+    max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts per rollout worker before it is replaced")
+    reward_timeout_s: float = Field(10.0, gt=0, description="max seconds for one reward function call")
+    max_reward_failure_frac: float = Field(
+        0.1, ge=0.0, le=1.0, description="stop the run when more than this fraction of scored samples "
+        "(after the first step) failed their reward function")
     weight_bucket_bytes: int = Field(512 << 20, ge=1 << 20, description="max bytes per weight bucket")
     seed: int = Field(0, description="sampling seed")
 
@@ -127,6 +132,9 @@ class LearnerConfig(_Strict):
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per learner rank")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per learner rank (0 on CPU)")
     step_timeout_s: float = Field(1800.0, gt=0, description="max seconds for one learner call")
+    max_skipped_steps: int = Field(
+        3, ge=1, description="stop the run after this many consecutive optimizer steps skipped for "
+        "non-finite gradients")
     torch_threads: int = Field(0, ge=0, description="torch threads per rank (0: from num_cpus)")
 
 

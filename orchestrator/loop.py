@@ -13,7 +13,10 @@ sampling the buffer drops zero-variance groups and admission control refills the
 Checkpoints (`orchestrator.checkpoint`) are written after a step when ``checkpoint.every`` says so;
 a resumed run re-issues the prompts that were in flight.
 
-Left out on purpose: fault tolerance of rollout workers (a later addition).
+A rollout worker that dies is recovered, given the current weights, and its unfinished prompts are
+re-issued; reward failures and skipped (non-finite) optimizer steps are counted and bounded.
+
+Left out on purpose: recovery of learner ranks (a dead rank ends the run; resume from a checkpoint).
 """
 
 from __future__ import annotations
@@ -95,7 +98,9 @@ class Trainer:
         self.dispatched, self.kept, self.inflight_groups, self.ready_groups = 0, 0, 0, 0
         self.inflight, self.pushes, self.reissue = {}, [], []
         self.gen = {"groups": 0, "zero_variance": 0, "samples_total": 0}  # generated since the last step
+        self.faults = {"reward_failures": 0, "scored": 0, "retried_groups": 0, "worker_restarts": 0}
         self.train_seconds = 0.0
+        self.last_weights = None  # (version, buckets ObjectRef) of the newest push
         self.resume_metrics: dict[str, float] = {}
         if resume_from is not None:
             from orchestrator import checkpoint
@@ -162,9 +167,9 @@ class Trainer:
                 last = self._finish_step(train_refs, take_ref, final=out_of_time)
                 train_refs = []
                 bar.update(1)
-                bar.set_postfix(reward=f"{last.get('rollout/reward_mean', 0):.3f}",
-                                acc=f"{last.get('eval/accuracy') or float('nan'):.3f}",
-                                stale=f"{last.get('off_policy/staleness_max', 0):.0f}")
+                num = lambda k: last.get(k) if last.get(k) is not None else float("nan")  # noqa: E731
+                bar.set_postfix(reward=f"{num('rollout/reward_mean'):.3f}", acc=f"{num('eval/accuracy'):.3f}",
+                                stale=f"{num('off_policy/staleness_max'):.0f}")
                 ck = cfg.checkpoint
                 if ck.every and (self.version % ck.every == 0 or out_of_time or self.version == cfg.num_steps):
                     from orchestrator import checkpoint
@@ -235,10 +240,14 @@ class Trainer:
             return
         finished, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
         for ref in finished:
-            meta = ray.get(ref)  # re-raises a worker's error here, in the main loop
             req = self.inflight.pop(ref)
             k = len(req["keys"])
             self.rollout.done(req["worker"])
+            try:
+                meta = ray.get(ref)  # re-raises a worker's error here, in the main loop
+            except ray.exceptions.RayActorError as e:  # the worker process died: recover it, retry the prompts
+                self._recover_worker(req, e)
+                continue
             self.inflight_groups -= k
             self.kept += int(meta["groups_kept"])
             self.ready_groups += int(meta["groups_kept"])
@@ -247,8 +256,15 @@ class Trainer:
                 self.gen["zero_variance"] += int(max(rewards) - min(rewards) < 1e-6)
             self.gen["groups"] += k
             self.gen["samples_total"] += int(meta["samples"])
+            self.faults["reward_failures"] += int(meta["reward_failures"])
+            self.faults["scored"] += int(meta["samples"])
             self.acc["tokens"] += meta["tokens"]
             self.acc["load_seconds"] += meta["load_seconds"]
+        f, limit = self.faults, self.cfg.rollout.max_reward_failure_frac
+        if self.version >= 1 and f["reward_failures"] > limit * f["scored"]:
+            raise RuntimeError(
+                f"{f['reward_failures']} of {f['scored']} samples failed their reward function (more than "
+                f"rollout.max_reward_failure_frac = {limit:g}); the rollout worker logs name each failure")
         bc, P = self.cfg.buffer, self.cfg.prompts_per_step
         if bc.dynamic_sampling and self.gen["groups"] > bc.max_refill_factor * P and self.ready_groups < P:
             raise RuntimeError(
@@ -256,6 +272,30 @@ class Trainer:
                 f"{self.ready_groups} of the {P} needed ({self.gen['zero_variance']} had all-equal rewards): the "
                 "prompts are all solved or all failed by this policy. Change the data, or raise "
                 f"buffer.max_refill_factor (now {bc.max_refill_factor:g})")
+
+    def _recover_worker(self, req: dict, err: Exception) -> None:
+        """Bring a dead rollout worker back (restart or replacement), give it the current weights, and
+        re-issue the groups of its failed request that never reached the buffer."""
+        import ray
+
+        idx, rc = req["worker"], self.cfg.rollout
+        logger.warning("rollout worker %d died (%s); recovering it", idx, type(err).__name__)
+        how = self.rollout.recover(idx, rc.request_timeout_s)
+        self.faults["worker_restarts"] += 1
+        if self.last_weights is not None:
+            version, buckets_ref = self.last_weights
+            _wait([self.rollout.workers[idx].receive_weights.remote(version, buckets_ref)],
+                  rc.weight_push_timeout_s, f"weight push to recovered rollout worker {idx}")
+        held, taken = ray.get(self.buffer.group_ids.remote(), timeout=60)
+        self.inflight_groups -= len(req["keys"])
+        todo = [(p, k) for p, k in zip(req["problems"], req["keys"]) if k not in held | taken]
+        arrived = len(req["keys"]) - len(todo)  # written to the buffer just before the worker died
+        self.kept += arrived
+        self.ready_groups += arrived
+        if todo:
+            self._send([p for p, _ in todo], [k for _, k in todo], req["min_version"], req["seed"])
+        self.faults["retried_groups"] += len(todo)
+        logger.warning("rollout worker %d %s; %d groups re-issued", idx, how, len(todo))
 
     def _check_pushes(self) -> None:
         """Retire finished weight pushes; raise if one is past its deadline."""
@@ -265,7 +305,11 @@ class Trainer:
         for deadline, version, refs in self.pushes:
             if not ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
                 # reloads done on arrival; deferred ones are counted by the next generate call
-                self.acc["load_seconds"] += sum(r["load_seconds"] for r in ray.get(refs))
+                for r in refs:
+                    try:
+                        self.acc["load_seconds"] += ray.get(r)["load_seconds"]
+                    except ray.exceptions.RayActorError:  # a dead worker gets the latest weights on recovery
+                        logger.warning("weight push of version %d hit a dead rollout worker", version)
             elif time.monotonic() > deadline:
                 raise TimeoutError(f"weight push of policy version {version} to the rollout workers did not "
                                    f"finish within {self.cfg.rollout.weight_push_timeout_s:.0f} s")
@@ -281,13 +325,22 @@ class Trainer:
         import ray
 
         cfg, rc = self.cfg, self.cfg.rollout
-        m = self.learner.merge_metrics(_wait(train_refs, cfg.learner.step_timeout_s, "learner step"))
+        try:
+            m = self.learner.merge_metrics(_wait(train_refs, cfg.learner.step_timeout_s, "learner step"))
+        except ray.exceptions.RayActorError as e:
+            from orchestrator.checkpoint import latest_checkpoint
+
+            ckpt = latest_checkpoint(self.run_dir)
+            raise RuntimeError(f"a learner rank died during step {self.version + 1} ({type(e).__name__}); the run "
+                               f"stops. Last complete checkpoint: {ckpt or 'none (set checkpoint.every)'}; "
+                               "continue with `relayrl train CONFIG --resume`") from None
         m.update(ray.get(take_ref, timeout=60))
         self.metrics_log.audit(self.version + 1, m.pop("_group_ids"))
         self.version += 1
         buckets_ref, export_ref = self.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
         self.pushes.append((time.monotonic() + rc.weight_push_timeout_s, self.version,
                             self.rollout.push_weights_remote(self.version, buckets_ref)))
+        self.last_weights = (self.version, buckets_ref)  # for workers that come back after a failure
         m.update(ray.get(export_ref, timeout=rc.weight_push_timeout_s))
         now = time.perf_counter()
         elapsed, self.train_seconds, self.t_step = now - self.t_step, self.train_seconds + now - self.t_step, now
@@ -299,6 +352,20 @@ class Trainer:
             "weights/load_seconds": self.acc["load_seconds"],
             "policy/version": float(self.version),
         })
+        if m.get("learner/skipped_steps", 0) > 0:
+            self.faults["consecutive_skips"] = self.faults.get("consecutive_skips", 0) + 1
+            logger.warning("step %d: optimizer step skipped: non-finite gradients (loss %s)", self.version,
+                           m.get("learner/loss"))
+            if self.faults["consecutive_skips"] >= cfg.learner.max_skipped_steps:
+                raise RuntimeError(
+                    f"{self.faults['consecutive_skips']} consecutive optimizer steps had non-finite gradients "
+                    f"(learner.max_skipped_steps = {cfg.learner.max_skipped_steps}); last loss {m.get('learner/loss')}")
+        else:
+            self.faults["consecutive_skips"] = 0
+        f = self.faults
+        m.update({"rollout/reward_failed_frac": f["reward_failures"] / max(f["scored"], 1),
+                  "rollout/retried_groups": float(f["retried_groups"]),
+                  "rollout/worker_restarts": float(f["worker_restarts"])})
         m.update(self.resume_metrics)  # logged once, with the first step after a resume
         self.resumed, self.resume_metrics = self.resumed or bool(self.resume_metrics), {}
         g = self.gen

@@ -54,3 +54,32 @@ def score_response(text: str, reference: str) -> tuple[float, bool]:
     pred = extract_answer(text)
     correct = pred is not None and answers_match(pred, reference)
     return (1.0 if correct else 0.0), correct
+
+
+_POOL = None
+
+
+def score_safely(fn, text: str, reference: str, timeout_s: float) -> tuple[float, bool, str]:
+    """Run reward function ``fn(text, reference) -> (reward, correct)`` with a time budget.
+
+    Returns ``(reward, correct, error)``; ``error`` is ``""`` on success, else the reason
+    (``"raised ValueError: ..."`` or ``"timed out after 2.0 s"``) with reward 0.0 and correct False.
+    A reward function that never returns keeps one pool thread busy; the caller moves on. A
+    non-finite reward counts as an error too.
+    """
+    import concurrent.futures as cf
+    import math
+
+    global _POOL
+    if _POOL is None:
+        _POOL = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
+    fut = _POOL.submit(fn, text, reference)
+    try:
+        reward, correct = fut.result(timeout=timeout_s)
+    except cf.TimeoutError:
+        return 0.0, False, f"timed out after {timeout_s:g} s"
+    except Exception as e:  # any failure of user reward code is recorded, not raised
+        return 0.0, False, f"raised {type(e).__name__}: {e}"[:300]
+    if not math.isfinite(float(reward)):
+        return 0.0, False, f"returned a non-finite reward {reward!r}"
+    return float(reward), bool(correct), ""

@@ -8,8 +8,10 @@ A request names the oldest policy version it may be generated with (``min_versio
 waits, bounded by a timeout, until it holds such weights. That is what makes the staleness bound
 hold by construction (see orchestrator.loop).
 
-Left out on purpose: in-flight weight switches inside a request, worker restarts (fault tolerance
-is a later addition), elastic scaling.
+A worker that dies is restarted by Ray (``rollout.max_restarts``) or replaced (`RolloutGroup.recover`);
+the orchestrator brings it to the current weights and re-issues its unfinished prompts.
+
+Left out on purpose: in-flight weight switches inside a request, elastic scaling.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from typing import Any
 
 from buffer import Sample
-from rollout.rewards import score_response
+from rollout.rewards import score_response, score_safely
 from rollout.tasks import Problem, encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 class RolloutWorker:
     """Generates groups with a vLLM engine; receives weights; serves eval and logprob checks.
+
+    ``reward_fn(text, reference) -> (reward, correct)`` is a class attribute (subclasses swap it);
+    each call runs under ``rollout.reward_timeout_s`` and a failure marks that sample ``failed``.
 
     Args:
         cfg: `RolloutConfig`.
@@ -40,6 +45,8 @@ class RolloutWorker:
     Raises:
         FileNotFoundError: ``model_path`` does not exist.
     """
+
+    reward_fn = staticmethod(score_response)
 
     def __init__(self, cfg, data_cfg, model_path: str, worker_index: int, buffer: Any) -> None:
         import torch
@@ -149,17 +156,21 @@ class RolloutWorker:
         c = self.cfg
         prompts, outs, version, seconds, load_seconds = self._run(problems, min_version, c.group_size, c.max_tokens,
                                                     c.temperature, seed)
-        groups, tokens, reward_sum, correct = [], 0, 0.0, 0
+        groups, tokens, reward_sum, correct, failed = [], 0, 0.0, 0, 0
         for prob, key, ids, comps in zip(problems, group_keys, prompts, outs):
             group = []
             for comp in comps:
-                reward, ok = score_response(comp.text, prob.answer)
+                reward, ok, error = score_safely(self.reward_fn, comp.text, prob.answer, c.reward_timeout_s)
+                if error:  # kept for the record, never trained on (loss mask all zero)
+                    logger.warning("reward of %s failed: %s", key, error)
+                    failed += 1
                 group.append(Sample(
                     prompt_id=prob.prompt_id, group_id=key, prompt_ids=ids,
                     response_ids=comp.token_ids, behaviour_logprobs=comp.logprobs,
                     policy_versions=[version] * len(comp.token_ids), reward=reward,
-                    status="truncated" if comp.finish_reason == "length" else "completed",
-                    answer=prob.answer, response_text=comp.text, correct=ok,
+                    loss_mask=[0] * len(comp.token_ids) if error else [],
+                    status="failed" if error else "truncated" if comp.finish_reason == "length" else "completed",
+                    answer=prob.answer, response_text=comp.text, correct=ok, error=error,
                 ))
                 tokens += len(comp.token_ids)
                 reward_sum += reward
@@ -169,6 +180,7 @@ class RolloutWorker:
         self._requests += 1
         return {"groups": float(len(groups)), "groups_kept": float(added["kept"]),
                 "group_rewards": [(g[0].prompt_id, [s.reward for s in g]) for g in groups],
+                "reward_failures": float(failed),
                 "samples": float(sum(len(g) for g in groups)),
                 "tokens": float(tokens), "reward_sum": reward_sum, "correct": float(correct),
                 "seconds": seconds, "load_seconds": load_seconds, "version": float(version),
@@ -177,7 +189,8 @@ class RolloutWorker:
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
         """Greedy (temperature 0) answers to ``problems``; returns strict exact-match correctness."""
         _, outs, *_ = self._run(problems, min_version, 1, max_tokens, 0.0, None)
-        return [score_response(g[0].text, p.answer)[1] for p, g in zip(problems, outs)]
+        return [score_safely(self.reward_fn, g[0].text, p.answer, self.cfg.reward_timeout_s)[1]
+                for p, g in zip(problems, outs)]
 
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int, min_version: int = 0) -> list[float]:
         """Engine logprobs of ``token_ids[prompt_len:]`` (temperature 1), after applying staged weights."""
@@ -215,13 +228,16 @@ class RolloutGroup:
                  worker_cls: type = RolloutWorker) -> None:
         import ray
 
-        self.cfg = cfg
+        self.cfg, self.data_cfg, self.model_path, self.buffer = cfg, data_cfg, model_path, buffer
         env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
                             "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
-        actor = ray.remote(worker_cls).options(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_concurrency=4, runtime_env=env
+        # Ray restarts a dead worker (re-running __init__); its failed calls raise to the driver, which
+        # re-issues them (no automatic task retry, so nothing runs twice behind the driver's back)
+        self._actor = ray.remote(worker_cls).options(
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_concurrency=4, runtime_env=env,
+            max_restarts=cfg.max_restarts, max_task_retries=0,
         )
-        self.workers = [actor.remote(cfg, data_cfg, model_path, i, buffer) for i in range(cfg.num_workers)]
+        self.workers = [self._actor.remote(cfg, data_cfg, model_path, i, buffer) for i in range(cfg.num_workers)]
         self.inflight = [0] * len(self.workers)
         try:
             ray.get([w.get_version.remote() for w in self.workers], timeout=startup_timeout_s)
@@ -230,6 +246,29 @@ class RolloutGroup:
                 f"rollout workers did not start within {startup_timeout_s:.0f} s "
                 f"(each needs num_cpus={cfg.num_cpus}, num_gpus={cfg.num_gpus}; check `ray status`)"
             ) from None
+
+    def recover(self, idx: int, timeout_s: float) -> str:
+        """Wait until worker ``idx`` serves again after a failure; returns ``"restarted"`` (Ray restarted
+        it) or ``"replaced"`` (out of restarts: a new actor takes the slot). It holds the base model
+        weights (version 0) afterwards; the caller pushes the current ones.
+
+        Raises:
+            RuntimeError: neither happened within ``timeout_s``.
+        """
+        import ray
+
+        try:
+            ray.get(self.workers[idx].get_version.remote(), timeout=timeout_s)
+            return "restarted"
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"rollout worker {idx} did not come back within {timeout_s:.0f} s") from None
+        except ray.exceptions.RayActorError:
+            self.workers[idx] = self._actor.remote(self.cfg, self.data_cfg, self.model_path, idx, self.buffer)
+            try:
+                ray.get(self.workers[idx].get_version.remote(), timeout=timeout_s)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+                raise RuntimeError(f"replacement of rollout worker {idx} failed to start: {e}") from None
+            return "replaced"
 
     def least_loaded(self) -> int:
         """Index of the worker with the fewest requests in flight."""

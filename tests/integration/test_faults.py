@@ -1,0 +1,152 @@
+"""Faults injected on purpose into a real run: a rollout worker killed mid-run, a reward function that
+raises, non-finite gradients. Each run is bounded in time; none may hang or lose a prompt."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+
+import pytest
+import ray
+
+from learner.worker import LearnerWorker
+from orchestrator.config import load_config
+from orchestrator.loop import Trainer
+from rollout.tasks import load_problems
+from rollout.worker import RolloutWorker
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(model: str, tmp_path, *extra: str):
+    return load_config(None, [
+        f"model.path={model}", f"output_dir={tmp_path}", "num_steps=3", "prompts_per_step=4",
+        "data.train_size=100", "data.eval_size=0", "data.one_shot=false",
+        'data.task_config={min_terms = 2, max_terms = 2, max_digits = 1, operators = ["+"], '
+        "allow_parentheses = false, allow_negation = false}",
+        "rollout.group_size=4", "rollout.max_tokens=16", "rollout.dtype=float32",
+        "rollout.kv_cache_memory_bytes=67108864", "rollout.max_model_len=256", "rollout.prompts_per_request=2",
+        "learner.micro_batch_size=8", "learner.dtype=fp32", "learner.lr=1e-3", "buffer.max_staleness=1",
+        "seed=2", *extra,
+    ])
+
+
+def _audit(summary: dict) -> None:
+    parts = ("data/trained_groups", "data/groups_in_buffer", "data/groups_in_flight", "data/groups_filtered",
+             "data/groups_dropped_stale")
+    assert sum(summary[k] for k in parts) == summary["data/dispatched_groups"], summary
+
+
+@pytest.mark.timeout(600)
+def test_killed_rollout_worker_is_restarted_with_current_weights(tiny_sums_model, ray_local, tmp_path):
+    cfg = _cfg(tiny_sums_model, tmp_path)
+    t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [])
+    killed = []
+
+    def kill_when_busy():  # kill the (only) worker while a request is in flight, after the first step
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if t.version >= 1 and getattr(t, "inflight", None):
+                ray.kill(t.rollout.workers[0], no_restart=False)
+                killed.append(t.version)
+                return
+            time.sleep(0.05)
+
+    th = threading.Thread(target=kill_when_busy, daemon=True)
+    th.start()
+    try:
+        summary = t.run(progress=False)
+        th.join(5)
+        seq = list(range(5, 45))
+        learner_lp = t.learner.sequence_logprobs(seq, 8)
+        worker_lp = ray.get(t.rollout.workers[0].sequence_logprobs.remote(seq, 8, t.version), timeout=120)
+    finally:
+        t.shutdown()
+    assert killed, "the worker was never killed"
+    assert summary["rollout/worker_restarts"] >= 1 and summary["rollout/retried_groups"] >= 1, summary
+    trained = [g for x in (tmp_path / "run" / "trained_groups.jsonl").read_text().splitlines()
+               for g in json.loads(x)["groups"]]
+    assert len(trained) == 3 * 4 and len(set(trained)) == len(trained)
+    _audit(summary)
+    # the restarted worker serves the current policy, not the base model it was rebuilt from
+    assert max(abs(a - b) for a, b in zip(learner_lp, worker_lp)) < 1e-3
+
+
+class FlakyReward(RolloutWorker):
+    """Every 4th reward call raises."""
+
+    calls = 0
+
+    @staticmethod
+    def reward_fn(text, reference):
+        FlakyReward.calls += 1
+        if FlakyReward.calls % 4 == 0:
+            raise ValueError("unparsable")
+        from rollout.rewards import score_response
+
+        return score_response(text, reference)
+
+
+@pytest.mark.timeout(600)
+def test_reward_failures_are_counted_and_bounded(tiny_sums_model, ray_local, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+    cfg = _cfg(tiny_sums_model, tmp_path, "rollout.max_reward_failure_frac=0.5")
+    t = Trainer(cfg, tmp_path / "ok", tiny_sums_model, load_problems(cfg.data, "train"), [],
+                rollout_worker_cls=FlakyReward)
+    try:
+        summary = t.run(progress=False)
+    finally:
+        t.shutdown()
+    assert summary["rollout/reward_failed_frac"] == pytest.approx(0.25, abs=0.02)
+    cfg = _cfg(tiny_sums_model, tmp_path, "rollout.max_reward_failure_frac=0.1")
+    t = Trainer(cfg, tmp_path / "stop", tiny_sums_model, load_problems(cfg.data, "train"), [],
+                rollout_worker_cls=FlakyReward)
+    try:
+        with pytest.raises(RuntimeError, match=r"failed their reward function .*max_reward_failure_frac = 0.1"):
+            t.run(progress=False)
+    finally:
+        t.shutdown()
+
+
+class NaNLearner(LearnerWorker):
+    """Poisons the rewards of the steps listed in ``bad`` (NaN advantages -> non-finite gradients)."""
+
+    bad = {1}
+
+    def train_step(self, batch, version):
+        if version in self.bad:
+            for g in batch:
+                for s in g:
+                    s.reward = math.nan
+        return super().train_step(batch, version)
+
+
+class AlwaysNaN(NaNLearner):
+    bad = {0, 1, 2, 3, 4}
+
+
+@pytest.mark.timeout(600)
+def test_non_finite_gradients_skip_the_step_and_repeated_ones_stop(tiny_sums_model, ray_local, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+    # bf16 + ZeRO-2: DeepSpeed checks gradients and skips the optimizer step
+    cfg = _cfg(tiny_sums_model, tmp_path, "learner.dtype=bf16")
+    t = Trainer(cfg, tmp_path / "skip", tiny_sums_model, load_problems(cfg.data, "train"), [],
+                learner_worker_cls=NaNLearner)
+    try:
+        t.run(progress=False)
+        ok = t.learner.sequence_logprobs(list(range(5, 30)), 8)
+    finally:
+        t.shutdown()
+    recs = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [r["learner/skipped_steps"] for r in recs] == [0.0, 1.0, 0.0]
+    assert all(math.isfinite(x) for x in ok)  # the weights stayed valid
+    cfg = _cfg(tiny_sums_model, tmp_path, "learner.dtype=bf16", "learner.max_skipped_steps=2")
+    t = Trainer(cfg, tmp_path / "stop", tiny_sums_model, load_problems(cfg.data, "train"), [],
+                learner_worker_cls=AlwaysNaN)
+    try:
+        with pytest.raises(RuntimeError, match="2 consecutive optimizer steps had non-finite gradients"):
+            t.run(progress=False)
+    finally:
+        t.shutdown()
