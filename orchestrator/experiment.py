@@ -118,14 +118,17 @@ def run_variant(spec: ExperimentSpec, variant: Variant, out_root: Path, timeout_
     return run_dir
 
 
-def render(spec: ExperimentSpec, rows: list[tuple[str, list[str]]], command: str) -> str:
-    """Markdown: heading, how to reproduce, the table, notes."""
+def render(spec: ExperimentSpec, rows: list[tuple[str, list[str]]], command: str, rerun: list[str] = ()) -> str:
+    """Markdown: heading, how to reproduce, the table, notes (and which rows a later ``--only`` rerun)."""
     head = ["variant", *(h for h, _ in spec.columns)]
     lines = [f"## {spec.title}", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} "
              f"({os.cpu_count()} CPUs). Base config `{spec.config}`, shared overrides "
              f"`{' '.join(spec.overrides) or '-'}`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([name, *vals]) + " |" for name, vals in rows]
+    if rerun:
+        lines += ["", "Rows rerun afterwards with `--only` (the others kept from the earlier run): "
+                  + ", ".join(f"`{n}`" for n in rerun) + "."]
     if spec.notes:
         lines += ["", spec.notes.strip()]
     return "\n".join(lines) + "\n"
@@ -134,6 +137,9 @@ def render(spec: ExperimentSpec, rows: list[tuple[str, list[str]]], command: str
 def run_experiment(spec_path: str, out_md: str | None, only: list[str] | None = None,
                    variant_timeout_s: float = 3600.0) -> str:
     """Run every variant (or those named in ``only``), write ``out_md`` and its ``.json``; returns the Markdown.
+
+    With ``only``, the other variants' rows are rebuilt from the run dirs recorded in the existing
+    ``.json`` next to ``out_md`` (so one row can be rerun without rerunning the rest).
 
     Raises:
         ValueError: bad spec or an unknown name in ``only``.
@@ -146,17 +152,24 @@ def run_experiment(spec_path: str, out_md: str | None, only: list[str] | None = 
         raise ValueError(f"unknown variant(s) {unknown}; the spec has {names}")
     out_root = Path("runs") / "experiments" / f"{Path(spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_root.mkdir(parents=True)
-    rows, raw = [], {}
+    raw_path = Path(out_md).with_suffix(".json") if out_md else None
+    # with --only, rows of the other variants come from the earlier runs recorded next to the table
+    raw = json.loads(raw_path.read_text()) if only and raw_path and raw_path.is_file() else {}
     for v in spec.variants:
         if only and v.name not in only:
             continue
         run_dir = run_variant(spec, v, out_root, variant_timeout_s)
-        recs, summary = read_run(run_dir)
-        rows.append((v.name, [column_value(c, recs, summary) for _, c in spec.columns]))
-        raw[v.name] = {"run_dir": str(run_dir), "overrides": v.overrides, "summary": summary}
-        logger.info("variant %r done: %s", v.name, dict(zip([h for h, _ in spec.columns], rows[-1][1])))
+        raw[v.name] = {"run_dir": str(run_dir), "overrides": v.overrides, "summary": read_run(run_dir)[1],
+                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        logger.info("variant %r done: %s", v.name, run_dir)
+    rows = []
+    for v in spec.variants:
+        if v.name in raw:
+            recs, summary = read_run(Path(raw[v.name]["run_dir"]))
+            rows.append((v.name, [column_value(c, recs, summary) for _, c in spec.columns]))
+            logger.info("%s: %s", v.name, dict(zip([h for h, _ in spec.columns], rows[-1][1])))
     command = f"relayrl experiment {spec_path}" + (f" --out {out_md}" if out_md else "")
-    md = render(spec, rows, command)
+    md = render(spec, rows, command, rerun=list(only or []))
     if out_md:
         Path(out_md).parent.mkdir(parents=True, exist_ok=True)
         Path(out_md).write_text(md)

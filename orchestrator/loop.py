@@ -175,6 +175,7 @@ class Trainer:
                     from orchestrator import checkpoint
 
                     checkpoint.save(self)
+                    self.t_step = time.perf_counter()  # like evals, checkpoint writes are not step time
                 if out_of_time:
                     logger.info("time budget of %.0f s reached after %d steps", cfg.time_budget_s, self.version)
                     break

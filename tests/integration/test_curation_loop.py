@@ -7,23 +7,15 @@ import json
 
 import pytest
 
-from orchestrator.config import load_config
 from orchestrator.loop import Trainer
 from rollout.tasks import load_problems
+from tiny_run import tiny_run_config
 
 pytestmark = pytest.mark.integration
 
 
 def _cfg(model: str, tmp_path, *extra: str):
-    return load_config(None, [
-        f"model.path={model}", f"output_dir={tmp_path}", "num_steps=2", "prompts_per_step=4",
-        "data.train_size=100", "data.eval_size=0", "data.one_shot=false",
-        'data.task_config={min_terms = 2, max_terms = 2, max_digits = 1, operators = ["+"], '
-        "allow_parentheses = false, allow_negation = false}",
-        "rollout.group_size=4", "rollout.max_tokens=16", "rollout.dtype=float32",
-        "rollout.kv_cache_memory_bytes=67108864", "rollout.max_model_len=256", "rollout.prompts_per_request=2",
-        "learner.micro_batch_size=4", "learner.dtype=fp32", "learner.lr=1e-3", "seed=5", *extra,
-    ])
+    return tiny_run_config(model, tmp_path, "num_steps=2", "learner.micro_batch_size=4", "seed=5", *extra)
 
 
 def _run(cfg, model, run_dir) -> list[dict]:

@@ -12,25 +12,18 @@ import json
 
 import pytest
 
-from orchestrator.config import load_config
 from orchestrator.loop import Trainer
 from rollout.tasks import load_problems
+from tiny_run import tiny_run_config
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(600)
 def test_recomputed_prox_is_the_pre_step_policy(tiny_sums_model, ray_local, tmp_path):
-    cfg = load_config(None, [
-        f"model.path={tiny_sums_model}", f"output_dir={tmp_path}", "num_steps=2", "prompts_per_step=4",
-        "data.train_size=100", "data.eval_size=0", "data.one_shot=false",
-        'data.task_config={min_terms = 2, max_terms = 2, max_digits = 1, operators = ["+"], '
-        "allow_parentheses = false, allow_negation = false}",
-        "rollout.group_size=4", "rollout.max_tokens=16", "rollout.dtype=float32",
-        "rollout.kv_cache_memory_bytes=67108864", "rollout.max_model_len=256", "rollout.prompts_per_request=2",
-        "learner.micro_batch_size=4", "learner.dtype=fp32", "learner.lr=3e-3", "buffer.max_staleness=0",
-        "learner.ppo_minibatches=2", "learner.prox_logprobs=recompute", "seed=3",
-    ])
+    cfg = tiny_run_config(tiny_sums_model, tmp_path, "num_steps=2", "learner.micro_batch_size=4", "learner.lr=3e-3",
+                          "buffer.max_staleness=0", "learner.ppo_minibatches=2", "learner.prox_logprobs=recompute",
+                          "seed=3")
     t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [])
     try:
         t.run(progress=False)
