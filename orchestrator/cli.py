@@ -30,9 +30,11 @@ def _init_ray(cfg) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        logger.info("connected to Ray cluster at %s: %s", address, ray.cluster_resources())
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=True)
+        logger.info("started a local Ray instance: %s", ray.cluster_resources())
 
 
 def cmd_train(args: argparse.Namespace) -> int:
