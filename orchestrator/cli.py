@@ -7,7 +7,9 @@ other and writes a comparison table.
 starts (or joins) Ray, runs the loop and writes a run dir. Errors a user can fix (bad config
 value, missing model or data file, empty dataset, too few resources) print one line and exit 2.
 
-Left out on purpose: ``scale``, ``bench``, ``report`` (later additions).
+``relayrl report RUN_DIR`` renders plots and a summary of a run dir.
+
+Left out on purpose: ``scale``, ``bench`` (later additions).
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from orchestrator.models import resolve_model_path
 
@@ -110,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", help="run only this variant (repeatable)")
     p.add_argument("--variant-timeout", type=float, default=3600.0, help="seconds per variant before it is killed")
     p.set_defaults(fn=cmd_experiment)
+    p = sub.add_parser("report", help="PNG plots and a one-page summary of a run dir")
+    p.add_argument("run_dir", help="a run dir (runs/<name>-<timestamp>)")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("prepare-model", help="convert/resolve a model to a local HF dir and print it")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     p.set_defaults(fn=cmd_prepare_model)

@@ -75,6 +75,7 @@ def _check_run(trainer, summary, cfg, run_dir, tiny_model):
         assert r["weights/bytes"] > 0 and r["learner/tokens"] > 0
     assert 0.0 <= recs[-1]["eval/accuracy"] <= 1.0
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    _check_report(run_dir)
 
     # weights reached the rollout worker: its logprobs match the learner's forward pass ...
     tok_ids = list(range(5, 45))
@@ -88,6 +89,21 @@ def _check_run(trainer, summary, cfg, run_dir, tiny_model):
     final_lp = _hf_logprobs(summary["final_model"], tok_ids, 8)
     assert (final_lp - learner_lp).abs().max().item() < LOGPROB_TOL
     assert (_vllm_logprobs(summary["final_model"], tok_ids, 8) - learner_lp).abs().max().item() < LOGPROB_TOL
+
+
+def _check_report(run_dir):
+    """`relayrl report` on this real run dir: every plot is a real, non-blank image; the summary names the run."""
+    import matplotlib.image
+
+    from orchestrator.cli import main
+
+    assert main(["report", str(run_dir)]) == 0
+    for name in ("reward_accuracy", "staleness", "throughput", "weight_push"):
+        img = matplotlib.image.imread(run_dir / "report" / f"{name}.png")
+        assert img.shape[0] > 200 and img.shape[1] > 200, name
+        assert img[..., :3].std() > 0.01, f"{name}.png is blank"
+    summary = (run_dir / "report" / "summary.md").read_text()
+    assert run_dir.name in summary and "held-out accuracy" in summary and "@ step 3" in summary
 
 
 def _vllm_logprobs(model_dir: str, seq: list[int], prompt_len: int) -> torch.Tensor:

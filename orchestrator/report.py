@@ -1,0 +1,131 @@
+"""`relayrl report RUN_DIR`: PNG plots and a one-page Markdown summary of a run dir.
+
+Reads ``metrics.jsonl`` (and ``summary.json`` when the run finished) and writes, under
+``RUN_DIR/report/``: ``reward_accuracy.png`` (batch reward and held-out accuracy vs step and vs wall
+clock), ``staleness.png`` (per-step staleness histogram), ``throughput.png`` (rollout and learner
+tokens/s per step), ``weight_push.png`` (export and load seconds per step) and ``summary.md``.
+
+Left out on purpose: interactive dashboards (TensorBoard reads the same run dir), Weights & Biases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _series(recs: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    pts = [(r[x], r[key]) for r in recs if r.get(key) is not None and r.get(x) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def write_report(run_dir: str | Path) -> list[Path]:
+    """Render the plots and the summary of ``run_dir``; returns the files written.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``metrics.jsonl``.
+        ValueError: it has no training step recorded yet.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (is it a relayrl run dir?)")
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    steps = [r for r in recs if r.get("step", 0) > 0]
+    if not steps:
+        raise ValueError(f"{path} records no training step yet")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    written = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, x, label in ((axes[0], "step", "step"), (axes[1], "time/elapsed_s", "wall clock (s)")):
+        ax.plot(*_series(steps, "rollout/reward_mean", x), marker=".", label="batch reward (T=1)")
+        ax.plot(*_series(recs, "eval/accuracy", x), marker="o", label="held-out accuracy (greedy)")
+        ax.set_xlabel(label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(run_dir.name)
+    written.append(_save(fig, out / "reward_accuracy.png"))
+
+    lags = sorted({int(k.rsplit("_", 1)[1]) for r in steps for k in r if k.startswith("off_policy/staleness_frac_")})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = [0.0] * len(steps)
+    xs = [r["step"] for r in steps]
+    for lag in lags:
+        vals = [r.get(f"off_policy/staleness_frac_{lag}") or 0.0 for r in steps]
+        ax.bar(xs, vals, bottom=bottom, label=f"lag {lag}")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction of trained samples")
+    ax.set_title("staleness (policy lag) of trained samples")
+    ax.legend()
+    written.append(_save(fig, out / "staleness.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*_series(steps, "perf/rollout_tokens_per_s"), marker=".", label="rollout (generated tokens/s)")
+    ax.plot(*_series(steps, "perf/learner_tokens_per_s"), marker=".", label="learner (trained tokens/s)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens / s")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, out / "throughput.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*_series(steps, "weights/export_seconds"), marker=".", label="export (learner)")
+    ax.plot(*_series(steps, "weights/load_seconds"), marker=".", label="load (rollout workers)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    ax.set_title("weight push")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, out / "weight_push.png"))
+
+    written.append(_summary(run_dir, recs, steps, out / "summary.md"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _summary(run_dir: Path, recs: list[dict], steps: list[dict], path: Path) -> Path:
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    evals = [(r["step"], r["eval/accuracy"]) for r in recs if r.get("eval/accuracy") is not None]
+    last = steps[-1]
+
+    def mean(key: str) -> str:
+        vals = [r[key] for r in steps if r.get(key) is not None]
+        return f"{sum(vals) / len(vals):.4g}" if vals else "-"
+
+    lines = [
+        f"# {run_dir.name}", "",
+        f"- steps: {last['step']} ({'finished' if summary else 'not finished'}), wall clock {last['time/elapsed_s']:.0f} s",
+        "- held-out accuracy: " + (", ".join(f"{a:.3f} @ step {s}" for s, a in evals) or "-"),
+        f"- batch reward: first {_num(steps[0].get('rollout/reward_mean'))}, last {_num(last.get('rollout/reward_mean'))}",
+        f"- mean step seconds {mean('perf/step_seconds')}, rollout tokens/s {mean('perf/rollout_tokens_per_s')}, "
+        f"learner tokens/s {mean('perf/learner_tokens_per_s')}",
+        f"- staleness mean {mean('off_policy/staleness_mean')}, mismatch KL {mean('off_policy/mismatch_kl')}, "
+        f"dropped samples {sum(r.get('off_policy/dropped_samples') or 0 for r in steps):.0f}",
+        f"- weight push: export {mean('weights/export_seconds')} s, load {mean('weights/load_seconds')} s per step",
+        "", "![reward and accuracy](reward_accuracy.png)", "![staleness](staleness.png)",
+        "![throughput](throughput.png)", "![weight push](weight_push.png)", "",
+    ]
+    path.write_text("\n".join(lines))
+    return path
