@@ -9,7 +9,9 @@ value, missing model or data file, empty dataset, too few resources) print one l
 
 ``relayrl report RUN_DIR`` renders plots and a summary of a run dir.
 
-Left out on purpose: ``scale``, ``bench`` (later additions).
+``relayrl scale RUN --rollout-workers N`` changes a running job's rollout worker count.
+
+Left out on purpose: ``bench`` (a later addition).
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    from orchestrator.control import scale
+
+    print(json.dumps(scale(args.run, args.rollout_workers, args.address)))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import write_report
 
@@ -120,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", help="run only this variant (repeatable)")
     p.add_argument("--variant-timeout", type=float, default=3600.0, help="seconds per variant before it is killed")
     p.set_defaults(fn=cmd_experiment)
+    p = sub.add_parser("scale", help="change the number of rollout workers of a running job")
+    p.add_argument("run", help="the run dir (or its name) of a running job")
+    p.add_argument("--rollout-workers", type=int, required=True, help="rollout workers wanted")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else auto)")
+    p.set_defaults(fn=cmd_scale)
     p = sub.add_parser("report", help="PNG plots and a one-page summary of a run dir")
     p.add_argument("run_dir", help="a run dir (runs/<name>-<timestamp>)")
     p.set_defaults(fn=cmd_report)
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, TimeoutError, ConnectionError) as e:
         print(f"relayrl: error: {e}", file=sys.stderr)
         return 2
 

@@ -77,7 +77,9 @@ class Trainer:
         from buffer import PROMPT_SAMPLERS, ReplayBuffer
         from learner.group import LearnerGroup
         from learner.worker import LearnerWorker
-        from rollout.worker import RolloutGroup, RolloutWorker
+        from orchestrator.control import start_control
+        from rollout.group import RolloutGroup
+        from rollout.worker import RolloutWorker
 
         self.cfg, self.run_dir, self.eval_problems = cfg, Path(run_dir), eval_problems
         check_resources(cfg, ray.cluster_resources())
@@ -93,11 +95,14 @@ class Trainer:
                                     worker_cls=rollout_worker_cls or RolloutWorker)
         self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=cfg.rollout.group_size,
                                                            floor=bc.sampler_floor)
+        self.control = start_control(self.run_dir.name, cfg.rollout.num_workers)
+        self._next_control_poll = 0.0
         self.version = 0
         # groups: dispatched (ids), kept by the buffer, in flight, ready to train; inflight: ref -> request
         self.dispatched, self.kept, self.inflight_groups, self.ready_groups = 0, 0, 0, 0
         self.inflight, self.pushes, self.reissue = {}, [], []
         self.gen = {"groups": 0, "zero_variance": 0, "samples_total": 0}  # generated since the last step
+        self.worker_samples: dict[int, int] = {}  # samples generated per rollout worker since the last step
         self.faults = {"reward_failures": 0, "scored": 0, "retried_groups": 0, "worker_restarts": 0}
         self.train_seconds = 0.0
         self.last_weights = None  # (version, buckets ObjectRef) of the newest push
@@ -112,7 +117,7 @@ class Trainer:
         """Kill every actor of this run (buffer, learner ranks, rollout workers), freeing their resources."""
         import ray
 
-        for actor in [self.buffer, *self.learner.ranks, *self.rollout.workers]:
+        for actor in [self.buffer, self.control, *self.learner.ranks, *self.rollout.workers]:
             ray.kill(actor)
 
     def evaluate(self, version: int) -> dict[str, float]:
@@ -148,6 +153,7 @@ class Trainer:
         self.t_step, train_refs = time.perf_counter(), []
         bar = tqdm(total=cfg.num_steps, initial=self.version, disable=not progress, desc="train", unit="step")
         while self.version < cfg.num_steps:
+            self._apply_scaling()
             self._dispatch()
             if not train_refs and self.ready_groups >= cfg.prompts_per_step:  # learner idle, batch ready
                 batch_ref, take_ref = self.buffer.take_batch.options(num_returns=2).remote(
@@ -211,7 +217,7 @@ class Trainer:
         """
         cfg, rc, P = self.cfg, self.cfg.rollout, self.cfg.prompts_per_step
         limit = min((cfg.buffer.max_staleness + self.version + 1) * P, cfg.num_steps * P)
-        while self.kept + self.inflight_groups < limit and min(self.rollout.inflight) < 2:
+        while self.kept + self.inflight_groups < limit and self.rollout.has_capacity(2):
             pos = self.kept + self.inflight_groups  # FIFO position of this request's first group, at most
             k = min(rc.prompts_per_request, limit - pos)
             # the last group of this request is trained at step (pos + k - 1) // P at the latest
@@ -257,6 +263,8 @@ class Trainer:
                 self.gen["zero_variance"] += int(max(rewards) - min(rewards) < 1e-6)
             self.gen["groups"] += k
             self.gen["samples_total"] += int(meta["samples"])
+            w = int(meta["worker"])
+            self.worker_samples[w] = self.worker_samples.get(w, 0) + int(meta["samples"])
             self.faults["reward_failures"] += int(meta["reward_failures"])
             self.faults["scored"] += int(meta["samples"])
             self.acc["tokens"] += meta["tokens"]
@@ -274,6 +282,40 @@ class Trainer:
                 "prompts are all solved or all failed by this policy. Change the data, or raise "
                 f"buffer.max_refill_factor (now {bc.max_refill_factor:g})")
 
+    def _apply_scaling(self) -> None:
+        """About once a second: match the rollout worker count to what `relayrl scale` asked for.
+
+        A new worker gets the current weights before it takes prompts; a removed one is drained
+        (no new requests; it finishes its own) and killed when idle, so no prompt is lost.
+        """
+        import ray
+
+        now = time.monotonic()
+        if now < self._next_control_poll:
+            return
+        self._next_control_poll = now + 1.0
+        want, rc = ray.get(self.control.desired.remote(), timeout=30), self.cfg.rollout
+        active = self.rollout.active
+        while len(active) < want:
+            free = ray.available_resources()
+            if free.get("CPU", 0.0) + 1e-9 < rc.num_cpus or free.get("GPU", 0.0) + 1e-9 < rc.num_gpus:
+                logger.warning("scale to %d rollout workers: the cluster has no room for another (needs %g CPU, "
+                               "%g GPU; free %s)", want, rc.num_cpus, rc.num_gpus, free)
+                break
+            slot = self.rollout.add_worker()
+            if self.last_weights is not None:
+                version, buckets_ref = self.last_weights
+                _wait([self.rollout.slots[slot].receive_weights.remote(version, buckets_ref)],
+                      rc.weight_push_timeout_s, f"weight push to new rollout worker {slot}")
+            logger.info("rollout worker %d added at policy version %d", slot, self.version)
+            active = self.rollout.active
+        for slot in sorted(active, reverse=True)[: max(0, len(active) - want)]:
+            self.rollout.drain(slot)
+            logger.info("rollout worker %d draining", slot)
+        for slot in self.rollout.retire_drained():
+            logger.info("rollout worker %d removed", slot)
+        self.control.report.remote({"rollout_workers": len(self.rollout.active), "version": self.version})
+
     def _recover_worker(self, req: dict, err: Exception) -> None:
         """Bring a dead rollout worker back (restart or replacement), give it the current weights, and
         re-issue the groups of its failed request that never reached the buffer."""
@@ -285,7 +327,7 @@ class Trainer:
         self.faults["worker_restarts"] += 1
         if self.last_weights is not None:
             version, buckets_ref = self.last_weights
-            _wait([self.rollout.workers[idx].receive_weights.remote(version, buckets_ref)],
+            _wait([self.rollout.slots[idx].receive_weights.remote(version, buckets_ref)],
                   rc.weight_push_timeout_s, f"weight push to recovered rollout worker {idx}")
         held, taken = ray.get(self.buffer.group_ids.remote(), timeout=60)
         self.inflight_groups -= len(req["keys"])
@@ -363,6 +405,9 @@ class Trainer:
                     f"(learner.max_skipped_steps = {cfg.learner.max_skipped_steps}); last loss {m.get('learner/loss')}")
         else:
             self.faults["consecutive_skips"] = 0
+        m["rollout/num_workers"] = float(len(self.rollout.active))
+        m.update({f"rollout/worker_{w}_samples_per_s": n / elapsed for w, n in sorted(self.worker_samples.items())})
+        self.worker_samples = {}
         f = self.faults
         m.update({"rollout/reward_failed_frac": f["reward_failures"] / max(f["scored"], 1),
                   "rollout/retried_groups": float(f["retried_groups"]),

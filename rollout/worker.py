@@ -1,4 +1,4 @@
-"""`RolloutWorker`: a Ray actor owning one vLLM engine; `RolloutGroup`: N of them.
+"""`RolloutWorker`: a Ray actor owning one vLLM engine (`rollout.group.RolloutGroup` holds N of them).
 
 A worker turns problems into scored sample groups and writes them straight into the replay buffer
 actor (samples never pass through the driver); the call returns only small metadata. Weight
@@ -8,10 +8,7 @@ A request names the oldest policy version it may be generated with (``min_versio
 waits, bounded by a timeout, until it holds such weights. That is what makes the staleness bound
 hold by construction (see orchestrator.loop).
 
-A worker that dies is restarted by Ray (``rollout.max_restarts``) or replaced (`RolloutGroup.recover`);
-the orchestrator brings it to the current weights and re-issues its unfinished prompts.
-
-Left out on purpose: in-flight weight switches inside a request, elastic scaling.
+Left out on purpose: in-flight weight switches inside a request.
 """
 
 from __future__ import annotations
@@ -212,89 +209,3 @@ def _call(method, *args):
 
         return ray.get(method.remote(*args), timeout=300)
     return method(*args)
-
-
-class RolloutGroup:
-    """N `RolloutWorker` actors with least-loaded routing.
-
-    Methods ending in ``_remote`` return ObjectRefs. Construction waits (bounded) until every
-    engine is up, so a bad model dir fails here with the worker's error.
-
-    Raises:
-        RuntimeError: a worker failed to start within ``startup_timeout_s``.
-    """
-
-    def __init__(self, cfg, data_cfg, model_path: str, buffer, startup_timeout_s: float = 600.0,
-                 worker_cls: type = RolloutWorker) -> None:
-        import ray
-
-        self.cfg, self.data_cfg, self.model_path, self.buffer = cfg, data_cfg, model_path, buffer
-        env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
-                            "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
-        # Ray restarts a dead worker (re-running __init__); its failed calls raise to the driver, which
-        # re-issues them (no automatic task retry, so nothing runs twice behind the driver's back)
-        self._actor = ray.remote(worker_cls).options(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_concurrency=4, runtime_env=env,
-            max_restarts=cfg.max_restarts, max_task_retries=0,
-        )
-        self.workers = [self._actor.remote(cfg, data_cfg, model_path, i, buffer) for i in range(cfg.num_workers)]
-        self.inflight = [0] * len(self.workers)
-        try:
-            ray.get([w.get_version.remote() for w in self.workers], timeout=startup_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"rollout workers did not start within {startup_timeout_s:.0f} s "
-                f"(each needs num_cpus={cfg.num_cpus}, num_gpus={cfg.num_gpus}; check `ray status`)"
-            ) from None
-
-    def recover(self, idx: int, timeout_s: float) -> str:
-        """Wait until worker ``idx`` serves again after a failure; returns ``"restarted"`` (Ray restarted
-        it) or ``"replaced"`` (out of restarts: a new actor takes the slot). It holds the base model
-        weights (version 0) afterwards; the caller pushes the current ones.
-
-        Raises:
-            RuntimeError: neither happened within ``timeout_s``.
-        """
-        import ray
-
-        try:
-            ray.get(self.workers[idx].get_version.remote(), timeout=timeout_s)
-            return "restarted"
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"rollout worker {idx} did not come back within {timeout_s:.0f} s") from None
-        except ray.exceptions.RayActorError:
-            self.workers[idx] = self._actor.remote(self.cfg, self.data_cfg, self.model_path, idx, self.buffer)
-            try:
-                ray.get(self.workers[idx].get_version.remote(), timeout=timeout_s)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
-                raise RuntimeError(f"replacement of rollout worker {idx} failed to start: {e}") from None
-            return "replaced"
-
-    def least_loaded(self) -> int:
-        """Index of the worker with the fewest requests in flight."""
-        return min(range(len(self.workers)), key=lambda i: self.inflight[i])
-
-    def generate_remote(self, idx: int, problems, group_keys, min_version: int, seed: int):
-        """Send one generate request to worker ``idx``; returns an ObjectRef of its metadata."""
-        self.inflight[idx] += 1
-        return self.workers[idx].generate.remote(problems, group_keys, min_version, seed)
-
-    def done(self, idx: int) -> None:
-        """Mark one request of worker ``idx`` finished."""
-        self.inflight[idx] -= 1
-
-    def push_weights_remote(self, version: int, buckets_ref) -> list:
-        """Send one weight version (an ObjectRef of bucket bytes) to every worker; returns ObjectRefs."""
-        return [w.receive_weights.remote(version, buckets_ref) for w in self.workers]
-
-    def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int, timeout_s: float) -> float:
-        """Greedy held-out accuracy (strict exact match) over ``problems``, split across workers."""
-        import ray
-
-        if not problems:
-            return float("nan")
-        k = len(self.workers)
-        refs = [w.evaluate.remote(problems[i::k], min_version, max_tokens) for i, w in enumerate(self.workers)]
-        results = ray.get(refs, timeout=timeout_s)
-        flat = [x for r in results for x in r]
-        return sum(flat) / len(flat)

@@ -1,0 +1,163 @@
+"""`RolloutGroup`: the rollout workers of a run, addressed as one, with least-loaded routing.
+
+Workers live in numbered slots. The group can grow (`add_worker`) and shrink (`drain`, then
+`retire_drained` once the worker has no request left) while a run goes on, and brings back a worker
+that died (`recover`: Ray's restart, or a replacement actor in the same slot). A new or recovered
+worker holds the base weights; the orchestrator pushes the current ones before it takes prompts.
+
+Left out on purpose: placement groups (workers are plain actors with their own resource spec).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rollout.tasks import Problem
+from rollout.worker import RolloutWorker
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutGroup:
+    """N `RolloutWorker` actors. Methods ending in ``_remote`` return ObjectRefs.
+
+    Construction waits (bounded) until every engine is up, so a bad model dir fails here with the
+    worker's error.
+
+    Raises:
+        RuntimeError: a worker failed to start within ``startup_timeout_s``.
+    """
+
+    def __init__(self, cfg, data_cfg, model_path: str, buffer, startup_timeout_s: float = 600.0,
+                 worker_cls: type = RolloutWorker) -> None:
+        import ray
+
+        self.cfg, self.data_cfg, self.model_path, self.buffer = cfg, data_cfg, model_path, buffer
+        self.startup_timeout_s = startup_timeout_s
+        env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
+                            "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
+        # Ray restarts a dead worker (re-running __init__); its failed calls raise to the driver, which
+        # re-issues them (no automatic task retry, so nothing runs twice behind the driver's back)
+        self._actor = ray.remote(worker_cls).options(
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_concurrency=4, runtime_env=env,
+            max_restarts=cfg.max_restarts, max_task_retries=0,
+        )
+        self.slots = {i: self._new(i) for i in range(cfg.num_workers)}
+        self.inflight = {i: 0 for i in self.slots}
+        self.draining: set[int] = set()
+        self._next_slot = cfg.num_workers
+        self._wait_up(list(self.slots))
+
+    def _new(self, slot: int):
+        return self._actor.remote(self.cfg, self.data_cfg, self.model_path, slot, self.buffer)
+
+    def _wait_up(self, slots: list[int]) -> None:
+        import ray
+
+        try:
+            ray.get([self.slots[i].get_version.remote() for i in slots], timeout=self.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"rollout worker(s) {slots} did not start within {self.startup_timeout_s:.0f} s "
+                f"(each needs num_cpus={self.cfg.num_cpus}, num_gpus={self.cfg.num_gpus}; check `ray status`)"
+            ) from None
+
+    @property
+    def workers(self) -> list:
+        """Actor handles of every live worker (draining ones included), in slot order."""
+        return [self.slots[i] for i in sorted(self.slots)]
+
+    @property
+    def active(self) -> list[int]:
+        """Slots that take new requests (live and not draining)."""
+        return [i for i in sorted(self.slots) if i not in self.draining]
+
+    def add_worker(self) -> int:
+        """Start one more worker and wait until its engine is up; returns its slot.
+
+        Raises:
+            RuntimeError: it did not start within the startup timeout (it is killed again).
+        """
+        import ray
+
+        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        self.slots[slot], self.inflight[slot] = self._new(slot), 0
+        try:
+            self._wait_up([slot])
+        except RuntimeError:
+            ray.kill(self.slots.pop(slot))
+            self.inflight.pop(slot)
+            raise
+        return slot
+
+    def drain(self, slot: int) -> None:
+        """Stop routing new requests to ``slot``; it finishes the ones it has."""
+        self.draining.add(slot)
+
+    def retire_drained(self) -> list[int]:
+        """Kill drained workers with no request left; returns their slots."""
+        import ray
+
+        gone = [i for i in sorted(self.draining) if self.inflight[i] == 0]
+        for i in gone:
+            ray.kill(self.slots.pop(i))
+            self.inflight.pop(i)
+            self.draining.discard(i)
+        return gone
+
+    def recover(self, slot: int, timeout_s: float) -> str:
+        """Wait until worker ``slot`` serves again after a failure; returns ``"restarted"`` (Ray restarted
+        it) or ``"replaced"`` (out of restarts: a new actor takes the slot). It holds the base model
+        weights (version 0) afterwards; the caller pushes the current ones.
+
+        Raises:
+            RuntimeError: neither happened within ``timeout_s``.
+        """
+        import ray
+
+        try:
+            ray.get(self.slots[slot].get_version.remote(), timeout=timeout_s)
+            return "restarted"
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"rollout worker {slot} did not come back within {timeout_s:.0f} s") from None
+        except ray.exceptions.RayActorError:
+            self.slots[slot] = self._new(slot)
+            try:
+                ray.get(self.slots[slot].get_version.remote(), timeout=timeout_s)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+                raise RuntimeError(f"replacement of rollout worker {slot} failed to start: {e}") from None
+            return "replaced"
+
+    def has_capacity(self, per_worker: int = 2) -> bool:
+        """Whether some active worker has fewer than ``per_worker`` requests in flight."""
+        return any(self.inflight[i] < per_worker for i in self.active)
+
+    def least_loaded(self) -> int:
+        """Active slot with the fewest requests in flight."""
+        return min(self.active, key=lambda i: self.inflight[i])
+
+    def generate_remote(self, slot: int, problems, group_keys, min_version: int, seed: int):
+        """Send one generate request to worker ``slot``; returns an ObjectRef of its metadata."""
+        self.inflight[slot] += 1
+        return self.slots[slot].generate.remote(problems, group_keys, min_version, seed)
+
+    def done(self, slot: int) -> None:
+        """Mark one request of worker ``slot`` finished."""
+        self.inflight[slot] -= 1
+
+    def push_weights_remote(self, version: int, buckets_ref) -> list:
+        """Send one weight version (an ObjectRef of bucket bytes) to every worker; returns ObjectRefs."""
+        return [w.receive_weights.remote(version, buckets_ref) for w in self.workers]
+
+    def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int, timeout_s: float) -> float:
+        """Greedy held-out accuracy (strict exact match) over ``problems``, split across active workers."""
+        import ray
+
+        if not problems:
+            return float("nan")
+        ws = [self.slots[i] for i in self.active]
+        k = len(ws)
+        refs = [w.evaluate.remote(problems[i::k], min_version, max_tokens) for i, w in enumerate(ws)]
+        results = ray.get(refs, timeout=timeout_s)
+        flat = [x for r in results for x in r]
+        return sum(flat) / len(flat)
