@@ -18,6 +18,7 @@ Left out on purpose: several epochs over a batch, sequence packing.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -80,7 +81,9 @@ class LearnerWorker:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             # Avoid a ~40 s JIT build of the shared-memory comm op on first init (PLATFORM.md).
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+        # collectives time out instead of waiting forever on a rank that died
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=self.cfg.step_timeout_s))
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         model.config.use_cache = False
         c = self.cfg

@@ -161,12 +161,12 @@ class Trainer:
                 train_refs = self.learner.train_step_remote(batch_ref, self.version)
                 self.ready_groups -= cfg.prompts_per_step
             wait_s = max(rc.request_timeout_s, cfg.learner.step_timeout_s if train_refs else 0.0)
-            done, _ = ray.wait(list(self.inflight) + train_refs[:1], num_returns=1, timeout=wait_s)
+            done, _ = ray.wait(list(self.inflight) + train_refs, num_returns=1, timeout=wait_s)
             if not done:
                 raise TimeoutError(f"no generation (rollout workers) or learner step finished within {wait_s:.0f} s")
             self._collect_generations()
             self._check_pushes()
-            if train_refs and ray.wait(train_refs[:1], timeout=0)[0]:
+            if train_refs and self._learner_step_done(train_refs):
                 # the budget counts training wall clock; held-out evals pause the loop and are excluded
                 spent = self.train_seconds + time.perf_counter() - self.t_step
                 out_of_time = bool(cfg.time_budget_s) and spent >= cfg.time_budget_s
@@ -282,6 +282,29 @@ class Trainer:
                 "prompts are all solved or all failed by this policy. Change the data, or raise "
                 f"buffer.max_refill_factor (now {bc.max_refill_factor:g})")
 
+    def _learner_step_done(self, train_refs: list) -> bool:
+        """Whether every rank finished the step; raises at once if a rank died (its peers would wait
+        in a collective until the timeout).
+
+        Raises:
+            RuntimeError: a learner rank died; names the last complete checkpoint.
+        """
+        import ray
+
+        ready, pending = ray.wait(train_refs, num_returns=len(train_refs), timeout=0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                from orchestrator.checkpoint import latest_checkpoint
+
+                ckpt = latest_checkpoint(self.run_dir)
+                raise RuntimeError(
+                    f"learner rank {train_refs.index(ref)} died during step {self.version + 1} ({type(e).__name__}); "
+                    f"the run stops. Last complete checkpoint: {ckpt or 'none (set checkpoint.every)'}; continue "
+                    "with `relayrl train CONFIG --resume`") from None
+        return not pending
+
     def _apply_scaling(self) -> None:
         """About once a second: match the rollout worker count to what `relayrl scale` asked for.
 
@@ -368,15 +391,7 @@ class Trainer:
         import ray
 
         cfg, rc = self.cfg, self.cfg.rollout
-        try:
-            m = self.learner.merge_metrics(_wait(train_refs, cfg.learner.step_timeout_s, "learner step"))
-        except ray.exceptions.RayActorError as e:
-            from orchestrator.checkpoint import latest_checkpoint
-
-            ckpt = latest_checkpoint(self.run_dir)
-            raise RuntimeError(f"a learner rank died during step {self.version + 1} ({type(e).__name__}); the run "
-                               f"stops. Last complete checkpoint: {ckpt or 'none (set checkpoint.every)'}; "
-                               "continue with `relayrl train CONFIG --resume`") from None
+        m = self.learner.merge_metrics(_wait(train_refs, cfg.learner.step_timeout_s, "learner step"))
         m.update(ray.get(take_ref, timeout=60))
         self.metrics_log.audit(self.version + 1, m.pop("_group_ids"))
         self.version += 1

@@ -141,3 +141,27 @@ def test_non_finite_gradients_skip_the_step_and_repeated_ones_stop(tiny_sums_mod
             t.run(progress=False)
     finally:
         t.shutdown()
+
+
+@pytest.mark.timeout(600)
+def test_dead_learner_rank_stops_the_run_naming_the_last_checkpoint(tiny_sums_model, ray_local, tmp_path):
+    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=6", "learner.num_learners=2", "learner.num_cpus=0.5",
+               "learner.micro_batch_size=4", "checkpoint.every=1", "checkpoint.keep=1")
+    run_dir = tmp_path / "dead"
+    t = Trainer(cfg, run_dir, tiny_sums_model, load_problems(cfg.data, "train"), [])
+
+    def kill_rank_1():  # mid-run, once a checkpoint exists
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(run_dir.glob("checkpoints/step_*/COMPLETE")):
+            time.sleep(0.05)
+        ray.kill(t.learner.ranks[1])
+
+    th = threading.Thread(target=kill_rank_1, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"learner rank 1 died .* Last complete checkpoint: .*step_00000\d"):
+            t.run(progress=False)
+    finally:
+        t.shutdown()
+    assert time.monotonic() - t0 < 240  # an error, not a wait for the collective timeout
