@@ -68,27 +68,29 @@ def write_report(run_dir: str | Path) -> list[Path]:
     ax.legend()
     written.append(_save(fig, out / "staleness.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*_series(steps, "perf/rollout_tokens_per_s"), marker=".", label="rollout (generated tokens/s)")
-    ax.plot(*_series(steps, "perf/learner_tokens_per_s"), marker=".", label="learner (trained tokens/s)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens / s")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    written.append(_save(fig, out / "throughput.png"))
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*_series(steps, "weights/export_seconds"), marker=".", label="export (learner)")
-    ax.plot(*_series(steps, "weights/load_seconds"), marker=".", label="load (rollout workers)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("seconds")
-    ax.set_title("weight push")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    written.append(_save(fig, out / "weight_push.png"))
-
+    written.append(_lines(steps, [("perf/rollout_tokens_per_s", "rollout (generated tokens/s)"),
+                                  ("perf/learner_tokens_per_s", "learner (trained tokens/s)")],
+                          "tokens / s", "throughput", out / "throughput.png"))
+    written.append(_lines(steps, [("weights/export_seconds", "export (learner)"),
+                                  ("weights/load_seconds", "load (rollout workers)")],
+                          "seconds", "weight push", out / "weight_push.png"))
     written.append(_summary(run_dir, recs, steps, out / "summary.md"))
     return written
+
+
+def _lines(steps: list[dict], series: list[tuple[str, str]], ylabel: str, title: str, path: Path) -> Path:
+    """One line per ``(metric key, label)`` against the step."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in series:
+        ax.plot(*_series(steps, key), marker=".", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
