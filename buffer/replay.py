@@ -54,11 +54,12 @@ class ReplayBuffer:
         self._groups: deque[list[Sample]] = deque()
         self._dropped_groups = 0
         self._dropped_samples = 0
+        self._dropped_pending = 0  # samples dropped since the last batch (reported with it)
 
     def add_groups(self, groups: list[list[Sample]]) -> dict[str, int]:
         """Store groups (minus those dynamic sampling filters out).
 
-        Returns ``{"kept": groups stored now, "held": groups held in all}``.
+        Returns ``{"kept": groups stored now, "kept_ids": their group ids, "held": groups held in all}``.
 
         Raises:
             ValueError: a group is empty, or capacity would be exceeded (nothing is stored then).
@@ -71,7 +72,7 @@ class ReplayBuffer:
                 f"ReplayBuffer is full ({len(self._groups)} of {self.capacity_groups} groups); "
                 f"refusing {len(groups)} more rather than dropping data"
             )
-        kept = 0
+        kept = []
         for g in groups:
             if self.values is not None:
                 b = self.values.baseline_then_update(g[0].prompt_id, [s.reward for s in g])
@@ -79,11 +80,32 @@ class ReplayBuffer:
                     s.baseline = b
             if self.filter is None or self.filter.keep(g):
                 self._groups.append(g)
-                kept += 1
-        return {"kept": kept, "held": len(self._groups)}
+                kept.append(g[0].group_id)
+        return {"kept": len(kept), "kept_ids": kept, "held": len(self._groups)}
 
     def __len__(self) -> int:
         return len(self._groups)
+
+    def _drop(self, g: list[Sample]) -> None:
+        self._dropped_groups += 1
+        self._dropped_samples += len(g)
+        self._dropped_pending += len(g)
+
+    def drop_stale(self, learner_version: int) -> dict:
+        """Drop (and count) every held group past the staleness bound at ``learner_version``.
+
+        Returns ``{"fresh": groups left, all trainable now, "dropped_ids": ids dropped now}``; the
+        orchestrator calls it before each step, so a batch is only requested when it can be full.
+        """
+        fresh, dropped = deque(), []
+        for g in self._groups:
+            if max(s.staleness(learner_version) for s in g) > self.max_staleness:
+                self._drop(g)
+                dropped.append(g[0].group_id)
+            else:
+                fresh.append(g)
+        self._groups = fresh
+        return {"fresh": len(fresh), "dropped_ids": dropped}
 
     def group_ids(self) -> tuple[set[str], set[str]]:
         """``(ids of groups held, ids of groups already taken for training)``."""
@@ -102,30 +124,21 @@ class ReplayBuffer:
         mean/max and histogram (``off_policy/staleness_frac_<lag>`` for lag 0..max_staleness).
         """
         out: list[list[Sample]] = []
-        dropped_now = 0
         if self.prioritized:  # drop everything past the bound, then take the best of the rest
-            fresh = deque()
-            for g in self._groups:
-                if max(s.staleness(learner_version) for s in g) > self.max_staleness:
-                    self._dropped_groups += 1
-                    self._dropped_samples += len(g)
-                    dropped_now += len(g)
-                else:
-                    fresh.append(g)
+            self.drop_stale(learner_version)
+            fresh = self._groups
             ranked = sorted(range(len(fresh)), key=lambda i: -group_priority(fresh[i]))  # stable: ties FIFO
             chosen = set(ranked[:num_groups])
             out = [fresh[i] for i in sorted(chosen, key=ranked.index)]
             self._groups = deque(g for i, g in enumerate(fresh) if i not in chosen)
         while self._groups and len(out) < num_groups:
             g = self._groups.popleft()
-            lag = max(s.staleness(learner_version) for s in g)
-            if lag > self.max_staleness:
-                self._dropped_groups += 1
-                self._dropped_samples += len(g)
-                dropped_now += len(g)
+            if max(s.staleness(learner_version) for s in g) > self.max_staleness:
+                self._drop(g)
                 continue
             out.append(g)
         self._taken_ids.update(g[0].group_id for g in out)
+        dropped_now, self._dropped_pending = self._dropped_pending, 0  # since the last batch
         lags = [s.staleness(learner_version) for g in out for s in g]
         taken = len(lags)
         metrics = {

@@ -127,7 +127,8 @@ def save(trainer) -> Path:
         pickle.dump(buffer_state, f)
     driver = {
         "version": trainer.version, "dispatched": trainer.dispatched, "kept": trainer.kept,
-        "ready_groups": trainer.ready_groups, "gen": trainer.gen, "train_seconds": trainer.train_seconds,
+        "collected": sorted(trainer.collected), "dropped_early": sorted(trainer.dropped_early),
+        "gen": trainer.gen, "train_seconds": trainer.train_seconds,
         "sampler": trainer.sampler.state_dict(),
         "inflight": [{"problems": [asdict(p) for p in r["problems"]], "keys": r["keys"],
                       "min_version": r["min_version"], "seed": r["seed"]} for r in trainer.inflight.values()],
@@ -172,15 +173,15 @@ def restore(trainer, ckpt: Path) -> dict[str, float]:
         buffer_state = pickle.load(f)
     ray.get(trainer.buffer.load_state_dict.remote(buffer_state), timeout=300)
     trainer.sampler.load_state_dict(driver["sampler"])
-    for k in ("version", "dispatched", "kept", "ready_groups", "gen", "train_seconds"):
+    for k in ("version", "dispatched", "kept", "gen", "train_seconds"):
         setattr(trainer, k, driver[k])
+    trainer.collected, trainer.dropped_early = set(driver["collected"]), set(driver["dropped_early"])
     done = {g[0].group_id for g in buffer_state["groups"]} | set(buffer_state.get("taken_ids", []))
     reissued = 0
     for req in driver["inflight"]:
         todo = [(Problem(**p), k) for p, k in zip(req["problems"], req["keys"]) if k not in done]
-        present = len(req["keys"]) - len(todo)
-        trainer.kept += present  # what collecting the request would have counted
-        trainer.ready_groups += present
+        for key in set(req["keys"]) & done:  # what collecting the request would have counted
+            trainer._count_kept(key)
         if todo:
             trainer.reissue.append(([p for p, _ in todo], [k for _, k in todo], req["min_version"], req["seed"]))
             reissued += len(todo)

@@ -101,6 +101,8 @@ class Trainer:
         # groups: dispatched (ids), kept by the buffer, in flight, ready to train; inflight: ref -> request
         self.dispatched, self.kept, self.inflight_groups, self.ready_groups = 0, 0, 0, 0
         self.inflight, self.pushes, self.reissue = {}, [], []
+        self.collected: set[str] = set()  # kept groups the driver has counted (admission budget)
+        self.dropped_early: set[str] = set()  # dropped as stale before their request was collected
         self.gen = {"groups": 0, "zero_variance": 0, "samples_total": 0}  # generated since the last step
         self.worker_samples: dict[int, int] = {}  # samples generated per rollout worker since the last step
         self.faults = {"reward_failures": 0, "scored": 0, "retried_groups": 0, "worker_restarts": 0}
@@ -155,7 +157,7 @@ class Trainer:
         while self.version < cfg.num_steps:
             self._apply_scaling()
             self._dispatch()
-            if not train_refs and self.ready_groups >= cfg.prompts_per_step:  # learner idle, batch ready
+            if not train_refs and self._fresh_groups() >= cfg.prompts_per_step:  # learner idle, batch ready
                 batch_ref, take_ref = self.buffer.take_batch.options(num_returns=2).remote(
                     cfg.prompts_per_step, self.version)
                 train_refs = self.learner.train_step_remote(batch_ref, self.version)
@@ -256,8 +258,8 @@ class Trainer:
                 self._recover_worker(req, e)
                 continue
             self.inflight_groups -= k
-            self.kept += int(meta["groups_kept"])
-            self.ready_groups += int(meta["groups_kept"])
+            for key in meta["kept_keys"]:
+                self._count_kept(key)
             for prompt_id, rewards in meta["group_rewards"]:
                 self.sampler.update(prompt_id, rewards)
                 self.gen["zero_variance"] += int(max(rewards) - min(rewards) < 1e-6)
@@ -281,6 +283,32 @@ class Trainer:
                 f"{self.ready_groups} of the {P} needed ({self.gen['zero_variance']} had all-equal rewards): the "
                 "prompts are all solved or all failed by this policy. Change the data, or raise "
                 f"buffer.max_refill_factor (now {bc.max_refill_factor:g})")
+
+    def _count_kept(self, key: str) -> None:
+        """A group reached the buffer: it now counts against the admission budget (unless already dropped)."""
+        if key in self.dropped_early:
+            self.dropped_early.discard(key)
+        else:
+            self.kept += 1
+            self.collected.add(key)
+
+    def _fresh_groups(self) -> int:
+        """Groups in the buffer that can be trained now, after the buffer drops any past the bound.
+
+        Out-of-order arrivals (several workers, a slow request) can leave a group older than the
+        bound; its slot in the admission budget is freed here so a fresh group replaces it.
+        """
+        import ray
+
+        st = ray.get(self.buffer.drop_stale.remote(self.version), timeout=60)
+        for key in st["dropped_ids"]:
+            if key in self.collected:
+                self.collected.discard(key)
+                self.kept -= 1
+            else:  # its request is not collected yet: do not count it when it is
+                self.dropped_early.add(key)
+        self.ready_groups = st["fresh"]
+        return self.ready_groups
 
     def _learner_step_done(self, train_refs: list) -> bool:
         """Whether every rank finished the step; raises at once if a rank died (its peers would wait
@@ -355,9 +383,10 @@ class Trainer:
         held, taken = ray.get(self.buffer.group_ids.remote(), timeout=60)
         self.inflight_groups -= len(req["keys"])
         todo = [(p, k) for p, k in zip(req["problems"], req["keys"]) if k not in held | taken]
-        arrived = len(req["keys"]) - len(todo)  # written to the buffer just before the worker died
-        self.kept += arrived
-        self.ready_groups += arrived
+        for key in set(req["keys"]) & taken:
+            self._count_kept(key)
+        for key in set(req["keys"]) & held:  # written to the buffer just before the worker died
+            self._count_kept(key)
         if todo:
             self._send([p for p, _ in todo], [k for _, k in todo], req["min_version"], req["seed"])
         self.faults["retried_groups"] += len(todo)

@@ -175,7 +175,7 @@ class RolloutWorker:
             groups.append(group)
         added = _call(self.buffer.add_groups, groups)
         self._requests += 1
-        return {"groups": float(len(groups)), "groups_kept": float(added["kept"]),
+        return {"groups": float(len(groups)), "groups_kept": float(added["kept"]), "kept_keys": added["kept_ids"],
                 "group_rewards": [(g[0].prompt_id, [s.reward for s in g]) for g in groups],
                 "reward_failures": float(failed),
                 "samples": float(sum(len(g) for g in groups)),

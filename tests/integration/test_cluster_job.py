@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,10 +31,15 @@ def test_ray_job_submit_runs_a_tiny_job_on_a_started_cluster(tiny_model, tmp_pat
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
+    # Ray's unix socket paths live under the temp dir and must stay short (pytest's tmp_path is too long)
+    ray_tmp = tempfile.mkdtemp(prefix="rrjob", dir="/tmp")
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         # every port of its own: another Ray instance on this machine (the test session's) holds the defaults
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--temp-dir={ray_tmp}"],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out_dir = tmp_path / "runs"
@@ -49,15 +56,21 @@ def test_ray_job_submit_runs_a_tiny_job_on_a_started_cluster(tiny_model, tmp_pat
             if head.poll() is not None:
                 pytest.fail(f"ray start exited: {head.stdout.read()[-2000:]}")
             subprocess.run(["sleep", "2"])
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        log = job.stdout + job.stderr
+        for _ in range(15):  # ... and its job agent a few more ("No available agent to submit job")
+            job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            log = job.stdout + job.stderr
+            if "No available agent" not in log:
+                break
+            subprocess.run(["sleep", "2"])
         assert job.returncode == 0 and "succeeded" in log, log[-4000:]
         assert "connected to Ray cluster" in log, log[-4000:]  # joined this cluster, did not start its own
         (run_dir,) = [p for p in out_dir.iterdir() if p.is_dir()]
         assert (run_dir / "summary.json").is_file() and (run_dir / "final_model" / "config.json").is_file()
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster it started
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster it started
+            try:
+                head.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 
+from learner.worker import LearnerWorker
 from orchestrator.cli import main
 from orchestrator.loop import Trainer
 from rollout.tasks import load_problems
@@ -19,11 +20,23 @@ from tiny_run import tiny_run_config
 pytestmark = pytest.mark.integration
 
 
+class PacedLearner(LearnerWorker):
+    """A learner step of at least 3 s, so the run lasts long enough for an operator to act on it."""
+
+    def train_step(self, batch, version):
+        t0 = time.monotonic()
+        out = super().train_step(batch, version)
+        time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
+        return out
+
+
 @pytest.mark.timeout(900)
 def test_scale_up_then_down_during_a_run(tiny_sums_model, ray_local, tmp_path):
-    cfg = tiny_run_config(tiny_sums_model, tmp_path, "num_steps=5", "buffer.max_staleness=1", "seed=4")
+    ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+    cfg = tiny_run_config(tiny_sums_model, tmp_path, "num_steps=8", "buffer.max_staleness=1", "seed=4")
     run_dir = tmp_path / "scaled"
-    t = Trainer(cfg, run_dir, tiny_sums_model, load_problems(cfg.data, "train"), [])
+    t = Trainer(cfg, run_dir, tiny_sums_model, load_problems(cfg.data, "train"), [],
+                learner_worker_cls=PacedLearner)
     events, errors = [], []
 
     def operator():  # what a user does from another shell
@@ -59,7 +72,7 @@ def test_scale_up_then_down_during_a_run(tiny_sums_model, ray_local, tmp_path):
     assert any(r.get("rollout/worker_1_samples_per_s", 0) > 0 for r in recs)  # the new worker served
     assert all(r["off_policy/staleness_max"] <= 1 for r in recs)
     trained = [g for x in (run_dir / "trained_groups.jsonl").read_text().splitlines() for g in json.loads(x)["groups"]]
-    assert len(trained) == 5 * 4 and len(set(trained)) == len(trained)
+    assert len(trained) == 8 * 4 and len(set(trained)) == len(trained)
     parts = ("data/trained_groups", "data/groups_in_buffer", "data/groups_in_flight", "data/groups_filtered",
              "data/groups_dropped_stale")
     assert sum(summary[k] for k in parts) == summary["data/dispatched_groups"]

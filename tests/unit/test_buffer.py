@@ -48,3 +48,13 @@ def test_bad_input_loses_no_data():
     assert len(buf) == 1
     with pytest.raises(ValueError, match="max_staleness"):
         ReplayBuffer(max_staleness=-1)
+
+
+def test_drop_stale_frees_the_batch_and_reports_with_the_next_one():
+    buf = ReplayBuffer(max_staleness=1)
+    buf.add_groups([_group("old", 0), _group("ok", 1), _group("new", 2)])
+    assert buf.drop_stale(learner_version=2) == {"fresh": 2, "dropped_ids": ["old"]}
+    groups, m = buf.take_batch(2, learner_version=2)
+    assert [g[0].group_id for g in groups] == ["ok", "new"]
+    assert m["off_policy/dropped_samples"] == 2.0  # dropped before the batch, reported with it
+    assert buf.take_batch(1, 2)[1]["off_policy/dropped_samples"] == 0.0

@@ -35,7 +35,7 @@ def test_zero_variance_filter_counts():
 def test_buffer_dynamic_sampling_and_value_tracker():
     buf = ReplayBuffer(max_staleness=0, dynamic_sampling=True, value_tracker_discount=0.5)
     out = buf.add_groups([_group("p", [1, 1]), _group("q", [0, 1]), _group("p", [1, 0])])
-    assert out == {"kept": 2, "held": 2}
+    assert out == {"kept": 2, "kept_ids": ["g-q", "g-p"], "held": 2}
     groups, m = buf.take_batch(2, 0)
     # prior Beta(1, 1): p's first group sees 0.5; after rewards 1, 1 with discount 0.5:
     # (1*.5+1)*.5+1 = 1.75, (1*.5+0)*.5+0 = 0.25 -> 0.875
