@@ -1,8 +1,9 @@
 """Which prompts to roll out next: uniform epochs, or difficulty-aware sampling from pass rates.
 
 Both samplers have the same interface: ``take(k)`` returns ``k`` problems, ``update(prompt_id,
-rewards)`` feeds back a generated group, ``state_dict()`` / ``load_state_dict()`` resume them, and
-``metrics()`` reports ``curation/*``. `PROMPT_SAMPLERS` is keyed by ``buffer.prompt_sampler``.
+rewards)`` feeds back a generated group (both keep a per-prompt pass-rate posterior, read with
+``pass_rate``), ``state_dict()`` / ``load_state_dict()`` resume them, and ``metrics()`` reports
+``curation/*``. `PROMPT_SAMPLERS` is keyed by ``buffer.prompt_sampler``.
 
 Left out on purpose: curriculum schedules defined by hand, dataset-level mixing weights.
 """
@@ -18,12 +19,16 @@ from buffer.curation import PassRateTracker, informative_group_value
 
 
 class UniformSampler:
-    """Endless, seeded, epoch-shuffled walk over the problems (state: epoch and position)."""
+    """Endless, seeded, epoch-shuffled walk over the problems (state: epoch and position).
+
+    Pass rates are tracked (for metrics and Knapsack budgets) but do not change the order.
+    """
 
     def __init__(self, problems: list, seed: int, **_: Any) -> None:
         if not problems:
             raise ValueError("UniformSampler needs at least one problem")
         self.problems, self.seed, self.epoch, self.pos = problems, seed, 0, 0
+        self.tracker = PassRateTracker()
         self._order = self._shuffle()
 
     def _shuffle(self) -> list[int]:
@@ -43,16 +48,23 @@ class UniformSampler:
         return out
 
     def update(self, prompt_id: str, rewards: list[float]) -> None:
-        """Uniform sampling ignores feedback."""
+        """Fold a group's rewards into the prompt's pass-rate posterior (the order is unaffected)."""
+        self.tracker.update(prompt_id, rewards)
+
+    def pass_rate(self, prompt_id: str) -> float:
+        """Posterior-mean pass rate of the prompt (0.5 when unseen)."""
+        return self.tracker.mean(prompt_id)
 
     def metrics(self) -> dict[str, float]:
-        return {"curation/sampler_epoch": float(self.epoch)}
+        return {"curation/sampler_epoch": float(self.epoch), **self.tracker.metrics()}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = state["epoch"], state["pos"]
+        if "tracker" in state:
+            self.tracker.load_state_dict(state["tracker"])
         self._order = self._shuffle()
 
 
@@ -105,6 +117,10 @@ class DifficultySampler:
     def update(self, prompt_id: str, rewards: list[float]) -> None:
         """Fold a generated group's rewards into the prompt's pass-rate posterior."""
         self.tracker.update(prompt_id, rewards)
+
+    def pass_rate(self, prompt_id: str) -> float:
+        """Posterior-mean pass rate of the prompt (the prior mean when unseen)."""
+        return self.tracker.mean(prompt_id)
 
     def metrics(self) -> dict[str, float]:
         return self.tracker.metrics()

@@ -1,7 +1,12 @@
 """Advantage estimators: pure functions from rewards to per-sample advantages.
 
 Only group-relative estimators live here (no value network). Each takes rewards shaped
-``[num_groups, group_size]`` and returns advantages of the same shape plus a metrics dict.
+``[num_groups, group_size]`` and returns advantages of the same shape plus a metrics dict. Groups of
+different sizes (Knapsack-style rollout budgets) are padded to the largest and passed with a
+``mask`` of the same shape (1 = a real sample); padded entries get advantage 0. Without a mask every
+entry is real.
+
+`batch_advantages` builds the padded tensors from ragged lists of rewards.
 
 Left out on purpose: GAE / critic-based estimators, per-token advantages.
 """
@@ -11,8 +16,35 @@ from __future__ import annotations
 import torch
 
 
+def _mask_like(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [num_groups, group_size], got shape {tuple(rewards.shape)}")
+    if mask is None:
+        return torch.ones_like(rewards, dtype=torch.float32)
+    if mask.shape != rewards.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from rewards shape {tuple(rewards.shape)}")
+    return mask.float()
+
+
+def _group_stats(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group ``(count, mean, unbiased std)``, each ``[G, 1]``, over the masked entries."""
+    n = mask.sum(dim=1, keepdim=True)
+    mean = (rewards * mask).sum(dim=1, keepdim=True) / n.clamp(min=1.0)
+    var = (((rewards - mean) * mask) ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1.0)
+    return n, mean, var.sqrt()
+
+
+def _batch_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased std over the masked entries of the whole batch (0 for fewer than 2 entries)."""
+    n = mask.sum()
+    if n < 2:
+        return torch.tensor(0.0)
+    mean = (values * mask).sum() / n
+    return ((((values - mean) * mask) ** 2).sum() / (n - 1)).sqrt()
+
+
 def grpo_advantages(
-    rewards: torch.Tensor, eps: float = 1e-6, normalize_std: bool = True
+    rewards: torch.Tensor, eps: float = 1e-6, normalize_std: bool = True, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO group-normalised advantages: ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``.
 
@@ -24,60 +56,61 @@ def grpo_advantages(
         rewards: ``[num_groups, group_size]`` float rewards.
         eps: added to the std so all-equal groups give zero advantage, not NaN.
         normalize_std: divide by the group std (GRPO) or not (Dr.GRPO).
+        mask: ``[num_groups, group_size]``, 1 for real samples (ragged groups), or None.
 
     Returns:
         ``(advantages [num_groups, group_size], metrics)``; metrics hold
         ``learner/zero_variance_group_frac`` (groups with all-equal rewards: no gradient signal).
 
     Raises:
-        ValueError: ``rewards`` is not 2-D or a group has fewer than 2 samples.
+        ValueError: ``rewards`` is not 2-D, the mask's shape differs, or a group has fewer than 2 samples.
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [num_groups, group_size], got shape {tuple(rewards.shape)}")
-    if rewards.shape[1] < 2:
-        raise ValueError(f"group-relative advantages need group_size >= 2, got {rewards.shape[1]}")
-    rewards = rewards.float()
-    mean = rewards.mean(dim=1, keepdim=True)
-    adv = rewards - mean
-    std = rewards.std(dim=1, keepdim=True, unbiased=True)
+    mask = _mask_like(rewards, mask)
+    n, mean, std = _group_stats(rewards.float(), mask)
+    if n.min() < 2:
+        raise ValueError(f"group-relative advantages need groups of >= 2 samples, got a group of {int(n.min())}")
+    adv = (rewards.float() - mean) * mask
     if normalize_std:
         adv = adv / (std + eps)
     zero_var = (std.squeeze(1) < eps).float().mean().item()
     return adv, {"learner/zero_variance_group_frac": zero_var}
 
 
-def rloo_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """RLOO leave-one-out baseline: ``A_i = r_i - mean_{j != i} r_j = n/(n-1) * (r_i - mean(r))``.
 
     Source: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
-    Learning from Human Feedback in LLMs" (RLOO). Shapes as `grpo_advantages`.
+    Learning from Human Feedback in LLMs" (RLOO). Shapes and ``mask`` as `grpo_advantages`; ``n`` is
+    each group's own size.
 
     Raises:
-        ValueError: ``rewards`` is not ``[num_groups, group_size >= 2]``.
+        ValueError: as `grpo_advantages`.
     """
-    adv, m = grpo_advantages(rewards, normalize_std=False)
-    n = rewards.shape[1]
+    adv, m = grpo_advantages(rewards, normalize_std=False, mask=mask)
+    n = _mask_like(rewards, mask).sum(dim=1, keepdim=True)
     return adv * (n / (n - 1)), m
 
 
 def reinforce_pp_baseline_advantages(
-    rewards: torch.Tensor, eps: float = 1e-6
+    rewards: torch.Tensor, eps: float = 1e-6, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE++-baseline: subtract the group mean, then normalise by the whole batch's std.
 
     ``A = (a - mean_batch(a)) / (std_batch(a) + eps)`` with ``a = r - mean_group(r)``. Source: Hu et al.
     2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models".
-    Shapes as `grpo_advantages`; a batch with all-equal centred rewards gives zeros.
+    Shapes and ``mask`` as `grpo_advantages`; a batch with all-equal centred rewards gives zeros.
 
     Raises:
-        ValueError: ``rewards`` is not ``[num_groups, group_size >= 2]``.
+        ValueError: as `grpo_advantages`.
     """
-    centred, m = grpo_advantages(rewards, normalize_std=False)
-    std = centred.std(unbiased=True) if centred.numel() > 1 else torch.tensor(0.0)
-    return (centred - centred.mean()) / (std + eps), m
+    centred, m = grpo_advantages(rewards, normalize_std=False, mask=mask)
+    mask = _mask_like(rewards, mask)
+    batch_mean = (centred * mask).sum() / mask.sum()
+    return (centred - batch_mean) * mask / (_batch_std(centred, mask) + eps), m
 
 
-def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, dict[str, float]]:
+def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 1e-6,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """SPO advantages: ``A = r - b(prompt)`` from a persistent per-prompt value tracker, then
     normalised by the whole batch's std.
 
@@ -86,10 +119,11 @@ def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 
 
     Args:
         rewards, baselines: ``[num_groups, group_size]`` (``group_size >= 1``).
+        mask: as `grpo_advantages`.
 
     Returns:
-        ``(advantages, metrics)``; ``learner/zero_variance_group_frac`` as in `grpo_advantages` for
-        groups of 2 or more (0 for single-sample groups).
+        ``(advantages, metrics)``; ``learner/zero_variance_group_frac`` as in `grpo_advantages` over
+        groups of 2 or more samples (0 when there are none).
 
     Raises:
         ValueError: shapes differ or are not 2-D.
@@ -97,17 +131,43 @@ def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 
     if rewards.dim() != 2 or baselines.shape != rewards.shape:
         raise ValueError(f"rewards and baselines must share a [G, n] shape, got {tuple(rewards.shape)} "
                          f"and {tuple(baselines.shape)}")
-    adv = rewards.float() - baselines.float()
-    std = adv.std(unbiased=True) if adv.numel() > 1 else torch.tensor(0.0)
-    zero_var = (rewards.std(dim=1, unbiased=True) < eps).float().mean().item() if rewards.shape[1] > 1 else 0.0
-    return adv / (std + eps), {"learner/zero_variance_group_frac": zero_var}
+    mask = _mask_like(rewards, mask)
+    adv = (rewards.float() - baselines.float()) * mask
+    n, _, std = _group_stats(rewards.float(), mask)
+    multi = n.squeeze(1) >= 2
+    zero_var = (std.squeeze(1)[multi] < eps).float().mean().item() if multi.any() else 0.0
+    return adv / (_batch_std(adv, mask) + eps), {"learner/zero_variance_group_frac": zero_var}
 
 
 ADVANTAGE_ESTIMATORS = {
-    "grpo": lambda r, b=None: grpo_advantages(r, normalize_std=True),
-    "drgrpo": lambda r, b=None: grpo_advantages(r, normalize_std=False),
-    "rloo": lambda r, b=None: rloo_advantages(r),
-    "reinforce_pp": lambda r, b=None: reinforce_pp_baseline_advantages(r),
-    "spo": lambda r, b: spo_advantages(r, b),
+    "grpo": lambda r, b=None, mask=None: grpo_advantages(r, normalize_std=True, mask=mask),
+    "drgrpo": lambda r, b=None, mask=None: grpo_advantages(r, normalize_std=False, mask=mask),
+    "rloo": lambda r, b=None, mask=None: rloo_advantages(r, mask=mask),
+    "reinforce_pp": lambda r, b=None, mask=None: reinforce_pp_baseline_advantages(r, mask=mask),
+    "spo": lambda r, b, mask=None: spo_advantages(r, b, mask=mask),
 }
-"""Registry keyed by `LearnerConfig.advantage`: ``fn(rewards [G, n], baselines [G, n] | None)``."""
+"""Registry keyed by `LearnerConfig.advantage`: ``fn(rewards [G, n], baselines [G, n] | None, mask=None)``."""
+
+
+def batch_advantages(name: str, rewards: list[list[float]], baselines: list[list[float]] | None = None
+                     ) -> tuple[list[float], dict[str, float]]:
+    """Advantages of a batch of possibly ragged groups, flattened in sample order.
+
+    Args:
+        name: key of `ADVANTAGE_ESTIMATORS`.
+        rewards: one list of rewards per group (sizes may differ).
+        baselines: per-sample baselines in the same layout (``spo``), or None.
+
+    Returns:
+        ``(advantages, metrics)``: one advantage per sample, groups concatenated in order.
+
+    Raises:
+        ValueError: an empty batch or group, or what the estimator raises.
+    """
+    if not rewards or any(not g for g in rewards):
+        raise ValueError(f"batch_advantages needs non-empty groups, got sizes {[len(g) for g in rewards]}")
+    width = max(len(g) for g in rewards)
+    pad = lambda rows: torch.tensor([list(g) + [0.0] * (width - len(g)) for g in rows], dtype=torch.float32)  # noqa: E731
+    mask = torch.tensor([[1.0] * len(g) + [0.0] * (width - len(g)) for g in rewards])
+    adv, metrics = ADVANTAGE_ESTIMATORS[name](pad(rewards), pad(baselines) if baselines is not None else None, mask=mask)
+    return adv[mask.bool()].tolist(), metrics

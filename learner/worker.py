@@ -165,55 +165,58 @@ class LearnerWorker:
         """``learner.ppo_minibatches`` optimizer steps on ``batch`` (sample groups; every rank gets all).
 
         ``version`` is the learner's policy version before the step (the proximal policy). Group
-        advantages are computed on the whole batch; each sample's advantage is scaled by
-        ``staleness_decay ** staleness``. Rank ``r`` trains on ``samples[r::world]``, split into
-        minibatches; each minibatch loss is normalised over all ranks (``learner.loss_agg``). pi_prox
-        is the current policy exactly in the first minibatch, then recomputed before training or
-        approximated log-linearly (``learner.prox_logprobs``).
+        advantages are computed on the whole batch (groups may differ in size); each sample's
+        advantage is scaled by ``staleness_decay ** staleness``. Rank ``r`` trains on
+        ``samples[r::world]``, split into minibatches and micro-batches by `plan_microbatches`; each
+        minibatch loss is normalised over all ranks (``learner.loss_agg``), so the batch size may vary
+        from step to step. pi_prox is the current policy exactly in the first minibatch, then
+        recomputed before training or approximated log-linearly (``learner.prox_logprobs``).
 
         Returns metrics (token-weighted means over this rank's micro-batches).
 
         Raises:
-            ValueError: the batch size differs from ``samples_per_step``.
+            ValueError: fewer samples than ``world_size * ppo_minibatches``.
         """
         import torch
 
-        from learner.advantages import ADVANTAGE_ESTIMATORS
+        from learner.advantages import batch_advantages
+        from learner.batching import plan_microbatches
         from learner.losses import POLICY_LOSSES, PolicyLossInput, k3_kl_penalty
         from learner.off_policy import loglinear_prox_logprobs, loss_normalizer, staleness_weights
 
         t0 = time.perf_counter()
         samples = [s for g in batch for s in g]
-        if len(samples) != self.samples_per_step:
-            raise ValueError(f"learner got {len(samples)} samples, expected {self.samples_per_step}")
-        c, m, W, M = self.cfg, self.cfg.micro_batch_size, self.world_size, self.cfg.ppo_minibatches
-        rewards = torch.tensor([[s.reward for s in g] for g in batch], dtype=torch.float32)
+        c, W, M = self.cfg, self.world_size, self.cfg.ppo_minibatches
+        plan = plan_microbatches(len(samples), W, M, c.micro_batch_size)
         baselines = None
         if c.advantage == "spo":
             if any(s.baseline is None for s in samples):
                 raise ValueError("learner.advantage = 'spo' needs per-prompt baselines: set buffer.value_tracker = true")
-            baselines = torch.tensor([[s.baseline for s in g] for g in batch], dtype=torch.float32)
-        adv, adv_metrics = ADVANTAGE_ESTIMATORS[c.advantage](rewards, baselines)
-        effective = int((adv.abs() > 1e-6).sum())
+            baselines = [[s.baseline for s in g] for g in batch]
+        adv, adv_metrics = batch_advantages(c.advantage, [[s.reward for s in g] for g in batch], baselines)
+        effective = sum(abs(a) > 1e-6 for a in adv)
         weights = staleness_weights(torch.tensor([s.staleness(version) for s in samples]), c.staleness_decay)
-        adv = (adv.flatten() * weights).tolist()
-        shards = [list(range(r, len(samples), W)) for r in range(W)]
-        mine, per_mb = shards[self.rank], len(shards[0]) // M
+        adv = (torch.tensor(adv) * weights).tolist()
+        mine = [i for mb in plan[self.rank] for micro in mb for i in micro]
         skipped_before = self.engine.skipped_steps
-        prox_exact = self._recompute_prox([samples[i] for i in mine]) if M > 1 and c.prox_logprobs == "recompute" else None
+        prox_exact = None
+        if M > 1 and c.prox_logprobs == "recompute":
+            prox_exact = dict(zip(mine, self._recompute_prox([samples[i] for i in mine])))
         device = self.engine.device
         totals: dict[str, float] = {}
         key_tokens: dict[str, float] = {}
         tok_total, loss_total = 0.0, 0.0
         for k in range(M):
-            lo, hi = k * per_mb, (k + 1) * per_mb
-            mb_all = [i for sh in shards for i in sh[lo:hi]]
+            mb_all = [i for rank_plan in plan for micro in rank_plan[k] for i in micro]
             n_tok = sum(sum(samples[i].loss_mask) for i in mb_all)
             # DeepSpeed divides by GAS and averages over ranks: undo both so the minibatch is one mean
             normalizer = loss_normalizer(c.loss_agg, n_tok, len(mb_all), self.max_tokens) / (self.gas * W)
-            for start in range(lo, hi, m):
-                pos = list(range(start, min(start + m, hi)))
-                mb = [samples[mine[p]] for p in pos]
+            passes = plan[self.rank][k]
+            for j, idx in enumerate(passes):
+                # the last pass of a minibatch ends it with an optimizer step, however many passes it had
+                self.engine.set_gradient_accumulation_boundary(j == len(passes) - 1)
+                padding = not idx  # this rank has no samples left here: a zero-weighted pass keeps ranks in step
+                mb = [samples[mine[0]]] if padding else [samples[i] for i in idx]
                 logprobs, mask = self._response_logprobs(self.engine, mb, device)
                 beh = self._padded(mb, "behaviour_logprobs", logprobs, 0.0)
                 extra: dict[str, float] = {}
@@ -223,17 +226,17 @@ class LearnerWorker:
                     versions = self._padded(mb, "policy_versions", logprobs, float(version))
                     approx = loglinear_prox_logprobs(beh, logprobs.detach(), versions, version, version + k / M)
                     prox = approx
-                    if prox_exact is not None:
+                    if prox_exact is not None and not padding:
                         prox = torch.zeros_like(logprobs)
-                        for i, p in enumerate(pos):
+                        for i, p in enumerate(idx):
                             prox[i, : len(prox_exact[p])] = prox_exact[p]
                         n = mask.sum().clamp(min=1.0)
                         extra["off_policy/prox_loglinear_abs_err"] = float(((approx - prox).abs() * mask).sum() / n)
                     # how far pi_theta has moved from pi_prox within this batch, nats per token
                     extra["learner/intra_batch_drift"] = float(((logprobs.detach() - prox).abs() * mask).sum()
                                                               / mask.sum().clamp(min=1.0))
-                inp = PolicyLossInput(logprobs, prox, beh, torch.tensor([adv[mine[p]] for p in pos], device=device),
-                                      mask, normalizer)
+                mb_adv = torch.tensor([0.0] if padding else [adv[i] for i in idx], device=device)
+                inp = PolicyLossInput(logprobs, prox, beh, mb_adv, mask, normalizer)
                 loss, met = POLICY_LOSSES[c.loss](inp, clip_low=c.clip_low, clip_high=c.clip_high, tis_cap=c.tis_cap,
                                                   band_low=c.band_low, band_high=c.band_high)
                 met.update(extra)
@@ -242,9 +245,13 @@ class LearnerWorker:
                         ref, _ = self._response_logprobs(self.ref_model, mb, device)
                     penalty, met["learner/kl_ref"] = k3_kl_penalty(logprobs, ref, mask, normalizer)
                     loss = loss + c.kl_coef * penalty
+                if padding:
+                    loss = loss * 0.0
                 self.engine.backward(loss)
-                self.engine.step()  # DeepSpeed steps the optimizer at each GAS boundary
+                self.engine.step()  # steps the optimizer at the boundary set above
                 ntok = met.pop("learner/tokens")
+                if padding:
+                    continue
                 tok_total += ntok
                 for key, v in met.items():  # token-weighted over the micro-batches that report the key
                     totals[key] = totals.get(key, 0.0) + v * ntok
@@ -268,9 +275,10 @@ class LearnerWorker:
         out["learner/optimizer_steps"] = float(M)
         out["off_policy/sample_weight_mean"] = float(weights.mean())
         out.update(adv_metrics)
+        out["learner/samples"] = float(len(samples))
         if self.rank == 0:
             out["curation/effective_samples"] = float(effective)  # samples with a non-zero advantage
-            out["rollout/reward_mean"] = float(rewards.mean())
+            out["rollout/reward_mean"] = sum(s.reward for s in samples) / len(samples)
             out["rollout/correct_frac"] = sum(s.correct for s in samples) / len(samples)
             out["rollout/response_len_mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
             out["rollout/truncated_frac"] = sum(s.status == "truncated" for s in samples) / len(samples)

@@ -28,7 +28,7 @@ RESUME_INVARIANT_FIELDS = (
     "seed", "prompts_per_step", "model.path", "data.type", "data.task", "data.task_config", "data.path",
     "data.train_size", "data.train_seed", "data.prompt_field", "data.answer_field", "data.one_shot",
     "data.instruction", "rollout.group_size", "learner.num_learners", "learner.zero_stage", "learner.dtype",
-    "buffer.prompt_sampler", "buffer.dynamic_sampling", "buffer.value_tracker",
+    "buffer.prompt_sampler", "buffer.dynamic_sampling", "buffer.value_tracker", "buffer.rollout_allocation",
 )
 
 
@@ -128,9 +128,9 @@ def save(trainer) -> Path:
     driver = {
         "version": trainer.version, "dispatched": trainer.dispatched, "kept": trainer.kept,
         "collected": sorted(trainer.collected), "dropped_early": sorted(trainer.dropped_early),
-        "gen": trainer.gen, "train_seconds": trainer.train_seconds,
-        "sampler": trainer.sampler.state_dict(),
-        "inflight": [{"problems": [asdict(p) for p in r["problems"]], "keys": r["keys"],
+        "gen": trainer.gen, "train_seconds": trainer.train_seconds, "trained_samples": trainer.trained_samples,
+        "sampler": trainer.sampler.state_dict(), "allocator": trainer.allocator.state_dict(),
+        "inflight": [{"problems": [asdict(p) for p in r["problems"]], "keys": r["keys"], "sizes": r["sizes"],
                       "min_version": r["min_version"], "seed": r["seed"]} for r in trainer.inflight.values()],
         "config": trainer.cfg.model_dump(mode="json"),
     }
@@ -173,18 +173,18 @@ def restore(trainer, ckpt: Path) -> dict[str, float]:
         buffer_state = pickle.load(f)
     ray.get(trainer.buffer.load_state_dict.remote(buffer_state), timeout=300)
     trainer.sampler.load_state_dict(driver["sampler"])
+    trainer.allocator.load_state_dict(driver.get("allocator", {}), Problem)
     for k in ("version", "dispatched", "kept", "gen", "train_seconds"):
         setattr(trainer, k, driver[k])
+    trainer.trained_samples = driver.get("trained_samples", trainer.version * trainer.cfg.samples_per_step)
     trainer.collected, trainer.dropped_early = set(driver["collected"]), set(driver["dropped_early"])
     done = {g[0].group_id for g in buffer_state["groups"]} | set(buffer_state.get("taken_ids", []))
     reissued = 0
     for req in driver["inflight"]:
-        todo = [(Problem(**p), k) for p, k in zip(req["problems"], req["keys"]) if k not in done]
-        for key in set(req["keys"]) & done:  # what collecting the request would have counted
-            trainer._count_kept(key)
+        todo = trainer.remaining({**req, "problems": [Problem(**p) for p in req["problems"]]}, done)
         if todo:
-            trainer.reissue.append(([p for p, _ in todo], [k for _, k in todo], req["min_version"], req["seed"]))
-            reissued += len(todo)
+            trainer.reissue.append(todo)
+            reissued += len(todo["keys"])
     rc = trainer.cfg.rollout
     buckets_ref, _ = trainer.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
     _wait(trainer.rollout.push_weights_remote(trainer.version, buckets_ref), rc.weight_push_timeout_s,

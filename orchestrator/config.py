@@ -98,6 +98,11 @@ class BufferConfig(_Strict):
         False, description="train the highest reward-variance+diversity fresh groups first, not FIFO")
     value_tracker: bool = Field(False, description="SPO per-prompt value tracker fills sample baselines")
     value_tracker_discount: float = Field(0.9, gt=0.0, le=1.0, description="SPO tracker discount per reward")
+    rollout_allocation: Literal["uniform", "knapsack"] = Field(
+        "uniform", description="samples per prompt: rollout.group_size each, or Knapsack RL budgets "
+        "(prompts_per_step*group_size samples per step split by estimated pass rate)")
+    allocation_min_n: int = Field(2, ge=1, le=1024, description="knapsack: fewest samples per prompt")
+    allocation_max_n: int = Field(32, ge=1, le=1024, description="knapsack: most samples per prompt")
 
 
 class LearnerConfig(_Strict):
@@ -203,6 +208,20 @@ class RunConfig(_Strict):
                              "use 'spo' (per-prompt value tracker) or group_size >= 2")
         if n == 1 and self.buffer.dynamic_sampling:
             raise ValueError("buffer.dynamic_sampling drops zero-variance groups: every group of size 1 is one")
+        bc = self.buffer
+        if bc.rollout_allocation == "knapsack":
+            if not bc.allocation_min_n <= n <= bc.allocation_max_n:
+                raise ValueError(f"buffer.rollout_allocation = 'knapsack' needs buffer.allocation_min_n <= "
+                                 f"rollout.group_size <= buffer.allocation_max_n, got {bc.allocation_min_n} <= {n} "
+                                 f"<= {bc.allocation_max_n}")
+            if bc.allocation_min_n < 2 and adv != "spo":
+                raise ValueError(f"buffer.allocation_min_n = {bc.allocation_min_n} gives single-sample groups, which "
+                                 f"have no group baseline for learner.advantage = {adv!r}; use 2 or 'spo'")
+            lc = self.learner
+            if self.prompts_per_step * bc.allocation_min_n < lc.num_learners * lc.ppo_minibatches:
+                raise ValueError(f"knapsack batches can shrink to prompts_per_step*allocation_min_n = "
+                                 f"{self.prompts_per_step * bc.allocation_min_n} samples, fewer than "
+                                 f"learner.num_learners*ppo_minibatches = {lc.num_learners * lc.ppo_minibatches}")
         samples = self.prompts_per_step * self.rollout.group_size
         lc = self.learner
         unit = lc.num_learners * lc.micro_batch_size * lc.ppo_minibatches

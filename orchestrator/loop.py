@@ -75,6 +75,7 @@ class Trainer:
         import ray
 
         from buffer import PROMPT_SAMPLERS, ReplayBuffer
+        from buffer.allocation import RolloutAllocator
         from learner.group import LearnerGroup
         from learner.worker import LearnerWorker
         from orchestrator.control import start_control
@@ -95,6 +96,8 @@ class Trainer:
                                     worker_cls=rollout_worker_cls or RolloutWorker)
         self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=cfg.rollout.group_size,
                                                            floor=bc.sampler_floor)
+        self.allocator = RolloutAllocator(bc.rollout_allocation, cfg.rollout.group_size, cfg.prompts_per_step,
+                                          bc.allocation_min_n, bc.allocation_max_n)
         self.control = start_control(self.run_dir.name, cfg.rollout.num_workers)
         self._next_control_poll = 0.0
         self.version = 0
@@ -106,7 +109,7 @@ class Trainer:
         self.gen = {"groups": 0, "zero_variance": 0, "samples_total": 0}  # generated since the last step
         self.worker_samples: dict[int, int] = {}  # samples generated per rollout worker since the last step
         self.faults = {"reward_failures": 0, "scored": 0, "retried_groups": 0, "worker_restarts": 0}
-        self.train_seconds = 0.0
+        self.train_seconds, self.trained_samples = 0.0, 0
         self.last_weights = None  # (version, buckets ObjectRef) of the newest push
         self.resume_metrics: dict[str, float] = {}
         if resume_from is not None:
@@ -149,8 +152,8 @@ class Trainer:
         self.metrics_log = MetricsLogger(self.run_dir, keep_steps_upto=self.version if self.resumed else None)
         last = self.metrics_log.log(0, self.evaluate(0)) if self.version == 0 else {}
         self.acc = {"tokens": 0.0, "load_seconds": 0.0}
-        for problems, keys, min_version, seed in self.reissue:  # a resumed run's in-flight prompts first
-            self._send(problems, keys, min_version, seed)
+        for req in self.reissue:  # a resumed run's in-flight prompts first
+            self._send(req)
         self.reissue = []
         self.t_step, train_refs = time.perf_counter(), []
         bar = tqdm(total=cfg.num_steps, initial=self.version, disable=not progress, desc="train", unit="step")
@@ -192,7 +195,7 @@ class Trainer:
         final_dir = self.learner.save_pretrained(str(self.run_dir / "final_model"))
         stats = _wait([w.stats.remote() for w in self.rollout.workers], 60, "rollout stats")
         summary = {**last, **self._audit_groups(), "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
-                   "perf/trained_samples_per_s": self.version * cfg.samples_per_step / max(self.train_seconds, 1e-9),
+                   "perf/trained_samples_per_s": self.trained_samples / max(self.train_seconds, 1e-9),
                    "final_model": final_dir}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics_log.close()
@@ -224,17 +227,31 @@ class Trainer:
             k = min(rc.prompts_per_request, limit - pos)
             # the last group of this request is trained at step (pos + k - 1) // P at the latest
             min_version = max(0, (pos + k - 1) // P - cfg.buffer.max_staleness)
-            keys = [f"g{self.dispatched + i}" for i in range(k)]
-            self._send(self.sampler.take(k), keys, min_version, cfg.seed * 100003 + self.dispatched)
+            problems, sizes = self.allocator.take(self.sampler, k)
+            self._send({"problems": problems, "sizes": sizes, "keys": [f"g{self.dispatched + i}" for i in range(k)],
+                        "min_version": min_version, "seed": cfg.seed * 100003 + self.dispatched})
             self.dispatched += k
 
-    def _send(self, problems: list, keys: list[str], min_version: int, seed: int) -> None:
-        """One generate request to the least-loaded worker, remembered until it is collected."""
+    def _send(self, req: dict) -> None:
+        """One generate request (``problems``, ``sizes``, ``keys``, ``min_version``, ``seed``) to the
+        least-loaded worker, remembered until it is collected."""
         idx = self.rollout.least_loaded()
-        ref = self.rollout.generate_remote(idx, problems, keys, min_version, seed)
-        self.inflight[ref] = {"worker": idx, "problems": problems, "keys": keys, "min_version": min_version,
-                              "seed": seed}
-        self.inflight_groups += len(keys)
+        ref = self.rollout.generate_remote(idx, req["problems"], req["keys"], req["min_version"], req["seed"],
+                                           req["sizes"])
+        self.inflight[ref] = {**req, "worker": idx}
+        self.inflight_groups += len(req["keys"])
+
+    def remaining(self, req: dict, done: set[str]) -> dict | None:
+        """Count the groups of ``req`` that reached the buffer or were trained (ids in ``done``) as kept,
+        and return the request for the others (None when none is left). Used on worker recovery and resume."""
+        for key in set(req["keys"]) & done:
+            self._count_kept(key)
+        todo = [i for i, k in enumerate(req["keys"]) if k not in done]
+        if not todo:
+            return None
+        sizes = req.get("sizes") or [self.cfg.rollout.group_size] * len(req["keys"])  # older checkpoints
+        return {"problems": [req["problems"][i] for i in todo], "keys": [req["keys"][i] for i in todo],
+                "sizes": [sizes[i] for i in todo], "min_version": req["min_version"], "seed": req["seed"]}
 
     def _collect_generations(self) -> None:
         """Account finished generate calls; feed group rewards to the prompt sampler.
@@ -382,15 +399,12 @@ class Trainer:
                   rc.weight_push_timeout_s, f"weight push to recovered rollout worker {idx}")
         held, taken = ray.get(self.buffer.group_ids.remote(), timeout=60)
         self.inflight_groups -= len(req["keys"])
-        todo = [(p, k) for p, k in zip(req["problems"], req["keys"]) if k not in held | taken]
-        for key in set(req["keys"]) & taken:
-            self._count_kept(key)
-        for key in set(req["keys"]) & held:  # written to the buffer just before the worker died
-            self._count_kept(key)
+        todo = self.remaining(req, held | taken)  # groups written just before the worker died count as kept
         if todo:
-            self._send([p for p, _ in todo], [k for _, k in todo], req["min_version"], req["seed"])
-        self.faults["retried_groups"] += len(todo)
-        logger.warning("rollout worker %d %s; %d groups re-issued", idx, how, len(todo))
+            self._send(todo)
+        n = len(todo["keys"]) if todo else 0
+        self.faults["retried_groups"] += n
+        logger.warning("rollout worker %d %s; %d groups re-issued", idx, how, n)
 
     def _check_pushes(self) -> None:
         """Retire finished weight pushes; raise if one is past its deadline."""
@@ -423,6 +437,7 @@ class Trainer:
         m = self.learner.merge_metrics(_wait(train_refs, cfg.learner.step_timeout_s, "learner step"))
         m.update(ray.get(take_ref, timeout=60))
         self.metrics_log.audit(self.version + 1, m.pop("_group_ids"))
+        self.trained_samples += int(m["learner/samples"])
         self.version += 1
         buckets_ref, export_ref = self.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
         self.pushes.append((time.monotonic() + rc.weight_push_timeout_s, self.version,
@@ -462,8 +477,8 @@ class Trainer:
         m.update({
             "curation/groups_generated": float(g["groups"]),
             "curation/zero_variance_generated_frac": g["zero_variance"] / g["groups"] if g["groups"] else 0.0,
-            "curation/rollouts_per_trained_sample": g["samples_total"] / (self.version * cfg.samples_per_step),
-            **self.sampler.metrics(),
+            "curation/rollouts_per_trained_sample": g["samples_total"] / max(self.trained_samples, 1),
+            **self.sampler.metrics(), **self.allocator.metrics(),
         })
         g["groups"] = g["zero_variance"] = 0
         self.acc = {"tokens": 0.0, "load_seconds": 0.0}

@@ -103,7 +103,7 @@ class VLLMEngine:
     def generate(
         self,
         prompt_token_ids: list[list[int]],
-        n: int,
+        n: int | list[int],
         max_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -113,19 +113,25 @@ class VLLMEngine:
 
         Args:
             prompt_token_ids: P prompts as token id lists (chat template already applied).
-            n: samples per prompt (the group size).
+            n: samples per prompt (the group size), or one count per prompt.
             max_tokens: max generated tokens per sample.
             temperature, top_p: sampling parameters.
             seed: per-request sampling seed (None: engine RNG).
 
         Returns:
             P lists of ``n`` `Completion` s, in prompt order.
+
+        Raises:
+            ValueError: a list ``n`` whose length differs from the number of prompts.
         """
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0, seed=seed
-        )
+        counts = n if isinstance(n, list) else [n] * len(prompt_token_ids)
+        if len(counts) != len(prompt_token_ids):
+            raise ValueError(f"got {len(counts)} group sizes for {len(prompt_token_ids)} prompts")
+        by_n = {k: SamplingParams(n=k, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
+                                  seed=seed) for k in set(counts)}
+        params = [by_n[k] for k in counts]
         outs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False
         )

@@ -136,10 +136,11 @@ class RolloutGroup:
         """Active slot with the fewest requests in flight."""
         return min(self.active, key=lambda i: self.inflight[i])
 
-    def generate_remote(self, slot: int, problems, group_keys, min_version: int, seed: int):
+    def generate_remote(self, slot: int, problems, group_keys, min_version: int, seed: int,
+                        group_sizes: list[int] | None = None):
         """Send one generate request to worker ``slot``; returns an ObjectRef of its metadata."""
         self.inflight[slot] += 1
-        return self.slots[slot].generate.remote(problems, group_keys, min_version, seed)
+        return self.slots[slot].generate.remote(problems, group_keys, min_version, seed, group_sizes)
 
     def done(self, slot: int) -> None:
         """Mark one request of worker ``slot`` finished."""

@@ -114,7 +114,7 @@ class RolloutWorker:
         return self.version
 
     # ---- generation ----------------------------------------------------------------------
-    def _run(self, problems: list[Problem], min_version: int, n: int, max_tokens: int,
+    def _run(self, problems: list[Problem], min_version: int, n: int | list[int], max_tokens: int,
              temperature: float, seed: int | None):
         self._wait_for_version(min_version, self.cfg.weight_push_timeout_s)
         with self._engine_lock:
@@ -132,14 +132,15 @@ class RolloutWorker:
         return prompts, outs, version, seconds, load_seconds
 
     def generate(self, problems: list[Problem], group_keys: list[str], min_version: int,
-                 seed: int | None = None) -> dict[str, float]:
-        """Roll out one group of ``group_size`` samples per problem and add them to the buffer.
+                 seed: int | None = None, group_sizes: list[int] | None = None) -> dict[str, float]:
+        """Roll out one group per problem and add them to the buffer.
 
         Args:
             problems: P problems.
             group_keys: P unique group ids.
             min_version: oldest policy version allowed to generate these groups.
             seed: sampling seed of this request.
+            group_sizes: samples per problem (Knapsack budgets); None: ``rollout.group_size`` each.
 
         Returns:
             metadata: groups generated and kept by the buffer (dynamic sampling), each group's
@@ -151,8 +152,9 @@ class RolloutWorker:
             TimeoutError: weights of ``min_version`` did not arrive in time.
         """
         c = self.cfg
-        prompts, outs, version, seconds, load_seconds = self._run(problems, min_version, c.group_size, c.max_tokens,
-                                                    c.temperature, seed)
+        n = list(group_sizes) if group_sizes is not None else c.group_size
+        prompts, outs, version, seconds, load_seconds = self._run(problems, min_version, n, c.max_tokens,
+                                                                  c.temperature, seed)
         groups, tokens, reward_sum, correct, failed = [], 0, 0.0, 0, 0
         for prob, key, ids, comps in zip(problems, group_keys, prompts, outs):
             group = []

@@ -69,3 +69,46 @@ def test_dynamic_sampling_without_signal_stops_with_clear_error(tiny_model, ray_
             t.run(progress=False)
     finally:
         t.shutdown()
+
+
+@pytest.mark.timeout(600)
+def test_knapsack_budgets_train_ragged_batches_on_two_ranks(tiny_sums_model, ray_local, tmp_path):
+    """Group sizes vary per prompt under a fixed per-step budget; two ZeRO-2 ranks with two minibatches
+    run in lockstep whatever the batch size, including a batch that leaves one rank a padding pass."""
+    import random
+
+    from buffer.sample import Sample
+    from orchestrator.loop import _wait
+
+    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=3", "buffer.rollout_allocation=knapsack",
+               "buffer.allocation_min_n=2", "buffer.allocation_max_n=7", "buffer.max_staleness=1",
+               "learner.num_learners=2", "learner.num_cpus=0.5", "learner.zero_stage=2", "learner.ppo_minibatches=2",
+               "learner.micro_batch_size=3", "learner.prox_logprobs=recompute", "prompts_per_step=6",
+               "data.train_size=8")  # prompts recur, so pass rates are known when later steps are allocated
+    t = Trainer(cfg, tmp_path / "knap", tiny_sums_model, load_problems(cfg.data, "train"), [])
+    try:
+        t.run(progress=False)
+        # 15 samples in groups of 7, 4, 4: rank 0 gets 8 (minibatches 4+4), rank 1 gets 7 (4+3); with
+        # micro-batches of 3 rank 1's second minibatch needs one pass fewer, so it runs a padding pass
+        rng = random.Random(0)
+        batch = [[Sample(prompt_id=f"x{g}", group_id=f"x{g}", prompt_ids=[1, 5, 7], response_ids=[9, 11, 2],
+                         behaviour_logprobs=[-2.0, -2.0, -2.0], policy_versions=[t.version] * 3,
+                         reward=float(rng.random() < 0.5)) for _ in range(n)] for g, n in enumerate([7, 4, 4])]
+        batch[0][0].reward, batch[0][1].reward = 1.0, 0.0  # some signal for sure
+        extra = t.learner.merge_metrics(_wait(t.learner.train_step_remote(ray_local.put(batch), t.version), 300,
+                                              "ragged learner step"))
+    finally:
+        t.shutdown()
+    recs = [json.loads(x) for x in (tmp_path / "knap" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert len(recs) == 3
+    for r in recs:
+        assert r["learner/optimizer_steps"] == 2.0 and r["learner/skipped_steps"] == 0.0
+        assert r["curation/effective_samples"] > 0 and abs(r["learner/loss"]) > 0
+        assert r["learner/samples"] == 24  # FIFO batches are whole allocation rounds: the budget, exactly
+    # the per-step budget is prompts_per_step * group_size = 24 samples, split unequally once pass rates are known
+    sizes = [(r["curation/group_size_min"], r["curation/group_size_max"]) for r in recs if "curation/group_size_min" in r]
+    print("group sizes (min, max) per step:", sizes)
+    assert sizes and any(lo < hi for lo, hi in sizes)
+    assert all(2 <= lo <= hi <= 7 for lo, hi in sizes)
+    assert extra["learner/samples"] == 15 and extra["learner/optimizer_steps"] == 2.0
+    assert extra["learner/skipped_steps"] == 0.0 and extra["learner/loss"] != 0.0

@@ -101,3 +101,15 @@ def test_every_registered_variant_is_selectable():
 
     assert set(LearnerConfig.model_fields["loss"].annotation.__args__) == set(POLICY_LOSSES)
     assert set(LearnerConfig.model_fields["advantage"].annotation.__args__) == set(ADVANTAGE_ESTIMATORS)
+
+
+def test_knapsack_allocation_bounds_are_checked():
+    from orchestrator.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="allocation_min_n <= rollout.group_size"):
+        load_config(None, ["buffer.rollout_allocation=knapsack", "rollout.group_size=8", "buffer.allocation_max_n=4"])
+    with pytest.raises((ConfigError, ValueError), match="single-sample groups"):
+        load_config(None, ["buffer.rollout_allocation=knapsack", "buffer.allocation_min_n=1"])
+    cfg = load_config(None, ["buffer.rollout_allocation=knapsack", "buffer.allocation_min_n=1", "learner.advantage=spo",
+                             "buffer.value_tracker=true"])
+    assert cfg.buffer.allocation_min_n == 1

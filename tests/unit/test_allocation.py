@@ -1,0 +1,110 @@
+"""Rollout budgets: Knapsack allocation over a step's prompts, uniform sizes, and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from buffer.allocation import RolloutAllocator
+from buffer.prompt_sampler import DifficultySampler, UniformSampler
+from learner.advantages import ADVANTAGE_ESTIMATORS, batch_advantages, grpo_advantages
+from learner.batching import plan_microbatches
+from rollout.tasks import Problem
+
+
+def _problems(n: int) -> list[Problem]:
+    return [Problem(prompt_id=f"p{i}", question=f"{i}+0", answer=str(i)) for i in range(n)]
+
+
+def test_uniform_allocation_gives_group_size():
+    alloc = RolloutAllocator("uniform", 4, prompts_per_step=3)
+    problems, sizes = alloc.take(UniformSampler(_problems(5), seed=0), 7)
+    assert len(problems) == 7 and sizes == [4] * 7
+    assert alloc.metrics() == {"curation/group_size_mean": 4.0, "curation/group_size_min": 4.0,
+                               "curation/group_size_max": 4.0}
+
+
+def test_knapsack_spends_the_step_budget_on_the_learning_zone():
+    sampler = UniformSampler(_problems(4), seed=0)
+    for pid, rewards in [("p0", [1.0] * 20), ("p1", [0.0] * 20), ("p2", [1.0, 0.0] * 10), ("p3", [1.0, 0.0] * 10)]:
+        sampler.update(pid, rewards)  # p0 always solved, p1 never, p2/p3 half the time
+    alloc = RolloutAllocator("knapsack", 4, prompts_per_step=4, min_n=2, max_n=8)
+    problems, sizes = alloc.take(sampler, 4)
+    by_id = dict(zip([p.prompt_id for p in problems], sizes))
+    assert sum(sizes) == 16  # the budget of one step: prompts_per_step * group_size
+    assert by_id["p0"] == by_id["p1"] == 2  # solved / failed prompts get only the minimum
+    assert by_id["p2"] == by_id["p3"] == 6
+
+
+def test_knapsack_allocates_whole_steps_across_requests():
+    alloc = RolloutAllocator("knapsack", 4, prompts_per_step=6, min_n=2, max_n=8)
+    sampler = UniformSampler(_problems(10), seed=1)
+    sizes = [n for _ in range(4) for n in alloc.take(sampler, 3)[1]]  # 4 requests of 3 = 2 steps of 6
+    assert sum(sizes[:6]) == sum(sizes[6:]) == 24
+
+
+def test_knapsack_state_round_trip_continues_identically():
+    def fresh():
+        s = DifficultySampler(_problems(12), seed=3, group_size=4)
+        s.update("p1", [1.0, 0.0, 0.0, 0.0])
+        return s, RolloutAllocator("knapsack", 4, prompts_per_step=5, min_n=2, max_n=8)
+
+    s1, a1 = fresh()
+    a1.take(s1, 2)  # leaves 3 allocated prompts queued
+    s2, a2 = fresh()
+    s2.load_state_dict(s1.state_dict())
+    a2.load_state_dict(a1.state_dict(), Problem)
+    for _ in range(3):
+        assert a1.take(s1, 4) == a2.take(s2, 4)
+
+
+def test_allocation_rejects_bad_settings():
+    with pytest.raises(ValueError, match="'greedy'"):
+        RolloutAllocator("greedy", 4, 2)
+    with pytest.raises(ValueError, match="min_n <= group_size <= max_n"):
+        RolloutAllocator("knapsack", 40, 2, min_n=2, max_n=8)
+
+
+# ---- ragged groups through advantages and the learner's batch plan --------------------------------------
+
+@pytest.mark.parametrize("name", ["grpo", "drgrpo", "rloo", "reinforce_pp"])
+def test_ragged_batch_matches_equal_size_batches(name):
+    groups = [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]]
+    adv, _ = batch_advantages(name, groups)
+    ref, _ = ADVANTAGE_ESTIMATORS[name](torch.tensor(groups))
+    assert adv == pytest.approx(ref.flatten().tolist(), abs=1e-6)
+
+
+def test_ragged_groups_are_normalised_within_their_own_size():
+    adv, m = batch_advantages("grpo", [[1.0, 0.0], [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]])
+    assert adv[:2] == pytest.approx(grpo_advantages(torch.tensor([[1.0, 0.0]]))[0].flatten().tolist(), abs=1e-6)
+    assert adv[2:] == pytest.approx(grpo_advantages(torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 1.0]]))[0]
+                                    .flatten().tolist(), abs=1e-6)
+    rloo, _ = batch_advantages("rloo", [[1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert rloo == pytest.approx([1.0, -1.0, 1.0, -0.5, -0.5])  # r_i - mean of the others, per group
+    assert m["learner/zero_variance_group_frac"] == 0.0
+
+
+def test_single_sample_group_is_refused_by_group_estimators():
+    with pytest.raises(ValueError, match="group of 1"):
+        batch_advantages("grpo", [[1.0, 0.0], [1.0]])
+    adv, _ = batch_advantages("spo", [[1.0, 0.0], [1.0]], [[0.5, 0.5], [0.2]])
+    assert len(adv) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 200), world=st.integers(1, 4), minibatches=st.integers(1, 4), micro=st.integers(1, 9))
+def test_batch_plan_covers_every_sample_once_in_lockstep(n, world, minibatches, micro):
+    if n < world * minibatches:
+        with pytest.raises(ValueError, match=str(n)):
+            plan_microbatches(n, world, minibatches, micro)
+        return
+    plan = plan_microbatches(n, world, minibatches, micro)
+    flat = sorted(i for r in plan for mb in r for m in mb for i in m)
+    assert flat == list(range(n))
+    for k in range(minibatches):
+        assert len({len(plan[r][k]) for r in range(world)}) == 1  # same passes per optimizer step on every rank
+        assert all(1 <= len(m) <= micro for m in plan[0][k] if m) and any(plan[r][k][0] for r in range(world))
+        assert all(len(m) <= micro for r in range(world) for m in plan[r][k])
