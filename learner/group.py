@@ -3,7 +3,9 @@
 Methods ending in ``_remote`` return ObjectRefs; the others wait with the configured timeout and
 raise naming the rank that did not answer.
 
-Left out on purpose: placement groups across nodes (a later addition), an in-process mode.
+The ranks are reserved together as one placement group (`orchestrator.placement`).
+
+Left out on purpose: an in-process mode.
 """
 
 from __future__ import annotations
@@ -19,20 +21,26 @@ class LearnerGroup:
     """Creates the ranks, joins them into one DeepSpeed process group, fans calls out.
 
     Raises:
-        TimeoutError: a rank did not finish setup in time (resources are checked before, by the
-            orchestrator's `check_resources`).
+        RuntimeError: the cluster cannot place the ranks within ``placement_timeout_s``.
+        TimeoutError: a rank did not finish setup in time.
     """
 
     def __init__(self, cfg, model_path: str, samples_per_step: int, max_tokens: int, temperature: float, seed: int,
-                 worker_cls: type = LearnerWorker) -> None:
+                 worker_cls: type = LearnerWorker, placement_timeout_s: float = 120.0) -> None:
         import ray
 
+        from orchestrator.placement import bundle, reserve, scheduling
+
         self.cfg = cfg
+        self.pg = reserve([bundle(cfg.num_cpus, cfg.num_gpus, cfg.resources)] * cfg.num_learners,
+                          cfg.placement_strategy, cfg.node_labels, placement_timeout_s, "the learner ranks")
         env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu" if not cfg.num_gpus else "cuda",
                             "OMP_NUM_THREADS": str(cfg.torch_threads or max(1, int(cfg.num_cpus)))}}
-        actor = ray.remote(worker_cls).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=env)
+        actor = ray.remote(worker_cls)
         self.ranks = [
-            actor.remote(cfg, model_path, r, cfg.num_learners, samples_per_step, max_tokens, temperature, seed)
+            actor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, runtime_env=env,
+                          scheduling_strategy=scheduling(self.pg, r)).remote(
+                cfg, model_path, r, cfg.num_learners, samples_per_step, max_tokens, temperature, seed)
             for r in range(cfg.num_learners)
         ]
         addr, port = self._get([self.ranks[0].master_address.remote()], "master_address")[0]

@@ -174,8 +174,9 @@ def restore(trainer, ckpt: Path) -> dict[str, float]:
     ray.get(trainer.buffer.load_state_dict.remote(buffer_state), timeout=300)
     trainer.sampler.load_state_dict(driver["sampler"])
     trainer.allocator.load_state_dict(driver.get("allocator", {}), Problem)
-    for k in ("version", "dispatched", "kept", "gen", "train_seconds"):
+    for k in ("version", "dispatched", "kept", "train_seconds"):
         setattr(trainer, k, driver[k])
+    trainer.gen.update(driver["gen"])
     trainer.trained_samples = driver.get("trained_samples", trainer.version * trainer.cfg.samples_per_step)
     trainer.collected, trainer.dropped_early = set(driver["collected"]), set(driver["dropped_early"])
     done = {g[0].group_id for g in buffer_state["groups"]} | set(buffer_state.get("taken_ids", []))

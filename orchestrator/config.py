@@ -71,6 +71,9 @@ class RolloutConfig(_Strict):
     prompts_per_request: int = Field(4, ge=1, le=4096, description="groups per generate call")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per rollout worker")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rollout worker (0 on CPU)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rollout worker")
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="node labels a rollout worker's node must have (Ray label selector)")
     request_timeout_s: float = Field(600.0, gt=0, description="max seconds for one generate call")
     weight_push_timeout_s: float = Field(300.0, gt=0, description="max seconds for one weight push")
     max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts per rollout worker before it is replaced")
@@ -79,6 +82,17 @@ class RolloutConfig(_Strict):
         0.1, ge=0.0, le=1.0, description="stop the run when more than this fraction of scored samples "
         "(after the first step) failed their reward function")
     weight_bucket_bytes: int = Field(512 << 20, ge=1 << 20, description="max bytes per weight bucket")
+    autoscale_max_workers: int = Field(
+        0, ge=0, le=1024, description="automatic scaling: add rollout workers (up to this many) while the "
+        "learner waits on data, remove them (down to num_workers) while it never waits; 0: off")
+    autoscale_wait_frac: float = Field(
+        0.2, gt=0.0, lt=1.0, description="autoscale up when the learner waited more than this fraction of "
+        "each of the last autoscale_patience steps")
+    autoscale_patience: int = Field(2, ge=1, le=1000, description="steps in a row before autoscaling acts")
+    update_interval_tokens: int = Field(
+        0, ge=0, le=131072, description="in-flight weight updates: apply newly pushed weights inside a "
+        "running request every this many generated tokens (unfinished samples continue from their tokens so "
+        "far; per-token versions are recorded); 0: only between requests")
     seed: int = Field(0, description="sampling seed")
 
 
@@ -136,6 +150,11 @@ class LearnerConfig(_Strict):
         1.0, gt=0.0, le=1.0, description="weight decay**staleness on each sample's loss (1: no down-weighting)")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per learner rank")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per learner rank (0 on CPU)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per learner rank")
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="node labels a learner rank's node must have (Ray label selector)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement group strategy of the learner ranks")
     step_timeout_s: float = Field(1800.0, gt=0, description="max seconds for one learner call")
     max_skipped_steps: int = Field(
         3, ge=1, description="stop the run after this many consecutive optimizer steps skipped for "
@@ -154,6 +173,8 @@ class CheckpointConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = Field(None, description="existing cluster address; None: RAY_ADDRESS or local")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
+    placement_timeout_s: float = Field(
+        120.0, gt=0, description="max seconds to wait for the cluster to place learner ranks or a rollout worker")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -32,20 +32,24 @@ logger = logging.getLogger(__name__)
 def check_resources(cfg, cluster: dict[str, float]) -> None:
     """Fail fast when the cluster cannot host the run's actors (Ray would wait silently forever).
 
+    Custom resources (``learner.resources``, ``rollout.resources``) count like CPUs and GPUs; node
+    labels are checked when the placement groups are reserved (`orchestrator.placement`).
+
     Raises:
         RuntimeError: naming the resource, how much the config asks for and how much exists.
     """
+    from orchestrator.placement import bundle
+
     lc, rc = cfg.learner, cfg.rollout
-    need = {
-        "CPU": lc.num_learners * lc.num_cpus + rc.num_workers * rc.num_cpus,
-        "GPU": lc.num_learners * lc.num_gpus + rc.num_workers * rc.num_gpus,
-    }
-    for res, amount in need.items():
+    per_rank, per_worker = bundle(lc.num_cpus, lc.num_gpus, lc.resources), bundle(rc.num_cpus, rc.num_gpus, rc.resources)
+    for res in sorted(set(per_rank) | set(per_worker)):
+        a, b = per_rank.get(res, 0.0), per_worker.get(res, 0.0)
+        amount = lc.num_learners * a + rc.num_workers * b
         if amount > cluster.get(res, 0.0) + 1e-9:
             raise RuntimeError(
-                f"the run needs {amount:g} {res} (learner: {lc.num_learners} x {getattr(lc, 'num_' + res.lower() + 's'):g}, "
-                f"rollout: {rc.num_workers} x {getattr(rc, 'num_' + res.lower() + 's'):g}) but the Ray cluster has "
-                f"{cluster.get(res, 0.0):g}; lower learner/rollout num_{res.lower()}s or add nodes"
+                f"the run needs {amount:g} {res} (learner: {lc.num_learners} x {a:g}, rollout: {rc.num_workers} x "
+                f"{b:g}) but the Ray cluster has {cluster.get(res, 0.0):g}; lower the learner/rollout resource "
+                "spec or add nodes that have it"
             )
 
 
@@ -91,9 +95,11 @@ class Trainer:
             prioritized=bc.prioritized_replay)
         self.learner = LearnerGroup(cfg.learner, model_path, cfg.samples_per_step, cfg.rollout.max_tokens,
                                     cfg.rollout.temperature, cfg.seed,
-                                    worker_cls=learner_worker_cls or LearnerWorker)
+                                    worker_cls=learner_worker_cls or LearnerWorker,
+                                    placement_timeout_s=cfg.ray.placement_timeout_s)
         self.rollout = RolloutGroup(cfg.rollout, cfg.data, model_path, self.buffer,
-                                    worker_cls=rollout_worker_cls or RolloutWorker)
+                                    worker_cls=rollout_worker_cls or RolloutWorker,
+                                    placement_timeout_s=cfg.ray.placement_timeout_s)
         self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=cfg.rollout.group_size,
                                                            floor=bc.sampler_floor)
         self.allocator = RolloutAllocator(bc.rollout_allocation, cfg.rollout.group_size, cfg.prompts_per_step,
@@ -106,10 +112,14 @@ class Trainer:
         self.inflight, self.pushes, self.reissue = {}, [], []
         self.collected: set[str] = set()  # kept groups the driver has counted (admission budget)
         self.dropped_early: set[str] = set()  # dropped as stale before their request was collected
-        self.gen = {"groups": 0, "zero_variance": 0, "samples_total": 0}  # generated since the last step
+        # generated since the last step (samples_total: since the start); mixed_version: samples whose
+        # tokens span several policy versions (in-flight weight updates)
+        self.gen = {"groups": 0, "zero_variance": 0, "samples": 0, "mixed_version": 0, "samples_total": 0}
         self.worker_samples: dict[int, int] = {}  # samples generated per rollout worker since the last step
         self.faults = {"reward_failures": 0, "scored": 0, "retried_groups": 0, "worker_restarts": 0}
         self.train_seconds, self.trained_samples = 0.0, 0
+        self.learner_wait, self.idle_since = 0.0, None  # seconds the learner waited on data this step
+        self.wait_history: list[float] = []  # learner wait fraction of each step (autoscaling)
         self.last_weights = None  # (version, buckets ObjectRef) of the newest push
         self.resume_metrics: dict[str, float] = {}
         if resume_from is not None:
@@ -119,11 +129,16 @@ class Trainer:
         self.resumed = resume_from is not None
 
     def shutdown(self) -> None:
-        """Kill every actor of this run (buffer, learner ranks, rollout workers), freeing their resources."""
+        """Kill every actor of this run (buffer, learner ranks, rollout workers) and free their placement groups."""
         import ray
 
-        for actor in [self.buffer, self.control, *self.learner.ranks, *self.rollout.workers]:
+        from orchestrator.placement import release
+
+        for actor in [self.buffer, self.control, *self.learner.ranks]:
             ray.kill(actor)
+        for slot in list(self.rollout.slots):
+            self.rollout.release(slot)
+        release(self.learner.pg)
 
     def evaluate(self, version: int) -> dict[str, float]:
         """Greedy held-out accuracy (strict exact match) with weights of ``version`` or newer."""
@@ -156,6 +171,7 @@ class Trainer:
             self._send(req)
         self.reissue = []
         self.t_step, train_refs = time.perf_counter(), []
+        self.idle_since = self.t_step
         bar = tqdm(total=cfg.num_steps, initial=self.version, disable=not progress, desc="train", unit="step")
         while self.version < cfg.num_steps:
             self._apply_scaling()
@@ -165,6 +181,7 @@ class Trainer:
                     cfg.prompts_per_step, self.version)
                 train_refs = self.learner.train_step_remote(batch_ref, self.version)
                 self.ready_groups -= cfg.prompts_per_step
+                self.learner_wait += time.perf_counter() - self.idle_since
             wait_s = max(rc.request_timeout_s, cfg.learner.step_timeout_s if train_refs else 0.0)
             done, _ = ray.wait(list(self.inflight) + train_refs, num_returns=1, timeout=wait_s)
             if not done:
@@ -176,7 +193,7 @@ class Trainer:
                 spent = self.train_seconds + time.perf_counter() - self.t_step
                 out_of_time = bool(cfg.time_budget_s) and spent >= cfg.time_budget_s
                 last = self._finish_step(train_refs, take_ref, final=out_of_time)
-                train_refs = []
+                train_refs, self.idle_since = [], time.perf_counter()
                 bar.update(1)
                 num = lambda k: last.get(k) if last.get(k) is not None else float("nan")  # noqa: E731
                 bar.set_postfix(reward=f"{num('rollout/reward_mean'):.3f}", acc=f"{num('eval/accuracy'):.3f}",
@@ -186,7 +203,7 @@ class Trainer:
                     from orchestrator import checkpoint
 
                     checkpoint.save(self)
-                    self.t_step = time.perf_counter()  # like evals, checkpoint writes are not step time
+                    self.t_step = self.idle_since = time.perf_counter()  # like evals, checkpoint writes are not step time
                 if out_of_time:
                     logger.info("time budget of %.0f s reached after %d steps", cfg.time_budget_s, self.version)
                     break
@@ -285,6 +302,8 @@ class Trainer:
             w = int(meta["worker"])
             self.worker_samples[w] = self.worker_samples.get(w, 0) + int(meta["samples"])
             self.faults["reward_failures"] += int(meta["reward_failures"])
+            self.gen["mixed_version"] += int(meta["mixed_version_samples"])
+            self.gen["samples"] += int(meta["samples"])
             self.faults["scored"] += int(meta["samples"])
             self.acc["tokens"] += meta["tokens"]
             self.acc["load_seconds"] += meta["load_seconds"]
@@ -365,12 +384,18 @@ class Trainer:
         want, rc = ray.get(self.control.desired.remote(), timeout=30), self.cfg.rollout
         active = self.rollout.active
         while len(active) < want:
-            free = ray.available_resources()
-            if free.get("CPU", 0.0) + 1e-9 < rc.num_cpus or free.get("GPU", 0.0) + 1e-9 < rc.num_gpus:
-                logger.warning("scale to %d rollout workers: the cluster has no room for another (needs %g CPU, "
-                               "%g GPU; free %s)", want, rc.num_cpus, rc.num_gpus, free)
+            from orchestrator.placement import bundle
+
+            free, need = ray.available_resources(), bundle(rc.num_cpus, rc.num_gpus, rc.resources)
+            if any(free.get(k, 0.0) + 1e-9 < v for k, v in need.items()):
+                logger.warning("scale to %d rollout workers: the cluster has no room for another (needs %s; free %s)",
+                               want, need, free)
                 break
-            slot = self.rollout.add_worker()
+            try:
+                slot = self.rollout.add_worker()
+            except RuntimeError as e:  # could not be placed or started: keep running with what we have
+                logger.warning("scale to %d rollout workers: %s", want, e)
+                break
             if self.last_weights is not None:
                 version, buckets_ref = self.last_weights
                 _wait([self.rollout.slots[slot].receive_weights.remote(version, buckets_ref)],
@@ -383,6 +408,31 @@ class Trainer:
         for slot in self.rollout.retire_drained():
             logger.info("rollout worker %d removed", slot)
         self.control.report.remote({"rollout_workers": len(self.rollout.active), "version": self.version})
+
+    def _autoscale(self, wait_frac: float) -> None:
+        """Automatic rollout scaling (``rollout.autoscale_max_workers > 0``), through the same control
+        actor as `relayrl scale`: one worker more after ``autoscale_patience`` steps in a row in which the
+        learner waited on data for more than ``autoscale_wait_frac`` of the step, one fewer (not below
+        ``rollout.num_workers``) after as many steps in which it waited under a tenth of that."""
+        import ray
+
+        rc = self.cfg.rollout
+        if not rc.autoscale_max_workers:
+            return
+        self.wait_history = (self.wait_history + [wait_frac])[-rc.autoscale_patience:]
+        if len(self.wait_history) < rc.autoscale_patience:
+            return
+        n = len(self.rollout.active)
+        if min(self.wait_history) > rc.autoscale_wait_frac and n < rc.autoscale_max_workers:
+            want = n + 1
+        elif max(self.wait_history) < rc.autoscale_wait_frac / 10 and n > rc.num_workers:
+            want = n - 1
+        else:
+            return
+        logger.info("autoscale: learner waited %s of the last steps; rollout workers %d -> %d",
+                    ", ".join(f"{w:.0%}" for w in self.wait_history), n, want)
+        ray.get(self.control.request_scale.remote(want), timeout=30)
+        self.wait_history, self._next_control_poll = [], 0.0  # judge the new size afresh; apply it now
 
     def _recover_worker(self, req: dict, err: Exception) -> None:
         """Bring a dead rollout worker back (restart or replacement), give it the current weights, and
@@ -465,6 +515,9 @@ class Trainer:
         else:
             self.faults["consecutive_skips"] = 0
         m["rollout/num_workers"] = float(len(self.rollout.active))
+        m["perf/learner_wait_seconds"], self.learner_wait = self.learner_wait, 0.0
+        m["perf/learner_wait_frac"] = m["perf/learner_wait_seconds"] / max(elapsed, 1e-9)
+        self._autoscale(m["perf/learner_wait_frac"])
         m.update({f"rollout/worker_{w}_samples_per_s": n / elapsed for w, n in sorted(self.worker_samples.items())})
         self.worker_samples = {}
         f = self.faults
@@ -480,7 +533,8 @@ class Trainer:
             "curation/rollouts_per_trained_sample": g["samples_total"] / max(self.trained_samples, 1),
             **self.sampler.metrics(), **self.allocator.metrics(),
         })
-        g["groups"] = g["zero_variance"] = 0
+        m["rollout/mixed_version_frac"] = g["mixed_version"] / max(g["samples"], 1)
+        g["groups"] = g["zero_variance"] = g["mixed_version"] = g["samples"] = 0
         self.acc = {"tokens": 0.0, "load_seconds": 0.0}
         if final or self.version == cfg.num_steps or (cfg.eval_every and self.version % cfg.eval_every == 0):
             m.update(self.evaluate(self.version))

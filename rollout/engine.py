@@ -9,7 +9,9 @@ Logprobs are requested in ``processed_logprobs`` mode, i.e. of the distribution 
 from (after temperature), so the learner must divide its logits by the same temperature.
 ``top_p < 1`` would renormalise that distribution; keep ``top_p = 1`` for exact importance weights.
 
-Left out on purpose: in-flight weight updates within one request, LoRA, multi-GPU tensor parallel.
+`generate_chunked` lets weights change inside a request (in-flight updates at chunk boundaries).
+
+Left out on purpose: LoRA, multi-GPU tensor parallel.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -144,6 +146,79 @@ class VLLMEngine:
                 group.append(Completion(ids, lps, c.text, str(c.finish_reason)))
             groups.append(group)
         return groups
+
+    def generate_chunked(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int | list[int],
+        max_tokens: int,
+        chunk_tokens: int,
+        before_chunk: Callable[[], int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> tuple[list[list[Completion]], list[list[list[int]]]]:
+        """`generate`, ``chunk_tokens`` tokens at a time, so weights can change inside a request.
+
+        Before each chunk ``before_chunk()`` runs (it may load new weights) and returns the policy
+        version now served; every unfinished sequence is then continued from its tokens so far
+        (abort-and-resubmit at a chunk boundary: the prefix is re-read from vLLM's prefix cache or
+        recomputed, under the new weights). Each token's behaviour logprob and version are those of
+        the chunk that sampled it, which is what decoupled PPO needs.
+
+        Args:
+            chunk_tokens: tokens per chunk (>= 1).
+            before_chunk: ``() -> version``.
+            (others as in `generate`.)
+
+        Returns:
+            ``(groups, versions)``: completions as `generate`, and for each completion the policy
+            version of every token (same shape as its ``token_ids``).
+
+        Raises:
+            ValueError: ``chunk_tokens < 1`` or a bad ``n`` list.
+        """
+        from vllm import SamplingParams
+
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        counts = n if isinstance(n, list) else [n] * len(prompt_token_ids)
+        if len(counts) != len(prompt_token_ids):
+            raise ValueError(f"got {len(counts)} group sizes for {len(prompt_token_ids)} prompts")
+        # one state per sequence: [prompt index, token ids, logprobs, versions, finish reason or None]
+        seqs = [[i, [], [], [], None] for i, k in enumerate(counts) for _ in range(k)]
+        chunk = 0
+        while True:
+            todo = [s for s in seqs if s[4] is None]
+            if not todo:
+                break
+            version = before_chunk()
+            if chunk == 0:  # n samples per prompt from one request each
+                reqs = [{"prompt_token_ids": p} for p in prompt_token_ids]
+                params = [SamplingParams(n=k, max_tokens=min(chunk_tokens, max_tokens), temperature=temperature,
+                                         top_p=top_p, logprobs=0, seed=seed) for k in counts]
+                outs = [c for o in self.llm.generate(reqs, params, use_tqdm=False) for c in o.outputs]
+            else:  # each unfinished sample continues on its own
+                reqs = [{"prompt_token_ids": prompt_token_ids[s[0]] + s[1]} for s in todo]
+                params = [SamplingParams(n=1, max_tokens=min(chunk_tokens, max_tokens - len(s[1])),
+                                         temperature=temperature, top_p=top_p, logprobs=0,
+                                         seed=None if seed is None else seed + 7919 * chunk + j)
+                          for j, s in enumerate(todo)]
+                outs = [o.outputs[0] for o in self.llm.generate(reqs, params, use_tqdm=False)]
+            for s, c in zip(todo, outs):
+                ids = list(c.token_ids)
+                s[1] += ids
+                s[2] += [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs or [])]
+                s[3] += [version] * len(ids)
+                if c.finish_reason != "length" or len(s[1]) >= max_tokens:
+                    s[4] = str(c.finish_reason)
+            chunk += 1
+        groups: list[list[Completion]] = [[] for _ in counts]
+        versions: list[list[list[int]]] = [[] for _ in counts]
+        for i, ids, lps, vers, finish in seqs:
+            groups[i].append(Completion(ids, lps, self.tokenizer.decode(ids, skip_special_tokens=True), finish))
+            versions[i].append(vers)
+        return groups, versions
 
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
         """Logprobs the engine assigns to ``token_ids[prompt_len:]`` given the preceding tokens.

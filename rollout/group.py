@@ -5,7 +5,8 @@ Workers live in numbered slots. The group can grow (`add_worker`) and shrink (`d
 that died (`recover`: Ray's restart, or a replacement actor in the same slot). A new or recovered
 worker holds the base weights; the orchestrator pushes the current ones before it takes prompts.
 
-Left out on purpose: placement groups (workers are plain actors with their own resource spec).
+Each worker has a one-bundle placement group of its own (`orchestrator.placement`), reserved when
+its slot is created and released when the slot is retired.
 """
 
 from __future__ import annotations
@@ -25,23 +26,24 @@ class RolloutGroup:
     worker's error.
 
     Raises:
-        RuntimeError: a worker failed to start within ``startup_timeout_s``.
+        RuntimeError: a worker could not be placed within ``placement_timeout_s`` or failed to start
+            within ``startup_timeout_s``.
     """
 
     def __init__(self, cfg, data_cfg, model_path: str, buffer, startup_timeout_s: float = 600.0,
-                 worker_cls: type = RolloutWorker) -> None:
+                 worker_cls: type = RolloutWorker, placement_timeout_s: float = 120.0) -> None:
         import ray
 
         self.cfg, self.data_cfg, self.model_path, self.buffer = cfg, data_cfg, model_path, buffer
-        self.startup_timeout_s = startup_timeout_s
+        self.startup_timeout_s, self.placement_timeout_s = startup_timeout_s, placement_timeout_s
+        self.pgs: dict = {}  # slot -> its placement group
         env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
                             "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
         # Ray restarts a dead worker (re-running __init__); its failed calls raise to the driver, which
         # re-issues them (no automatic task retry, so nothing runs twice behind the driver's back)
-        self._actor = ray.remote(worker_cls).options(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_concurrency=4, runtime_env=env,
-            max_restarts=cfg.max_restarts, max_task_retries=0,
-        )
+        self._actor = ray.remote(worker_cls)
+        self._options = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, max_concurrency=4,
+                             runtime_env=env, max_restarts=cfg.max_restarts, max_task_retries=0)
         self.slots = {i: self._new(i) for i in range(cfg.num_workers)}
         self.inflight = {i: 0 for i in self.slots}
         self.draining: set[int] = set()
@@ -49,7 +51,27 @@ class RolloutGroup:
         self._wait_up(list(self.slots))
 
     def _new(self, slot: int):
-        return self._actor.remote(self.cfg, self.data_cfg, self.model_path, slot, self.buffer)
+        """Start the actor of ``slot`` in the slot's placement group (reserved on first use)."""
+        from orchestrator.placement import bundle, reserve, scheduling
+
+        c = self.cfg
+        if slot not in self.pgs:
+            self.pgs[slot] = reserve([bundle(c.num_cpus, c.num_gpus, c.resources)], "PACK", c.node_labels,
+                                     self.placement_timeout_s, f"rollout worker {slot}")
+        return self._actor.options(**self._options, scheduling_strategy=scheduling(self.pgs[slot], 0)).remote(
+            c, self.data_cfg, self.model_path, slot, self.buffer)
+
+    def release(self, slot: int) -> None:
+        """Kill the actor of ``slot`` (if any) and free its placement group."""
+        import ray
+
+        from orchestrator.placement import release
+
+        if slot in self.slots:
+            ray.kill(self.slots.pop(slot))
+        self.inflight.pop(slot, None)
+        if slot in self.pgs:
+            release(self.pgs.pop(slot))
 
     def _wait_up(self, slots: list[int]) -> None:
         import ray
@@ -78,15 +100,12 @@ class RolloutGroup:
         Raises:
             RuntimeError: it did not start within the startup timeout (it is killed again).
         """
-        import ray
-
         slot, self._next_slot = self._next_slot, self._next_slot + 1
-        self.slots[slot], self.inflight[slot] = self._new(slot), 0
         try:
+            self.slots[slot], self.inflight[slot] = self._new(slot), 0
             self._wait_up([slot])
         except RuntimeError:
-            ray.kill(self.slots.pop(slot))
-            self.inflight.pop(slot)
+            self.release(slot)
             raise
         return slot
 
@@ -96,12 +115,9 @@ class RolloutGroup:
 
     def retire_drained(self) -> list[int]:
         """Kill drained workers with no request left; returns their slots."""
-        import ray
-
         gone = [i for i in sorted(self.draining) if self.inflight[i] == 0]
         for i in gone:
-            ray.kill(self.slots.pop(i))
-            self.inflight.pop(i)
+            self.release(i)
             self.draining.discard(i)
         return gone
 

@@ -3,12 +3,12 @@
 A worker turns problems into scored sample groups and writes them straight into the replay buffer
 actor (samples never pass through the driver); the call returns only small metadata. Weight
 pushes are staged on arrival (the transfer overlaps generation) and applied between requests, so a
-worker switches policy version between requests and every token of a request has one version.
+worker switches policy version between requests and every token of a request has one version; with
+``rollout.update_interval_tokens = K`` they are also applied inside a request, every K tokens
+(`VLLMEngine.generate_chunked`), and each token records the version that sampled it.
 A request names the oldest policy version it may be generated with (``min_version``); the worker
 waits, bounded by a timeout, until it holds such weights. That is what makes the staleness bound
 hold by construction (see orchestrator.loop).
-
-Left out on purpose: in-flight weight switches inside a request.
 """
 
 from __future__ import annotations
@@ -115,21 +115,28 @@ class RolloutWorker:
 
     # ---- generation ----------------------------------------------------------------------
     def _run(self, problems: list[Problem], min_version: int, n: int | list[int], max_tokens: int,
-             temperature: float, seed: int | None):
+             temperature: float, seed: int | None, chunk_tokens: int = 0):
+        """Generate under the engine lock; returns ``(prompts, groups, versions, seconds, load_seconds)``
+        where ``versions[i][j]`` holds the policy version of each token of completion ``j`` of prompt ``i``."""
         self._wait_for_version(min_version, self.cfg.weight_push_timeout_s)
         with self._engine_lock:
-            t_load = time.perf_counter()
+            loaded_before = self._load_seconds
             self._apply_pending()
-            load_seconds = time.perf_counter() - t_load
-            version = self.version
             prompts = [
                 encode_prompt(self.engine.tokenizer, p.question, self.data_cfg.instruction, self.data_cfg.one_shot)
                 for p in problems
             ]
             t0 = time.perf_counter()
-            outs = self.engine.generate(prompts, n, max_tokens, temperature, self.cfg.top_p, seed)
-            seconds = time.perf_counter() - t0
-        return prompts, outs, version, seconds, load_seconds
+            if chunk_tokens:  # staged weights are loaded between chunks, inside this request
+                outs, versions = self.engine.generate_chunked(
+                    prompts, n, max_tokens, chunk_tokens, lambda: (self._apply_pending(), self.version)[1],
+                    temperature, self.cfg.top_p, seed)
+            else:
+                outs = self.engine.generate(prompts, n, max_tokens, temperature, self.cfg.top_p, seed)
+                versions = [[[self.version] * len(c.token_ids) for c in g] for g in outs]
+            load_seconds = self._load_seconds - loaded_before
+            seconds = time.perf_counter() - t0 - load_seconds
+        return prompts, outs, versions, seconds, load_seconds
 
     def generate(self, problems: list[Problem], group_keys: list[str], min_version: int,
                  seed: int | None = None, group_sizes: list[int] | None = None) -> dict[str, float]:
@@ -153,12 +160,12 @@ class RolloutWorker:
         """
         c = self.cfg
         n = list(group_sizes) if group_sizes is not None else c.group_size
-        prompts, outs, version, seconds, load_seconds = self._run(problems, min_version, n, c.max_tokens,
-                                                                  c.temperature, seed)
+        prompts, outs, versions, seconds, load_seconds = self._run(problems, min_version, n, c.max_tokens,
+                                                                   c.temperature, seed, c.update_interval_tokens)
         groups, tokens, reward_sum, correct, failed = [], 0, 0.0, 0, 0
-        for prob, key, ids, comps in zip(problems, group_keys, prompts, outs):
+        for prob, key, ids, comps, vers in zip(problems, group_keys, prompts, outs, versions):
             group = []
-            for comp in comps:
+            for comp, token_versions in zip(comps, vers):
                 reward, ok, error = score_safely(self.reward_fn, comp.text, prob.answer, c.reward_timeout_s)
                 if error:  # kept for the record, never trained on (loss mask all zero)
                     logger.warning("reward of %s failed: %s", key, error)
@@ -166,7 +173,7 @@ class RolloutWorker:
                 group.append(Sample(
                     prompt_id=prob.prompt_id, group_id=key, prompt_ids=ids,
                     response_ids=comp.token_ids, behaviour_logprobs=comp.logprobs,
-                    policy_versions=[version] * len(comp.token_ids), reward=reward,
+                    policy_versions=token_versions, reward=reward,
                     loss_mask=[0] * len(comp.token_ids) if error else [],
                     status="failed" if error else "truncated" if comp.finish_reason == "length" else "completed",
                     answer=prob.answer, response_text=comp.text, correct=ok, error=error,
@@ -180,9 +187,12 @@ class RolloutWorker:
         return {"groups": float(len(groups)), "groups_kept": float(added["kept"]), "kept_keys": added["kept_ids"],
                 "group_rewards": [(g[0].prompt_id, [s.reward for s in g]) for g in groups],
                 "reward_failures": float(failed),
+                # samples whose tokens come from more than one policy version (in-flight updates)
+                "mixed_version_samples": float(sum(len(set(vs)) > 1 for g in versions for vs in g)),
                 "samples": float(sum(len(g) for g in groups)),
                 "tokens": float(tokens), "reward_sum": reward_sum, "correct": float(correct),
-                "seconds": seconds, "load_seconds": load_seconds, "version": float(version),
+                "seconds": seconds, "load_seconds": load_seconds,
+                "version": float(min((v for g in versions for vs in g for v in vs), default=self.version)),
                 "worker": float(self.index)}
 
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:

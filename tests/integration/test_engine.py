@@ -30,3 +30,54 @@ def test_seeded_request_larger_than_one_prefill_step(tiny_model):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1])
     assert res == {"groups": 96, "sizes": [8], "same": True}
+
+
+_IN_FLIGHT_UPDATE = """
+import json, torch
+from transformers import AutoModelForCausalLM
+from rollout.engine import VLLMEngine, serialize_buckets
+e = VLLMEngine({model!r}, dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=256)
+prompts = [e.tokenizer("Calculate 1 + 2. " * 3, add_special_tokens=False)["input_ids"]] * 2
+# 1) no weight change: chunked greedy decoding is plain greedy decoding, versions count the chunks
+plain = e.generate(prompts, n=1, max_tokens=12, temperature=0.0)
+calls = []
+chunked, vers = e.generate_chunked(prompts, 1, 12, 4, lambda: calls.append(1) or len(calls) - 1, temperature=0.0)
+same = [[c.token_ids for c in g] for g in plain] == [[c.token_ids for c in g] for g in chunked]
+# 2) new weights arrive after the first chunk: later tokens are sampled (and scored) by them
+model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32)
+torch.manual_seed(0)
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+new = serialize_buckets(iter(model.named_parameters()), 64 << 20)
+state = {{"v": 0}}
+def before():
+    if state["v"] == 0 and calls2:
+        e.load_weights(new)
+        state["v"] = 1
+    calls2.append(1)
+    return state["v"]
+calls2 = []
+groups, vers2 = e.generate_chunked(prompts, 3, 12, 4, before, temperature=1.0, seed=7)
+c, v = groups[0][0], vers2[0][0]
+now = e.sequence_logprobs(prompts[0] + c.token_ids, len(prompts[0]))
+err_new = max(abs(a - b) for a, b, x in zip(c.logprobs, now, v) if x == 1)
+err_old = max(abs(a - b) for a, b, x in zip(c.logprobs, now, v) if x == 0)
+print("RESULT", json.dumps({{"same": same, "versions": vers[0][0], "lens": [len(c.token_ids) for g in groups for c in g],
+      "v2": v, "err_new": err_new, "err_old": err_old}}))
+"""
+
+
+def test_in_flight_weight_update_between_chunks(tiny_model):
+    """Chunked generation equals plain generation when weights stay; when they change mid-request, the
+    tokens after the switch carry the new version and the new policy's logprobs."""
+    out = subprocess.run([sys.executable, "-c", _IN_FLIGHT_UPDATE.format(model=tiny_model)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1])
+    print(res)
+    assert res["same"]
+    assert res["versions"] == [0] * 4 + [1] * 4 + [2] * 4  # the random tiny model never stops early
+    assert res["lens"] == [12] * 6 and res["v2"] == [0] * 4 + [1] * 8
+    assert res["err_new"] < 1e-3  # tokens after the switch: logprobs of the new weights
+    assert res["err_old"] > 1e-2  # tokens before it were sampled by the old weights

@@ -81,3 +81,32 @@ def test_scale_up_then_down_during_a_run(tiny_sums_model, ray_local, tmp_path):
 def test_scale_of_unknown_run_is_a_clear_error(ray_local, capsys):
     assert main(["scale", "no-such-run", "--rollout-workers", "2"]) == 2
     assert "no running relayrl job named 'no-such-run'" in capsys.readouterr().err
+
+
+class SlowGeneration(__import__("rollout.worker", fromlist=["RolloutWorker"]).RolloutWorker):
+    """Generation of 2 s per request: the learner waits on data."""
+
+    def generate(self, *args, **kwargs):
+        time.sleep(2.0)
+        return super().generate(*args, **kwargs)
+
+
+@pytest.mark.timeout(900)
+def test_autoscale_adds_a_worker_while_the_learner_waits(tiny_sums_model, ray_local, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+    cfg = tiny_run_config(tiny_sums_model, tmp_path, "num_steps=5", "buffer.max_staleness=1", "seed=4",
+                          "rollout.autoscale_max_workers=2", "rollout.autoscale_patience=1",
+                          "rollout.autoscale_wait_frac=0.3")
+    run_dir = tmp_path / "auto"
+    t = Trainer(cfg, run_dir, tiny_sums_model, load_problems(cfg.data, "train"), [], rollout_worker_cls=SlowGeneration)
+    try:
+        t.run(progress=False)
+    finally:
+        t.shutdown()
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    waits = [round(r["perf/learner_wait_frac"], 2) for r in recs]
+    counts = [r["rollout/num_workers"] for r in recs]
+    print("learner wait fraction per step:", waits, "rollout workers:", counts)
+    assert waits[0] > 0.3 and counts[0] == 1.0  # the first step waited on generation ...
+    assert max(counts) == 2.0  # ... so a second worker was added, and never more than the maximum
+    assert all(r["off_policy/staleness_max"] <= 1 for r in recs)

@@ -39,13 +39,21 @@ class SlowRollout(RolloutWorker):
         return super().generate(*args, **kwargs)
 
 
-def _run(tiny_model, tmp_path, learner_cls=None, rollout_cls=None) -> list[dict]:
+class SlowChunkRollout(RolloutWorker):
+    """Slow between generation chunks, so weight pushes land inside running requests."""
+
+    def _apply_pending(self):
+        time.sleep(0.4)
+        return super()._apply_pending()
+
+
+def _run(tiny_model, tmp_path, learner_cls=None, rollout_cls=None, *extra: str) -> list[dict]:
     cfg = load_config(None, [
         f"model.path={tiny_model}", f"output_dir={tmp_path}", f"num_steps={STEPS}", "prompts_per_step=4",
         "data.train_size=64", "data.eval_size=0", "rollout.num_workers=2", "rollout.group_size=4",
         "rollout.max_tokens=8", "rollout.dtype=float32", "rollout.kv_cache_memory_bytes=67108864",
         "rollout.max_model_len=256", "rollout.prompts_per_request=2", "learner.micro_batch_size=8",
-        "learner.dtype=fp32", "learner.num_cpus=1", f"buffer.max_staleness={MAX_STALENESS}",
+        "learner.dtype=fp32", "learner.num_cpus=1", f"buffer.max_staleness={MAX_STALENESS}", *extra,
     ])
     trainer = Trainer(cfg, tmp_path / "run", tiny_model, load_problems(cfg.data, "train"), [],
                       learner_worker_cls=learner_cls, rollout_worker_cls=rollout_cls)
@@ -68,5 +76,17 @@ def test_slow_learner_fast_generators_reach_but_never_exceed_the_bound(tiny_mode
 @pytest.mark.timeout(600)
 def test_slow_generators_fast_learner_stay_within_the_bound(tiny_model, ray_local, tmp_path):
     recs = _run(tiny_model, tmp_path, rollout_cls=SlowRollout)
+    assert all(r["off_policy/staleness_max"] <= MAX_STALENESS for r in recs)
+    assert all(r["off_policy/dropped_samples"] == 0 for r in recs)
+
+
+@pytest.mark.timeout(600)
+def test_in_flight_weight_updates_keep_the_bound(tiny_model, ray_local, tmp_path):
+    """Weights applied every 2 tokens inside requests: samples mix policy versions, and the staleness
+    bound (counted from a sample's oldest token) still holds without drops."""
+    recs = _run(tiny_model, tmp_path, None, SlowChunkRollout, "rollout.update_interval_tokens=2")
+    mixed = [r["rollout/mixed_version_frac"] for r in recs]
+    print("fraction of generated samples spanning several policy versions, per step:", mixed)
+    assert sum(mixed) > 0
     assert all(r["off_policy/staleness_max"] <= MAX_STALENESS for r in recs)
     assert all(r["off_policy/dropped_samples"] == 0 for r in recs)

@@ -75,6 +75,11 @@ def test_unsatisfiable_resources_fail_fast_naming_the_resource():
     with pytest.raises(RuntimeError, match=r"needs 1 GPU"):
         check_resources(load_config(None, ["learner.num_gpus=1"]), {"CPU": 8.0})
     check_resources(cfg, {"CPU": 3.0})  # exactly enough
+    custom = load_config(None, ["learner.resources={trainer_slot = 1}", "rollout.resources={vllm_slot = 0.5}",
+                                "rollout.num_workers=3"])
+    with pytest.raises(RuntimeError, match=r"needs 1.5 vllm_slot \(learner: 1 x 0, rollout: 3 x 0.5\)"):
+        check_resources(custom, {"CPU": 8.0, "trainer_slot": 1.0})
+    check_resources(custom, {"CPU": 8.0, "trainer_slot": 1.0, "vllm_slot": 2.0})
 
 
 def test_stale_data_without_correction_is_refused_with_a_reason():
