@@ -11,7 +11,8 @@ value, missing model or data file, empty dataset, too few resources) print one l
 
 ``relayrl scale RUN --rollout-workers N`` changes a running job's rollout worker count.
 
-Left out on purpose: ``bench`` (a later addition).
+``relayrl bench CONFIG [--out docs/benchmarks.md] [--only NAME ...] [--steps N] [key.sub=value ...]``
+measures wrapper overhead, weight push, overlap/speedup and scaling on a run config and writes a table.
 """
 
 from __future__ import annotations
@@ -110,6 +111,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from orchestrator.bench import run_bench
+
+    command = shlex.join(["relayrl", "bench", args.config, *(["--out", args.out] if args.out else []),
+                          *(x for name in args.only or [] for x in ("--only", name)), "--steps", str(args.steps),
+                          *args.overrides])
+    print(run_bench(args.config, args.overrides, args.out, args.only or None, args.steps, command, _init_ray))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``relayrl`` console script; returns the exit code."""
     parser = argparse.ArgumentParser(prog="relayrl", description=__doc__.splitlines()[0])
@@ -129,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", help="run only this variant (repeatable)")
     p.add_argument("--variant-timeout", type=float, default=3600.0, help="seconds per variant before it is killed")
     p.set_defaults(fn=cmd_experiment)
+    p = sub.add_parser("bench", help="benchmark wrapper overhead, weight push, overlap and scaling on a config")
+    p.add_argument("config", help="run config (TOML), e.g. deploy/examples/arithmetic_smollm2.toml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=1")
+    p.add_argument("--out", help="Markdown file to write (a .json with the raw measurements goes next to it)")
+    p.add_argument("--only", action="append",
+                   help="run only this benchmark (repeatable): wrapper, weight_push, overlap, speedup, scaling")
+    p.add_argument("--steps", type=int, default=4, help="learner steps of each real run (step 1 is not counted)")
+    p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("scale", help="change the number of rollout workers of a running job")
     p.add_argument("run", help="the run dir (or its name) of a running job")
     p.add_argument("--rollout-workers", type=int, required=True, help="rollout workers wanted")
@@ -142,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_prepare_model)
     # dotted overrides may follow options (`train cfg.toml --resume run key=value`)
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.cmd != "train" or any("=" not in x or x.startswith("-") for x in extra)):
+    if extra and (args.cmd not in ("train", "bench") or any("=" not in x or x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

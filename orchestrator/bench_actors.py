@@ -1,0 +1,94 @@
+"""Actors `relayrl bench` runs besides the real ones: raw vLLM, SLOWED FAKE rollout workers, a tiny model copy.
+
+`RawVLLM` is the baseline of the ``wrapper`` benchmark: the very `vllm.LLM` a `VLLMEngine` builds,
+called directly. `FakeRolloutWorker` (``scaling``) is the real `RolloutWorker` (reward scoring,
+`Sample` s, buffer writes, weight staging and version waits) around an engine that sleeps a fixed
+time per group and answers with synthetic text: generation costs no CPU, so the number of workers,
+not the cores, sets the rate.
+
+Left out on purpose: any resemblance to vLLM's throughput; benchmarks that report these figures must
+label them as fake.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from rollout.worker import RolloutWorker
+
+FAKE_GROUP_SECONDS = 2.0  # sleep of a fake engine per group (prompt), seconds
+
+
+class RawVLLM:
+    """Raw vLLM in a Ray actor: the `vllm.LLM` a `VLLMEngine` builds (same engine arguments), called directly."""
+
+    def __init__(self, rc, data_cfg, model_path: str) -> None:
+        import torch
+
+        from rollout.engine import VLLMEngine
+
+        torch.set_num_threads(max(1, int(rc.num_cpus)))  # as RolloutWorker does
+        self.rc, self.data_cfg = rc, data_cfg
+        self.llm = VLLMEngine(model_path, rc.dtype, rc.kv_cache_memory_bytes, rc.max_model_len, rc.seed).llm
+
+    def generate(self, problems: list, seed: int) -> int:
+        """Encode prompts as `RolloutWorker` does, sample ``group_size`` each; returns tokens generated."""
+        from vllm import SamplingParams
+
+        from rollout.tasks import encode_prompt
+
+        rc, d, tok = self.rc, self.data_cfg, self.llm.get_tokenizer()
+        prompts = [{"prompt_token_ids": encode_prompt(tok, p.question, d.instruction, d.one_shot)} for p in problems]
+        params = SamplingParams(n=rc.group_size, max_tokens=rc.max_tokens, temperature=rc.temperature,
+                                top_p=rc.top_p, logprobs=0, seed=seed)
+        return sum(len(c.token_ids) for o in self.llm.generate(prompts, params, use_tqdm=False) for c in o.outputs)
+
+
+class _FakeEngine:
+    """SLOWED FAKE engine: sleeps ``FAKE_GROUP_SECONDS`` per prompt, answers ``Answer: <random 0-20>``."""
+
+    def __init__(self, model_path: str, dtype: str, kv_cache_memory_bytes: int, max_model_len: int, seed: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer, self.rng = AutoTokenizer.from_pretrained(model_path), random.Random(seed)
+
+    def generate(self, prompt_token_ids: list, n: int | list[int], max_tokens: int, *args, **kwargs) -> list:
+        """``n`` (or ``n[i]`` for prompt ``i``) synthetic completions per prompt, after the sleep."""
+        from rollout.engine import Completion
+
+        time.sleep(FAKE_GROUP_SECONDS * len(prompt_token_ids))
+        counts = n if isinstance(n, list) else [n] * len(prompt_token_ids)
+        texts = [[f"Answer: {self.rng.randint(0, 20)}" for _ in range(k)] for k in counts]
+        ids = [[self.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in g] for g in texts]
+        return [[Completion(i, [-1.0] * len(i), t, "stop") for i, t in zip(gi, gt)] for gi, gt in zip(ids, texts)]
+
+    def load_weights(self, buckets: list[bytes]) -> int:
+        return sum(len(b) for b in buckets)
+
+
+class FakeRolloutWorker(RolloutWorker):
+    """A real `RolloutWorker` (rewards, samples, buffer writes, weight staging) around `_FakeEngine`."""
+
+    def __init__(self, cfg, data_cfg, model_path: str, worker_index: int, buffer) -> None:
+        import rollout.engine as engine
+
+        real, engine.VLLMEngine = engine.VLLMEngine, _FakeEngine  # this actor process only
+        try:
+            super().__init__(cfg, data_cfg, model_path, worker_index, buffer)
+        finally:
+            engine.VLLMEngine = real
+
+
+def tiny_copy(model_path: str, dest: Path) -> str:
+    """A random 2-layer, 64-wide model with ``model_path``'s architecture and tokenizer (Llama-style configs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_path)
+    for key, value in dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=32).items():
+        setattr(config, key, value)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(dest)
+    return str(dest)

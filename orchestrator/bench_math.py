@@ -1,0 +1,135 @@
+"""The arithmetic and the table of `relayrl bench`: ratios, targets, Markdown/JSON rendering.
+
+Pure functions, no Ray or torch, so they are unit-tested in milliseconds (tests/unit/test_bench_math.py).
+`orchestrator.bench` does the measuring.
+
+Left out on purpose: statistics beyond means and medians (a benchmark here runs a handful of repeats).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+
+Row = dict  # {"value": float, "unit": str, "target": str, "met": bool | None}
+
+
+def row(value: float, unit: str, target: tuple[str, float] | None = None) -> Row:
+    """One table row; ``target`` is ``("<=", bound)`` or ``(">=", bound)`` and sets ``met``.
+
+    Raises:
+        ValueError: an unknown comparison in ``target``.
+    """
+    if target is None:
+        return {"value": float(value), "unit": unit, "target": "", "met": None}
+    op, bound = target
+    if op not in ("<=", ">="):
+        raise ValueError(f"target comparison {op!r} is not '<=' or '>='")
+    ok = value <= bound if op == "<=" else value >= bound
+    return {"value": float(value), "unit": unit, "target": f"{op} {bound:g}", "met": bool(ok and math.isfinite(value))}
+
+
+def rate(amount: float, seconds: float) -> float:
+    """``amount / seconds`` (tokens/s, samples/s, bytes/s).
+
+    Raises:
+        ValueError: ``seconds`` is not positive.
+    """
+    if not seconds > 0:
+        raise ValueError(f"a rate needs a positive duration, got {seconds!r} s")
+    return amount / seconds
+
+
+def overhead_pct(raw_per_s: float, wrapped_per_s: float) -> float:
+    """Extra seconds per generated token of the wrapper over raw vLLM, in percent:
+    ``(t_wrapped / t_raw - 1) * 100`` with ``t = 1 / (tokens/s)``."""
+    return (raw_per_s / wrapped_per_s - 1.0) * 100.0
+
+
+def paired_overhead_pct(raw_calls: list[tuple[float, float]], wrapped_calls: list[tuple[float, float]]) -> float:
+    """Median over paired calls (same prompts and seeds) of `overhead_pct`; each call is ``(tokens, seconds)``.
+
+    Pairing and the median keep a slow moment of a shared machine from landing on one side only.
+
+    Raises:
+        ValueError: the two lists differ in length or are empty.
+    """
+    if not raw_calls or len(raw_calls) != len(wrapped_calls):
+        raise ValueError(f"need equally many paired calls, got {len(raw_calls)} raw and {len(wrapped_calls)} wrapped")
+    return statistics.median(overhead_pct(rate(*r), rate(*w)) for r, w in zip(raw_calls, wrapped_calls))
+
+
+def ideal_speedup(gen_per_s: float, train_per_s: float) -> float:
+    """Best async/sync speedup when generation (G samples/s) and training (T samples/s) fully overlap:
+    ``(1/G + 1/T) / max(1/G, 1/T)``, between 1 and 2."""
+    g, t = 1.0 / gen_per_s, 1.0 / train_per_s
+    return (g + t) / max(g, t)
+
+
+def overlap_efficiency(async_per_s: float, gen_per_s: float, train_per_s: float) -> float:
+    """Async run throughput over the slower stage's stand-alone throughput, ``A / min(G, T)`` (1 = perfect)."""
+    return async_per_s / min(gen_per_s, train_per_s)
+
+
+def run_throughput(records: list[dict], samples_per_step: int) -> float:
+    """Trained samples/s of a run from its metrics records: ``samples_per_step / mean(perf/step_seconds)``
+    over steps 2.. (step 1 carries start-up: engines warming, the first batch generated from nothing).
+
+    Raises:
+        ValueError: the run has fewer than 2 steps with ``perf/step_seconds``.
+    """
+    secs = [r["perf/step_seconds"] for r in records if r.get("step", 0) >= 2 and "perf/step_seconds" in r]
+    if not secs:
+        raise ValueError("a run needs at least 2 steps to measure throughput (step 1 is excluded); raise --steps")
+    return samples_per_step / statistics.fmean(secs)
+
+
+def learner_busy_frac(records: list[dict]) -> float:
+    """Mean ``learner/seconds`` over mean ``perf/step_seconds``, steps 2..: near 1 means the learner set the pace.
+
+    Raises:
+        ValueError: the run has fewer than 2 steps with both keys.
+    """
+    recs = [r for r in records if r.get("step", 0) >= 2 and "perf/step_seconds" in r and "learner/seconds" in r]
+    if not recs:
+        raise ValueError("a run needs at least 2 steps to measure learner load (step 1 is excluded); raise --steps")
+    return statistics.fmean(r["learner/seconds"] for r in recs) / statistics.fmean(r["perf/step_seconds"] for r in recs)
+
+
+def fmt(value: float) -> str:
+    """Compact number for the table: 3 significant figures, integers without decimals."""
+    if not math.isfinite(value):
+        return str(value)
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.3g}"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def table(results: dict[str, dict[str, Row]]) -> list[str]:
+    """Markdown table lines: benchmark, metric, value, target, met?"""
+    lines = ["| benchmark | metric | value | target | met? |", "|---|---|---|---|---|"]
+    for bench, rows in results.items():
+        for metric, r in rows.items():
+            met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+            lines.append(f"| {bench} | {metric} | {fmt(r['value'])} {r['unit']} | {r['target']} | {met} |")
+    return lines
+
+
+def render(results: dict[str, dict[str, Row]], command: str, config: str, notes: list[str]) -> str:
+    """The Markdown page: how it was produced, the table, then notes (one paragraph each)."""
+    lines = ["## relayrl benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} "
+             f"({os.cpu_count()} CPUs, all benchmarks in that one invocation, one after the other). "
+             f"Run config `{config}`.", "", *table(results)]
+    for note in notes:
+        lines += ["", note.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(results: dict[str, dict[str, Row]], command: str, config: str, notes: list[str],
+            raw: dict[str, dict]) -> dict:
+    """What goes in the ``.json`` next to the Markdown: flat rows plus each benchmark's raw measurements."""
+    rows = [{"benchmark": b, "metric": m, **r} for b, rs in results.items() for m, r in rs.items()]
+    return {"command": command, "config": config, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "cpus": os.cpu_count(), "rows": rows, "raw": raw, "notes": notes}
