@@ -188,6 +188,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named presets: `RunConfig.preset` fills these fields unless the config sets them explicitly."""
 
 
+class MetricsConfig(_Strict):
+    wandb_project: str | None = Field(
+        None, description="also log to Weights & Biases under this project (needs the 'wandb' extra); None: off")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user); None: the default")
+    wandb_mode: Literal["online", "offline"] = Field("online", description="offline: write W&B files locally only")
+
+
 class RunConfig(_Strict):
     preset: Literal["sync_grpo", "async_decoupled_tis", "async_topr"] | None = Field(
         None, description="named algorithm preset (explicit fields override it)")
@@ -209,6 +216,7 @@ class RunConfig(_Strict):
     learner: LearnerConfig = LearnerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     ray: RayConfig = RayConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -164,7 +164,8 @@ class Trainer:
 
         cfg, rc = self.cfg, self.cfg.rollout
         # a resumed run continues its own curves: records past the checkpoint are dropped
-        self.metrics_log = MetricsLogger(self.run_dir, keep_steps_upto=self.version if self.resumed else None)
+        self.metrics_log = MetricsLogger(self.run_dir, keep_steps_upto=self.version if self.resumed else None,
+                                         wandb_cfg=cfg.metrics, run_config=cfg.model_dump(mode="json"))
         last = self.metrics_log.log(0, self.evaluate(0)) if self.version == 0 else {}
         self.acc = {"tokens": 0.0, "load_seconds": 0.0}
         for req in self.reissue:  # a resumed run's in-flight prompts first
@@ -196,8 +197,10 @@ class Trainer:
                 train_refs, self.idle_since = [], time.perf_counter()
                 bar.update(1)
                 num = lambda k: last.get(k) if last.get(k) is not None else float("nan")  # noqa: E731
-                bar.set_postfix(reward=f"{num('rollout/reward_mean'):.3f}", acc=f"{num('eval/accuracy'):.3f}",
-                                stale=f"{num('off_policy/staleness_max'):.0f}")
+                bar.set_postfix(samples_s=f"{self.trained_samples / max(self.train_seconds, 1e-9):.2f}",
+                                reward=f"{num('rollout/reward_mean'):.3f}", acc=f"{num('eval/accuracy'):.3f}",
+                                stale=f"{num('off_policy/staleness_max'):.0f}",
+                                wait=f"{num('perf/learner_wait_frac'):.0%}")
                 ck = cfg.checkpoint
                 if ck.every and (self.version % ck.every == 0 or out_of_time or self.version == cfg.num_steps):
                     from orchestrator import checkpoint

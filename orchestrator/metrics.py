@@ -1,9 +1,9 @@
-"""Run metrics: one JSONL line and one set of TensorBoard scalars per learner step.
+"""Run metrics: one JSONL line and one set of TensorBoard scalars per learner step, and Weights &
+Biases when ``metrics.wandb_project`` is set.
 
 Keys are ``component/name`` (``rollout/reward_mean``, ``off_policy/staleness_max``...). Every line
-also carries ``step`` and ``time/elapsed_s`` (wall clock since the run started).
-
-Left out on purpose: Weights & Biases (a later addition).
+also carries ``step`` and ``time/elapsed_s`` (wall clock since the run started). The W&B run id is
+the run dir's name, so a resumed run continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class MetricsLogger:
     shows the newest value of a step.
     """
 
-    def __init__(self, run_dir: str | Path, keep_steps_upto: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, keep_steps_upto: int | None = None, wandb_cfg=None,
+                 run_config: dict | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         offset = 0.0
@@ -48,6 +49,9 @@ class MetricsLogger:
 
         self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         self._t0 = time.time() - offset
+        self._wandb = None
+        if wandb_cfg is not None and wandb_cfg.wandb_project:
+            self._wandb = start_wandb(wandb_cfg, self.run_dir, run_config or {})
 
     def audit(self, step: int, group_ids: list[str]) -> None:
         """Record which groups (prompt dispatches) step ``step`` trained on (``trained_groups.jsonl``)."""
@@ -62,6 +66,8 @@ class MetricsLogger:
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._jsonl.write(json.dumps(rec) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in rec.items() if k != "step" and v is not None}, step=step)
         return rec
 
     def close(self) -> None:
@@ -69,3 +75,20 @@ class MetricsLogger:
         self._jsonl.close()
         self._audit.close()
         self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def start_wandb(cfg, run_dir: Path, run_config: dict):
+    """Start (or, on resume, continue) the W&B run of ``run_dir``; files go under ``run_dir/wandb``.
+
+    Raises:
+        RuntimeError: ``wandb`` is not installed (names the extra to install).
+    """
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(f"metrics.wandb_project = {cfg.wandb_project!r} needs the wandb package: "
+                           "pip install 'relayrl[wandb]' (or leave metrics.wandb_project unset)") from None
+    return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, mode=cfg.wandb_mode, id=run_dir.name,
+                      name=run_dir.name, resume="allow", dir=str(run_dir), config=run_config)
