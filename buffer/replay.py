@@ -111,6 +111,14 @@ class ReplayBuffer:
         """``(ids of groups held, ids of groups already taken for training)``."""
         return {g[0].group_id for g in self._groups}, set(self._taken_ids)
 
+    def ledger(self) -> dict:
+        """Where groups went: ``held`` and ``taken`` (id sets), ``filtered`` (dynamic sampling) and
+        ``dropped`` (past the staleness bound) counts; cheap, unlike `state_dict` (no samples)."""
+        f = self.filter.state_dict() if self.filter else None
+        held, taken = self.group_ids()
+        return {"held": held, "taken": taken, "filtered": f["seen"] - f["kept"] if f else 0,
+                "dropped": self._dropped_groups}
+
     def size(self) -> int:
         """Number of groups held (callable through a Ray actor handle)."""
         return len(self._groups)

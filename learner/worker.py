@@ -297,6 +297,25 @@ class LearnerWorker:
             else:
                 yield name, p.detach().to("cpu")
 
+    def join_weight_group(self, backend: str, addr: str, port: int, world_size: int, timeout_s: float,
+                          name: str) -> None:
+        """Rank 0 joins (as source, group rank 0) the weight-broadcast group ``name``; other ranks do nothing."""
+        if self.rank == 0:
+            from rollout.weight_transport import WeightGroup
+
+            self.weight_group = None  # the previous generation's group goes first
+            self.weight_group = WeightGroup(backend, addr, port, 0, world_size, timeout_s, name)
+
+    def broadcast_weights(self, version: int, dtype: str, bucket_bytes: int) -> dict:
+        """Export the weights (every rank: ZeRO-3 gathers) and broadcast them from rank 0 to the
+        rollout workers of the weight group; returns export and broadcast metrics (rank 0)."""
+        buckets, m = self.export_weights(dtype, bucket_bytes)
+        if self.rank != 0:
+            return {}
+        t0 = time.perf_counter()
+        self.weight_group.send(version, buckets)
+        return {**m, "weights/broadcast_seconds": time.perf_counter() - t0}
+
     def export_weights(self, dtype: str, bucket_bytes: int) -> tuple[list[bytes] | None, dict]:
         """Full weights as safetensors buckets (rank 0; other ranks return None) and export metrics.
 

@@ -89,6 +89,11 @@ class RolloutConfig(_Strict):
         0.2, gt=0.0, lt=1.0, description="autoscale up when the learner waited more than this fraction of "
         "each of the last autoscale_patience steps")
     autoscale_patience: int = Field(2, ge=1, le=1000, description="steps in a row before autoscaling acts")
+    weight_transport: Literal["object_store", "collective"] = Field(
+        "object_store", description="weight push: buckets through Ray's object store, or broadcast from learner "
+        "rank 0 over a collective group (rollout.weight_transport)")
+    collective_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="collective weight push backend; auto: nccl when learner and rollout have GPUs, else gloo")
     update_interval_tokens: int = Field(
         0, ge=0, le=131072, description="in-flight weight updates: apply newly pushed weights inside a "
         "running request every this many generated tokens (unfinished samples continue from their tokens so "

@@ -120,7 +120,8 @@ class Trainer:
         self.train_seconds, self.trained_samples = 0.0, 0
         self.learner_wait, self.idle_since = 0.0, None  # seconds the learner waited on data this step
         self.wait_history: list[float] = []  # learner wait fraction of each step (autoscaling)
-        self.last_weights = None  # (version, buckets ObjectRef) of the newest push
+        self.last_weights = None  # (version, buckets ObjectRef) of the newest object-store export
+        self.weight_group = (0, None)  # collective transport: (generation, member slots) of the current group
         self.resume_metrics: dict[str, float] = {}
         if resume_from is not None:
             from orchestrator import checkpoint
@@ -225,14 +226,11 @@ class Trainer:
         """Where every dispatched group ended up; the ``data/*`` counts add up to ``data/dispatched_groups``."""
         import ray
 
-        held, taken = ray.get(self.buffer.group_ids.remote(), timeout=60)
-        state = ray.get(self.buffer.state_dict.remote(), timeout=60)
-        unarrived = {k for r in self.inflight.values() for k in r["keys"]} - held - taken
-        f = state["filter"]
-        return {"data/dispatched_groups": float(self.dispatched), "data/trained_groups": float(len(taken)),
-                "data/groups_in_buffer": float(len(held)), "data/groups_in_flight": float(len(unarrived)),
-                "data/groups_filtered": float(f["seen"] - f["kept"]) if f else 0.0,
-                "data/groups_dropped_stale": float(state["dropped_groups"])}
+        led = ray.get(self.buffer.ledger.remote(), timeout=60)
+        unarrived = {k for r in self.inflight.values() for k in r["keys"]} - led["held"] - led["taken"]
+        return {"data/dispatched_groups": float(self.dispatched), "data/trained_groups": float(len(led["taken"])),
+                "data/groups_in_buffer": float(len(led["held"])), "data/groups_in_flight": float(len(unarrived)),
+                "data/groups_filtered": float(led["filtered"]), "data/groups_dropped_stale": float(led["dropped"])}
 
     def _dispatch(self) -> None:
         """Admission control: send prompts while the staleness budget allows (<= 2 requests per worker).
@@ -399,10 +397,7 @@ class Trainer:
             except RuntimeError as e:  # could not be placed or started: keep running with what we have
                 logger.warning("scale to %d rollout workers: %s", want, e)
                 break
-            if self.last_weights is not None:
-                version, buckets_ref = self.last_weights
-                _wait([self.rollout.slots[slot].receive_weights.remote(version, buckets_ref)],
-                      rc.weight_push_timeout_s, f"weight push to new rollout worker {slot}")
+            self._bring_to_current(slot, f"new rollout worker {slot}")
             logger.info("rollout worker %d added at policy version %d", slot, self.version)
             active = self.rollout.active
         for slot in sorted(active, reverse=True)[: max(0, len(active) - want)]:
@@ -446,10 +441,7 @@ class Trainer:
         logger.warning("rollout worker %d died (%s); recovering it", idx, type(err).__name__)
         how = self.rollout.recover(idx, rc.request_timeout_s)
         self.faults["worker_restarts"] += 1
-        if self.last_weights is not None:
-            version, buckets_ref = self.last_weights
-            _wait([self.rollout.slots[idx].receive_weights.remote(version, buckets_ref)],
-                  rc.weight_push_timeout_s, f"weight push to recovered rollout worker {idx}")
+        self._bring_to_current(idx, f"recovered rollout worker {idx}")
         held, taken = ray.get(self.buffer.group_ids.remote(), timeout=60)
         self.inflight_groups -= len(req["keys"])
         todo = self.remaining(req, held | taken)  # groups written just before the worker died count as kept
@@ -458,6 +450,71 @@ class Trainer:
         n = len(todo["keys"]) if todo else 0
         self.faults["retried_groups"] += n
         logger.warning("rollout worker %d %s; %d groups re-issued", idx, how, n)
+
+    def _bring_to_current(self, slot: int, who: str) -> None:
+        """Give worker ``slot`` the current weights through the object store (a new or recovered worker,
+        before it takes prompts); with the collective transport they are exported for it first."""
+        if self.version == 0:
+            return  # it loaded the base model
+        rc = self.cfg.rollout
+        if self.last_weights is None or self.last_weights[0] < self.version:
+            self.last_weights = (self.version, self.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)[0])
+        _wait([self.rollout.slots[slot].receive_weights.remote(*self.last_weights)], rc.weight_push_timeout_s,
+              f"weight push to {who}")
+
+    def _push_weights(self) -> dict[str, float]:
+        """Start the push of the new policy version to every rollout worker; returns export metrics.
+
+        Object store: rank 0 exports buckets once, each worker fetches them while it keeps generating.
+        Collective: rank 0 broadcasts them over the weight group, rebuilt first if workers came or went;
+        a broadcast that fails (a worker died in it) falls back to the object store.
+        """
+        import ray
+
+        rc, deadline = self.cfg.rollout, time.monotonic() + self.cfg.rollout.weight_push_timeout_s
+        if rc.weight_transport == "collective":
+            try:
+                members = self._weight_group()
+                worker_refs = [self.rollout.slots[s].receive_broadcast.remote() for s in members]
+                out = _wait([r.broadcast_weights.remote(self.version, rc.dtype, rc.weight_bucket_bytes)
+                             for r in self.learner.ranks], rc.weight_push_timeout_s, "weight broadcast")[0]
+                self.pushes.append((deadline, self.version, worker_refs))
+                return out
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                logger.warning("weight broadcast of version %d failed (%s); pushing through the object store",
+                               self.version, e)
+                self.weight_group = (self.weight_group[0], None)  # rebuild before the next broadcast
+        buckets_ref, export_ref = self.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
+        self.pushes.append((deadline, self.version, self.rollout.push_weights_remote(self.version, buckets_ref)))
+        self.last_weights = (self.version, buckets_ref)  # for workers that come back after a failure
+        return ray.get(export_ref, timeout=rc.weight_push_timeout_s)
+
+    def _weight_group(self) -> tuple[int, ...]:
+        """The rollout slots of the current weight-broadcast group, (re)built when the workers changed."""
+        import ray
+
+        gen, members = self.weight_group
+        now = tuple(sorted(self.rollout.slots))
+        if members == now:
+            return members
+        rc, lc = self.cfg.rollout, self.cfg.learner
+        backend = rc.collective_backend
+        if backend == "auto":
+            backend = "nccl" if lc.num_gpus > 0 and rc.num_gpus > 0 else "gloo"
+        pending = [r for _, _, refs in self.pushes for r in refs]  # a group changes only between pushes
+        if len(ray.wait(pending, num_returns=len(pending), timeout=rc.weight_push_timeout_s)[0]) < len(pending):
+            raise TimeoutError(f"weight pushes did not finish within {rc.weight_push_timeout_s:.0f} s")
+        self._check_pushes()
+        addr, port = ray.get(self.learner.ranks[0].master_address.remote(), timeout=60)
+        name, world = f"{self.run_dir.name}/weights/{gen + 1}", len(now) + 1
+        refs = [self.learner.ranks[0].join_weight_group.remote(backend, addr, port, world, rc.weight_push_timeout_s, name)]
+        refs += [self.rollout.slots[s].join_weight_group.remote(backend, addr, port, i + 1, world,
+                                                                rc.weight_push_timeout_s, name)
+                 for i, s in enumerate(now)]
+        _wait(refs, rc.weight_push_timeout_s, f"weight group {name} ({backend}, {world} members)")
+        self.weight_group = (gen + 1, now)
+        logger.info("weight group %s: %s, learner rank 0 + rollout workers %s", name, backend, list(now))
+        return now
 
     def _check_pushes(self) -> None:
         """Retire finished weight pushes; raise if one is past its deadline."""
@@ -472,6 +529,8 @@ class Trainer:
                         self.acc["load_seconds"] += ray.get(r)["load_seconds"]
                     except ray.exceptions.RayActorError:  # a dead worker gets the latest weights on recovery
                         logger.warning("weight push of version %d hit a dead rollout worker", version)
+                    except ray.exceptions.RayTaskError as e:  # a broken broadcast: the fallback push covers it
+                        logger.warning("weight broadcast of version %d failed on a rollout worker: %s", version, e)
             elif time.monotonic() > deadline:
                 raise TimeoutError(f"weight push of policy version {version} to the rollout workers did not "
                                    f"finish within {self.cfg.rollout.weight_push_timeout_s:.0f} s")
@@ -492,11 +551,7 @@ class Trainer:
         self.metrics_log.audit(self.version + 1, m.pop("_group_ids"))
         self.trained_samples += int(m["learner/samples"])
         self.version += 1
-        buckets_ref, export_ref = self.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
-        self.pushes.append((time.monotonic() + rc.weight_push_timeout_s, self.version,
-                            self.rollout.push_weights_remote(self.version, buckets_ref)))
-        self.last_weights = (self.version, buckets_ref)  # for workers that come back after a failure
-        m.update(ray.get(export_ref, timeout=rc.weight_push_timeout_s))
+        m.update(self._push_weights())
         now = time.perf_counter()
         elapsed, self.train_seconds, self.t_step = now - self.t_step, self.train_seconds + now - self.t_step, now
         m.update({

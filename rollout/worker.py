@@ -82,6 +82,19 @@ class RolloutWorker:
                 self._engine_lock.release()
         return {"bytes": float(sum(len(b) for b in buckets)), "applied": applied, "load_seconds": seconds}
 
+    def join_weight_group(self, backend: str, addr: str, port: int, rank: int, world_size: int, timeout_s: float,
+                          name: str) -> None:
+        """Join the weight-broadcast group ``name`` as ``rank`` (`rollout.weight_transport.WeightGroup`)."""
+        from rollout.weight_transport import WeightGroup
+
+        self.weight_group = None  # the previous generation's group goes first
+        self.weight_group = WeightGroup(backend, addr, port, rank, world_size, timeout_s, name)
+
+    def receive_broadcast(self) -> dict[str, float]:
+        """Receive one weight broadcast from learner rank 0 and stage it like `receive_weights`."""
+        version, buckets = self.weight_group.receive()
+        return self.receive_weights(version, buckets)
+
     def _apply_pending(self) -> bool:
         """Load staged weights (caller holds the engine lock). Returns whether it loaded any."""
         with self._cond:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 LOGPROB_TOL = 1e-3
 
 
-def _cfg(model: str, tmp_path, zero_stage: int, steps: int, max_staleness: int):
+def _cfg(model: str, tmp_path, zero_stage: int, steps: int, max_staleness: int, *extra: str):
     return load_config(None, [
         f"model.path={model}", f"output_dir={tmp_path}", f"num_steps={steps}", "prompts_per_step=4",
         "data.train_size=64", "data.eval_size=8", 'data.task_config={max_terms = 2, max_digits = 1}',
@@ -29,7 +29,7 @@ def _cfg(model: str, tmp_path, zero_stage: int, steps: int, max_staleness: int):
         "learner.micro_batch_size=4", "learner.num_cpus=0.5", "learner.step_timeout_s=300",
         # A random tiny model earns no reward (zero advantages, zero policy gradient): weight decay
         # still moves every weight, so the push check below compares changed weights.
-        "learner.lr=0.05", "learner.weight_decay=1.0", f"buffer.max_staleness={max_staleness}",
+        "learner.lr=0.05", "learner.weight_decay=1.0", f"buffer.max_staleness={max_staleness}", *extra,
     ])
 
 
@@ -54,6 +54,60 @@ def test_real_loop_two_ranks_pushes_weights_and_writes_metrics(tiny_model, ray_l
         _check_run(trainer, summary, cfg, run_dir, tiny_model)
     finally:
         trainer.shutdown()
+
+
+@pytest.mark.timeout(900)
+def test_collective_weight_push_regroups_when_workers_leave(tiny_model, ray_local, tmp_path):
+    """Weights broadcast from learner rank 0 over a gloo group to two rollout workers; when one worker
+    is scaled away the group is rebuilt for the next push; the remaining worker serves the learner's policy."""
+    import threading
+    import time
+
+    import ray
+
+    import sys
+
+    from learner.worker import LearnerWorker
+
+    class PacedLearner(LearnerWorker):  # steps of >= 2 s, so the run polls the scale request mid-run
+        def train_step(self, batch, version):
+            t0 = time.monotonic()
+            out = super().train_step(batch, version)
+            time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))
+            return out
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = _cfg(tiny_model, tmp_path, 2, 5, 1, "rollout.weight_transport=collective", "rollout.num_workers=2",
+               "rollout.num_cpus=1")
+    run_dir = tmp_path / "coll"
+    trainer = Trainer(cfg, run_dir, tiny_model, load_problems(cfg.data, "train"), [], learner_worker_cls=PacedLearner)
+
+    def operator():  # scale 2 -> 1 once the first broadcast went out
+        deadline = time.monotonic() + 600
+        while trainer.version < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ray.get(trainer.control.request_scale.remote(1), timeout=30)
+
+    th = threading.Thread(target=operator, daemon=True)
+    th.start()
+    try:
+        trainer.run(progress=False)
+        th.join(60)
+        generations = trainer.weight_group[0]
+        versions = ray.get([w.get_version.remote() for w in trainer.rollout.workers], timeout=60)
+        tok_ids = list(range(5, 45))
+        learner_lp = torch.tensor(trainer.learner.sequence_logprobs(tok_ids, 8))
+        vllm_lp = torch.tensor(ray.get(trainer.rollout.workers[0].sequence_logprobs.remote(tok_ids, 8), timeout=120))
+    finally:
+        trainer.shutdown()
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    print("broadcast seconds per step:", [r.get("weights/broadcast_seconds") for r in recs],
+          "workers:", [r["rollout/num_workers"] for r in recs], "group generations:", generations)
+    assert all(r["weights/broadcast_seconds"] > 0 and r["weights/bytes"] > 0 for r in recs)  # no fallback push
+    assert [r["rollout/num_workers"] for r in recs][0] == 2.0 and recs[-1]["rollout/num_workers"] == 1.0
+    assert generations == 2  # built for 2 workers, rebuilt for the 1 left
+    assert versions == [5]
+    assert (learner_lp - vllm_lp).abs().max().item() < LOGPROB_TOL
 
 
 def _check_run(trainer, summary, cfg, run_dir, tiny_model):

@@ -58,3 +58,15 @@ def test_drop_stale_frees_the_batch_and_reports_with_the_next_one():
     assert [g[0].group_id for g in groups] == ["ok", "new"]
     assert m["off_policy/dropped_samples"] == 2.0  # dropped before the batch, reported with it
     assert buf.take_batch(1, 2)[1]["off_policy/dropped_samples"] == 0.0
+
+
+def test_ledger_accounts_for_every_group_without_copying_samples():
+    buf = ReplayBuffer(max_staleness=0, dynamic_sampling=True)
+    groups = [_group(f"g{i}", 0) for i in range(3)]
+    for g, rewards in zip(groups, [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]):
+        for s, r in zip(g, rewards):
+            s.reward = r
+    buf.add_groups(groups)
+    buf.take_batch(1, learner_version=0)
+    buf.drop_stale(learner_version=1)
+    assert buf.ledger() == {"held": set(), "taken": {"g0"}, "filtered": 1, "dropped": 1}
