@@ -18,7 +18,8 @@ from pathlib import Path
 
 from rollout.worker import RolloutWorker
 
-FAKE_GROUP_SECONDS = 2.0  # sleep of a fake engine per group (prompt), seconds
+FAKE_GROUP_SECONDS = 6.0  # sleep of a fake engine per group (prompt), seconds; slow enough that 4 fake
+# workers stay below what the scaling benchmark's tiny learner trains (at 2 s the learner set the pace)
 
 
 class RawVLLM:
