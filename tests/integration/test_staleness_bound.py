@@ -40,10 +40,10 @@ class SlowRollout(RolloutWorker):
 
 
 class SlowChunkRollout(RolloutWorker):
-    """Slow between generation chunks, so weight pushes land inside running requests."""
+    """1 s before each generation chunk: a request of 8 tokens in chunks of 2 takes ~5 s."""
 
     def _apply_pending(self):
-        time.sleep(0.4)
+        time.sleep(1.0)
         return super()._apply_pending()
 
 
@@ -84,7 +84,10 @@ def test_slow_generators_fast_learner_stay_within_the_bound(tiny_model, ray_loca
 def test_in_flight_weight_updates_keep_the_bound(tiny_model, ray_local, tmp_path):
     """Weights applied every 2 tokens inside requests: samples mix policy versions, and the staleness
     bound (counted from a sample's oldest token) still holds without drops."""
-    recs = _run(tiny_model, tmp_path, None, SlowChunkRollout, "rollout.update_interval_tokens=2")
+    # one group per request (~5 s) and a 3 s learner step: generation sets the pace, so each push lands
+    # ~3 s into the requests that started when the batch was complete, i.e. inside them
+    recs = _run(tiny_model, tmp_path, SlowLearner, SlowChunkRollout, "rollout.update_interval_tokens=2",
+                "rollout.prompts_per_request=1")
     mixed = [r["rollout/mixed_version_frac"] for r in recs]
     print("fraction of generated samples spanning several policy versions, per step:", mixed)
     assert sum(mixed) > 0
