@@ -378,6 +378,8 @@ class Trainer:
         """
         import ray
 
+        from orchestrator.placement import bundle
+
         now = time.monotonic()
         if now < self._next_control_poll:
             return
@@ -385,8 +387,6 @@ class Trainer:
         want, rc = ray.get(self.control.desired.remote(), timeout=30), self.cfg.rollout
         active = self.rollout.active
         while len(active) < want:
-            from orchestrator.placement import bundle
-
             free, need = ray.available_resources(), bundle(rc.num_cpus, rc.num_gpus, rc.resources)
             if any(free.get(k, 0.0) + 1e-9 < v for k, v in need.items()):
                 logger.warning("scale to %d rollout workers: the cluster has no room for another (needs %s; free %s)",

@@ -139,7 +139,7 @@ class RolloutWorker:
                 encode_prompt(self.engine.tokenizer, p.question, self.data_cfg.instruction, self.data_cfg.one_shot)
                 for p in problems
             ]
-            t0 = time.perf_counter()
+            t0, loaded_at_t0 = time.perf_counter(), self._load_seconds
             if chunk_tokens:  # staged weights are loaded between chunks, inside this request
                 outs, versions = self.engine.generate_chunked(
                     prompts, n, max_tokens, chunk_tokens, lambda: (self._apply_pending(), self.version)[1],
@@ -147,8 +147,8 @@ class RolloutWorker:
             else:
                 outs = self.engine.generate(prompts, n, max_tokens, temperature, self.cfg.top_p, seed)
                 versions = [[[self.version] * len(c.token_ids) for c in g] for g in outs]
+            seconds = time.perf_counter() - t0 - (self._load_seconds - loaded_at_t0)  # generation only
             load_seconds = self._load_seconds - loaded_before
-            seconds = time.perf_counter() - t0 - load_seconds
         return prompts, outs, versions, seconds, load_seconds
 
     def generate(self, problems: list[Problem], group_keys: list[str], min_version: int,
