@@ -41,7 +41,8 @@ class LearnerWorker:
         cfg: `LearnerConfig`.
         model_path: local HF model dir.
         rank, world_size: position in the learner group.
-        samples_per_step: global batch size in samples (sets gradient accumulation).
+        samples_per_step: nominal batch size in samples; sets DeepSpeed's gradient accumulation (the loss
+            scale the normaliser undoes). Batches of other sizes train too (`learner.batching`).
         max_tokens: rollout max response tokens (Dr. GRPO's constant loss normaliser).
         temperature: rollout sampling temperature; logits are divided by it so learner logprobs
             are of the same distribution vLLM sampled from.
