@@ -7,7 +7,12 @@ get the same machine. The table is written as Markdown and JSON, with the comman
 
 Column specs read a run dir: ``summary:<key>`` (the run's summary.json), ``first:<key>`` (first
 record that has it), ``mean:<key>`` / ``sum:<key>`` / ``max:<key>`` over training steps, and
-``curve:<key>`` (``value@step`` for every record that has the key).
+``curve:<key>`` (``value@step`` for every record that has the key), and ``reach:<key>>=<x>``
+(training seconds, ``perf/train_seconds``, at the first record where the key reaches x: the
+time-to-accuracy column).
+
+A variant runs ``relayrl train`` or, with ``runner = "trl"``, the TRL GRPOTrainer baseline on the
+same config (`orchestrator.trl_baseline`).
 
 Left out on purpose: running variants in parallel (they would compete for the same cores).
 """
@@ -23,6 +28,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -33,6 +39,7 @@ class Variant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1, description="row label")
     overrides: list[str] = Field(default_factory=list, description="dotted overrides of this variant")
+    runner: Literal["relayrl", "trl"] = Field("relayrl", description="relayrl train, or TRL's GRPOTrainer")
 
 
 class ExperimentSpec(BaseModel):
@@ -82,15 +89,35 @@ def column_value(spec: str, recs: list[dict], summary: dict) -> str:
         v = next((r[key] for r in recs if r.get(key) is not None), None)
     elif how in ("mean", "sum", "max"):
         v = {"mean": statistics.fmean, "sum": sum, "max": max}[how](vals) if vals else None
+    elif how == "reach":
+        return _reach(spec, key, recs)
     elif how == "curve":
         return ", ".join(f"{r[key]:.3f}@{r['step']}" for r in recs if r.get(key) is not None) or "-"
     else:
-        raise ValueError(f"column spec {spec!r}: unknown aggregation {how!r} (summary/first/mean/sum/max/curve)")
+        raise ValueError(f"column spec {spec!r}: unknown aggregation {how!r} "
+                         "(summary/first/mean/sum/max/curve/reach)")
     if v is None:
         return "-"
     if isinstance(v, float) and not v.is_integer():
         return f"{v:.4g}" if abs(v) < 1e-2 else f"{v:.3f}"
     return str(int(v)) if isinstance(v, float) else str(v)
+
+
+def _reach(spec: str, key: str, recs: list[dict]) -> str:
+    """``reach:<key>>=<x>``: ``"<s> s @ step N"`` at the first record with ``key >= x``, else
+    ``"not reached (<s> s, N steps)"`` with the run's last training seconds and step."""
+    name, sep, x = key.partition(">=")
+    try:
+        threshold = float(x)
+    except ValueError:
+        raise ValueError(f"column spec {spec!r}: expected reach:<key>>=<number>") from None
+    if not sep or not name:
+        raise ValueError(f"column spec {spec!r}: expected reach:<key>>=<number>")
+    for r in recs:
+        if r.get(name) is not None and r[name] >= threshold:
+            return f"{r.get('perf/train_seconds', 0.0):.0f} s @ step {r['step']}"
+    last = max(recs, key=lambda r: r.get("step", 0)) if recs else {}
+    return f"not reached ({last.get('perf/train_seconds', 0.0):.0f} s, {last.get('step', 0)} steps)"
 
 
 def run_variant(spec: ExperimentSpec, variant: Variant, out_root: Path, timeout_s: float) -> Path:
@@ -102,8 +129,9 @@ def run_variant(spec: ExperimentSpec, variant: Variant, out_root: Path, timeout_
     """
     slug = "".join(c if c.isalnum() else "-" for c in variant.name.lower()).strip("-")
     out = out_root / slug
-    cmd = [sys.executable, "-m", "orchestrator.cli", "train", "-q", spec.config, *spec.overrides,
-           *variant.overrides, f"name={slug}", f"output_dir={out}"]
+    entry = ["orchestrator.cli", "train", "-q"] if variant.runner == "relayrl" else ["orchestrator.trl_baseline"]
+    cmd = [sys.executable, "-m", *entry, spec.config, *spec.overrides, *variant.overrides,
+           f"name={slug}", f"output_dir={out}"]
     logger.info("variant %r: %s", variant.name, " ".join(cmd[2:]))
     log = out_root / f"{slug}.log"
     with open(log, "w") as f:
