@@ -45,13 +45,10 @@ def grpo_config_kwargs(cfg, out_dir: str, use_cpu: bool) -> dict:
     Raises:
         ValueError: a setting TRL has no equivalent for (advantage estimator other than grpo/drgrpo,
             a loss with behaviour correction other than the on-policy PPO clip, several PPO
-            minibatches, a step batch not divisible by the micro batch, ``top_p < 1`` is fine).
+            minibatches). `RunConfig` has already checked that the step batch divides into micro batches.
     """
     rc, lc = cfg.rollout, cfg.learner
     batch = cfg.prompts_per_step * rc.group_size
-    if batch % lc.micro_batch_size:
-        raise ValueError(f"prompts_per_step*group_size = {batch} is not a multiple of "
-                         f"learner.micro_batch_size = {lc.micro_batch_size}")
     if lc.advantage not in ("grpo", "drgrpo"):
         raise ValueError(f"learner.advantage = {lc.advantage!r} has no TRL GRPOTrainer equivalent (grpo, drgrpo)")
     if lc.loss not in ("ppo_tis", "ppo"):
