@@ -10,8 +10,8 @@ Benchmarks (``--only`` picks some), run one after the other in one invocation, n
 - ``scaling``: a real run with 1, 2, 4 SLOWED FAKE rollout workers (a sleep per group, synthetic
   samples) and a real learner on a 2-layer random copy of the model.
 
-Left out on purpose: time-to-accuracy against TRL (see ``TRL_NOTE``); benchmarks in parallel (they
-would share cores and measure each other).
+Left out on purpose: time to accuracy, a ~1 hour experiment of its own (see ``TTA_NOTE``);
+benchmarks in parallel (they would share cores and measure each other).
 """
 
 from __future__ import annotations
@@ -34,11 +34,9 @@ WRAPPER_REPEATS = 5  # timed generate calls per side, after one warm-up call eac
 TRAIN_REPEATS = 2  # timed learner steps on one fixed batch, after one warm-up step
 PUSH_REPEATS = 3  # timed weight pushes
 SCALING_WORKERS = (1, 2, 4)
-TRL_NOTE = ("**Time to accuracy (async vs sync, and against TRL's GRPOTrainer): not measured.** Reaching "
-            "a held-out accuracy threshold on the main job takes ~15 learner steps (~17 min) per system on this "
-            "machine, more than one benchmark invocation here affords; TRL 1.16.0 would install next to the pinned "
-            "packages without changing them (`pip install --dry-run trl`), but no TRL run was made, so no "
-            "comparison is claimed.")
+TTA_NOTE = ("**Time to accuracy** (async vs sync, and against TRL's GRPOTrainer) is not part of this "
+            "command: each system trains the main job for ~18 min, so it is an experiment of its own, "
+            "`relayrl experiment deploy/experiments/time_to_accuracy.toml --out docs/time_to_accuracy.md`.")
 NOTES = {
     "wrapper": "`wrapper`: both sides are Ray actors with the same options (`num_cpus`, threads, concurrency), "
     "one engine each (the raw side calls `.llm.generate` of a `VLLMEngine`, so the engine arguments are the same by "
@@ -333,7 +331,7 @@ def run_bench(config_path: str, overrides: list[str], out_md: str | None, only: 
         raise
     finally:
         s.release()
-        notes = [NOTES[n] for n in results] + failure + [TRL_NOTE]
+        notes = [NOTES[n] for n in results] + failure + [TTA_NOTE]
         md = render(results, command, config_path, notes)
         if out_md:
             raw = {**s.raw, "measured": s.measured, "steps": steps}
