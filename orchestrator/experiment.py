@@ -106,12 +106,12 @@ def column_value(spec: str, recs: list[dict], summary: dict) -> str:
 def _reach(spec: str, key: str, recs: list[dict]) -> str:
     """``reach:<key>>=<x>``: ``"<s> s @ step N"`` at the first record with ``key >= x``, else
     ``"not reached (<s> s, N steps)"`` with the run's last training seconds and step."""
-    name, sep, x = key.partition(">=")
+    name, _, x = key.partition(">=")
     try:
         threshold = float(x)
     except ValueError:
-        raise ValueError(f"column spec {spec!r}: expected reach:<key>>=<number>") from None
-    if not sep or not name:
+        threshold = None
+    if not name or threshold is None:
         raise ValueError(f"column spec {spec!r}: expected reach:<key>>=<number>")
     for r in recs:
         if r.get(name) is not None and r[name] >= threshold:

@@ -192,12 +192,11 @@ def evaluate_policies(cfg, model_path: str, wdir: Path, problems: list) -> dict[
     engine = VLLMEngine(model_path, rc.dtype, rc.kv_cache_memory_bytes, rc.max_model_len)
     prompts = [encode_prompt(engine.tokenizer, p.question, dc.instruction, dc.one_shot) for p in problems]
     out = {}
-    for path in sorted(wdir.glob("step-*.safetensors"), key=lambda p: int(p.stem.split("-")[1])):
+    for step, path in sorted((int(p.stem.split("-")[1]), p) for p in wdir.glob("step-*.safetensors")):
         engine.load_weights([path.read_bytes()])
         gens = engine.generate(prompts, 1, cfg.eval_max_tokens or rc.max_tokens, temperature=0.0)
-        out[int(path.stem.split("-")[1])] = sum(score_response(g[0].text, p.answer)[1]
-                                                for p, g in zip(problems, gens)) / len(problems)
-        logger.info("%s: held-out accuracy %.3f", path.name, out[int(path.stem.split("-")[1])])
+        out[step] = sum(score_response(g[0].text, p.answer)[1] for p, g in zip(problems, gens)) / len(problems)
+        logger.info("%s: held-out accuracy %.3f", path.name, out[step])
         path.unlink()  # 269 MB each for SmolLM2; the accuracy is what is kept
     return out
 
