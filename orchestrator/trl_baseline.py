@@ -13,9 +13,10 @@ process (generate with HF ``generate``, then train) on every CPU core; that is h
 a GPU.
 
 Held-out accuracy is measured exactly as in relayrl, but after training so it never touches the
-clock: at step 0 and every ``eval_every`` steps (and the last) the policy is written as one bf16
-safetensors file (the write is excluded from the clock), and at the end one vLLM engine loads each
-file in turn and answers the held-out problems greedily, scored by the same strict exact match.
+clock: every ``eval_every`` steps (and the last) the policy is written as one bf16 safetensors file
+(the write is excluded from the clock), and at the end one vLLM engine answers the held-out problems
+greedily with the base model (step 0) and then with each file loaded in turn, scored by the same
+strict exact match.
 
 The run dir (``output_dir/name-<time>/``) holds ``metrics.jsonl`` (``step``,
 ``perf/train_seconds``, ``perf/step_seconds``, ``rollout/reward_mean``, ``eval/accuracy``) and
@@ -121,8 +122,7 @@ def train(cfg, run_dir: Path) -> dict:
             (wdir / f"step-{step}.safetensors").write_bytes(serialize_buckets(named, 1 << 40)[0])
             self.paused += time.perf_counter() - t
 
-        def on_train_begin(self, args, state, control, model=None, **_):
-            self.save(model, 0)
+        def on_train_begin(self, args, state, control, **_):
             self.t0 = self.last = time.perf_counter()
             self.paused = 0.0
 
@@ -166,36 +166,38 @@ def train(cfg, run_dir: Path) -> dict:
     with open(run_dir / "metrics.jsonl", "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")
-    last = recs[-1]
-    summary = {**{k: v for r in recs for k, v in r.items()}, "step": last["step"],
-               "perf/train_seconds": max(r.get("perf/train_seconds", 0.0) for r in recs),
+    # like a relayrl summary: the newest value of every key (step and training seconds of the last step)
+    summary = {**{k: v for r in recs for k, v in r.items()},
                "trainer": f"trl {trl.__version__} GRPOTrainer", "wall_seconds_with_policy_writes": wall}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def evaluate_policies(cfg, model_path: str, wdir: Path, problems: list) -> dict[int, float]:
-    """Greedy strict exact-match accuracy of every ``step-N.safetensors`` under ``wdir``: ``{N: accuracy}``.
+    """Greedy strict exact-match accuracy of the base model and every ``step-N.safetensors`` under ``wdir``:
+    ``{0: base accuracy, N: accuracy}``.
 
     Each policy file is deleted once evaluated.
 
-    One vLLM engine (the run's rollout dtype and KV cache) loads each policy in place, as a relayrl
-    rollout worker does after a weight push, and answers ``problems`` with ``eval_max_tokens``.
+    One vLLM engine (the run's rollout dtype and KV cache) answers ``problems`` with the base model
+    (step 0), then loads each policy in place, as a relayrl rollout worker does after a weight push.
     """
     from rollout.engine import VLLMEngine
-    from rollout.rewards import score_response
-    from rollout.tasks import encode_prompt
+    from rollout.tasks import greedy_accuracy
 
     rc, dc = cfg.rollout, cfg.data
     if not problems:
         return {}
     engine = VLLMEngine(model_path, rc.dtype, rc.kv_cache_memory_bytes, rc.max_model_len)
-    prompts = [encode_prompt(engine.tokenizer, p.question, dc.instruction, dc.one_shot) for p in problems]
-    out = {}
+
+    def acc() -> float:
+        return greedy_accuracy(engine, problems, dc.instruction, dc.one_shot, cfg.eval_max_tokens or rc.max_tokens)
+
+    out = {0: acc()}  # the engine starts with the base model: step 0
+    logger.info("base model: held-out accuracy %.3f", out[0])
     for step, path in sorted((int(p.stem.split("-")[1]), p) for p in wdir.glob("step-*.safetensors")):
         engine.load_weights([path.read_bytes()])
-        gens = engine.generate(prompts, 1, cfg.eval_max_tokens or rc.max_tokens, temperature=0.0)
-        out[step] = sum(score_response(g[0].text, p.answer)[1] for p, g in zip(problems, gens)) / len(problems)
+        out[step] = acc()
         logger.info("%s: held-out accuracy %.3f", path.name, out[step])
         path.unlink()  # 269 MB each for SmolLM2; the accuracy is what is kept
     return out

@@ -102,3 +102,15 @@ def encode_prompt(tokenizer, question: str, instruction: str, one_shot: bool) ->
         build_messages(question, instruction, one_shot), add_generation_prompt=True, tokenize=False
     )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def greedy_accuracy(engine, problems: list[Problem], instruction: str, one_shot: bool, max_tokens: int) -> float:
+    """Held-out accuracy of ``engine`` (a `rollout.engine.VLLMEngine`) on ``problems``: greedy answers of
+    at most ``max_tokens`` tokens, strict exact match (`rollout.rewards.score_response`); NaN for none."""
+    from rollout.rewards import score_response
+
+    if not problems:
+        return float("nan")
+    prompts = [encode_prompt(engine.tokenizer, p.question, instruction, one_shot) for p in problems]
+    outs = engine.generate(prompts, 1, max_tokens, temperature=0.0)
+    return sum(score_response(o[0].text, p.answer)[1] for p, o in zip(problems, outs)) / len(problems)

@@ -30,7 +30,7 @@ def main() -> None:
     from orchestrator.models import resolve_model_path
     from rollout.engine import VLLMEngine
     from rollout.rewards import score_response
-    from rollout.tasks import encode_prompt, load_problems
+    from rollout.tasks import encode_prompt, greedy_accuracy, load_problems
 
     cfg = load_config(args.config, args.overrides)
     rc, dc = cfg.rollout, cfg.data
@@ -41,8 +41,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ev = load_problems(dc, "eval")[: args.eval]
-    outs = engine.generate(encode(ev), 1, cfg.eval_max_tokens or rc.max_tokens, temperature=0.0)
-    greedy = sum(score_response(o[0].text, p.answer)[1] for p, o in zip(ev, outs)) / max(len(ev), 1)
+    greedy = greedy_accuracy(engine, ev, dc.instruction, dc.one_shot, cfg.eval_max_tokens or rc.max_tokens) if ev else 0.0
     tr = load_problems(dc, "train")[: args.groups]
     outs = engine.generate(encode(tr), rc.group_size, rc.max_tokens, rc.temperature, seed=0)
     rewards = [[score_response(c.text, p.answer)[0] for c in o] for p, o in zip(tr, outs)]
