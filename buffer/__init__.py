@@ -1,9 +1,23 @@
-"""Data manager: the `Sample` schema, the staleness-bounded replay buffer, curation, prompt samplers."""
+"""The data manager, and everything that crosses actors.
 
+Records: `Sample` (one response with its token-level facts), `Problem`, `GenerateRequest`,
+`RolloutResult`, `BatchStats` (`buffer.records`), the weight-bucket format (`buffer.weight_buckets`)
+and the collective weight group (`buffer.weight_transport`). Data management: the staleness-bounded
+`ReplayBuffer`, admission control (`StalenessManager`), curation (zero-variance filter, SPO value
+tracker, pass-rate tracker, Knapsack allocation), prompt samplers. rollout/ and learner/ depend on
+this package and never on each other; it depends on neither.
+"""
+
+from buffer.config import BufferConfig, StrictConfig
 from buffer.curation import PassRateTracker, PromptValueTracker, ZeroVarianceFilter, allocate_rollouts
 from buffer.prompt_sampler import PROMPT_SAMPLERS, DifficultySampler, UniformSampler
+from buffer.records import BatchStats, GenerateRequest, Problem, RolloutResult
 from buffer.replay import ReplayBuffer
 from buffer.sample import Sample, SampleStatus
+from buffer.staleness import StalenessManager
+from buffer.weight_buckets import iter_buckets, serialize_buckets
 
-__all__ = ["PROMPT_SAMPLERS", "DifficultySampler", "PassRateTracker", "PromptValueTracker", "ReplayBuffer",
-           "Sample", "SampleStatus", "UniformSampler", "ZeroVarianceFilter", "allocate_rollouts"]
+__all__ = ["PROMPT_SAMPLERS", "BatchStats", "BufferConfig", "DifficultySampler", "GenerateRequest",
+           "PassRateTracker", "Problem", "PromptValueTracker", "ReplayBuffer", "RolloutResult", "Sample",
+           "SampleStatus", "StalenessManager", "StrictConfig", "UniformSampler", "ZeroVarianceFilter",
+           "allocate_rollouts", "iter_buckets", "serialize_buckets"]

@@ -2,8 +2,9 @@
 
 The buffer stores whole groups (all samples of one prompt) because group-relative advantages
 (GRPO/RLOO) need the whole group. `take_batch` hands out the oldest groups first and drops groups
-whose policy lag exceeds `max_staleness` (counted in `off_policy/dropped_*`). Admission control
-that keeps stale data from being produced at all lives in the orchestrator; this is the backstop.
+with a token older than the oldest trainable policy version the caller names (counted in
+`off_policy/dropped_*`). That version comes from `buffer.staleness.StalenessManager`, whose admission
+control keeps stale data from being produced at all; the drop here is the backstop.
 
 Curation hooks applied as groups arrive: DAPO dynamic sampling (zero-variance groups are counted and
 not stored) and SPO's per-prompt value tracker (sets each sample's ``baseline``), both from
@@ -20,7 +21,13 @@ from __future__ import annotations
 from collections import deque
 
 from buffer.curation import PromptValueTracker, ZeroVarianceFilter, group_priority
+from buffer.records import BatchStats
 from buffer.sample import Sample
+
+
+def _too_old(group: list[Sample], min_version: int) -> bool:
+    """Whether a sample of ``group`` has a token older than policy version ``min_version``."""
+    return any(s.policy_versions and s.oldest_version < min_version for s in group)
 
 
 class ReplayBuffer:
@@ -29,8 +36,6 @@ class ReplayBuffer:
     Runs in-process (tests) or as a Ray actor via ``ray.remote(ReplayBuffer)``.
 
     Args:
-        max_staleness: largest allowed ``learner_version - oldest token version`` of a trained
-            sample, in policy versions; 0 means strictly on-policy.
         capacity_groups: groups held at most; adding beyond raises instead of losing data.
         dynamic_sampling: drop groups whose rewards are all equal (counted, never stored).
         value_tracker_discount: when set, SPO's per-prompt value tracker with this discount fills
@@ -38,14 +43,11 @@ class ReplayBuffer:
         prioritized: take the highest-priority fresh groups first (`group_priority`), not FIFO.
 
     Raises:
-        ValueError: on a negative bound or an empty group.
+        ValueError: on an empty group.
     """
 
-    def __init__(self, max_staleness: int, capacity_groups: int = 100_000, dynamic_sampling: bool = False,
+    def __init__(self, capacity_groups: int = 100_000, dynamic_sampling: bool = False,
                  value_tracker_discount: float | None = None, prioritized: bool = False) -> None:
-        if max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
-        self.max_staleness = max_staleness
         self.capacity_groups = capacity_groups
         self.filter = ZeroVarianceFilter() if dynamic_sampling else None
         self.values = PromptValueTracker(value_tracker_discount) if value_tracker_discount else None
@@ -91,15 +93,15 @@ class ReplayBuffer:
         self._dropped_samples += len(g)
         self._dropped_pending += len(g)
 
-    def drop_stale(self, learner_version: int) -> dict:
-        """Drop (and count) every held group past the staleness bound at ``learner_version``.
+    def drop_stale(self, min_version: int) -> dict:
+        """Drop (and count) every held group with a token older than policy version ``min_version``.
 
         Returns ``{"fresh": groups left, all trainable now, "dropped_ids": ids dropped now}``; the
         orchestrator calls it before each step, so a batch is only requested when it can be full.
         """
         fresh, dropped = deque(), []
         for g in self._groups:
-            if max(s.staleness(learner_version) for s in g) > self.max_staleness:
+            if _too_old(g, min_version):
                 self._drop(g)
                 dropped.append(g[0].group_id)
             else:
@@ -123,17 +125,19 @@ class ReplayBuffer:
         """Number of groups held (callable through a Ray actor handle)."""
         return len(self._groups)
 
-    def take_batch(self, num_groups: int, learner_version: int) -> tuple[list[list[Sample]], dict]:
+    def take_batch(self, num_groups: int, learner_version: int, min_version: int
+                   ) -> tuple[list[list[Sample]], BatchStats]:
         """Remove and return up to ``num_groups`` fresh-enough groups, oldest (or highest-priority) first.
 
-        Groups whose oldest token is more than ``max_staleness`` versions behind
-        ``learner_version`` are dropped and counted. Returns ``(groups, metrics)``; ``groups`` is
-        shorter than asked when the buffer runs out. Metrics: dropped count and fraction, staleness
-        mean/max and histogram (``off_policy/staleness_frac_<lag>`` for lag 0..max_staleness).
+        Groups with a token older than policy version ``min_version`` are dropped and counted.
+        Returns ``(groups, stats)``; ``groups`` is shorter than asked when the buffer runs out.
+        ``stats.metrics``: dropped count and fraction, staleness (``learner_version`` minus each
+        sample's oldest token version) mean/max and histogram (``off_policy/staleness_frac_<lag>`` for
+        lag 0..learner_version-min_version); ``stats.group_ids``: the groups handed out.
         """
         out: list[list[Sample]] = []
         if self.prioritized:  # drop everything past the bound, then take the best of the rest
-            self.drop_stale(learner_version)
+            self.drop_stale(min_version)
             fresh = self._groups
             ranked = sorted(range(len(fresh)), key=lambda i: -group_priority(fresh[i]))  # stable: ties FIFO
             chosen = set(ranked[:num_groups])
@@ -141,7 +145,7 @@ class ReplayBuffer:
             self._groups = deque(g for i, g in enumerate(fresh) if i not in chosen)
         while self._groups and len(out) < num_groups:
             g = self._groups.popleft()
-            if max(s.staleness(learner_version) for s in g) > self.max_staleness:
+            if _too_old(g, min_version):
                 self._drop(g)
                 continue
             out.append(g)
@@ -156,14 +160,13 @@ class ReplayBuffer:
             "off_policy/staleness_mean": float(sum(lags) / len(lags)) if lags else 0.0,
             "off_policy/staleness_max": float(max(lags)) if lags else 0.0,
             "buffer/groups_left": float(len(self._groups)),
-            "_group_ids": [g[0].group_id for g in out],  # for the driver's audit log, not a metric
         }
         if self.filter is not None:
             metrics.update(self.filter.metrics())
-        # staleness histogram: fraction of trained samples at each lag 0..max_staleness
-        for lag in range(self.max_staleness + 1):
+        # staleness histogram: fraction of trained samples at each lag 0..learner_version - min_version
+        for lag in range(learner_version - min_version + 1):
             metrics[f"off_policy/staleness_frac_{lag}"] = lags.count(lag) / taken if taken else 0.0
-        return out, metrics
+        return out, BatchStats(metrics, tuple(g[0].group_id for g in out))
 
     def state_dict(self) -> dict:
         """Everything needed to resume: held groups and drop counters."""
@@ -181,7 +184,7 @@ class ReplayBuffer:
         self._groups = deque(state["groups"])
         self._dropped_groups = state["dropped_groups"]
         self._dropped_samples = state["dropped_samples"]
-        self._taken_ids = set(state.get("taken_ids", []))
+        self._taken_ids = set(state["taken_ids"])
         if self.filter is not None and state.get("filter"):
             self.filter.load_state_dict(state["filter"])
         if self.values is not None and state.get("values"):

@@ -3,7 +3,8 @@
 Methods ending in ``_remote`` return ObjectRefs; the others wait with the configured timeout and
 raise naming the rank that did not answer.
 
-The ranks are reserved together as one placement group (`orchestrator.placement`).
+Placement is decided by the caller and handed down: one Ray scheduling strategy per rank (the
+orchestrator reserves the ranks together as one placement group).
 
 Left out on purpose: an in-process mode.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from learner.config import LearnerConfig
 from learner.worker import LearnerWorker
 
 logger = logging.getLogger(__name__)
@@ -20,26 +22,32 @@ logger = logging.getLogger(__name__)
 class LearnerGroup:
     """Creates the ranks, joins them into one DeepSpeed process group, fans calls out.
 
+    Args:
+        cfg: `LearnerConfig`.
+        model_path: local HF model dir.
+        strategies: one Ray scheduling strategy per rank (``cfg.num_learners`` of them).
+        samples_per_step, max_tokens, temperature, seed: as `LearnerWorker`.
+        worker_cls: `LearnerWorker` or a subclass.
+
     Raises:
-        RuntimeError: the cluster cannot place the ranks within ``placement_timeout_s``.
+        ValueError: not one scheduling strategy per rank.
         TimeoutError: a rank did not finish setup in time.
     """
 
-    def __init__(self, cfg, model_path: str, samples_per_step: int, max_tokens: int, temperature: float, seed: int,
-                 worker_cls: type = LearnerWorker, placement_timeout_s: float = 120.0) -> None:
+    def __init__(self, cfg: LearnerConfig, model_path: str, strategies: list, samples_per_step: int, max_tokens: int,
+                 temperature: float, seed: int, worker_cls: type = LearnerWorker) -> None:
         import ray
 
-        from orchestrator.placement import bundle, reserve, scheduling
-
+        if len(strategies) != cfg.num_learners:
+            raise ValueError(f"got {len(strategies)} scheduling strategies for learner.num_learners = "
+                             f"{cfg.num_learners}; give one per rank")
         self.cfg = cfg
-        self.pg = reserve([bundle(cfg.num_cpus, cfg.num_gpus, cfg.resources)] * cfg.num_learners,
-                          cfg.placement_strategy, cfg.node_labels, placement_timeout_s, "the learner ranks")
         env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu" if not cfg.num_gpus else "cuda",
                             "OMP_NUM_THREADS": str(cfg.torch_threads or max(1, int(cfg.num_cpus)))}}
         actor = ray.remote(worker_cls)
         self.ranks = [
             actor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, runtime_env=env,
-                          scheduling_strategy=scheduling(self.pg, r)).remote(
+                          scheduling_strategy=strategies[r]).remote(
                 cfg, model_path, r, cfg.num_learners, samples_per_step, max_tokens, temperature, seed)
             for r in range(cfg.num_learners)
         ]

@@ -302,7 +302,7 @@ class LearnerWorker:
                           name: str) -> None:
         """Rank 0 joins (as source, group rank 0) the weight-broadcast group ``name``; other ranks do nothing."""
         if self.rank == 0:
-            from rollout.weight_transport import WeightGroup
+            from buffer.weight_transport import WeightGroup
 
             self.weight_group = None  # the previous generation's group goes first
             self.weight_group = WeightGroup(backend, addr, port, 0, world_size, timeout_s, name)
@@ -325,7 +325,7 @@ class LearnerWorker:
         """
         import torch
 
-        from rollout.engine import serialize_buckets  # the format the engine loads
+        from buffer.weight_buckets import serialize_buckets  # the format the engine loads
 
         t0 = time.perf_counter()
         dt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]

@@ -7,7 +7,8 @@ a ``COMPLETE`` marker. It is assembled under a hidden ``.step_<N>.tmp`` name and
 so a crash mid-write leaves either nothing or a ``.tmp`` dir that lookups ignore (and the next write
 removes).
 
-Left out on purpose: what goes into the files (`orchestrator.loop.Trainer` decides), remote storage.
+Left out on purpose: what goes into the files (`orchestrator.loop.Trainer.state_dict` decides), remote
+storage.
 """
 
 from __future__ import annotations
@@ -107,15 +108,14 @@ def save(trainer) -> Path:
     """Write a complete checkpoint of ``trainer`` at its current policy version; returns its dir.
 
     Holds: learner (DeepSpeed model, optimizer, scheduler, RNG per rank), buffer contents and curation
-    state, prompt-sampler state, driver counters, the requests still in flight (re-issued on resume)
-    and the resolved config.
+    state (``buffer.pkl``) and `Trainer.state_dict` (``trainer.json``: admission counters, rollout
+    totals, prompt sampler, requests in flight, the resolved config).
 
     Raises:
         TimeoutError: the learner or the buffer did not answer in time.
     """
     import pickle
     import time
-    from dataclasses import asdict
 
     import ray
 
@@ -125,16 +125,7 @@ def save(trainer) -> Path:
     buffer_state = ray.get(trainer.buffer.state_dict.remote(), timeout=300)
     with open(tmp / "buffer.pkl", "wb") as f:
         pickle.dump(buffer_state, f)
-    driver = {
-        "version": trainer.version, "dispatched": trainer.dispatched, "kept": trainer.kept,
-        "collected": sorted(trainer.collected), "dropped_early": sorted(trainer.dropped_early),
-        "gen": trainer.gen, "train_seconds": trainer.train_seconds, "trained_samples": trainer.trained_samples,
-        "sampler": trainer.sampler.state_dict(), "allocator": trainer.allocator.state_dict(),
-        "inflight": [{"problems": [asdict(p) for p in r["problems"]], "keys": r["keys"], "sizes": r["sizes"],
-                      "min_version": r["min_version"], "seed": r["seed"]} for r in trainer.inflight.values()],
-        "config": trainer.cfg.model_dump(mode="json"),
-    }
-    (tmp / "trainer.json").write_text(json.dumps(driver))
+    (tmp / "trainer.json").write_text(json.dumps(trainer.state_dict()))
     return commit(tmp, trainer.version, trainer.cfg.checkpoint.keep,
                   {"step": trainer.version, "seconds": time.perf_counter() - t0})
 
@@ -142,8 +133,8 @@ def save(trainer) -> Path:
 def restore(trainer, ckpt: Path) -> dict[str, float]:
     """Load ``ckpt`` into a freshly built ``trainer`` and bring every rollout worker to its weights.
 
-    In-flight requests of the checkpoint are queued for re-issue (``trainer.reissue``) minus the
-    groups that had already reached the buffer or been trained, so none is lost or duplicated.
+    In-flight requests of the checkpoint are queued for re-issue minus the groups that had already
+    reached the buffer or been trained, so none is lost or duplicated (`Trainer.load_state_dict`).
     Returns ``{"resume/step", "resume/reissued_groups", "resume/seconds"}``.
 
     Raises:
@@ -156,15 +147,12 @@ def restore(trainer, ckpt: Path) -> dict[str, float]:
 
     import ray
 
-    from orchestrator.loop import _wait
-    from rollout.tasks import Problem
-
     t0 = time.perf_counter()
     ckpt = Path(ckpt)
     if not (ckpt / COMPLETE).is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} is incomplete (no {COMPLETE} marker)")
-    driver = json.loads((ckpt / "trainer.json").read_text())
-    bad = incompatible_fields(driver["config"], trainer.cfg.model_dump(mode="json"))
+    state = json.loads((ckpt / "trainer.json").read_text())
+    bad = incompatible_fields(state["config"], trainer.cfg.model_dump(mode="json"))
     if bad:
         raise ValueError(f"cannot resume from {ckpt}: the config changes fields the checkpoint depends on: "
                          + "; ".join(bad))
@@ -172,25 +160,9 @@ def restore(trainer, ckpt: Path) -> dict[str, float]:
     with open(ckpt / "buffer.pkl", "rb") as f:
         buffer_state = pickle.load(f)
     ray.get(trainer.buffer.load_state_dict.remote(buffer_state), timeout=300)
-    trainer.sampler.load_state_dict(driver["sampler"])
-    trainer.allocator.load_state_dict(driver.get("allocator", {}), Problem)
-    for k in ("version", "dispatched", "kept", "train_seconds"):
-        setattr(trainer, k, driver[k])
-    trainer.gen.update(driver["gen"])
-    trainer.trained_samples = driver.get("trained_samples", trainer.version * trainer.cfg.samples_per_step)
-    trainer.collected, trainer.dropped_early = set(driver["collected"]), set(driver["dropped_early"])
-    done = {g[0].group_id for g in buffer_state["groups"]} | set(buffer_state.get("taken_ids", []))
-    reissued = 0
-    for req in driver["inflight"]:
-        todo = trainer.remaining({**req, "problems": [Problem(**p) for p in req["problems"]]}, done)
-        if todo:
-            trainer.reissue.append(todo)
-            reissued += len(todo["keys"])
-    rc = trainer.cfg.rollout
-    buckets_ref, _ = trainer.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
-    _wait(trainer.rollout.push_weights_remote(trainer.version, buckets_ref), rc.weight_push_timeout_s,
-          "weight push of the restored policy")
-    trainer.last_weights = (trainer.version, buckets_ref)
+    done = {g[0].group_id for g in buffer_state["groups"]} | set(buffer_state["taken_ids"])
+    reissued = trainer.load_state_dict(state, done)
+    trainer.weight_sync.push_everywhere(trainer.version)
     logger.info("resumed from %s: policy version %d, %d in-flight groups to re-issue", ckpt, trainer.version, reissued)
     return {"resume/step": float(trainer.version), "resume/reissued_groups": float(reissued),
             "resume/seconds": time.perf_counter() - t0}

@@ -1,7 +1,8 @@
 """Placement of learner ranks and rollout workers: resource bundles reserved as Ray placement groups.
 
 Each actor kind has its own resource spec in the run config (CPUs, GPUs, custom resources, node
-labels). The learner ranks share one placement group (``learner.placement_strategy``: PACK keeps them
+labels), and the orchestrator reserves it here and hands the result down: rollout/ and learner/ never
+import this module. The learner ranks share one placement group (``learner.placement_strategy``: PACK keeps them
 on as few nodes as possible for fast collectives, SPREAD spreads them); each rollout worker gets a
 one-bundle group of its own, so workers can be added and removed while a run goes on. A reservation
 that the cluster cannot satisfy fails after ``ray.placement_timeout_s`` with a message naming the
@@ -71,3 +72,53 @@ def release(pg) -> None:
         remove_placement_group(pg)
     except Exception as e:  # noqa: BLE001 - already removed or the cluster is going away
         logger.debug("placement group removal: %s", e)
+
+
+class SlotPlacement:
+    """One single-bundle placement group per rollout worker slot, reserved on first use.
+
+    What `rollout.group.RolloutGroup` is handed: ``strategy(slot)`` reserves (bounded by ``timeout_s``)
+    and returns the slot's scheduling strategy; ``release(slot)`` frees the group.
+
+    Raises:
+        RuntimeError: from `strategy`, the bundle was not placed in time (see `reserve`).
+    """
+
+    def __init__(self, bundle_: dict[str, float], labels: dict[str, str], timeout_s: float) -> None:
+        self.bundle, self.labels, self.timeout_s = bundle_, labels, timeout_s
+        self.pgs: dict = {}  # slot -> its placement group
+
+    def strategy(self, slot: int):
+        """Scheduling strategy of the actor of ``slot``."""
+        if slot not in self.pgs:
+            self.pgs[slot] = reserve([self.bundle], "PACK", self.labels, self.timeout_s, f"rollout worker {slot}")
+        return scheduling(self.pgs[slot], 0)
+
+    def release(self, slot: int) -> None:
+        """Free the placement group of ``slot`` (if any)."""
+        if slot in self.pgs:
+            release(self.pgs.pop(slot))
+def check_resources(cfg, cluster: dict[str, float]) -> None:
+    """Fail fast when the cluster cannot host the run's actors (Ray would wait silently forever).
+
+    Custom resources (``learner.resources``, ``rollout.resources``) count like CPUs and GPUs; node
+    labels are checked when the placement groups are reserved (`orchestrator.placement`).
+
+    Raises:
+        RuntimeError: naming the resource, how much the config asks for and how much exists.
+    """
+    from orchestrator.placement import bundle
+
+    lc, rc = cfg.learner, cfg.rollout
+    per_rank, per_worker = bundle(lc.num_cpus, lc.num_gpus, lc.resources), bundle(rc.num_cpus, rc.num_gpus, rc.resources)
+    for res in sorted(set(per_rank) | set(per_worker)):
+        a, b = per_rank.get(res, 0.0), per_worker.get(res, 0.0)
+        amount = lc.num_learners * a + rc.num_workers * b
+        if amount > cluster.get(res, 0.0) + 1e-9:
+            raise RuntimeError(
+                f"the run needs {amount:g} {res} (learner: {lc.num_learners} x {a:g}, rollout: {rc.num_workers} x "
+                f"{b:g}) but the Ray cluster has {cluster.get(res, 0.0):g}; lower the learner/rollout resource "
+                "spec or add nodes that have it"
+            )
+
+

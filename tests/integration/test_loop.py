@@ -93,7 +93,7 @@ def test_collective_weight_push_regroups_when_workers_leave(tiny_model, ray_loca
     try:
         trainer.run(progress=False)
         th.join(60)
-        generations = trainer.weight_group[0]
+        generations = trainer.weight_sync.transport.generation
         versions = ray.get([w.get_version.remote() for w in trainer.rollout.workers], timeout=60)
         tok_ids = list(range(5, 45))
         learner_lp = torch.tensor(trainer.learner.sequence_logprobs(tok_ids, 8))
@@ -104,6 +104,7 @@ def test_collective_weight_push_regroups_when_workers_leave(tiny_model, ray_loca
     print("broadcast seconds per step:", [r.get("weights/broadcast_seconds") for r in recs],
           "workers:", [r["rollout/num_workers"] for r in recs], "group generations:", generations)
     assert all(r["weights/broadcast_seconds"] > 0 and r["weights/bytes"] > 0 for r in recs)  # no fallback push
+    assert recs[-1]["weights/push_fallbacks_total"] == 0
     assert [r["rollout/num_workers"] for r in recs][0] == 2.0 and recs[-1]["rollout/num_workers"] == 1.0
     assert generations == 2  # built for 2 workers, rebuilt for the 1 left
     assert versions == [5]

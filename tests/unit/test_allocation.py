@@ -11,7 +11,7 @@ from buffer.allocation import RolloutAllocator
 from buffer.prompt_sampler import DifficultySampler, UniformSampler
 from learner.advantages import ADVANTAGE_ESTIMATORS, batch_advantages, grpo_advantages
 from learner.batching import plan_microbatches
-from rollout.tasks import Problem
+from buffer import Problem
 
 
 def _problems(n: int) -> list[Problem]:

@@ -67,7 +67,7 @@ def test_configs_are_frozen():
 
 
 def test_unsatisfiable_resources_fail_fast_naming_the_resource():
-    from orchestrator.loop import check_resources
+    from orchestrator.placement import check_resources
 
     cfg = load_config(None, ["learner.num_learners=2", "learner.num_cpus=1", "rollout.num_cpus=1"])
     with pytest.raises(RuntimeError, match=r"needs 3 CPU .* has 2"):
@@ -102,7 +102,7 @@ def test_presets_fill_fields_and_explicit_values_win():
 def test_every_registered_variant_is_selectable():
     from learner.advantages import ADVANTAGE_ESTIMATORS
     from learner.losses import POLICY_LOSSES
-    from orchestrator.config import LearnerConfig
+    from learner.config import LearnerConfig
 
     assert set(LearnerConfig.model_fields["loss"].annotation.__args__) == set(POLICY_LOSSES)
     assert set(LearnerConfig.model_fields["advantage"].annotation.__args__) == set(ADVANTAGE_ESTIMATORS)
@@ -118,3 +118,18 @@ def test_knapsack_allocation_bounds_are_checked():
     cfg = load_config(None, ["buffer.rollout_allocation=knapsack", "buffer.allocation_min_n=1", "learner.advantage=spo",
                              "buffer.value_tracker=true"])
     assert cfg.buffer.allocation_min_n == 1
+
+
+def test_gspo_gets_its_sequence_level_clip_range_and_refuses_a_token_level_one():
+    cfg = load_config(None, ["learner.loss=gspo"])
+    assert (cfg.learner.clip_low, cfg.learner.clip_high) == (3e-4, 4e-4)
+    assert (load_config(None, []).learner.clip_low, load_config(None, []).learner.clip_high) == (0.2, 0.28)
+    assert load_config(None, ["learner.loss=gspo", "learner.clip_high=1e-3"]).learner.clip_high == 1e-3
+    with pytest.raises(ConfigError, match=r"learner.loss = 'gspo'.*0.2 / 0.28"):
+        load_config(None, ["learner.loss=gspo", "learner.clip_low=0.2", "learner.clip_high=0.28"])
+
+
+def test_top_p_below_one_is_refused_with_the_reason():
+    assert load_config(None, ["rollout.top_p=1.0"]).rollout.top_p == 1.0
+    with pytest.raises(ConfigError, match=r"rollout.top_p = 0.9 .*importance weights.*set rollout.top_p = 1.0"):
+        load_config(None, ["rollout.top_p=0.9"])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from buffer import (DifficultySampler, PassRateTracker, PromptValueTracker, ReplayBuffer, Sample, UniformSampler,
                     ZeroVarianceFilter, allocate_rollouts)
 from buffer.curation import group_priority, informative_group_value
-from rollout.tasks import Problem
+from buffer import Problem
 
 
 def _group(prompt: str, rewards: list[float]) -> list[Sample]:
@@ -33,15 +33,16 @@ def test_zero_variance_filter_counts():
 
 
 def test_buffer_dynamic_sampling_and_value_tracker():
-    buf = ReplayBuffer(max_staleness=0, dynamic_sampling=True, value_tracker_discount=0.5)
+    buf = ReplayBuffer(dynamic_sampling=True, value_tracker_discount=0.5)
     out = buf.add_groups([_group("p", [1, 1]), _group("q", [0, 1]), _group("p", [1, 0])])
     assert out == {"kept": 2, "kept_ids": ["g-q", "g-p"], "held": 2}
-    groups, m = buf.take_batch(2, 0)
+    groups, stats = buf.take_batch(2, 0, 0)
+    m = stats.metrics
     # prior Beta(1, 1): p's first group sees 0.5; after rewards 1, 1 with discount 0.5:
     # (1*.5+1)*.5+1 = 1.75, (1*.5+0)*.5+0 = 0.25 -> 0.875
     assert [g[0].baseline for g in groups] == [0.5, 0.875]
     assert m["curation/filter_zero_variance_frac"] == pytest.approx(1 / 3)
-    other = ReplayBuffer(max_staleness=0, dynamic_sampling=True, value_tracker_discount=0.5)
+    other = ReplayBuffer(dynamic_sampling=True, value_tracker_discount=0.5)
     other.load_state_dict(buf.state_dict())
     assert other.values.value("p") == buf.values.value("p") and other.filter.seen == 3
 
@@ -129,11 +130,11 @@ def test_group_priority_and_prioritized_take():
     mixed[1].response_ids = [3]  # two distinct responses
     assert group_priority(flat) == pytest.approx(0.5 * 0.5)
     assert group_priority(mixed) == pytest.approx(0.5 + 0.5 * 1.0)
-    buf = ReplayBuffer(max_staleness=1, prioritized=True)
+    buf = ReplayBuffer(prioritized=True)
     old_good = _group("old", [0.0, 1.0])  # version 0: too stale at learner version 2
     buf.add_groups([old_good, flat, mixed])
     for s in flat + mixed:
         s.policy_versions = [2]
-    groups, m = buf.take_batch(1, learner_version=2)
-    assert groups == [mixed] and m["off_policy/dropped_samples"] == 2.0  # stale one dropped, not trained
-    assert buf.take_batch(5, 2)[0] == [flat]
+    groups, stats = buf.take_batch(1, learner_version=2, min_version=1)
+    assert groups == [mixed] and stats.metrics["off_policy/dropped_samples"] == 2.0  # stale one dropped, not trained
+    assert buf.take_batch(5, 2, 1)[0] == [flat]

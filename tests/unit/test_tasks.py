@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from orchestrator.config import DataConfig
+from rollout.config import DataConfig
 from rollout.tasks import build_messages, load_problems
 
 

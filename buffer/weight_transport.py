@@ -3,9 +3,10 @@ worker (gloo on CPU, NCCL on GPU), instead of passing them through Ray's object 
 
 The group is learner rank 0 (group rank 0, the source) plus the rollout workers (ranks 1..N), built
 with its own TCP store so it is independent of the learner's DeepSpeed process group. Its membership
-is fixed, so the orchestrator builds a new one (a new ``name``) whenever rollout workers come or go.
+is fixed, so the orchestrator builds a new one (a new ``name``) whenever rollout workers come, go or
+restart. It lives in buffer/ because both ends use it: learner rank 0 sends, rollout workers receive.
 A push is versioned and bucketed: a header ``[version, number of buckets]``, the bucket lengths,
-then each bucket (safetensors bytes, the format `VLLMEngine.load_weights` reads) as a uint8 tensor.
+then each bucket (`buffer.weight_buckets` format) as a uint8 tensor.
 Every collective call is bounded by the group's timeout.
 
 Left out on purpose: broadcasting straight into the GPU engine's parameters (NCCL moves the same

@@ -1,0 +1,43 @@
+"""Config of the data manager, and the base every package's config derives from.
+
+`StrictConfig` (unknown fields rejected, frozen: components never mutate their config) lives here
+because every package depends on buffer/; each package's own config sits beside it
+(`rollout.config`, `learner.config`) and `orchestrator.config.RunConfig` composes them.
+
+Left out on purpose: ``max_staleness`` is read by `buffer.staleness.StalenessManager` only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictConfig(BaseModel):
+    """Base of every relayrl config section: unknown fields are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BufferConfig(StrictConfig):
+    max_staleness: int = Field(
+        1, ge=0, le=1000, description="max policy lag (versions) of trained samples; 0 = on-policy"
+    )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO dynamic sampling: drop zero-reward-variance groups, generate more to refill")
+    max_refill_factor: float = Field(
+        8.0, ge=1.0, description="stop the run when one step needed more than this many times "
+        "prompts_per_step generated groups (dynamic sampling finds no signal)")
+    prompt_sampler: Literal["uniform", "difficulty"] = Field(
+        "uniform", description="prompt selection: shuffled epochs, or pass-rate-aware (buffer.prompt_sampler)")
+    sampler_floor: float = Field(0.05, ge=0.0, le=1.0, description="difficulty sampler: uniform mixture weight")
+    prioritized_replay: bool = Field(
+        False, description="train the highest reward-variance+diversity fresh groups first, not FIFO")
+    value_tracker: bool = Field(False, description="SPO per-prompt value tracker fills sample baselines")
+    value_tracker_discount: float = Field(0.9, gt=0.0, le=1.0, description="SPO tracker discount per reward")
+    rollout_allocation: Literal["uniform", "knapsack"] = Field(
+        "uniform", description="samples per prompt: rollout.group_size each, or Knapsack RL budgets "
+        "(prompts_per_step*group_size samples per step split by estimated pass rate)")
+    allocation_min_n: int = Field(2, ge=1, le=1024, description="knapsack: fewest samples per prompt")
+    allocation_max_n: int = Field(32, ge=1, le=1024, description="knapsack: most samples per prompt")

@@ -1,0 +1,86 @@
+"""Config of the learner (`LearnerConfig`): DeepSpeed ranks, optimiser, advantage, policy loss.
+
+Composed by `orchestrator.config.RunConfig`; each learner rank receives this section.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from buffer.config import StrictConfig
+
+CLIP_DEFAULTS: dict[str, tuple[float, float]] = {
+    "ppo": (0.2, 0.28),  # token-level PPO clip with DAPO's clip-higher (Yu et al. 2025)
+    # GSPO clips the length-normalised sequence ratio: Zheng et al. 2025, "Group Sequence Policy Optimization"
+    "gspo": (3e-4, 4e-4),
+}
+"""``(clip_low, clip_high)`` a loss gets when the config leaves them unset; losses not named use ``ppo``'s."""
+
+GSPO_MAX_CLIP = 0.01
+"""Largest clip GSPO accepts: its sequence ratio moves ~1e-4 per step, so a token-level 0.2 never clips."""
+
+
+class LearnerConfig(StrictConfig):
+    num_learners: int = Field(1, ge=1, le=4096, description="DeepSpeed ranks (Ray actors)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    dtype: Literal["bf16", "fp32"] = Field("bf16", description="learner compute dtype (fp32 master)")
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear LR warmup steps")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
+    micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per forward/backward")
+    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp", "spo"] = Field(
+        "grpo", description="advantage estimator (learner.advantages.ADVANTAGE_ESTIMATORS)")
+    loss: Literal["ppo_tis", "ppo_seq_tis", "icepop", "seq_mask", "gspo", "topr", "ppo"] = Field(
+        "ppo_tis", description="policy loss / off-policy correction (learner.losses.POLICY_LOSSES); "
+        "'ppo' has no behaviour correction")
+    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="clip below 1 of the ratio; default per loss "
+                            "(CLIP_DEFAULTS: 0.2 token-level, 3e-4 for GSPO's sequence ratio)")
+    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="clip above 1 (clip-higher); default per loss "
+                             "(CLIP_DEFAULTS: 0.28 token-level, 4e-4 for GSPO's sequence ratio)")
+    tis_cap: float = Field(2.0, gt=0.0, description="truncated importance sampling cap C")
+    band_low: float = Field(0.5, gt=0.0, le=1.0, description="icepop/seq_mask: lowest kept pi_prox/pi_behav")
+    band_high: float = Field(2.0, ge=1.0, description="icepop/seq_mask: highest kept pi_prox/pi_behav")
+    kl_coef: float = Field(0.0, ge=0.0, description="KL-to-reference weight (0: no reference model)")
+    ppo_minibatches: int = Field(1, ge=1, le=1024, description="optimizer steps per batch (PPO minibatches)")
+    prox_logprobs: Literal["recompute", "loglinear"] = Field(
+        "recompute", description="pi_prox for minibatches after the first: learner forward pass, or "
+        "AReaL's log-linear interpolation between behaviour and current logprobs (no extra pass)")
+    loss_agg: Literal["token_mean", "constant"] = Field(
+        "token_mean", description="loss normaliser: trained tokens in the minibatch, or "
+        "samples*rollout.max_tokens (Dr. GRPO's constant)")
+    staleness_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="weight decay**staleness on each sample's loss (1: no down-weighting)")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per learner rank")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per learner rank (0 on CPU)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per learner rank")
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="node labels a learner rank's node must have (Ray label selector)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement group strategy of the learner ranks")
+    step_timeout_s: float = Field(1800.0, gt=0, description="max seconds for one learner call")
+    max_skipped_steps: int = Field(
+        3, ge=1, description="stop the run after this many consecutive optimizer steps skipped for "
+        "non-finite gradients")
+    torch_threads: int = Field(0, ge=0, description="torch threads per rank (0: from num_cpus)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clip_defaults_per_loss(cls, data: Any) -> Any:
+        """Fill ``clip_low`` / ``clip_high`` the config leaves unset with the loss's own range."""
+        if isinstance(data, dict):
+            low, high = CLIP_DEFAULTS.get(data.get("loss", "ppo_tis"), CLIP_DEFAULTS["ppo"])
+            data = {"clip_low": low, "clip_high": high, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _gspo_clips_a_sequence_ratio(self) -> LearnerConfig:
+        """GSPO's ratio is a per-token geometric mean; a token-level range (0.2) would never clip it."""
+        if self.loss == "gspo" and max(self.clip_low, self.clip_high) > GSPO_MAX_CLIP:
+            raise ValueError(f"learner.loss = 'gspo' clips the length-normalised sequence ratio, whose range is "
+                             f"~1e-4 wide, but learner.clip_low / clip_high = {self.clip_low:g} / {self.clip_high:g}"
+                             f" (> {GSPO_MAX_CLIP:g}) would never clip; leave them unset (3e-4 / 4e-4, GSPO paper) "
+                             "or set values <= " f"{GSPO_MAX_CLIP:g}")
+        return self

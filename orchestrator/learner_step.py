@@ -1,0 +1,80 @@
+"""A learner step in flight, seen from the driver: start it on a batch, poll it, judge its outcome.
+
+Left out on purpose: the training itself (`learner.worker.LearnerWorker.train_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnerStep:
+    """One step on every rank: ``refs`` (one metrics ref per rank), the buffer's `BatchStats` ref,
+    its ``deadline`` (monotonic seconds) and the policy ``version`` it starts from."""
+
+    refs: list
+    stats_ref: object
+    deadline: float
+    version: int
+
+    @classmethod
+    def start(cls, buffer, learner, num_groups: int, version: int, min_version: int, timeout_s: float) -> LearnerStep:
+        """Take ``num_groups`` groups no older than ``min_version`` from the buffer straight into a
+        step of every learner rank (the batch never passes through the driver)."""
+        batch_ref, stats_ref = buffer.take_batch.options(num_returns=2).remote(num_groups, version, min_version)
+        return cls(learner.train_step_remote(batch_ref, version), stats_ref, time.monotonic() + timeout_s, version)
+
+    def done(self, run_dir: Path) -> bool:
+        """Whether every rank finished; raises at once if a rank died (its peers would wait in a
+        collective until the timeout).
+
+        Raises:
+            RuntimeError: a learner rank died; names the last complete checkpoint.
+        """
+        import ray
+
+        ready, pending = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                from orchestrator.checkpoint import latest_checkpoint
+
+                ckpt = latest_checkpoint(run_dir)
+                raise RuntimeError(
+                    f"learner rank {self.refs.index(ref)} died during step {self.version + 1} ({type(e).__name__}); "
+                    f"the run stops. Last complete checkpoint: {ckpt or 'none (set checkpoint.every)'}; continue "
+                    "with `relayrl train CONFIG --resume`") from None
+        return not pending
+
+
+class SkippedSteps:
+    """Counts optimizer steps skipped for non-finite gradients in a row.
+
+    Args:
+        limit: ``learner.max_skipped_steps``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def check(self, version: int, m: dict[str, float]) -> None:
+        """Account step ``version``'s metrics ``m``.
+
+        Raises:
+            RuntimeError: ``limit`` skipped steps in a row.
+        """
+        if m.get("learner/skipped_steps", 0) == 0:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        logger.warning("step %d: optimizer step skipped: non-finite gradients (loss %s)", version, m.get("learner/loss"))
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.in_a_row} consecutive optimizer steps had non-finite gradients "
+                               f"(learner.max_skipped_steps = {self.limit}); last loss {m.get('learner/loss')}")

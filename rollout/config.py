@@ -1,0 +1,98 @@
+"""Config of the rollout side: the prompt data (`DataConfig`) and the rollout workers (`RolloutConfig`).
+
+Composed by `orchestrator.config.RunConfig`; each worker receives these two sections only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from buffer.config import StrictConfig
+
+
+class DataConfig(StrictConfig):
+    type: Literal["reasoning_gym", "jsonl"] = Field("reasoning_gym", description="prompt source")
+    task: str = Field("basic_arithmetic", description="reasoning-gym task name (type=reasoning_gym)")
+    task_config: dict[str, Any] = Field(default_factory=dict, description="reasoning-gym task kwargs")
+    path: str | None = Field(None, description="train jsonl/parquet file (type=jsonl)")
+    eval_path: str | None = Field(None, description="held-out jsonl/parquet file (type=jsonl)")
+    prompt_field: str = Field("question", description="field holding the prompt text (type=jsonl)")
+    answer_field: str = Field("answer", description="field holding the reference answer (type=jsonl)")
+    train_size: int = Field(2000, ge=1, le=10_000_000, description="training problems generated")
+    train_seed: int = Field(1, description="seed of the training problems")
+    eval_size: int = Field(100, ge=0, le=100_000, description="held-out problems (0: no eval)")
+    eval_seed: int = Field(12345, description="seed of the held-out problems (must differ from train)")
+    one_shot: bool = Field(True, description="prepend one worked example of the answer format")
+    instruction: str = Field(
+        "Solve the problem. Show brief work, then give the final line as 'Answer: <number>'.",
+        description="text appended to every question",
+    )
+
+    @model_validator(mode="after")
+    def _jsonl_needs_path(self) -> DataConfig:
+        if self.type == "jsonl" and not self.path:
+            raise ValueError("data.path is required when data.type = 'jsonl'")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_seed_differs(self) -> DataConfig:
+        if self.type == "reasoning_gym" and self.eval_size and self.eval_seed == self.train_seed:
+            raise ValueError(f"data.eval_seed ({self.eval_seed}) must differ from data.train_seed")
+        return self
+
+
+class RolloutConfig(StrictConfig):
+    num_workers: int = Field(1, ge=1, le=1024, description="vLLM rollout worker actors")
+    group_size: int = Field(8, ge=1, le=1024, description="samples per prompt (n; 1 only with advantage 'spo')")
+    max_tokens: int = Field(96, ge=1, le=131072, description="max generated tokens per sample")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling p; only 1.0 is accepted (see "
+                         "`_full_support_sampling`)")
+    dtype: Literal["bfloat16", "float32", "float16"] = Field("bfloat16", description="vLLM dtype")
+    kv_cache_memory_bytes: int = Field(256 << 20, ge=16 << 20, description="vLLM KV cache size in bytes")
+    max_model_len: int = Field(1024, ge=64, le=131072, description="prompt + response tokens, max")
+    prompts_per_request: int = Field(4, ge=1, le=4096, description="groups per generate call")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per rollout worker")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rollout worker (0 on CPU)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rollout worker")
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="node labels a rollout worker's node must have (Ray label selector)")
+    request_timeout_s: float = Field(600.0, gt=0, description="max seconds for one generate call")
+    weight_push_timeout_s: float = Field(300.0, gt=0, description="max seconds for one weight push")
+    max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts per rollout worker before it is replaced")
+    reward_timeout_s: float = Field(10.0, gt=0, description="max seconds for one reward function call")
+    max_reward_failure_frac: float = Field(
+        0.1, ge=0.0, le=1.0, description="stop the run when more than this fraction of scored samples "
+        "(after the first step) failed their reward function")
+    weight_bucket_bytes: int = Field(512 << 20, ge=1 << 20, description="max bytes per weight bucket")
+    autoscale_max_workers: int = Field(
+        0, ge=0, le=1024, description="automatic scaling: add rollout workers (up to this many) while the "
+        "learner waits on data, remove them (down to num_workers) while it never waits; 0: off")
+    autoscale_wait_frac: float = Field(
+        0.2, gt=0.0, lt=1.0, description="autoscale up when the learner waited more than this fraction of "
+        "each of the last autoscale_patience steps")
+    autoscale_patience: int = Field(2, ge=1, le=1000, description="steps in a row before autoscaling acts")
+    weight_transport: Literal["object_store", "collective"] = Field(
+        "object_store", description="weight push: buckets through Ray's object store, or broadcast from learner "
+        "rank 0 over a collective group (rollout.weight_transport)")
+    collective_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="collective weight push backend; auto: nccl when learner and rollout have GPUs, else gloo")
+    update_interval_tokens: int = Field(
+        0, ge=0, le=131072, description="in-flight weight updates: apply newly pushed weights inside a "
+        "running request every this many generated tokens (unfinished samples continue from their tokens so "
+        "far; per-token versions are recorded); 0: only between requests")
+    seed: int = Field(0, description="sampling seed")
+
+    @field_validator("top_p")
+    @classmethod
+    def _full_support_sampling(cls, top_p: float) -> float:
+        """The learner's importance weights compare its full-vocabulary softmax with the behaviour
+        logprobs; under nucleus sampling vLLM reports logprobs renormalised over the nucleus and samples
+        no token outside it, so both the weights and the support would be wrong."""
+        if top_p < 1.0:
+            raise ValueError(f"rollout.top_p = {top_p:g} samples from a truncated, renormalised distribution, "
+                             "but the learner's importance weights assume the full softmax; set rollout.top_p = 1.0 "
+                             "(use rollout.temperature to sharpen sampling)")
+        return top_p
