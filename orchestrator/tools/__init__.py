@@ -1,0 +1,1 @@
+"""Benchmarks, experiments, reports and the TRL baseline: built on the core, never imported by it."""
