@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.experiment import column_value, read_run
+from orchestrator.tools.experiment import column_value, read_run
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("budget, steps", [(0, 2), (0.001, 1)])
 def test_trl_baseline_trains_evaluates_and_stops_at_budget(tiny_sums_model, tmp_path, budget, steps):
     pytest.importorskip("trl")
-    from orchestrator.trl_baseline import main
+    from orchestrator.cli import main
 
     args = [str(ROOT / "deploy/examples/tiny_cpu.toml"), f"model.path={tiny_sums_model}", f"output_dir={tmp_path}",
             "num_steps=2", "eval_every=1", f"time_budget_s={budget}", "data.eval_size=8", "data.one_shot=false",
             "rollout.max_tokens=8", "rollout.dtype=float32", "rollout.kv_cache_memory_bytes=67108864",
             "rollout.max_model_len=256", "learner.dtype=fp32", "learner.lr=1e-3"]
-    assert main(args) == 0
+    assert main(["trl-baseline", *args]) == 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     recs, summary = read_run(run_dir)
     assert [r["step"] for r in recs] == list(range(steps + 1))
