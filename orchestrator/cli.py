@@ -1,4 +1,4 @@
-"""`relayrl` command line: ``train`` a run from a TOML config, ``experiment``, ``prepare-model``.
+"""`relayrl` command line: ``train`` a run from a TOML config, ``experiment``, ``bench``, ``trl-baseline``.
 
 ``relayrl experiment SPEC --out docs/x.md`` runs the variants of an experiment spec one after the
 other and writes a comparison table.
@@ -13,6 +13,12 @@ value, missing model or data file, empty dataset, too few resources) print one l
 
 ``relayrl bench CONFIG [--out docs/benchmarks.md] [--only NAME ...] [--steps N] [key.sub=value ...]``
 measures wrapper overhead, weight push, overlap/speedup and scaling on a run config and writes a table.
+
+``relayrl trl-baseline CONFIG [key.sub=value ...]`` trains TRL's GRPOTrainer on the same config (the
+external baseline; needs the ``trl`` extra) and writes a run dir the experiment tables read.
+
+The tooling subcommands (``experiment``, ``bench``, ``report``, ``trl-baseline``) import
+`orchestrator.tools` inside their functions: the core never imports it, and ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -90,7 +96,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.report import write_report
+    from orchestrator.tools.report import write_report
 
     for path in write_report(args.run_dir):
         print(path)
@@ -105,7 +111,7 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from orchestrator.experiment import run_experiment
+    from orchestrator.tools.experiment import run_experiment
 
     print(run_experiment(args.spec, args.out, args.only or None, args.variant_timeout))
     return 0
@@ -114,12 +120,21 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from orchestrator.bench import run_bench
+    from orchestrator.tools.bench import run_bench
 
     command = shlex.join(["relayrl", "bench", args.config, *(["--out", args.out] if args.out else []),
                           *(x for name in args.only or [] for x in ("--only", name)), "--steps", str(args.steps),
                           *args.overrides])
     print(run_bench(args.config, args.overrides, args.out, args.only or None, args.steps, command, _init_ray))
+    return 0
+
+
+def cmd_trl_baseline(args: argparse.Namespace) -> int:
+    from orchestrator.tools.trl_baseline import run_baseline
+
+    run_dir, summary = run_baseline(args.config, args.overrides)
+    print(json.dumps({k: summary[k] for k in ("step", "perf/train_seconds", "eval/accuracy") if k in summary}))
+    print(f"run dir: {run_dir}")
     return 0
 
 
@@ -150,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only this benchmark (repeatable): wrapper, weight_push, overlap, speedup, scaling")
     p.add_argument("--steps", type=int, default=4, help="learner steps of each real run (step 1 is not counted)")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("trl-baseline", help="TRL's GRPOTrainer on a run config (the external baseline; needs trl)")
+    p.add_argument("config", help="run config (TOML), e.g. deploy/examples/arithmetic_smollm2.toml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    p.set_defaults(fn=cmd_trl_baseline)
     p = sub.add_parser("scale", help="change the number of rollout workers of a running job")
     p.add_argument("run", help="the run dir (or its name) of a running job")
     p.add_argument("--rollout-workers", type=int, required=True, help="rollout workers wanted")
@@ -163,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_prepare_model)
     # dotted overrides may follow options (`train cfg.toml --resume run key=value`)
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.cmd not in ("train", "bench") or any("=" not in x or x.startswith("-") for x in extra)):
+    takes_overrides = args.cmd in ("train", "bench", "trl-baseline")
+    if extra and (not takes_overrides or any("=" not in x or x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

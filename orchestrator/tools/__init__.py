@@ -1,1 +1,14 @@
-"""Benchmarks, experiments, reports and the TRL baseline: built on the core, never imported by it."""
+"""relayrl's tooling: benchmarks, experiments, reports and the TRL baseline: built on the core, never imported by it.
+
+- `bench` (with `bench_actors`, `bench_math`): ``relayrl bench``, relayrl's overheads and overlap on a run config.
+- `experiment`: ``relayrl experiment``, named variants of one config and their comparison table.
+- `report`: ``relayrl report``, plots and a one-page summary of a run dir.
+- `trl_baseline`: ``relayrl trl-baseline``, TRL's GRPOTrainer on a relayrl run config.
+
+Each is a module of its own, imported where it is used (`orchestrator.cli` imports them inside its
+subcommand functions): they pull in Ray, vLLM, matplotlib or TRL, so this package imports none of
+them. Dependencies point one way: tools -> {orchestrator, rollout, learner, buffer}; a test keeps
+the core from importing tools.
+"""
+
+__all__ = ["bench", "bench_actors", "bench_math", "experiment", "report", "trl_baseline"]

@@ -128,7 +128,16 @@ def _check_run(trainer, summary, cfg, run_dir, tiny_model):
         assert r["off_policy/staleness_max"] <= cfg.buffer.max_staleness  # 0: strictly on-policy
         assert r["off_policy/dropped_samples"] == 0  # admission control, not the drop, holds the bound
         assert r["weights/bytes"] > 0 and r["learner/tokens"] > 0
-    assert 0.0 <= recs[-1]["eval/accuracy"] <= 1.0
+    # held-out accuracy after the last step is the policy's: transformers' greedy decoding of the final
+    # model (the same weights, checked below) gets the same count of correct answers on the eval problems
+    # (none, for this random model: an evaluator that scores leniently or miscounts fails here)
+    from tiny_model import hf_greedy_accuracy
+
+    problems = load_problems(cfg.data, "eval")
+    assert recs[-1]["step"] == 3 and len(problems) == 8
+    max_tokens = cfg.eval_max_tokens or cfg.rollout.max_tokens
+    assert recs[-1]["eval/accuracy"] == hf_greedy_accuracy(summary["final_model"], problems, cfg.data.instruction,
+                                                           cfg.data.one_shot, max_tokens)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     _check_report(run_dir)
 

@@ -39,3 +39,31 @@ def test_empty_dataset_is_one_line(tmp_path):
 def test_help_is_fast_and_lists_train():
     r = _run("--help")
     assert r.returncode == 0 and "train" in r.stdout
+
+
+def test_trl_baseline_help_parses(capsys):
+    from orchestrator.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["trl-baseline", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: relayrl trl-baseline" in out and "config" in out and "overrides" in out
+
+
+def test_trl_baseline_bad_config_is_one_line(capsys):
+    from orchestrator.cli import main
+
+    assert main(["trl-baseline", "/no/such.toml", "learner.lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relayrl: error: ") and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_trl_baseline_refuses_unmappable_setting_before_loading_anything(capsys, tmp_path):
+    from orchestrator.cli import main
+
+    assert main(["trl-baseline", CFG, "learner.ppo_minibatches=2", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relayrl: error: ") and len(err.strip().splitlines()) == 1
+    assert "learner.ppo_minibatches = 2" in err
+    assert not list(tmp_path.iterdir())  # no run dir made

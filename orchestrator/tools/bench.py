@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.bench_math import (Row, ideal_speedup, learner_busy_frac, overlap_efficiency, paired_overhead_pct,
-                                     rate, render, row, run_throughput, to_json)
-from orchestrator.bench_actors import FAKE_GROUP_SECONDS, FakeRolloutWorker, RawVLLM, tiny_copy
+from orchestrator.tools.bench_math import (Row, ideal_speedup, learner_busy_frac, overlap_efficiency,
+                                           paired_overhead_pct, rate, render, row, run_throughput, to_json)
+from orchestrator.tools.bench_actors import FAKE_GROUP_SECONDS, FakeRolloutWorker, RawVLLM, tiny_copy
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class _Session:
 
     def run_rate(self, label: str, *extra: str, model_path: str | None = None, worker_cls: type | None = None) -> float:
         """Trained samples/s of a real `Trainer` run of ``--steps`` steps, eval off (`run_throughput`)."""
-        from orchestrator.experiment import read_run
+        from orchestrator.tools.experiment import read_run
         from orchestrator.loop import Trainer
 
         self.release()

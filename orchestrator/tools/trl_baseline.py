@@ -1,6 +1,6 @@
 """TRL's `GRPOTrainer` on a relayrl run config: the external baseline of the time-to-accuracy benchmark.
 
-    python -m orchestrator.trl_baseline CONFIG [key.sub=value ...]
+    relayrl trl-baseline CONFIG [key.sub=value ...]
 
 The same TOML (and overrides) a ``relayrl train`` run takes sets the model, data, prompt format,
 reward, sampling and optimiser, so the comparison is like for like by construction:
@@ -20,19 +20,18 @@ strict exact match.
 
 The run dir (``output_dir/name-<time>/``) holds ``metrics.jsonl`` (``step``,
 ``perf/train_seconds``, ``perf/step_seconds``, ``rollout/reward_mean``, ``eval/accuracy``) and
-``summary.json`` like a relayrl run, so `orchestrator.experiment` tables read both. Training stops
+``summary.json`` like a relayrl run, so `orchestrator.tools.experiment` tables read both. Training stops
 at ``num_steps`` or once ``time_budget_s`` of training clock is spent.
 
-Requires ``pip install trl`` (the ``trl`` extra); it is not part of the default install.
+Requires ``pip install trl`` (the ``trl`` extra); it is not part of the default install. The
+command line (argument parsing, one-line errors) is `orchestrator.cli`'s; this module has no ``main``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -83,16 +82,9 @@ def _reward_fn(completions, answer, **_) -> list[float]:
 
 
 def train(cfg, run_dir: Path) -> dict:
-    """Train with TRL, then evaluate the saved policies; writes and returns the run summary.
-
-    Raises:
-        ImportError: trl is not installed (the message says how to install it).
-    """
-    try:
-        import trl
-    except ImportError:
-        raise ImportError("the TRL baseline needs trl: .venv/bin/pip install 'trl==1.16.0'") from None
+    """Train with TRL, then evaluate the saved policies; writes and returns the run summary."""
     import torch
+    import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -203,26 +195,22 @@ def evaluate_policies(cfg, model_path: str, wdir: Path, problems: list) -> dict[
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m orchestrator.trl_baseline", description=__doc__.splitlines()[0])
-    ap.add_argument("config")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for relayrl train")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_baseline(config: str | None, overrides: list[str]) -> tuple[Path, dict]:
+    """`relayrl trl-baseline CONFIG [overrides]`: train in a new run dir; returns ``(run dir, summary)``.
+
+    Raises:
+        ConfigError: the config cannot be loaded or validated.
+        ValueError: a setting TRL has no equivalent for (checked before any model is loaded).
+        RuntimeError: trl is not installed (the message says how to install it).
+    """
     from orchestrator.config import load_config
 
+    cfg = load_config(config, overrides)
+    grpo_config_kwargs(cfg, "", True)  # refuse unmappable settings before loading anything
     try:
-        cfg = load_config(args.config, args.overrides)
-        grpo_config_kwargs(cfg, "", True)  # refuse unmappable settings before loading anything
-    except (ValueError, FileNotFoundError) as e:
-        print(f"trl_baseline: error: {e}", file=sys.stderr)
-        return 2
+        import trl  # noqa: F401
+    except ImportError:
+        raise RuntimeError("the TRL baseline needs trl: .venv/bin/pip install 'trl==1.16.0'") from None
     run_dir = Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
-    summary = train(cfg, run_dir)
-    print(json.dumps({k: summary[k] for k in ("step", "perf/train_seconds", "eval/accuracy") if k in summary}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_dir, train(cfg, run_dir)

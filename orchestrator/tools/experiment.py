@@ -12,7 +12,7 @@ record that has it), ``mean:<key>`` / ``sum:<key>`` / ``max:<key>`` over trainin
 time-to-accuracy column).
 
 A variant runs ``relayrl train`` or, with ``runner = "trl"``, the TRL GRPOTrainer baseline on the
-same config (`orchestrator.trl_baseline`).
+same config (``relayrl trl-baseline``, `orchestrator.tools.trl_baseline`).
 
 Left out on purpose: running variants in parallel (they would compete for the same cores).
 """
@@ -129,8 +129,8 @@ def run_variant(spec: ExperimentSpec, variant: Variant, out_root: Path, timeout_
     """
     slug = "".join(c if c.isalnum() else "-" for c in variant.name.lower()).strip("-")
     out = out_root / slug
-    entry = ["orchestrator.cli", "train", "-q"] if variant.runner == "relayrl" else ["orchestrator.trl_baseline"]
-    cmd = [sys.executable, "-m", *entry, spec.config, *spec.overrides, *variant.overrides,
+    command = ["train", "-q"] if variant.runner == "relayrl" else ["trl-baseline"]
+    cmd = [sys.executable, "-m", "orchestrator.cli", *command, spec.config, *spec.overrides, *variant.overrides,
            f"name={slug}", f"output_dir={out}"]
     logger.info("variant %r: %s", variant.name, " ".join(cmd[2:]))
     log = out_root / f"{slug}.log"
