@@ -121,10 +121,13 @@ class _Session:
 
     def request(self, worker, num_groups: int):
         """ObjectRef of one generate call of ``num_groups`` new groups on ``worker`` (policy version 0 or newer)."""
-        problems, keys = self.take(num_groups)
-        return worker.generate.remote(problems, keys, 0, self.cfg.seed + self._sent)
+        from buffer import GenerateRequest
 
-    def generate(self, num_groups: int) -> list[dict]:
+        problems, keys = self.take(num_groups)
+        return worker.generate.remote(GenerateRequest(problems, keys, [self.cfg.rollout.group_size] * len(keys), 0,
+                                                      self.cfg.seed + self._sent))
+
+    def generate(self, num_groups: int) -> list:
         """Generate ``num_groups`` groups on the rig's workers at once (round robin); their metadata."""
         import ray
 
@@ -137,7 +140,7 @@ class _Session:
         """G, samples/s: the rollout workers generate two steps' worth of groups, the learner idle."""
         self.generate(len(self.rig()[1].workers) * self.cfg.rollout.prompts_per_request)  # warm-up
         t0 = time.perf_counter()
-        samples = sum(m["samples"] for m in self.generate(2 * self.cfg.prompts_per_step))
+        samples = sum(r.samples for r in self.generate(2 * self.cfg.prompts_per_step))
         return rate(samples, time.perf_counter() - t0)
 
     def batch(self):
@@ -149,7 +152,7 @@ class _Session:
             buffer, P = self.rig()[0], self.cfg.prompts_per_step
             if ray.get(buffer.size.remote(), timeout=60) < P:  # G was measured on an earlier rig
                 self.generate(P)
-            self._batch, _ = buffer.take_batch.options(num_returns=2).remote(P, 0)
+            self._batch, _ = buffer.take_batch.options(num_returns=2).remote(P, 0, 0)
         return self._batch
 
     def train_step_seconds(self) -> float:
@@ -188,7 +191,7 @@ def bench_wrapper(s: _Session) -> dict[str, Row]:
     """Tokens/s of raw vLLM and of `RolloutWorker.generate`, and the wrapper's overhead in % of seconds/token."""
     import ray
 
-    from buffer import ReplayBuffer
+    from buffer import GenerateRequest, ReplayBuffer
     from rollout.worker import RolloutWorker
 
     cfg = s.variant("rollout.num_workers=1")
@@ -200,7 +203,7 @@ def bench_wrapper(s: _Session) -> dict[str, Row]:
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
                         "OMP_NUM_THREADS": str(max(1, int(rc.num_cpus)))}}
     opts = dict(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=4, runtime_env=env)
-    buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(cfg.buffer.max_staleness)
+    buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote()
     ours = ray.remote(RolloutWorker).options(**opts).remote(rc, cfg.data, s.model_path, 0, buffer)
     raw = ray.remote(RawVLLM).options(**opts).remote(rc, cfg.data, s.model_path)
     calls: dict[str, list] = {"raw": [], "relayrl": []}  # (tokens, seconds) of each timed call
@@ -213,8 +216,8 @@ def bench_wrapper(s: _Session) -> dict[str, Row]:
                 if side == "raw":
                     tokens = ray.get(raw.generate.remote(problems, seed), timeout=rc.request_timeout_s)
                 else:
-                    ref = ours.generate.remote(problems, keys, 0, seed)
-                    tokens = ray.get(ref, timeout=rc.request_timeout_s)["tokens"]
+                    ref = ours.generate.remote(GenerateRequest(problems, keys, [rc.group_size] * len(keys), 0, seed))
+                    tokens = ray.get(ref, timeout=rc.request_timeout_s).tokens
                 if i:
                     calls[side].append((tokens, time.perf_counter() - t0))
     finally:

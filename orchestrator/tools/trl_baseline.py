@@ -89,7 +89,7 @@ def train(cfg, run_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from orchestrator.models import resolve_model_path
-    from rollout.engine import serialize_buckets
+    from buffer import serialize_buckets
     from rollout.tasks import build_messages, load_problems
 
     dc, rc = cfg.data, cfg.rollout
