@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from orchestrator.config import load_config
@@ -23,6 +25,10 @@ def test_loop_on_one_gpu(tiny_model, ray_local, tmp_path):
                       load_problems(cfg.data, "eval"))
     try:
         summary = trainer.run(progress=False)
+        versions = ray_local.get([w.get_version.remote() for w in trainer.rollout.workers], timeout=60)
     finally:
         trainer.shutdown()
-    assert summary["policy/version"] == 2
+    assert summary["policy/version"] == 2 and versions == [2]  # the workers serve the last pushed policy
+    assert summary["data/trained_groups"] == 2 * 4 and summary["data/groups_dropped_stale"] == 0
+    assert math.isfinite(summary["learner/loss"]) and summary["learner/grad_norm"] > 0  # a real update on the GPU
+    assert summary["weights/bytes"] > 0 and "eval/accuracy" in summary

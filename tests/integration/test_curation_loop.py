@@ -78,7 +78,7 @@ def test_knapsack_budgets_train_ragged_batches_on_two_ranks(tiny_sums_model, ray
     import random
 
     from buffer.sample import Sample
-    from orchestrator.loop import _wait
+    from orchestrator.remote import wait_all as _wait
 
     cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=3", "buffer.rollout_allocation=knapsack",
                "buffer.allocation_min_n=2", "buffer.allocation_max_n=7", "buffer.max_staleness=1",

@@ -39,7 +39,7 @@ def test_killed_rollout_worker_is_restarted_with_current_weights(tiny_sums_model
     def kill_when_busy():  # kill the (only) worker while a request is in flight, after the first step
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if t.version >= 1 and getattr(t, "inflight", None):
+            if t.version >= 1 and t.dispatcher.requests:
                 ray.kill(t.rollout.workers[0], no_restart=False)
                 killed.append(t.version)
                 return
@@ -165,3 +165,79 @@ def test_dead_learner_rank_stops_the_run_naming_the_last_checkpoint(tiny_sums_mo
     finally:
         t.shutdown()
     assert time.monotonic() - t0 < 240  # an error, not a wait for the collective timeout
+
+
+@pytest.mark.timeout(600)
+def test_collective_weight_group_is_rebuilt_for_a_restarted_worker(tiny_sums_model, ray_local, tmp_path):
+    """A restarted worker keeps its slot but lost its end of the weight group: the next push must build a
+    new group (no broadcast that waits out its timeout, no fallback to the object store)."""
+    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=4", "rollout.weight_transport=collective",
+               "rollout.weight_push_timeout_s=40")
+    t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [])
+    killed = []
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if t.version >= 1 and t.dispatcher.requests:
+                ray.kill(t.rollout.workers[0], no_restart=False)
+                killed.append(t.version)
+                return
+            time.sleep(0.05)
+
+    th = threading.Thread(target=kill_when_busy, daemon=True)
+    th.start()
+    try:
+        summary = t.run(progress=False)
+        th.join(5)
+        generations = t.weight_sync.transport.generation
+    finally:
+        t.shutdown()
+    assert killed and summary["rollout/worker_restarts"] >= 1, summary
+    assert summary["weights/push_fallbacks_total"] == 0, summary
+    assert generations == 2  # one group at the start, one rebuilt for the restarted worker
+    _audit(summary)
+
+
+class HangsOnce(RolloutWorker):
+    """Worker 1's first request never finishes; every other request is served normally."""
+
+    def generate(self, req):
+        if self.index == 1 and not getattr(self, "_hung", False):
+            self._hung = True
+            time.sleep(3600)
+        return super().generate(req)
+
+
+@pytest.mark.timeout(600)
+def test_one_hung_request_times_out_while_others_finish(tiny_sums_model, ray_local, tmp_path):
+    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=20", "rollout.num_workers=2", "rollout.request_timeout_s=20",
+               "learner.num_cpus=0.5", "rollout.num_cpus=1")
+    t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
+                rollout_worker_cls=HangsOnce)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match=r"on rollout worker 1 did not finish within rollout.request_timeout_s = 20"):
+            t.run(progress=False)
+    finally:
+        t.shutdown()
+    assert time.monotonic() - t0 < 200
+
+
+class FailsToLoadVersion2(RolloutWorker):
+    def receive_weights(self, version, buckets):
+        if version == 2:
+            raise ValueError("corrupt bucket")
+        return super().receive_weights(version, buckets)
+
+
+@pytest.mark.timeout(600)
+def test_a_failed_weight_push_stops_the_run_naming_worker_and_version(tiny_sums_model, ray_local, tmp_path):
+    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=4", "rollout.weight_push_timeout_s=60")
+    t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
+                rollout_worker_cls=FailsToLoadVersion2)
+    try:
+        with pytest.raises(RuntimeError, match=r"rollout worker 0 failed to load the weights of policy version 2"):
+            t.run(progress=False)
+    finally:
+        t.shutdown()

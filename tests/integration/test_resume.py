@@ -116,15 +116,32 @@ def test_sync_resume_after_sigkill_equals_uninterrupted_run(tiny_sums_model, tmp
     assert len(list((res / "checkpoints").glob("step_*"))) == 2  # keep = 2
 
 
+def _groups_to_reissue(run: Path) -> tuple[float, float]:
+    """``(step, groups)`` of the latest checkpoint: its in-flight groups that are neither held by the
+    saved buffer nor already trained, i.e. what a resume must re-issue."""
+    import pickle
+
+    from orchestrator.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run)
+    state = json.loads((ckpt / "trainer.json").read_text())
+    with open(ckpt / "buffer.pkl", "rb") as f:
+        buf = pickle.load(f)
+    done = {g[0].group_id for g in buf["groups"]} | set(buf["taken_ids"])
+    keys = {k for r in state["inflight"] for k in r["keys"]}
+    return float(state["staleness"]["version"]), float(len(keys - done))
+
+
 @pytest.mark.timeout(900)
 def test_async_resume_loses_and_duplicates_no_prompt(tiny_sums_model, tmp_path):
     cfg = _config(tmp_path, tiny_sums_model, "async", 1)
     _train(cfg, kill_after_checkpoint=2)
     run = _run_dir(tmp_path, "async")
+    expected = _groups_to_reissue(run)  # read from the checkpoint the resume will use, before it is pruned
     _train(cfg, "--resume")  # auto: the newest run of this name with a complete checkpoint
     resumed = [r for r in _records(run, "metrics.jsonl") if "resume/step" in r]
-    assert len(resumed) == 1 and resumed[0]["resume/step"] >= 2
-    print("in-flight groups re-issued on resume:", resumed[0]["resume/reissued_groups"])
+    assert len(resumed) == 1 and resumed[0]["resume/step"] == expected[0] >= 2
+    assert resumed[0]["resume/reissued_groups"] == expected[1]
     trained = [g for r in _records(run, "trained_groups.jsonl") for g in r["groups"]]
     assert len(trained) == STEPS * P and len(set(trained)) == len(trained)  # nothing trained twice
     s = json.loads((run / "summary.json").read_text())

@@ -13,7 +13,9 @@ import json
 import pytest
 import torch
 
-from orchestrator.loop import Trainer, _wait
+from buffer import GenerateRequest
+from orchestrator.loop import Trainer
+from orchestrator.remote import wait_all as _wait
 from rollout.tasks import load_problems
 from tiny_run import tiny_run_config
 
@@ -32,10 +34,11 @@ def _sync_reference(trainer: Trainer) -> list[dict]:
         refs = []
         for start in range(v * P, (v + 1) * P, rc.prompts_per_request):
             k = rc.prompts_per_request
-            refs.append(trainer.rollout.generate_remote(0, trainer.sampler.take(k), [f"g{start + i}" for i in range(k)],
-                                                        v, cfg.seed * 100003 + start))
+            req = GenerateRequest(trainer.sampler.take(k), [f"g{start + i}" for i in range(k)], [rc.group_size] * k, v,
+                                  cfg.seed * 100003 + start)
+            refs.append(trainer.rollout.generate_remote(0, req))
         _wait(refs, 300, "reference generate")
-        batch_ref, take_ref = trainer.buffer.take_batch.options(num_returns=2).remote(P, v)
+        batch_ref, take_ref = trainer.buffer.take_batch.options(num_returns=2).remote(P, v, v)
         metrics = trainer.learner.merge_metrics(_wait(trainer.learner.train_step_remote(batch_ref, v), 300, "train"))
         buckets_ref, _ = trainer.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
         _wait(trainer.rollout.push_weights_remote(v + 1, buckets_ref), 300, "push")
