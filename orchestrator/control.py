@@ -4,7 +4,9 @@ The orchestrator creates ``RunControl`` under the run dir's name in the ``relayr
 polls it about once a second; ``relayrl scale RUN --rollout-workers N`` (from any driver connected
 to the same cluster) sets the desired number of rollout workers and prints what the run reports.
 
-Left out on purpose: automatic scaling policies (a user or an outside autoscaler sets the number).
+Automatic scaling (`orchestrator.scaling.Scaler.autoscale`) asks through the same actor.
+
+Left out on purpose: scaling the learner.
 """
 
 from __future__ import annotations
