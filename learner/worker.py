@@ -80,7 +80,7 @@ class LearnerWorker:
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if not use_cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            # Avoid a ~40 s JIT build of the shared-memory comm op on first init (PLATFORM.md).
+            # avoid a ~40 s JIT build of DeepSpeed's shared-memory comm op on first init
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # collectives time out instead of waiting forever on a rank that died
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
