@@ -36,7 +36,8 @@ class StepAdvantages:
 
 def step_advantages(batch: list[list], version: int, estimator: str, staleness_decay: float) -> StepAdvantages:
     """Group advantages of ``batch`` (lists of `buffer.Sample`, one per group; sizes may differ),
-    scaled per sample by ``staleness_decay ** staleness`` at learner ``version``.
+    scaled per sample by ``staleness_decay ** staleness`` at learner ``version``. Samples whose reward
+    function failed (status ``failed``) stay out of the group statistics and get advantage 0.
 
     Raises:
         ValueError: ``estimator == "spo"`` and a sample has no baseline, or what
@@ -51,7 +52,8 @@ def step_advantages(batch: list[list], version: int, estimator: str, staleness_d
         if any(s.baseline is None for s in samples):
             raise ValueError("learner.advantage = 'spo' needs per-prompt baselines: set buffer.value_tracker = true")
         baselines = [[s.baseline for s in g] for g in batch]
-    adv, metrics = batch_advantages(estimator, [[s.reward for s in g] for g in batch], baselines)
+    valid = [[s.status != "failed" for s in g] for g in batch]
+    adv, metrics = batch_advantages(estimator, [[s.reward for s in g] for g in batch], baselines, valid)
     weights = staleness_weights(torch.tensor([s.staleness(version) for s in samples]), staleness_decay)
     return StepAdvantages((torch.tensor(adv) * weights).tolist(), weights, sum(abs(a) > 1e-6 for a in adv), metrics)
 

@@ -54,3 +54,12 @@ def test_later_minibatch_prox_uses_the_recomputed_values_and_reports_the_approxi
     assert prox.tolist() == [[-1.25, -2.0, 0.0]]
     assert m["off_policy/prox_loglinear_abs_err"] == pytest.approx((0.25 + 0.5) / 2)
     assert m["learner/intra_batch_drift"] == pytest.approx(0.25 / 2)
+
+
+def test_a_failed_sample_gets_no_advantage_and_leaves_its_group_baseline_alone():
+    # rewards [1, 0 (failed), 0, 1]: GRPO on [1, 0, 1] gives mean 2/3, std 0.57735
+    batch = [[_sample(1.0, [0]), _sample(0.0, [0], "failed"), _sample(0.0, [0]), _sample(1.0, [0])]]
+    prep = step_advantages(batch, 0, "grpo", 1.0)
+    a, b = (1 - 2 / 3) / 3 ** -0.5, (0 - 2 / 3) / 3 ** -0.5
+    assert prep.advantages == pytest.approx([a, 0.0, b, a], abs=1e-5)
+    assert prep.effective == 3
