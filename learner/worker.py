@@ -135,7 +135,7 @@ class LearnerWorker:
         Raises:
             ValueError: fewer samples than ``world_size * ppo_minibatches``.
         """
-        from learner.batching import plan_microbatches
+        from learner.batching import plan_microbatches, prox_schedule
         from learner.off_policy import loss_normalizer
         from learner.step import TokenWeightedMeans, batch_metrics, recompute_prox, step_advantages
 
@@ -148,8 +148,8 @@ class LearnerWorker:
         skipped_before = self.engine.skipped_steps
         prox_exact = None
         if M > 1 and c.prox_logprobs == "recompute":
-            schedule = [mine[i : i + c.micro_batch_size] for i in range(0, len(mine), c.micro_batch_size)]
-            prox_exact = recompute_prox(lambda mb: self._forward(self.engine, mb)[0], samples, schedule)
+            prox_exact = recompute_prox(lambda mb: self._forward(self.engine, mb)[0], samples,
+                                        prox_schedule(plan, self.rank, c.micro_batch_size))
         means, loss_total = TokenWeightedMeans(), 0.0
         for k in range(M):
             mb_all = [i for rank_plan in plan for micro in rank_plan[k] for i in micro]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from buffer import Sample
-from learner.step import TokenWeightedMeans, batch_metrics, later_minibatch_prox, step_advantages
+from learner.batching import plan_microbatches, prox_schedule
+from learner.step import (TokenWeightedMeans, batch_metrics, later_minibatch_prox, recompute_prox, response_logprobs,
+                          step_advantages)
 
 
 def _sample(reward: float, versions: list[int], status: str = "completed", **kw) -> Sample:
@@ -63,3 +65,33 @@ def test_a_failed_sample_gets_no_advantage_and_leaves_its_group_baseline_alone()
     a, b = (1 - 2 / 3) / 3 ** -0.5, (0 - 2 / 3) / 3 ** -0.5
     assert prep.advantages == pytest.approx([a, 0.0, b, a], abs=1e-5)
     assert prep.effective == 3
+
+
+def test_prox_padding_passes_run_a_forward_and_change_no_result():
+    # 13 ragged samples over 2 ranks: rank 1 runs one padding pass; a tiny real model stands in for the engine
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(40, 8), torch.nn.Linear(8, 40)
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": head(emb(input_ids))})
+
+    samples = [Sample("p", "g", [1 + i % 3], [2 + (i * 7 + j) % 30 for j in range(1 + i % 4)], [-1.0] * (1 + i % 4),
+                      [0] * (1 + i % 4)) for i in range(13)]
+    calls = []
+
+    def forward(mb):
+        calls.append(len(mb))
+        return response_logprobs(Model(), mb, "cpu", 0.7)[0]
+
+    plan = plan_microbatches(13, 2, 2, 2)
+    for rank in (0, 1):
+        calls.clear()
+        schedule = prox_schedule(plan, rank, 2)
+        got = recompute_prox(forward, samples, schedule)
+        assert len(calls) == 4  # the same number of forward passes on both ranks
+        mine = [i for mb in plan[rank] for m in mb for i in m]
+        assert sorted(got) == sorted(mine)
+        for i in mine:  # each sample alone, no padding: the same logprobs
+            alone = response_logprobs(Model(), [samples[i]], "cpu", 0.7)[0][0, : len(samples[i].response_ids)]
+            assert torch.allclose(got[i], alone, atol=1e-6)
