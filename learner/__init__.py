@@ -1,1 +1,41 @@
-"""placeholder"""
+"""The learner: DeepSpeed (ZeRO) training ranks as Ray actors, and the math they run.
+
+`LearnerGroup` creates N `LearnerWorker` ranks and fans calls out to them (training steps, weight
+export and broadcast, checkpoints). A training step turns a batch of `buffer.Sample` groups into
+advantages (`ADVANTAGE_ESTIMATORS`, keyed by ``learner.advantage``), splits it over ranks, PPO
+minibatches and micro-batches (`plan_microbatches`) and applies a policy loss (`POLICY_LOSSES`,
+keyed by ``learner.loss``) with off-policy corrections (`learner.off_policy`).
+
+The names below load on first use, so ``import learner`` pulls in none of torch, DeepSpeed or Ray
+(config validation and ``--help`` stay fast).
+
+Left out on purpose: rollout generation (`rollout`), sample storage and staleness accounting
+(`buffer`), placement and the training loop (`orchestrator`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LearnerGroup": "learner.group",
+    "LearnerWorker": "learner.worker",
+    "ADVANTAGE_ESTIMATORS": "learner.advantages",
+    "batch_advantages": "learner.advantages",
+    "POLICY_LOSSES": "learner.losses",
+    "PolicyLossInput": "learner.losses",
+    "plan_microbatches": "learner.batching",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import an exported name's module on first access (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'learner' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
