@@ -123,8 +123,9 @@ class LearnerWorker:
         """``learner.ppo_minibatches`` optimizer steps on ``batch`` (sample groups; every rank gets all).
 
         ``version`` is the learner's policy version before the step (the proximal policy). Group
-        advantages are computed on the whole batch (groups may differ in size); each sample's
-        advantage is scaled by ``staleness_decay ** staleness``. Rank ``r`` trains on
+        advantages are computed on the whole batch (groups may differ in size; samples whose reward
+        failed get 0 and stay out of the baselines); each sample's advantage is scaled by
+        ``staleness_decay ** staleness``. Rank ``r`` trains on
         ``samples[r::world]``, split into minibatches and micro-batches by `plan_microbatches`; each
         minibatch loss is normalised over all ranks (``learner.loss_agg``), so the batch size may vary
         from step to step. pi_prox is the current policy exactly in the first minibatch, then
