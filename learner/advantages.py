@@ -195,6 +195,6 @@ def batch_advantages(name: str, rewards: list[list[float]], baselines: list[list
     width = max(len(g) for g in rewards)
     pad = lambda rows: torch.tensor([list(g) + [0.0] * (width - len(g)) for g in rows], dtype=torch.float32)  # noqa: E731
     mask = torch.tensor([[1.0] * len(g) + [0.0] * (width - len(g)) for g in rewards])
-    adv, metrics = ADVANTAGE_ESTIMATORS[name](pad(rewards), pad(baselines) if baselines is not None else None, mask=mask,
-                                              valid=pad(valid) if valid is not None else None)
+    adv, metrics = ADVANTAGE_ESTIMATORS[name](pad(rewards), pad(baselines) if baselines is not None else None,
+                                              mask=mask, valid=pad(valid) if valid is not None else None)
     return adv[mask.bool()].tolist(), metrics
