@@ -1,16 +1,43 @@
-"""Training: DeepSpeed (ZeRO) ranks in Ray actors that turn sample groups into policy updates.
+"""The learner: DeepSpeed (ZeRO) training ranks as Ray actors, and the math they run.
 
-`LearnerGroup` holds the `LearnerWorker` ranks (one DeepSpeed process group) and fans calls out;
-each rank computes group advantages (`learner.advantages`), a policy loss with its off-policy
-correction (`learner.losses`, `learner.off_policy`) and exports weights in the `buffer.weight_buckets`
-format. `learner.config` holds `LearnerConfig`. Depends on buffer/ only.
+`LearnerGroup` creates N `LearnerWorker` ranks and fans calls out to them (training steps, weight
+export and broadcast, checkpoints). A training step turns a batch of `buffer.Sample` groups into
+advantages (`ADVANTAGE_ESTIMATORS`, keyed by ``learner.advantage``), splits it over ranks, PPO
+minibatches and micro-batches (`plan_microbatches`) and applies a policy loss (`POLICY_LOSSES`,
+keyed by ``learner.loss``) with off-policy corrections (`learner.off_policy`). `LearnerConfig`
+(`learner.config`) is this package's section of the run config. Depends on buffer/ only.
 
-Importing this package is light: torch, DeepSpeed and Ray load inside the modules and functions that
-need them (`learner.advantages` and `learner.losses` import torch).
+The names below load on first use, so ``import learner`` pulls in none of torch, DeepSpeed or Ray
+(config validation and ``--help`` stay fast).
+
+Left out on purpose: rollout generation (`rollout`), sample storage and staleness accounting
+(`buffer`), placement and the training loop (`orchestrator`).
 """
 
-from learner.config import LearnerConfig
-from learner.group import LearnerGroup
-from learner.worker import LearnerWorker
+from __future__ import annotations
 
-__all__ = ["LearnerConfig", "LearnerGroup", "LearnerWorker"]
+import importlib
+
+_EXPORTS = {
+    "LearnerConfig": "learner.config",
+    "LearnerGroup": "learner.group",
+    "LearnerWorker": "learner.worker",
+    "ADVANTAGE_ESTIMATORS": "learner.advantages",
+    "batch_advantages": "learner.advantages",
+    "POLICY_LOSSES": "learner.losses",
+    "PolicyLossInput": "learner.losses",
+    "plan_microbatches": "learner.batching",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import an exported name's module on first access (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'learner' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -4,7 +4,11 @@ Only group-relative estimators live here (no value network). Each takes rewards 
 ``[num_groups, group_size]`` and returns advantages of the same shape plus a metrics dict. Groups of
 different sizes (Knapsack-style rollout budgets) are padded to the largest and passed with a
 ``mask`` of the same shape (1 = a real sample); padded entries get advantage 0. Without a mask every
-entry is real.
+entry is real. A ``valid`` tensor of the same shape (1 = the reward counts) marks samples whose
+reward function failed (0): their stored reward is not a reward, so they are left out of every
+group and batch statistic and get advantage 0, like padding; a group with fewer than 2 valid samples
+has no baseline and gets zeros (SPO: only a group with none). Group-size checks count real samples,
+valid or not.
 
 `batch_advantages` builds the padded tensors from ragged lists of rewards.
 
@@ -26,6 +30,17 @@ def _mask_like(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return mask.float()
 
 
+def _counted(rewards: torch.Tensor, mask: torch.Tensor | None, valid: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(real, counted)``, each ``[G, n]``: real samples, and real samples whose reward is valid."""
+    real = _mask_like(rewards, mask)
+    if valid is None:
+        return real, real
+    if valid.shape != rewards.shape:
+        raise ValueError(f"valid shape {tuple(valid.shape)} differs from rewards shape {tuple(rewards.shape)}")
+    return real, real * valid.float()
+
+
 def _group_stats(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-group ``(count, mean, unbiased std)``, each ``[G, 1]``, over the masked entries."""
     n = mask.sum(dim=1, keepdim=True)
@@ -44,7 +59,8 @@ def _batch_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_advantages(
-    rewards: torch.Tensor, eps: float = 1e-6, normalize_std: bool = True, mask: torch.Tensor | None = None
+    rewards: torch.Tensor, eps: float = 1e-6, normalize_std: bool = True, mask: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO group-normalised advantages: ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``.
 
@@ -57,60 +73,66 @@ def grpo_advantages(
         eps: added to the std so all-equal groups give zero advantage, not NaN.
         normalize_std: divide by the group std (GRPO) or not (Dr.GRPO).
         mask: ``[num_groups, group_size]``, 1 for real samples (ragged groups), or None.
+        valid: ``[num_groups, group_size]``, 0 for samples whose reward failed (left out), or None.
 
     Returns:
         ``(advantages [num_groups, group_size], metrics)``; metrics hold
-        ``learner/zero_variance_group_frac`` (groups with all-equal rewards: no gradient signal).
+        ``learner/zero_variance_group_frac`` (groups with all-equal valid rewards, or fewer than 2
+        valid samples: no gradient signal).
 
     Raises:
-        ValueError: ``rewards`` is not 2-D, the mask's shape differs, or a group has fewer than 2 samples.
+        ValueError: ``rewards`` is not 2-D, a mask's shape differs, or a group has fewer than 2 samples.
     """
-    mask = _mask_like(rewards, mask)
-    n, mean, std = _group_stats(rewards.float(), mask)
-    if n.min() < 2:
-        raise ValueError(f"group-relative advantages need groups of >= 2 samples, got a group of {int(n.min())}")
-    adv = (rewards.float() - mean) * mask
+    real, counted = _counted(rewards, mask, valid)
+    if real.sum(dim=1).min() < 2:
+        raise ValueError(f"group-relative advantages need groups of >= 2 samples, got a group of "
+                         f"{int(real.sum(dim=1).min())}")
+    _, mean, std = _group_stats(rewards.float(), counted)
+    adv = (rewards.float() - mean) * counted
     if normalize_std:
         adv = adv / (std + eps)
     zero_var = (std.squeeze(1) < eps).float().mean().item()
     return adv, {"learner/zero_variance_group_frac": zero_var}
 
 
-def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor | None = None, valid: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
     """RLOO leave-one-out baseline: ``A_i = r_i - mean_{j != i} r_j = n/(n-1) * (r_i - mean(r))``.
 
     Source: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
-    Learning from Human Feedback in LLMs" (RLOO). Shapes and ``mask`` as `grpo_advantages`; ``n`` is
-    each group's own size.
+    Learning from Human Feedback in LLMs" (RLOO). Shapes, ``mask`` and ``valid`` as
+    `grpo_advantages`; ``n`` is each group's own count of valid samples.
 
     Raises:
         ValueError: as `grpo_advantages`.
     """
-    adv, m = grpo_advantages(rewards, normalize_std=False, mask=mask)
-    n = _mask_like(rewards, mask).sum(dim=1, keepdim=True)
-    return adv * (n / (n - 1)), m
+    adv, m = grpo_advantages(rewards, normalize_std=False, mask=mask, valid=valid)
+    n = _counted(rewards, mask, valid)[1].sum(dim=1, keepdim=True)
+    return adv * (n / (n - 1).clamp(min=1.0)), m  # n <= 1: the advantage is already 0
 
 
 def reinforce_pp_baseline_advantages(
-    rewards: torch.Tensor, eps: float = 1e-6, mask: torch.Tensor | None = None
+    rewards: torch.Tensor, eps: float = 1e-6, mask: torch.Tensor | None = None, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE++-baseline: subtract the group mean, then normalise by the whole batch's std.
 
     ``A = (a - mean_batch(a)) / (std_batch(a) + eps)`` with ``a = r - mean_group(r)``. Source: Hu et al.
     2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models".
-    Shapes and ``mask`` as `grpo_advantages`; a batch with all-equal centred rewards gives zeros.
+    Shapes, ``mask`` and ``valid`` as `grpo_advantages` (the batch statistics are over valid samples
+    too); a batch with all-equal centred rewards gives zeros.
 
     Raises:
         ValueError: as `grpo_advantages`.
     """
-    centred, m = grpo_advantages(rewards, normalize_std=False, mask=mask)
-    mask = _mask_like(rewards, mask)
-    batch_mean = (centred * mask).sum() / mask.sum()
-    return (centred - batch_mean) * mask / (_batch_std(centred, mask) + eps), m
+    centred, m = grpo_advantages(rewards, normalize_std=False, mask=mask, valid=valid)
+    counted = _counted(rewards, mask, valid)[1]
+    batch_mean = (centred * counted).sum() / counted.sum().clamp(min=1.0)
+    return (centred - batch_mean) * counted / (_batch_std(centred, counted) + eps), m
 
 
 def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 1e-6,
-                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   mask: torch.Tensor | None = None, valid: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """SPO advantages: ``A = r - b(prompt)`` from a persistent per-prompt value tracker, then
     normalised by the whole batch's std.
 
@@ -119,11 +141,11 @@ def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 
 
     Args:
         rewards, baselines: ``[num_groups, group_size]`` (``group_size >= 1``).
-        mask: as `grpo_advantages`.
+        mask, valid: as `grpo_advantages`; failed samples get 0 and stay out of the batch std.
 
     Returns:
         ``(advantages, metrics)``; ``learner/zero_variance_group_frac`` as in `grpo_advantages` over
-        groups of 2 or more samples (0 when there are none).
+        groups of 2 or more valid samples (0 when there are none).
 
     Raises:
         ValueError: shapes differ or are not 2-D.
@@ -131,32 +153,36 @@ def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 
     if rewards.dim() != 2 or baselines.shape != rewards.shape:
         raise ValueError(f"rewards and baselines must share a [G, n] shape, got {tuple(rewards.shape)} "
                          f"and {tuple(baselines.shape)}")
-    mask = _mask_like(rewards, mask)
-    adv = (rewards.float() - baselines.float()) * mask
-    n, _, std = _group_stats(rewards.float(), mask)
+    counted = _counted(rewards, mask, valid)[1]
+    adv = (rewards.float() - baselines.float()) * counted
+    n, _, std = _group_stats(rewards.float(), counted)
     multi = n.squeeze(1) >= 2
     zero_var = (std.squeeze(1)[multi] < eps).float().mean().item() if multi.any() else 0.0
-    return adv / (_batch_std(adv, mask) + eps), {"learner/zero_variance_group_frac": zero_var}
+    return adv / (_batch_std(adv, counted) + eps), {"learner/zero_variance_group_frac": zero_var}
 
 
 ADVANTAGE_ESTIMATORS = {
-    "grpo": lambda r, b=None, mask=None: grpo_advantages(r, normalize_std=True, mask=mask),
-    "drgrpo": lambda r, b=None, mask=None: grpo_advantages(r, normalize_std=False, mask=mask),
-    "rloo": lambda r, b=None, mask=None: rloo_advantages(r, mask=mask),
-    "reinforce_pp": lambda r, b=None, mask=None: reinforce_pp_baseline_advantages(r, mask=mask),
-    "spo": lambda r, b, mask=None: spo_advantages(r, b, mask=mask),
+    "grpo": lambda r, b=None, mask=None, valid=None: grpo_advantages(r, normalize_std=True, mask=mask, valid=valid),
+    "drgrpo": lambda r, b=None, mask=None, valid=None: grpo_advantages(r, normalize_std=False, mask=mask, valid=valid),
+    "rloo": lambda r, b=None, mask=None, valid=None: rloo_advantages(r, mask=mask, valid=valid),
+    "reinforce_pp": lambda r, b=None, mask=None, valid=None: reinforce_pp_baseline_advantages(r, mask=mask,
+                                                                                              valid=valid),
+    "spo": lambda r, b, mask=None, valid=None: spo_advantages(r, b, mask=mask, valid=valid),
 }
-"""Registry keyed by `LearnerConfig.advantage`: ``fn(rewards [G, n], baselines [G, n] | None, mask=None)``."""
+"""Registry keyed by `LearnerConfig.advantage`:
+``fn(rewards [G, n], baselines [G, n] | None, mask=None, valid=None)``."""
 
 
-def batch_advantages(name: str, rewards: list[list[float]], baselines: list[list[float]] | None = None
-                     ) -> tuple[list[float], dict[str, float]]:
+def batch_advantages(name: str, rewards: list[list[float]], baselines: list[list[float]] | None = None,
+                     valid: list[list[bool]] | None = None) -> tuple[list[float], dict[str, float]]:
     """Advantages of a batch of possibly ragged groups, flattened in sample order.
 
     Args:
         name: key of `ADVANTAGE_ESTIMATORS`.
         rewards: one list of rewards per group (sizes may differ).
         baselines: per-sample baselines in the same layout (``spo``), or None.
+        valid: per-sample flags in the same layout, False where the reward function failed (the
+            sample is left out of the statistics and gets advantage 0), or None (all valid).
 
     Returns:
         ``(advantages, metrics)``: one advantage per sample, groups concatenated in order.
@@ -169,5 +195,6 @@ def batch_advantages(name: str, rewards: list[list[float]], baselines: list[list
     width = max(len(g) for g in rewards)
     pad = lambda rows: torch.tensor([list(g) + [0.0] * (width - len(g)) for g in rows], dtype=torch.float32)  # noqa: E731
     mask = torch.tensor([[1.0] * len(g) + [0.0] * (width - len(g)) for g in rewards])
-    adv, metrics = ADVANTAGE_ESTIMATORS[name](pad(rewards), pad(baselines) if baselines is not None else None, mask=mask)
+    adv, metrics = ADVANTAGE_ESTIMATORS[name](pad(rewards), pad(baselines) if baselines is not None else None,
+                                              mask=mask, valid=pad(valid) if valid is not None else None)
     return adv[mask.bool()].tolist(), metrics

@@ -4,7 +4,9 @@ Batches vary in size (Knapsack-style rollout budgets give groups of different si
 must run the same number of forward/backward passes per optimizer step: ZeRO reduces gradients
 collectively, so a rank that skipped a pass would leave its peers waiting. Ranks with fewer samples
 in a minibatch therefore run padding passes (an empty micro-batch: the caller does a zero-weighted
-pass), and the caller marks the optimizer-step boundary itself.
+pass), and the caller marks the optimizer-step boundary itself. The no-grad pi_prox recompute before
+training follows the same rule (`prox_schedule`): under ZeRO-3 every forward pass all-gathers the
+parameters, so every rank runs the same number of them.
 """
 
 from __future__ import annotations
@@ -43,3 +45,19 @@ def plan_microbatches(num_samples: int, world_size: int, minibatches: int, micro
             c = chunks[r][k]
             plan[r][k] = [c[i * micro_batch_size: (i + 1) * micro_batch_size] for i in range(passes)]
     return plan
+
+
+def prox_schedule(plan: list[list[list[list[int]]]], rank: int, micro_batch_size: int) -> list[list[int]]:
+    """Sample indices per no-grad pi_prox forward pass of ``rank``, given a `plan_microbatches` plan.
+
+    The rank's samples in plan order, in chunks of ``micro_batch_size``, then empty lists (padding
+    passes) up to the largest pass count of any rank. The plan is the same on every rank, so every
+    rank arrives at the same number of passes without communicating.
+    """
+    def share(r: int) -> list[int]:
+        return [i for mb in plan[r] for micro in mb for i in micro]
+
+    passes = max(math.ceil(len(share(r)) / micro_batch_size) for r in range(len(plan)))
+    mine = share(rank)
+    own = [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    return own + [[] for _ in range(passes - len(own))]

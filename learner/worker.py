@@ -80,7 +80,7 @@ class LearnerWorker:
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if not use_cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            # Avoid a ~40 s JIT build of the shared-memory comm op on first init (PLATFORM.md).
+            # avoid a ~40 s JIT build of DeepSpeed's shared-memory comm op on first init
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # collectives time out instead of waiting forever on a rank that died
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
@@ -112,62 +112,20 @@ class LearnerWorker:
             self.ref_model.requires_grad_(False)
         return sum(p.numel() for p in model.parameters())
 
-    # ---- forward ---------------------------------------------------------------------------
-    def _response_logprobs(self, model, samples, device):
-        """Per-token logprobs of each sample's response tokens: ``[B, R_max]`` plus mask ``[B, R_max]``."""
-        import torch
-
-        lens = [s.num_tokens for s in samples]
-        T, R = max(lens), max(max(len(s.response_ids) for s in samples), 1)
-        ids = torch.zeros(len(samples), T, dtype=torch.long)
-        attn = torch.zeros(len(samples), T, dtype=torch.long)
-        for i, s in enumerate(samples):
-            seq = s.prompt_ids + s.response_ids
-            ids[i, : len(seq)] = torch.tensor(seq)
-            attn[i, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-        logits = logits / self.temperature
-        out = torch.zeros(len(samples), R, device=device)
-        mask = torch.zeros(len(samples), R, device=device)
-        for i, s in enumerate(samples):
-            P, r = len(s.prompt_ids), len(s.response_ids)
-            if r == 0:
-                continue
-            lp = torch.log_softmax(logits[i, P - 1 : P - 1 + r], dim=-1)
-            tgt = torch.tensor(s.response_ids, device=device)
-            out[i, :r] = lp.gather(1, tgt[:, None]).squeeze(1)
-            mask[i, :r] = torch.tensor(s.loss_mask, dtype=torch.float32, device=device)
-        return out, mask
-
     # ---- training --------------------------------------------------------------------------
-    def _padded(self, mb, attr: str, like, pad: float):
-        """``[B, R_max]`` tensor of a per-token Sample field, right-padded with ``pad``."""
-        import torch
+    def _forward(self, model, samples: list):
+        """``(logprobs [B, R_max], loss_mask [B, R_max])`` of ``samples`` under ``model`` at the rollout temperature."""
+        from learner.step import response_logprobs
 
-        out = torch.full_like(like, pad)
-        for i, s in enumerate(mb):
-            vals = getattr(s, attr)
-            out[i, : len(vals)] = torch.tensor(vals, dtype=out.dtype)
-        return out
-
-    def _recompute_prox(self, samples: list) -> list:
-        """log pi_prox of each sample (``[R]`` tensors): a no-grad forward pass before the first step."""
-        import torch
-
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(samples), self.cfg.micro_batch_size):
-                mb = samples[start : start + self.cfg.micro_batch_size]
-                lp, _ = self._response_logprobs(self.engine, mb, self.engine.device)
-                out.extend(lp[i, : len(s.response_ids)].clone() for i, s in enumerate(mb))
-        return out
+        return response_logprobs(model, samples, self.engine.device, self.temperature)
 
     def train_step(self, batch: list, version: int) -> dict[str, float]:
         """``learner.ppo_minibatches`` optimizer steps on ``batch`` (sample groups; every rank gets all).
 
         ``version`` is the learner's policy version before the step (the proximal policy). Group
-        advantages are computed on the whole batch (groups may differ in size); each sample's
-        advantage is scaled by ``staleness_decay ** staleness``. Rank ``r`` trains on
+        advantages are computed on the whole batch (groups may differ in size; samples whose reward
+        failed get 0 and stay out of the baselines); each sample's advantage is scaled by
+        ``staleness_decay ** staleness``. Rank ``r`` trains on
         ``samples[r::world]``, split into minibatches and micro-batches by `plan_microbatches`; each
         minibatch loss is normalised over all ranks (``learner.loss_agg``), so the batch size may vary
         from step to step. pi_prox is the current policy exactly in the first minibatch, then
@@ -178,35 +136,22 @@ class LearnerWorker:
         Raises:
             ValueError: fewer samples than ``world_size * ppo_minibatches``.
         """
-        import torch
-
-        from learner.advantages import batch_advantages
-        from learner.batching import plan_microbatches
-        from learner.losses import POLICY_LOSSES, PolicyLossInput, k3_kl_penalty
-        from learner.off_policy import loglinear_prox_logprobs, loss_normalizer, staleness_weights
+        from learner.batching import plan_microbatches, prox_schedule
+        from learner.off_policy import loss_normalizer
+        from learner.step import TokenWeightedMeans, batch_metrics, recompute_prox, step_advantages
 
         t0 = time.perf_counter()
         samples = [s for g in batch for s in g]
         c, W, M = self.cfg, self.world_size, self.cfg.ppo_minibatches
         plan = plan_microbatches(len(samples), W, M, c.micro_batch_size)
-        baselines = None
-        if c.advantage == "spo":
-            if any(s.baseline is None for s in samples):
-                raise ValueError("learner.advantage = 'spo' needs per-prompt baselines: set buffer.value_tracker = true")
-            baselines = [[s.baseline for s in g] for g in batch]
-        adv, adv_metrics = batch_advantages(c.advantage, [[s.reward for s in g] for g in batch], baselines)
-        effective = sum(abs(a) > 1e-6 for a in adv)
-        weights = staleness_weights(torch.tensor([s.staleness(version) for s in samples]), c.staleness_decay)
-        adv = (torch.tensor(adv) * weights).tolist()
+        prep = step_advantages(batch, version, c.advantage, c.staleness_decay)
         mine = [i for mb in plan[self.rank] for micro in mb for i in micro]
         skipped_before = self.engine.skipped_steps
         prox_exact = None
         if M > 1 and c.prox_logprobs == "recompute":
-            prox_exact = dict(zip(mine, self._recompute_prox([samples[i] for i in mine])))
-        device = self.engine.device
-        totals: dict[str, float] = {}
-        key_tokens: dict[str, float] = {}
-        tok_total, loss_total = 0.0, 0.0
+            prox_exact = recompute_prox(lambda mb: self._forward(self.engine, mb)[0], samples,
+                                        prox_schedule(plan, self.rank, c.micro_batch_size))
+        means, loss_total = TokenWeightedMeans(), 0.0
         for k in range(M):
             mb_all = [i for rank_plan in plan for micro in rank_plan[k] for i in micro]
             n_tok = sum(sum(samples[i].loss_mask) for i in mb_all)
@@ -216,50 +161,63 @@ class LearnerWorker:
             for j, idx in enumerate(passes):
                 # the last pass of a minibatch ends it with an optimizer step, however many passes it had
                 self.engine.set_gradient_accumulation_boundary(j == len(passes) - 1)
-                padding = not idx  # this rank has no samples left here: a zero-weighted pass keeps ranks in step
-                mb = [samples[mine[0]]] if padding else [samples[i] for i in idx]
-                logprobs, mask = self._response_logprobs(self.engine, mb, device)
-                beh = self._padded(mb, "behaviour_logprobs", logprobs, 0.0)
-                extra: dict[str, float] = {}
-                if k == 0:  # no optimizer step yet in this batch: pi_theta is pi_prox exactly
-                    prox = logprobs.detach()
-                else:  # metrics here cover minibatches 2..M
-                    versions = self._padded(mb, "policy_versions", logprobs, float(version))
-                    approx = loglinear_prox_logprobs(beh, logprobs.detach(), versions, version, version + k / M)
-                    prox = approx
-                    if prox_exact is not None and not padding:
-                        prox = torch.zeros_like(logprobs)
-                        for i, p in enumerate(idx):
-                            prox[i, : len(prox_exact[p])] = prox_exact[p]
-                        n = mask.sum().clamp(min=1.0)
-                        extra["off_policy/prox_loglinear_abs_err"] = float(((approx - prox).abs() * mask).sum() / n)
-                    # how far pi_theta has moved from pi_prox within this batch, nats per token
-                    extra["learner/intra_batch_drift"] = float(((logprobs.detach() - prox).abs() * mask).sum()
-                                                              / mask.sum().clamp(min=1.0))
-                mb_adv = torch.tensor([0.0] if padding else [adv[i] for i in idx], device=device)
-                inp = PolicyLossInput(logprobs, prox, beh, mb_adv, mask, normalizer)
-                loss, met = POLICY_LOSSES[c.loss](inp, clip_low=c.clip_low, clip_high=c.clip_high, tis_cap=c.tis_cap,
-                                                  band_low=c.band_low, band_high=c.band_high)
-                met.update(extra)
-                if self.ref_model is not None:
-                    with torch.no_grad():
-                        ref, _ = self._response_logprobs(self.ref_model, mb, device)
-                    penalty, met["learner/kl_ref"] = k3_kl_penalty(logprobs, ref, mask, normalizer)
-                    loss = loss + c.kl_coef * penalty
-                if padding:
-                    loss = loss * 0.0
-                self.engine.backward(loss)
-                self.engine.step()  # steps the optimizer at the boundary set above
-                ntok = met.pop("learner/tokens")
-                if padding:
+                if not idx:  # this rank has no samples left here: a zero-weighted pass keeps ranks in step
+                    self._train_pass([samples[mine[0]]], [0.0], None, k, version, normalizer, padding=True)
                     continue
-                tok_total += ntok
-                for key, v in met.items():  # token-weighted over the micro-batches that report the key
-                    totals[key] = totals.get(key, 0.0) + v * ntok
-                    key_tokens[key] = key_tokens.get(key, 0.0) + ntok
-                # this rank's share of the minibatch mean, averaged over minibatches
-                loss_total += float(loss.detach()) / (self.gas * W * M)
-        out = {k: v / max(key_tokens[k], 1.0) for k, v in totals.items()}
+                exact = [prox_exact[i] for i in idx] if prox_exact is not None else None
+                loss, met = self._train_pass([samples[i] for i in idx], [prep.advantages[i] for i in idx], exact,
+                                             k, version, normalizer)
+                means.add(met, met.pop("learner/tokens"))
+                loss_total += loss / (self.gas * W * M)  # this rank's share of the mean over minibatches
+        return self._step_metrics(means, loss_total, skipped_before, t0, batch_metrics(samples, prep, self.rank == 0))
+
+    def _train_pass(self, mb: list, adv: list[float], exact: list | None, k: int, version: int, normalizer: float,
+                    padding: bool = False) -> tuple[float, dict[str, float]]:
+        """Forward, policy loss (+ KL to the reference), backward and ``engine.step()`` of one
+        micro-batch ``mb`` with ``[B]`` (weighted) advantages ``adv``; the optimizer steps only at the
+        boundary the caller set. ``exact``: recomputed pi_prox per sample (``[R_i]``) or None; ``k``:
+        PPO minibatch index; ``normalizer``: the minibatch loss denominator over GAS and world size;
+        ``padding``: a zero-weighted pass (loss times 0). Returns the loss value and the loss metrics
+        (``learner/tokens``: trained tokens in ``mb``)."""
+        import torch
+
+        from learner.losses import POLICY_LOSSES, PolicyLossInput, k3_kl_penalty
+        from learner.step import later_minibatch_prox, padded_field
+
+        c = self.cfg
+        logprobs, mask = self._forward(self.engine, mb)
+        beh = padded_field(mb, "behaviour_logprobs", logprobs, 0.0)
+        extra: dict[str, float] = {}
+        if k == 0:  # no optimizer step yet in this batch: pi_theta is pi_prox exactly
+            prox = logprobs.detach()
+        else:  # metrics here cover minibatches 2..M
+            versions = padded_field(mb, "policy_versions", logprobs, float(version))
+            prox, extra = later_minibatch_prox(logprobs.detach(), beh, versions, mask, version,
+                                               k / c.ppo_minibatches, exact)
+        inp = PolicyLossInput(logprobs, prox, beh, torch.tensor(adv, device=logprobs.device), mask, normalizer)
+        loss, met = POLICY_LOSSES[c.loss](inp, clip_low=c.clip_low, clip_high=c.clip_high, tis_cap=c.tis_cap,
+                                          band_low=c.band_low, band_high=c.band_high)
+        met.update(extra)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref, _ = self._forward(self.ref_model, mb)
+            penalty, met["learner/kl_ref"] = k3_kl_penalty(logprobs, ref, mask, normalizer)
+            loss = loss + c.kl_coef * penalty
+        if padding:
+            loss = loss * 0.0
+        self.engine.backward(loss)
+        self.engine.step()  # steps the optimizer at the boundary set by the caller
+        return float(loss.detach()), met
+
+    def _step_metrics(self, means, loss_total: float, skipped_before: int, t0: float, batch_metrics: dict
+                      ) -> dict[str, float]:
+        """The step's metrics: token-weighted loss metrics (``means``, a `TokenWeightedMeans`), the
+        optimizer's (grad norm, LR, steps skipped since ``skipped_before``) and ``batch_metrics``.
+
+        Raises:
+            RuntimeError: the gradient norm is non-finite and DeepSpeed applied the step anyway.
+        """
+        c, out = self.cfg, means.means()
         out["learner/loss"] = loss_total
         # DeepSpeed (bf16, ZeRO 1/2) skips an optimizer step whose gradients are non-finite and counts it
         out["learner/skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
@@ -271,19 +229,10 @@ class LearnerWorker:
                 "weights are no longer valid: resume from the last checkpoint")
         out["learner/grad_norm"] = grad_norm if math.isfinite(grad_norm) else -1.0
         out["learner/lr"] = float(self.engine.get_lr()[0])
-        out["learner/tokens"] = tok_total
+        out["learner/tokens"] = means.total_tokens
         out["learner/seconds"] = time.perf_counter() - t0
-        out["learner/optimizer_steps"] = float(M)
-        out["off_policy/sample_weight_mean"] = float(weights.mean())
-        out.update(adv_metrics)
-        out["learner/samples"] = float(len(samples))
-        if self.rank == 0:
-            out["curation/effective_samples"] = float(effective)  # samples with a non-zero advantage
-            out["rollout/reward_mean"] = sum(s.reward for s in samples) / len(samples)
-            out["rollout/correct_frac"] = sum(s.correct for s in samples) / len(samples)
-            out["rollout/response_len_mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
-            out["rollout/truncated_frac"] = sum(s.status == "truncated" for s in samples) / len(samples)
-        return out
+        out["learner/optimizer_steps"] = float(c.ppo_minibatches)
+        return {**out, **batch_metrics}
 
     # ---- weights ---------------------------------------------------------------------------
     def _gathered_named_params(self):
@@ -344,15 +293,12 @@ class LearnerWorker:
         import torch
 
         from buffer import Sample
+        from learner.step import response_logprobs
 
         s = Sample("check", "check", token_ids[:prompt_len], token_ids[prompt_len:],
                    [0.0] * (len(token_ids) - prompt_len), [0] * (len(token_ids) - prompt_len))
-        saved, self.temperature = self.temperature, 1.0
-        try:
-            with torch.no_grad():
-                lp, _ = self._response_logprobs(self.engine, [s], self.engine.device)
-        finally:
-            self.temperature = saved
+        with torch.no_grad():
+            lp, _ = response_logprobs(self.engine, [s], self.engine.device, 1.0)
         return lp[0, : len(token_ids) - prompt_len].tolist()
 
     # ---- checkpoint ------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from learner.advantages import ADVANTAGE_ESTIMATORS, reinforce_pp_baseline_advantages, rloo_advantages, spo_advantages
+from learner.advantages import (ADVANTAGE_ESTIMATORS, batch_advantages, reinforce_pp_baseline_advantages,
+                                rloo_advantages, spo_advantages)
 
 
 def test_rloo_hand_computed():
@@ -37,3 +38,26 @@ def test_spo_hand_computed_and_single_sample_groups():
     assert (adv > 0).all() and m["learner/zero_variance_group_frac"] == 1.0
     with pytest.raises(ValueError, match="share"):
         spo_advantages(torch.ones(2, 2), torch.ones(2, 1))
+
+
+# ---- samples whose reward function failed ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
+def test_failed_samples_are_left_out_of_the_statistics(name):
+    # group 1 is [1, 0 (failed), 0, 1]: its baseline comes from [1, 0, 1]; group 3 failed entirely
+    rewards = [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0]]
+    baselines = [[0.5, 0.5, 0.5, 0.5], [0.2, 0.2, 0.2], [0.7, 0.7]]
+    valid = [[True, False, True, True], [True, True, True], [False, False]]
+    adv, _ = batch_advantages(name, rewards, baselines, valid)
+    ref, _ = batch_advantages(name, [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], [[0.5, 0.5, 0.5], [0.2, 0.2, 0.2]])
+    assert adv == pytest.approx([ref[0], 0.0, ref[1], ref[2], *ref[3:], 0.0, 0.0], abs=1e-6)
+    assert any(abs(a) > 0.1 for a in adv)
+
+
+@pytest.mark.parametrize("name", ["grpo", "drgrpo", "rloo", "reinforce_pp"])
+def test_a_group_with_one_valid_sample_has_no_baseline(name):
+    adv, _ = batch_advantages(name, [[1.0, 0.0], [1.0, 0.0]], valid=[[True, False], [True, True]])
+    assert torch.isfinite(torch.tensor(adv)).all()
+    assert adv[:2] == [0.0, 0.0] and adv[2] > 0 > adv[3]
+    with pytest.raises(ValueError, match="group of 1"):  # a real group of 1 is still a configuration error
+        batch_advantages(name, [[1.0, 0.0], [1.0]], valid=[[True, True], [True]])

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from buffer.allocation import RolloutAllocator
 from buffer.prompt_sampler import DifficultySampler, UniformSampler
 from learner.advantages import ADVANTAGE_ESTIMATORS, batch_advantages, grpo_advantages
-from learner.batching import plan_microbatches
 from buffer import Problem
+from learner.batching import plan_microbatches, prox_schedule
 
 
 def _problems(n: int) -> list[Problem]:
@@ -108,3 +108,24 @@ def test_batch_plan_covers_every_sample_once_in_lockstep(n, world, minibatches, 
         assert len({len(plan[r][k]) for r in range(world)}) == 1  # same passes per optimizer step on every rank
         assert all(1 <= len(m) <= micro for m in plan[0][k] if m) and any(plan[r][k][0] for r in range(world))
         assert all(len(m) <= micro for r in range(world) for m in plan[r][k])
+
+
+def test_prox_recompute_runs_the_same_passes_on_every_rank_for_ragged_batches():
+    # 13 samples, 2 ranks: rank 0 holds 7 (4 passes of 2), rank 1 holds 6 (3 passes) plus one padding pass
+    plan = plan_microbatches(13, 2, 2, 2)
+    s0, s1 = prox_schedule(plan, 0, 2), prox_schedule(plan, 1, 2)
+    assert len(s0) == len(s1) == 4
+    assert s1[-1] == [] and all(s0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 200), world=st.integers(1, 4), minibatches=st.integers(1, 4), micro=st.integers(1, 9))
+def test_prox_schedule_covers_each_rank_share_once_in_lockstep(n, world, minibatches, micro):
+    if n < world * minibatches:
+        return
+    plan = plan_microbatches(n, world, minibatches, micro)
+    schedules = [prox_schedule(plan, r, micro) for r in range(world)]
+    assert len({len(s) for s in schedules}) == 1  # ZeRO-3: every forward all-gathers on every rank
+    for r, s in enumerate(schedules):
+        assert [i for p in s for i in p] == [i for mb in plan[r] for m in mb for i in m]
+        assert all(len(p) <= micro for p in s) and all(s[: sum(1 for p in s if p)])  # padding only at the end
