@@ -145,7 +145,6 @@ class WeightSync:
         """
         import ray
 
-        deadline = time.monotonic() + self.cfg.weight_push_timeout_s
         transport = self.transport
         try:
             refs, out = transport.push(version)
@@ -158,7 +157,8 @@ class WeightSync:
             self.fallbacks += 1
             transport = self.fallback
             refs, out = transport.push(version)
-        self.pushes.append(Push(version, deadline, refs, transport.name))
+        # the receives are in flight from now: a fallback push gets its own full timeout
+        self.pushes.append(Push(version, time.monotonic() + self.cfg.weight_push_timeout_s, refs, transport.name))
         return {**out, "weights/push_fallbacks_total": float(self.fallbacks)}
 
     def retire(self) -> float:

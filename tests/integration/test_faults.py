@@ -176,10 +176,11 @@ def test_collective_weight_group_is_rebuilt_for_a_restarted_worker(tiny_sums_mod
     t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [])
     killed = []
 
-    def kill_when_busy():
+    def kill_when_busy():  # after the first broadcast arrived, while a request is in flight
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if t.version >= 1 and t.dispatcher.requests:
+            ws = t.weight_sync
+            if ws.transport.generation == 1 and t.version >= 1 and not ws.pushes and t.dispatcher.requests:
                 ray.kill(t.rollout.workers[0], no_restart=False)
                 killed.append(t.version)
                 return
