@@ -167,34 +167,49 @@ def test_dead_learner_rank_stops_the_run_naming_the_last_checkpoint(tiny_sums_mo
     assert time.monotonic() - t0 < 240  # an error, not a wait for the collective timeout
 
 
+class DiesOnceAfterTheFirstPush(RolloutWorker):
+    """Exits (a crash) at the start of its first request served with pushed weights; ``marker`` is a file
+    that survives the restart, so it dies only once."""
+
+    marker = ""
+
+    def generate(self, req):
+        import os
+
+        if self.version >= 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().generate(req)
+
+
+class PacedLearner(LearnerWorker):
+    """Steps of >= 3 s: a crash at a request's start is noticed before the step ends and the next push."""
+
+    def train_step(self, batch, version):
+        t0 = time.monotonic()
+        out = super().train_step(batch, version)
+        time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
+        return out
+
+
 @pytest.mark.timeout(600)
 def test_collective_weight_group_is_rebuilt_for_a_restarted_worker(tiny_sums_model, ray_local, tmp_path):
     """A restarted worker keeps its slot but lost its end of the weight group: the next push must build a
     new group (no broadcast that waits out its timeout, no fallback to the object store)."""
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    DiesOnceAfterTheFirstPush.marker = str(tmp_path / "died")
     cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=4", "rollout.weight_transport=collective",
                "rollout.weight_push_timeout_s=40")
-    t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [])
-    killed = []
-
-    def kill_when_busy():  # after the first broadcast arrived, while a request is in flight
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            ws = t.weight_sync
-            if ws.transport.generation == 1 and t.version >= 1 and not ws.pushes and t.dispatcher.requests:
-                ray.kill(t.rollout.workers[0], no_restart=False)
-                killed.append(t.version)
-                return
-            time.sleep(0.05)
-
-    th = threading.Thread(target=kill_when_busy, daemon=True)
-    th.start()
+    t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
+                learner_worker_cls=PacedLearner, rollout_worker_cls=DiesOnceAfterTheFirstPush)
     try:
         summary = t.run(progress=False)
-        th.join(5)
         generations = t.weight_sync.transport.generation
     finally:
         t.shutdown()
-    assert killed and summary["rollout/worker_restarts"] >= 1, summary
+    assert (tmp_path / "died").exists() and summary["rollout/worker_restarts"] >= 1, summary
     assert summary["weights/push_fallbacks_total"] == 0, summary
     assert generations == 2  # one group at the start, one rebuilt for the restarted worker
     _audit(summary)

@@ -8,7 +8,7 @@ baseline maps (`orchestrator.tools.trl_baseline.grpo_config_kwargs`: PPO clip ``
 Each test asserts the same loss and the same gradient of every parameter (fp32, rtol 1e-5, atol 1e-6).
 
 - relayrl: `LearnerWorker.train_step` (advantages by `learner.advantages.batch_advantages`, the
-  normaliser by `learner.off_policy.loss_normalizer`, logprobs by `LearnerWorker._response_logprobs`,
+  normaliser by `learner.off_policy.loss_normalizer`, logprobs by `learner.step.response_logprobs`,
   the loss from `learner.losses.POLICY_LOSSES`) with a stand-in for the DeepSpeed engine that does to
   the gradient what DeepSpeed does (backward of ``loss / gradient_accumulation_steps``) and no
   optimizer step. The clipping test, where pi_prox != pi_theta (a later PPO minibatch), calls the
@@ -31,7 +31,6 @@ give TRL relayrl's advantages; `test_group_advantages_match_trl` pins the differ
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,6 +39,7 @@ from buffer import Sample
 from learner.advantages import batch_advantages
 from learner.losses import POLICY_LOSSES, PolicyLossInput
 from learner.off_policy import loss_normalizer
+from learner.step import response_logprobs
 from learner.worker import LearnerWorker
 from orchestrator.config import RunConfig
 from orchestrator.tools.trl_baseline import grpo_config_kwargs
@@ -86,7 +86,7 @@ def _batch(path: str, behaviour_shift: float) -> list[list[Sample]]:
         groups.append(group)
     samples = [s for grp in groups for s in grp]
     with torch.no_grad():
-        lp, _ = LearnerWorker._response_logprobs(SimpleNamespace(temperature=TEMP), _model(path), samples, "cpu")
+        lp, _ = response_logprobs(_model(path), samples, "cpu", TEMP)
     for i, s in enumerate(samples):
         shift = (torch.rand(len(s.response_ids), generator=g) * 2 - 1) * behaviour_shift
         s.behaviour_logprobs = (lp[i, : len(s.response_ids)] + shift).tolist()
@@ -209,7 +209,7 @@ def test_ppo_clip_with_prox_not_current_matches_trl(tiny_model, tmp_path, agg):
     groups, cfg = _batch(tiny_model, 0.0), _cfg("ppo", agg)
     samples, adv = [s for g in groups for s in g], _adv()
     model = _model(tiny_model)
-    logprobs, mask = LearnerWorker._response_logprobs(SimpleNamespace(temperature=TEMP), model, samples, "cpu")
+    logprobs, mask = response_logprobs(model, samples, "cpu", TEMP)
     g = torch.Generator().manual_seed(1)
     prox = (logprobs.detach() - (torch.rand(logprobs.shape, generator=g) - 0.5)) * mask
     normalizer = loss_normalizer(agg, float(mask.sum()), len(samples), MAX_TOKENS)
