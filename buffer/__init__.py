@@ -13,11 +13,11 @@ from buffer.curation import PassRateTracker, PromptValueTracker, ZeroVarianceFil
 from buffer.prompt_sampler import PROMPT_SAMPLERS, DifficultySampler, UniformSampler
 from buffer.records import BatchStats, GenerateRequest, Problem, RolloutResult
 from buffer.replay import ReplayBuffer
-from buffer.sample import Sample, SampleStatus
+from buffer.sample import Sample, SampleStatus, scored_rewards
 from buffer.staleness import StalenessManager
 from buffer.weight_buckets import iter_buckets, serialize_buckets
 
 __all__ = ["PROMPT_SAMPLERS", "BatchStats", "BufferConfig", "DifficultySampler", "GenerateRequest",
            "PassRateTracker", "Problem", "PromptValueTracker", "ReplayBuffer", "RolloutResult", "Sample",
            "SampleStatus", "StalenessManager", "StrictConfig", "UniformSampler", "ZeroVarianceFilter",
-           "allocate_rollouts", "iter_buckets", "serialize_buckets"]
+           "allocate_rollouts", "iter_buckets", "scored_rewards", "serialize_buckets"]

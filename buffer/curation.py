@@ -17,12 +17,15 @@ from __future__ import annotations
 import heapq
 import math
 
-from buffer.sample import Sample
+from buffer.sample import Sample, scored_rewards
 
 
 def reward_std(group: list[Sample]) -> float:
-    """Population std of a group's rewards (0 for all-equal rewards or a single sample)."""
-    rs = [s.reward for s in group]
+    """Population std of a group's scored rewards (`scored_rewards`: samples whose reward failed are
+    left out); 0 for all-equal rewards or fewer than two scored samples."""
+    rs = scored_rewards(group)
+    if len(rs) < 2:
+        return 0.0
     mean = sum(rs) / len(rs)
     return math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
 

@@ -77,7 +77,8 @@ class RolloutResult:
     Attributes:
         worker: slot index of the worker.
         kept_keys: ids of the groups the buffer stored (dynamic sampling may filter some).
-        group_rewards: ``(prompt_id, rewards)`` of every generated group, in request order.
+        group_rewards: ``(prompt_id, rewards)`` of every generated group, in request order; rewards of
+            samples whose reward function failed are left out.
         samples: samples generated.
         tokens: response tokens generated.
         reward_failures: samples whose reward function failed (never trained on).

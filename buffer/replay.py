@@ -22,7 +22,7 @@ from collections import deque
 
 from buffer.curation import PromptValueTracker, ZeroVarianceFilter, group_priority
 from buffer.records import BatchStats
-from buffer.sample import Sample
+from buffer.sample import Sample, scored_rewards
 
 
 def _too_old(group: list[Sample], min_version: int) -> bool:
@@ -77,7 +77,7 @@ class ReplayBuffer:
         kept = []
         for g in groups:
             if self.values is not None:
-                b = self.values.baseline_then_update(g[0].prompt_id, [s.reward for s in g])
+                b = self.values.baseline_then_update(g[0].prompt_id, scored_rewards(g))
                 for s in g:
                     s.baseline = b
             if self.filter is None or self.filter.keep(g):

@@ -81,3 +81,9 @@ class Sample:
     def num_tokens(self) -> int:
         """Prompt plus response length in tokens."""
         return len(self.prompt_ids) + len(self.response_ids)
+
+
+def scored_rewards(group: list[Sample]) -> list[float]:
+    """Rewards of the samples of ``group`` whose reward function did not fail (status ``failed`` samples
+    carry a placeholder 0.0 that no statistic may count)."""
+    return [s.reward for s in group if s.status != "failed"]

@@ -65,6 +65,9 @@ class LearnerConfig(StrictConfig):
         3, ge=1, description="stop the run after this many consecutive optimizer steps skipped for "
         "non-finite gradients")
     torch_threads: int = Field(0, ge=0, description="torch threads per rank (0: from num_cpus)")
+    zero3_param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank instead of "
+        "being gathered for each forward (DeepSpeed's stage3_param_persistence_threshold)")
 
     @model_validator(mode="before")
     @classmethod

@@ -93,7 +93,8 @@ class LearnerWorker:
             "gradient_accumulation_steps": self.gas,
             "train_batch_size": self.samples_per_step // c.ppo_minibatches,
             "gradient_clipping": c.grad_clip,
-            "zero_optimization": {"stage": c.zero_stage},
+            "zero_optimization": {"stage": c.zero_stage, **(
+                {"stage3_param_persistence_threshold": c.zero3_param_persistence_threshold} if c.zero_stage == 3 else {})},
             "bf16": {"enabled": c.dtype == "bf16"},
             "optimizer": {"type": "AdamW", "params": {
                 "lr": c.lr, "weight_decay": c.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,

@@ -22,11 +22,15 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from buffer import GenerateRequest, RolloutResult
+from buffer import GenerateRequest
 from orchestrator.remote import wait_all
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from orchestrator.learner_step import LearnerStep
 
 
 class Trainer:

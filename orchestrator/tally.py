@@ -31,7 +31,7 @@ class RolloutTally:
     def add(self, result: RolloutResult) -> None:
         """Count one finished generate request."""
         self.groups += len(result.group_rewards)
-        self.zero_variance += sum(max(r) - min(r) < 1e-6 for _, r in result.group_rewards)
+        self.zero_variance += sum(len(r) < 2 or max(r) - min(r) < 1e-6 for _, r in result.group_rewards)
         self.samples += result.samples
         self.samples_total += result.samples
         self.mixed_version += result.mixed_version_samples

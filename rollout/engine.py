@@ -173,8 +173,6 @@ class VLLMEngine:
         Raises:
             ValueError: ``chunk_tokens < 1`` or a bad ``n`` list.
         """
-        from vllm import SamplingParams
-
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         counts = n if isinstance(n, list) else [n] * len(prompt_token_ids)
@@ -188,18 +186,8 @@ class VLLMEngine:
             if not todo:
                 break
             version = before_chunk()
-            if chunk == 0:  # n samples per prompt from one request each
-                reqs = [{"prompt_token_ids": p} for p in prompt_token_ids]
-                params = [SamplingParams(n=k, max_tokens=min(chunk_tokens, max_tokens), temperature=temperature,
-                                         top_p=top_p, logprobs=0, seed=seed) for k in counts]
-                outs = [c for o in self.llm.generate(reqs, params, use_tqdm=False) for c in o.outputs]
-            else:  # each unfinished sample continues on its own
-                reqs = [{"prompt_token_ids": prompt_token_ids[s[0]] + s[1]} for s in todo]
-                params = [SamplingParams(n=1, max_tokens=min(chunk_tokens, max_tokens - len(s[1])),
-                                         temperature=temperature, top_p=top_p, logprobs=0,
-                                         seed=None if seed is None else seed + 7919 * chunk + j)
-                          for j, s in enumerate(todo)]
-                outs = [o.outputs[0] for o in self.llm.generate(reqs, params, use_tqdm=False)]
+            outs = self._sample_chunk(prompt_token_ids, counts, todo, chunk, min(chunk_tokens, max_tokens),
+                                      max_tokens, temperature, top_p, seed)
             for s, c in zip(todo, outs):
                 ids = list(c.token_ids)
                 s[1] += ids
@@ -214,6 +202,26 @@ class VLLMEngine:
             groups[i].append(Completion(ids, lps, self.tokenizer.decode(ids, skip_special_tokens=True), finish))
             versions[i].append(vers)
         return groups, versions
+
+    def _sample_chunk(self, prompt_token_ids: list[list[int]], counts: list[int], todo: list, chunk: int,
+                      chunk_tokens: int, max_tokens: int, temperature: float, top_p: float, seed: int | None) -> list:
+        """One chunk of `generate_chunked`: vLLM outputs, one per unfinished sequence in ``todo`` order.
+
+        Chunk 0 samples ``counts[i]`` completions of prompt ``i`` in one request each; later chunks
+        continue each unfinished sequence from its tokens so far, with a seed of its own.
+        """
+        from vllm import SamplingParams
+
+        if chunk == 0:
+            reqs = [{"prompt_token_ids": p} for p in prompt_token_ids]
+            params = [SamplingParams(n=k, max_tokens=chunk_tokens, temperature=temperature, top_p=top_p, logprobs=0,
+                                     seed=seed) for k in counts]
+            return [c for o in self.llm.generate(reqs, params, use_tqdm=False) for c in o.outputs]
+        reqs = [{"prompt_token_ids": prompt_token_ids[s[0]] + s[1]} for s in todo]
+        params = [SamplingParams(n=1, max_tokens=min(chunk_tokens, max_tokens - len(s[1])), temperature=temperature,
+                                 top_p=top_p, logprobs=0, seed=None if seed is None else seed + 7919 * chunk + j)
+                  for j, s in enumerate(todo)]
+        return [o.outputs[0] for o in self.llm.generate(reqs, params, use_tqdm=False)]
 
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
         """Logprobs the engine assigns to ``token_ids[prompt_len:]`` given the preceding tokens.

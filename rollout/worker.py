@@ -14,12 +14,11 @@ hold by construction (see orchestrator.loop).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
 
-from buffer import GenerateRequest, Problem, RolloutResult, Sample
+from buffer import GenerateRequest, Problem, RolloutResult, Sample, scored_rewards
 from rollout.rewards import score_response, score_safely
 from rollout.tasks import encode_prompt
 
@@ -186,7 +185,7 @@ class RolloutWorker:
         self._requests += 1
         return RolloutResult(
             worker=self.index, kept_keys=tuple(added["kept_ids"]),
-            group_rewards=tuple((g[0].prompt_id, tuple(s.reward for s in g)) for g in groups),
+            group_rewards=tuple((g[0].prompt_id, tuple(scored_rewards(g))) for g in groups),
             samples=sum(len(g) for g in groups), tokens=tokens, reward_failures=failed,
             mixed_version_samples=sum(len(set(vs)) > 1 for g in versions for vs in g), correct=correct,
             seconds=seconds, load_seconds=load_seconds,

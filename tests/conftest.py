@@ -40,7 +40,10 @@ def ray_local():
     """A private local Ray instance (never joins another cluster on this machine)."""
     import ray
 
+    import tiny_run
+
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(tiny_run)  # its worker subclasses reach the actors by value
     yield ray
     ray.shutdown()
 

@@ -81,25 +81,14 @@ def _reward_fn(completions, answer, **_) -> list[float]:
             for c, a in zip(completions, answer)]
 
 
-def train(cfg, run_dir: Path) -> dict:
-    """Train with TRL, then evaluate the saved policies; writes and returns the run summary."""
+def _clock(cfg, wdir: Path, records: dict[int, dict]):
+    """A TRL callback that keeps the training clock without the policy writes, writes a policy (bf16
+    safetensors) at each eval step under ``wdir``, records per-step figures into ``records`` and stops
+    training at ``time_budget_s``."""
     import torch
-    import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
 
-    from orchestrator.models import resolve_model_path
     from buffer import serialize_buckets
-    from rollout.tasks import build_messages, load_problems
-
-    dc, rc = cfg.data, cfg.rollout
-    model_path = resolve_model_path(cfg.model.path)
-    train_problems, eval_problems = load_problems(dc, "train"), load_problems(dc, "eval")
-    ds = Dataset.from_list([{"prompt": build_messages(p.question, dc.instruction, dc.one_shot), "answer": p.answer}
-                            for p in train_problems])
-    wdir = run_dir / "policies"
-    wdir.mkdir(parents=True, exist_ok=True)
-    records: dict[int, dict] = {}
 
     class Clock(TrainerCallback):
         """Training clock without the policy writes; saves policies, stops at the time budget."""
@@ -138,13 +127,36 @@ def train(cfg, run_dir: Path) -> dict:
                 if "completions/mean_length" in logs:
                     r["rollout/response_tokens_mean"] = float(logs["completions/mean_length"])
 
+    return Clock()
+
+
+def train(cfg, run_dir: Path) -> dict:
+    """Train with TRL, then evaluate the saved policies; writes and returns the run summary."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.models import resolve_model_path
+    from rollout.tasks import build_messages, load_problems
+
+    dc = cfg.data
+    model_path = resolve_model_path(cfg.model.path)
+    train_problems, eval_problems = load_problems(dc, "train"), load_problems(dc, "eval")
+    ds = Dataset.from_list([{"prompt": build_messages(p.question, dc.instruction, dc.one_shot), "answer": p.answer}
+                            for p in train_problems])
+    wdir = run_dir / "policies"
+    wdir.mkdir(parents=True, exist_ok=True)
+    records: dict[int, dict] = {}
+
+    clock = _clock(cfg, wdir, records)
     torch.manual_seed(cfg.seed)
     use_cpu = not torch.cuda.is_available()
     args = trl.GRPOConfig(**grpo_config_kwargs(cfg, str(run_dir / "trl"), use_cpu))
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
     trainer = trl.GRPOTrainer(model=model, reward_funcs=_reward_fn, args=args, train_dataset=ds,
-                              processing_class=tok, callbacks=[Clock()])
+                              processing_class=tok, callbacks=[clock])
     logger.info("TRL %s GRPOTrainer: %d train / %d held-out problems, %d torch threads", trl.__version__,
                 len(train_problems), len(eval_problems), torch.get_num_threads())
     t_start = time.perf_counter()

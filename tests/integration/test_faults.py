@@ -15,7 +15,7 @@ from learner.worker import LearnerWorker
 from orchestrator.loop import Trainer
 from rollout.tasks import load_problems
 from rollout.worker import RolloutWorker
-from tiny_run import tiny_run_config
+from tiny_run import PacedLearner, tiny_run_config
 
 pytestmark = pytest.mark.integration
 
@@ -180,16 +180,6 @@ class DiesOnceAfterTheFirstPush(RolloutWorker):
             open(self.marker, "w").close()
             os._exit(1)
         return super().generate(req)
-
-
-class PacedLearner(LearnerWorker):
-    """Steps of >= 3 s: a crash at a request's start is noticed before the step ends and the next push."""
-
-    def train_step(self, batch, version):
-        t0 = time.monotonic()
-        out = super().train_step(batch, version)
-        time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
-        return out
 
 
 @pytest.mark.timeout(600)

@@ -64,19 +64,8 @@ def test_collective_weight_push_regroups_when_workers_leave(tiny_model, ray_loca
     import time
 
     import ray
+    from tiny_run import PacedLearner  # steps of >= 3 s, so the run polls the scale request mid-run
 
-    import sys
-
-    from learner.worker import LearnerWorker
-
-    class PacedLearner(LearnerWorker):  # steps of >= 2 s, so the run polls the scale request mid-run
-        def train_step(self, batch, version):
-            t0 = time.monotonic()
-            out = super().train_step(batch, version)
-            time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))
-            return out
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = _cfg(tiny_model, tmp_path, 2, 5, 1, "rollout.weight_transport=collective", "rollout.num_workers=2",
                "rollout.num_cpus=1")
     run_dir = tmp_path / "coll"

@@ -38,3 +38,31 @@ def test_recomputed_prox_is_the_pre_step_policy(tiny_sums_model, ray_local, tmp_
         print(f"drift {drift:.2e} nats/token, loglinear-vs-recompute error {err:.2e}")
         assert drift > 1e-2, r
         assert err < 1e-3 and err < drift / 10, r
+
+
+@pytest.mark.timeout(600)
+def test_zero3_ragged_batch_with_minibatches_keeps_ranks_in_lockstep(tiny_sums_model, ray_local, tmp_path):
+    """13 samples on 2 ZeRO-3 ranks, 2 minibatches of micro-batches of 2: the ranks hold 7 and 6 samples,
+    so a per-rank prox recompute would run 4 and 3 forwards. With every parameter partitioned (persistence
+    threshold 0) each forward all-gathers, so unequal pass counts break the collective; the step must
+    instead finish on both ranks with finite metrics."""
+    from buffer import Sample
+    from learner import LearnerGroup
+    from orchestrator.remote import wait_all
+
+    cfg = tiny_run_config(tiny_sums_model, tmp_path, "learner.num_learners=2", "learner.num_cpus=0.5",
+                          "learner.zero_stage=3", "learner.zero3_param_persistence_threshold=0",
+                          "learner.ppo_minibatches=2", "learner.micro_batch_size=2", "learner.prox_logprobs=recompute",
+                          "learner.step_timeout_s=120")
+    group = LearnerGroup(cfg.learner, tiny_sums_model, [None, None], cfg.samples_per_step, cfg.rollout.max_tokens,
+                         cfg.rollout.temperature, cfg.seed)
+    batch = [[Sample(f"p{g}", f"g{g}", [1, 5, 7], [9, 11, 2], [-2.0] * 3, [0] * 3, reward=float((g + i) % 2))
+              for i in range(n)] for g, n in enumerate([5, 4, 4])]
+    try:
+        per_rank = wait_all(group.train_step_remote(ray_local.put(batch), 0), 300, "ragged ZeRO-3 step")
+    finally:
+        for r in group.ranks:
+            ray_local.kill(r)
+    m = group.merge_metrics(per_rank)
+    assert m["learner/samples"] == 13 and m["learner/optimizer_steps"] == 2.0
+    assert m["learner/skipped_steps"] == 0.0 and m["learner/grad_norm"] > 0

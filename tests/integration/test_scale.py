@@ -11,23 +11,12 @@ import time
 import pytest
 import ray
 
-from learner.worker import LearnerWorker
 from orchestrator.cli import main
 from orchestrator.loop import Trainer
 from rollout.tasks import load_problems
-from tiny_run import tiny_run_config
+from tiny_run import PacedLearner, tiny_run_config
 
 pytestmark = pytest.mark.integration
-
-
-class PacedLearner(LearnerWorker):
-    """A learner step of at least 3 s, so the run lasts long enough for an operator to act on it."""
-
-    def train_step(self, batch, version):
-        t0 = time.monotonic()
-        out = super().train_step(batch, version)
-        time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
-        return out
 
 
 @pytest.mark.timeout(900)

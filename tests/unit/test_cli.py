@@ -1,6 +1,5 @@
 """Bad input gives a one-line error naming the problem and exit code 2, never a deep traceback."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -138,3 +138,16 @@ def test_group_priority_and_prioritized_take():
     groups, stats = buf.take_batch(1, learner_version=2, min_version=1)
     assert groups == [mixed] and stats.metrics["off_policy/dropped_samples"] == 2.0  # stale one dropped, not trained
     assert buf.take_batch(5, 2, 1)[0] == [flat]
+
+
+def test_failed_rewards_count_in_no_buffer_statistic():
+    """A sample whose reward function failed carries reward 0.0 as a placeholder: dynamic sampling, the
+    SPO value tracker and replay priority must judge the group by its scored samples only."""
+    group = _group("p", [1.0, 1.0, 0.0])
+    group[2].status, group[2].error = "failed", "reward function raised"
+    assert ZeroVarianceFilter().keep(group) is False  # all scored rewards equal: no signal
+    assert group_priority(group) == pytest.approx(0.5 * 1 / 3)  # reward std 0, one distinct response of 3
+    buf = ReplayBuffer(value_tracker_discount=0.5)
+    buf.add_groups([group])
+    # prior Beta(1, 1), then two rewards of 1 (not three samples): (1*.5+1)*.5+1 = 1.75, (1*.5+0)*.5+0 = 0.25
+    assert buf.values.value("p") == pytest.approx(1.75 / 2.0)
