@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class InFlight:
-    """A generate request sent to worker ``worker``; its clock starts once its weights exist."""
+    """A generate request sent to worker ``worker`` (its ``incarnation``, i.e. which start of the actor in
+    that slot); its clock starts once its weights exist."""
 
     req: GenerateRequest
     worker: int
+    incarnation: int
     started: float | None  # monotonic seconds; None while it waits for policy version req.min_version
 
 
@@ -64,7 +66,8 @@ class Dispatcher:
         """Send ``req`` to the least-loaded worker and remember it until it is collected."""
         slot = self.rollout.least_loaded()
         started = time.monotonic() if req.min_version <= self.staleness.version else None
-        self.requests[self.rollout.generate_remote(slot, req)] = InFlight(req, slot, started)
+        incarnation = self.rollout.incarnation[slot]
+        self.requests[self.rollout.generate_remote(slot, req)] = InFlight(req, slot, incarnation, started)
         self.staleness.sent(len(req.keys))
 
     def wait(self, step_refs: list, step_deadline: float | None) -> None:
@@ -148,11 +151,18 @@ class Dispatcher:
                 f"buffer.max_refill_factor (now {bc.max_refill_factor:g})")
 
     def _recover(self, f: InFlight, err: Exception) -> None:
-        """Bring back the dead worker of ``f`` and re-issue its groups that never reached the buffer."""
+        """Bring back the dead worker of ``f`` and re-issue its groups that never reached the buffer.
+
+        A worker dies with every request it held: the first failure recovers it, the others (sent to
+        the same, earlier incarnation) are only re-issued.
+        """
         import ray
 
-        how = self.scaler.recover(f.worker, self.staleness.version, err)
-        self.tally.worker_restarts += 1
+        if self.rollout.incarnation.get(f.worker) == f.incarnation:
+            how = self.scaler.recover(f.worker, self.staleness.version, err)
+            self.tally.worker_restarts += 1
+        else:
+            how = "already recovered"
         held, taken = ray.get(self.buffer.group_ids.remote(), timeout=60)
         todo = self.remaining(f.req, held | taken)  # groups written just before the worker died count as kept
         if todo:
