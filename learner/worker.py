@@ -24,8 +24,12 @@ import math
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from learner.config import LearnerConfig
 
 
 def _free_port() -> int:
@@ -49,7 +53,7 @@ class LearnerWorker:
         seed: torch seed.
     """
 
-    def __init__(self, cfg, model_path: str, rank: int, world_size: int, samples_per_step: int,
+    def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int, samples_per_step: int,
                  max_tokens: int, temperature: float, seed: int) -> None:
         import torch
 

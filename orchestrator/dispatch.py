@@ -18,10 +18,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from buffer import GenerateRequest, RolloutResult
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
 
 
 @dataclass
@@ -48,7 +52,7 @@ class Dispatcher:
         sampler, allocator: the prompt sampler and the `RolloutAllocator`.
     """
 
-    def __init__(self, cfg, rollout, buffer, staleness, tally, scaler, sampler, allocator) -> None:
+    def __init__(self, cfg: RunConfig, rollout, buffer, staleness, tally, scaler, sampler, allocator) -> None:
         self.cfg, self.rollout, self.buffer = cfg, rollout, buffer
         self.staleness, self.tally, self.scaler, self.sampler, self.allocator = staleness, tally, scaler, sampler, allocator
         self.requests: dict = {}  # ObjectRef of a RolloutResult -> InFlight

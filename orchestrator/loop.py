@@ -30,6 +30,7 @@ from orchestrator.remote import wait_all
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
     from orchestrator.learner_step import LearnerStep
 
 
@@ -44,7 +45,7 @@ class Trainer:
         RuntimeError: the cluster cannot host the actors.
     """
 
-    def __init__(self, cfg, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,
+    def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,
                  learner_worker_cls: type | None = None, rollout_worker_cls: type | None = None,
                  resume_from: Path | None = None) -> None:
         import ray
@@ -283,7 +284,7 @@ class Trainer:
         return sum(len(r.keys) for r in self.reissue)
 
 
-def train(cfg, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,
+def train(cfg: RunConfig, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,
           progress: bool = True, resume_from: Path | None = None) -> dict:
     """Build a `Trainer` (restored from ``resume_from`` when given) and run it; returns its summary."""
     return Trainer(cfg, run_dir, model_path, train_problems, eval_problems, resume_from=resume_from).run(progress)

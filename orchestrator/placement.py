@@ -12,8 +12,12 @@ bundle, the labels and what the cluster has, instead of waiting silently.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
 
 
 def bundle(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict[str, float]:
@@ -98,7 +102,7 @@ class SlotPlacement:
         """Free the placement group of ``slot`` (if any)."""
         if slot in self.pgs:
             release(self.pgs.pop(slot))
-def check_resources(cfg, cluster: dict[str, float]) -> None:
+def check_resources(cfg: RunConfig, cluster: dict[str, float]) -> None:
     """Fail fast when the cluster cannot host the run's actors (Ray would wait silently forever).
 
     Custom resources (``learner.resources``, ``rollout.resources``) count like CPUs and GPUs; node

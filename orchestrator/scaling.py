@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from rollout.config import RolloutConfig
 
 
 class Scaler:
@@ -34,7 +38,7 @@ class Scaler:
         weight_sync: the run's `WeightSync`.
     """
 
-    def __init__(self, cfg, rollout, control, weight_sync) -> None:
+    def __init__(self, cfg: RolloutConfig, rollout, control, weight_sync) -> None:
         self.cfg, self.rollout, self.control, self.weight_sync = cfg, rollout, control, weight_sync
         self.next_poll = 0.0  # monotonic seconds of the next control poll
         self.wait_history: list[float] = []  # learner wait fraction of the last steps

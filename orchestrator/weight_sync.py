@@ -21,10 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from orchestrator.remote import wait_all
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from rollout.config import RolloutConfig
 
 
 @dataclass
@@ -123,7 +127,7 @@ class WeightSync:
         ValueError: an unknown ``weight_transport``.
     """
 
-    def __init__(self, cfg, learner, rollout, run_name: str, learner_has_gpus: bool) -> None:
+    def __init__(self, cfg: RolloutConfig, learner, rollout, run_name: str, learner_has_gpus: bool) -> None:
         if cfg.weight_transport not in TRANSPORTS:
             raise ValueError(f"rollout.weight_transport = {cfg.weight_transport!r} is not one of {sorted(TRANSPORTS)}")
         self.cfg, self.learner, self.rollout, self.run_name = cfg, learner, rollout, run_name

@@ -14,9 +14,8 @@ Left out on purpose: an in-process mode (tests use real actors).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
+from typing import TYPE_CHECKING
 
 from buffer import GenerateRequest, Problem
 from rollout.worker import RolloutWorker

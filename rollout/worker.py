@@ -16,13 +16,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buffer import GenerateRequest, Problem, RolloutResult, Sample, scored_rewards
 from rollout.rewards import score_response, score_safely
 from rollout.tasks import encode_prompt
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from rollout.config import DataConfig, RolloutConfig
 
 
 class RolloutWorker:
@@ -44,7 +47,8 @@ class RolloutWorker:
 
     reward_fn = staticmethod(score_response)
 
-    def __init__(self, cfg, data_cfg, model_path: str, worker_index: int, buffer: Any) -> None:
+    def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model_path: str, worker_index: int,
+                 buffer: Any) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
