@@ -62,8 +62,11 @@ def response_logprobs(model, samples: list, device, temperature: float) -> tuple
     """Per-token logprobs of each sample's response tokens at ``temperature`` and the loss mask.
 
     Prompt and response are concatenated and right-padded to the longest sample (``[B, T]``); one
-    forward pass. Returns ``(logprobs [B, R_max], loss_mask [B, R_max])``, zero beyond each response
-    (``R_max >= 1``, so a batch of empty responses still has one column). Grad follows the caller's mode.
+    forward pass. The LM head runs only from the shortest prompt's last position on (transformers'
+    ``logits_to_keep``): positions before it are never scored, and full-vocabulary logits there cost
+    as much as the rest of a small model's forward. Returns ``(logprobs [B, R_max], loss_mask
+    [B, R_max])``, zero beyond each response (``R_max >= 1``, so a batch of empty responses still has
+    one column). Grad follows the caller's mode.
     """
     lens = [s.num_tokens for s in samples]
     T, R = max(lens), max(max(len(s.response_ids) for s in samples), 1)
@@ -73,15 +76,16 @@ def response_logprobs(model, samples: list, device, temperature: float) -> tuple
         seq = s.prompt_ids + s.response_ids
         ids[i, : len(seq)] = torch.tensor(seq)
         attn[i, : len(seq)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-    logits = logits / temperature
+    first = max(min(len(s.prompt_ids) for s in samples) - 1, 0)  # first position whose logits are scored
+    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=T - first).logits
+    logits = logits.float() / temperature  # [B, T - first, V]: position t is column t - first
     out = torch.zeros(len(samples), R, device=device)
     mask = torch.zeros(len(samples), R, device=device)
     for i, s in enumerate(samples):
         P, r = len(s.prompt_ids), len(s.response_ids)
         if r == 0:
             continue
-        lp = torch.log_softmax(logits[i, P - 1 : P - 1 + r], dim=-1)
+        lp = torch.log_softmax(logits[i, P - 1 - first : P - 1 - first + r], dim=-1)
         tgt = torch.tensor(s.response_ids, device=device)
         out[i, :r] = lp.gather(1, tgt[:, None]).squeeze(1)
         mask[i, :r] = torch.tensor(s.loss_mask, dtype=torch.float32, device=device)

@@ -73,8 +73,9 @@ def test_prox_padding_passes_run_a_forward_and_change_no_result():
     emb, head = torch.nn.Embedding(40, 8), torch.nn.Linear(8, 40)
 
     class Model(torch.nn.Module):
-        def forward(self, input_ids, attention_mask):
-            return type("Out", (), {"logits": head(emb(input_ids))})
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+            logits = head(emb(input_ids))
+            return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})
 
     samples = [Sample("p", "g", [1 + i % 3], [2 + (i * 7 + j) % 30 for j in range(1 + i % 4)], [-1.0] * (1 + i % 4),
                       [0] * (1 + i % 4)) for i in range(13)]
@@ -95,3 +96,39 @@ def test_prox_padding_passes_run_a_forward_and_change_no_result():
         for i in mine:  # each sample alone, no padding: the same logprobs
             alone = response_logprobs(Model(), [samples[i]], "cpu", 0.7)[0][0, : len(samples[i].response_ids)]
             assert torch.allclose(got[i], alone, atol=1e-6)
+
+
+def test_logits_only_from_the_first_scored_position_give_the_same_logprobs_and_gradients(tiny_model):
+    """The LM head skips the positions before the shortest prompt's last token: the logprobs and every
+    parameter's gradient equal those from full logits (fp32, ragged prompts and responses)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    samples = [Sample("p", "g", [5, 6, 7, 8, 9][:n_p], [10 + j for j in range(n_r)], [-1.0] * n_r, [0] * n_r)
+               for n_p, n_r in [(5, 3), (3, 6), (4, 1), (5, 4)]]
+
+    def reference():  # the padded path with full-vocabulary logits at every position
+        T = max(s.num_tokens for s in samples)
+        ids = torch.zeros(len(samples), T, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, s in enumerate(samples):
+            ids[i, : s.num_tokens], attn[i, : s.num_tokens] = torch.tensor(s.prompt_ids + s.response_ids), 1
+        logits = model(input_ids=ids, attention_mask=attn).logits.float() / 0.7
+        return [torch.log_softmax(logits[i, len(s.prompt_ids) - 1: s.num_tokens - 1], -1)
+                .gather(1, torch.tensor(s.response_ids)[:, None]).squeeze(1) for i, s in enumerate(samples)]
+
+    def grads(total):
+        model.zero_grad()
+        total.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = reference()
+    g_ref = grads(sum((lp * (k + 1)).sum() for k, lp in enumerate(ref)))
+    got, mask = response_logprobs(model, samples, "cpu", 0.7)
+    assert mask.sum() == sum(len(s.response_ids) for s in samples)
+    for i, s in enumerate(samples):
+        assert torch.allclose(got[i, : len(s.response_ids)], ref[i], rtol=1e-5, atol=1e-6)
+    g_got = grads(sum((got[i, : len(s.response_ids)] * (i + 1)).sum() for i, s in enumerate(samples)))
+    assert g_got.keys() == g_ref.keys()
+    for n in g_ref:
+        assert torch.allclose(g_got[n], g_ref[n], rtol=1e-5, atol=1e-7), n
