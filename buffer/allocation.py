@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import asdict
-from typing import Any
 
 from buffer.curation import allocate_rollouts
+from buffer.records import Problem
 
 
 class RolloutAllocator:
@@ -38,7 +38,7 @@ class RolloutAllocator:
             raise ValueError(f"knapsack allocation needs min_n <= group_size <= max_n, got {min_n}, {group_size}, {max_n}")
         self.mode, self.group_size, self.prompts_per_step = mode, group_size, prompts_per_step
         self.min_n, self.max_n = min_n, max_n
-        self._queue: deque[tuple[Any, int]] = deque()  # (problem, n) allocated, not yet dispatched
+        self._queue: deque[tuple[Problem, int]] = deque()  # (problem, n) allocated, not yet dispatched
         self._sizes: list[int] = []  # group sizes handed out since the last metrics() call
 
     def take(self, sampler, k: int) -> tuple[list, list[int]]:
@@ -72,6 +72,6 @@ class RolloutAllocator:
         """Allocated but undispatched prompts (as dicts) with their sizes."""
         return {"queue": [(asdict(p), n) for p, n in self._queue]}
 
-    def load_state_dict(self, state: dict, problem_cls) -> None:
-        """Restore `state_dict`; ``problem_cls(**fields)`` rebuilds each problem."""
-        self._queue = deque((problem_cls(**p), n) for p, n in state.get("queue", []))
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`."""
+        self._queue = deque((Problem(**p), n) for p, n in state["queue"])

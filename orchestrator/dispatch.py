@@ -39,8 +39,6 @@ class InFlight:
     started: float | None  # monotonic seconds; None while it waits for policy version req.min_version
 
 
-
-
 class Dispatcher:
     """The generate requests of a run, from admission to collection.
 

@@ -272,12 +272,10 @@ class Trainer:
     def load_state_dict(self, state: dict, done: set[str]) -> int:
         """Restore `state_dict` into this freshly built trainer; queue the in-flight requests minus the
         groups in ``done`` (reached the buffer or trained) for re-issue. Returns the groups queued."""
-        from buffer import Problem
-
         self.staleness.load_state_dict(state["staleness"])
         self.tally.load_state_dict(state["tally"])
         self.sampler.load_state_dict(state["sampler"])
-        self.allocator.load_state_dict(state["allocator"], Problem)
+        self.allocator.load_state_dict(state["allocator"])
         self.train_seconds, self.trained_samples = state["train_seconds"], state["trained_samples"]
         todo = [self.dispatcher.remaining(GenerateRequest.from_dict(r), done) for r in state["inflight"]]
         self.reissue = [r for r in todo if r is not None]

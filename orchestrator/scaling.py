@@ -69,7 +69,6 @@ class Scaler:
             except RuntimeError as e:  # could not be placed or started: keep running with what we have
                 logger.warning("scale to %d rollout workers: %s", want, e)
                 break
-            self.weight_sync.worker_changed(slot)
             self.weight_sync.bring_to_current(slot, version, f"new rollout worker {slot}")
             logger.info("rollout worker %d added at policy version %d", slot, version)
         active = self.rollout.active
@@ -77,7 +76,6 @@ class Scaler:
             self.rollout.drain(slot)
             logger.info("rollout worker %d draining", slot)
         for slot in self.rollout.retire_drained():
-            self.weight_sync.worker_changed(slot)
             logger.info("rollout worker %d removed", slot)
         self.control.report.remote({"rollout_workers": len(self.rollout.active), "version": version})
 
@@ -113,6 +111,5 @@ class Scaler:
         """
         logger.warning("rollout worker %d died (%s); recovering it", slot, type(err).__name__)
         how = self.rollout.recover(slot, self.cfg.request_timeout_s)
-        self.weight_sync.worker_changed(slot)
         self.weight_sync.bring_to_current(slot, version, f"recovered rollout worker {slot}")
         return how

@@ -11,7 +11,9 @@ keyed by ``rollout.weight_transport``:
 
 Pushes run in the background; `retire` collects the finished ones (raising past the deadline or on a
 worker's failed load), `bring_to_current` gives a new or restarted worker the current weights before
-it takes prompts, `wait_all` drains them at the end of a run.
+it takes prompts, `drain` waits for them all at the end of a run. The collective group's membership
+is (slot, incarnation) of every rollout worker, so an added, removed or restarted worker makes the
+next push build a new group without being told.
 
 Left out on purpose: partial (per-layer or adapter-only) pushes.
 """
@@ -59,8 +61,8 @@ class ObjectStoreTransport:
         refs = {slot: w.receive_weights.remote(version, buckets_ref) for slot, w in s.rollout.slots.items()}
         return refs, ray.get(export_ref, timeout=s.cfg.weight_push_timeout_s)
 
-    def worker_changed(self) -> None:
-        """Nothing to rebuild: every push reaches the workers alive at that moment."""
+    def invalidate(self) -> None:
+        """Nothing to rebuild: every push reaches the workers alive at that moment (transport protocol)."""
 
 
 class CollectiveTransport:
@@ -73,8 +75,9 @@ class CollectiveTransport:
         self.generation = 0  # weight groups built so far
         self.members: tuple[tuple[int, int], ...] | None = None  # (slot, incarnation) of the current group
 
-    def worker_changed(self) -> None:
-        """A worker came, went or restarted: the next push builds a new group first."""
+    def invalidate(self) -> None:
+        """Build a new group before the next push even if the members look the same (a failed broadcast
+        leaves the current group unusable)."""
         self.members = None
 
     def push(self, version: int) -> tuple[dict[int, object], dict[str, float]]:
@@ -157,7 +160,7 @@ class WeightSync:
                 raise
             logger.warning("weight push of version %d over %s failed (%s); falling back to the object store",
                            version, transport.name, e)
-            transport.worker_changed()  # rebuild the group before the next push
+            transport.invalidate()  # rebuild the group before the next push
             self.fallbacks += 1
             transport = self.fallback
             refs, out = transport.push(version)
@@ -206,7 +209,7 @@ class WeightSync:
                                    f"{p.version}: {e}") from None
             logger.warning("weight broadcast of version %d failed on rollout worker %d (%s); sending it through "
                            "the object store instead", p.version, slot, type(e).__name__)
-            self.transport.worker_changed()
+            self.transport.invalidate()
             self.fallbacks += 1
             self.bring_to_current(slot, p.version, f"rollout worker {slot} (broadcast fallback)")
         return 0.0
@@ -217,9 +220,9 @@ class WeightSync:
         Raises:
             TimeoutError: they did not finish within ``timeout_s``.
         """
-        refs = [r for p in self.pushes for r in p.refs.values()]
         import ray
 
+        refs = [r for p in self.pushes for r in p.refs.values()]
         if len(ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0]) < len(refs):
             raise TimeoutError(f"weight pushes did not finish within {timeout_s:.0f} s")
         return self.retire()
@@ -240,10 +243,6 @@ class WeightSync:
             self.last_export = (version, self.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)[0])
         wait_all([self.rollout.slots[slot].receive_weights.remote(*self.last_export)], rc.weight_push_timeout_s,
                  f"weight push to {who}")
-
-    def worker_changed(self, slot: int) -> None:
-        """Worker ``slot`` was added, removed or restarted: transports rebuild what depends on membership."""
-        self.transport.worker_changed()
 
     def push_everywhere(self, version: int) -> None:
         """Push ``version`` through the object store to every worker and wait (bounded): a resumed run.

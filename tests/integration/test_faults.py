@@ -30,6 +30,15 @@ def _audit(summary: dict) -> None:
     assert sum(summary[k] for k in parts) == summary["data/dispatched_groups"], summary
 
 
+def _run_expecting(t: Trainer, error: type, match: str) -> None:
+    """Run ``t``, which must stop with ``error`` matching ``match``; its actors are killed either way."""
+    try:
+        with pytest.raises(error, match=match):
+            t.run(progress=False)
+    finally:
+        t.shutdown()
+
+
 @pytest.mark.timeout(600)
 def test_killed_rollout_worker_is_restarted_with_current_weights(tiny_sums_model, ray_local, tmp_path):
     cfg = _cfg(tiny_sums_model, tmp_path)
@@ -94,11 +103,7 @@ def test_reward_failures_are_counted_and_bounded(tiny_sums_model, ray_local, tmp
     cfg = _cfg(tiny_sums_model, tmp_path, "rollout.max_reward_failure_frac=0.1")
     t = Trainer(cfg, tmp_path / "stop", tiny_sums_model, load_problems(cfg.data, "train"), [],
                 rollout_worker_cls=FlakyReward)
-    try:
-        with pytest.raises(RuntimeError, match=r"failed their reward function .*max_reward_failure_frac = 0.1"):
-            t.run(progress=False)
-    finally:
-        t.shutdown()
+    _run_expecting(t, RuntimeError, r"failed their reward function .*max_reward_failure_frac = 0.1")
 
 
 class NaNLearner(LearnerWorker):
@@ -136,11 +141,7 @@ def test_non_finite_gradients_skip_the_step_and_repeated_ones_stop(tiny_sums_mod
     cfg = _cfg(tiny_sums_model, tmp_path, "learner.dtype=bf16", "learner.max_skipped_steps=2")
     t = Trainer(cfg, tmp_path / "stop", tiny_sums_model, load_problems(cfg.data, "train"), [],
                 learner_worker_cls=AlwaysNaN)
-    try:
-        with pytest.raises(RuntimeError, match="2 consecutive optimizer steps had non-finite gradients"):
-            t.run(progress=False)
-    finally:
-        t.shutdown()
+    _run_expecting(t, RuntimeError, "2 consecutive optimizer steps had non-finite gradients")
 
 
 @pytest.mark.timeout(600)
@@ -159,11 +160,7 @@ def test_dead_learner_rank_stops_the_run_naming_the_last_checkpoint(tiny_sums_mo
     th = threading.Thread(target=kill_rank_1, daemon=True)
     th.start()
     t0 = time.monotonic()
-    try:
-        with pytest.raises(RuntimeError, match=r"learner rank 1 died .* Last complete checkpoint: .*step_00000\d"):
-            t.run(progress=False)
-    finally:
-        t.shutdown()
+    _run_expecting(t, RuntimeError, r"learner rank 1 died .* Last complete checkpoint: .*step_00000\d")
     assert time.monotonic() - t0 < 240  # an error, not a wait for the collective timeout
 
 
@@ -222,11 +219,7 @@ def test_one_hung_request_times_out_while_others_finish(tiny_sums_model, ray_loc
     t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
                 rollout_worker_cls=HangsOnce)
     t0 = time.monotonic()
-    try:
-        with pytest.raises(TimeoutError, match=r"on rollout worker 1 did not finish within rollout.request_timeout_s = 20"):
-            t.run(progress=False)
-    finally:
-        t.shutdown()
+    _run_expecting(t, TimeoutError, r"on rollout worker 1 did not finish within rollout.request_timeout_s = 20")
     assert time.monotonic() - t0 < 200
 
 
@@ -242,8 +235,4 @@ def test_a_failed_weight_push_stops_the_run_naming_worker_and_version(tiny_sums_
     cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=4", "rollout.weight_push_timeout_s=60")
     t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
                 rollout_worker_cls=FailsToLoadVersion2)
-    try:
-        with pytest.raises(RuntimeError, match=r"rollout worker 0 failed to load the weights of policy version 2"):
-            t.run(progress=False)
-    finally:
-        t.shutdown()
+    _run_expecting(t, RuntimeError, r"rollout worker 0 failed to load the weights of policy version 2")
