@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from buffer.adapter import LoraSpec
 from buffer.config import StrictConfig
 
 CLIP_DEFAULTS: dict[str, tuple[float, float]] = {
@@ -68,6 +69,10 @@ class LearnerConfig(StrictConfig):
     zero3_param_persistence_threshold: int = Field(
         100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank instead of "
         "being gathered for each forward (DeepSpeed's stage3_param_persistence_threshold)")
+
+    lora: LoraSpec | None = Field(
+        None, description="train LoRA adapters (buffer.adapter.LoraSpec: rank, alpha, dropout, target_modules) on "
+        "frozen base weights and push only the adapters; None: full fine-tuning")
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,12 @@ Several optimizer steps per batch (``learner.ppo_minibatches``) make pi_prox dif
 policy after the first one; it is then recomputed by a forward pass before training or approximated
 log-linearly by version (`learner.off_policy`).
 
+With ``learner.lora`` the model is a PEFT LoRA model: the base weights are frozen (loaded in the compute
+dtype, never in the optimizer, so they get no fp32 master copy), the optimizer holds the adapters
+only, a weight export carries only the adapter tensors (PEFT names), checkpoints hold only the
+trainable parameters, the KL reference is the same model with its adapters disabled, and
+`save_pretrained` writes the adapters merged into an HF model plus the adapter in PEFT format.
+
 Left out on purpose: several epochs over a batch, sequence packing.
 """
 
@@ -74,7 +80,7 @@ class LearnerWorker:
         return ray.util.get_node_ip_address(), _free_port()
 
     def setup(self, master_addr: str, master_port: int) -> int:
-        """Join the process group and build the DeepSpeed engine; returns the parameter count."""
+        """Join the process group and build the DeepSpeed engine; returns the trainable parameter count."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -89,9 +95,13 @@ class LearnerWorker:
         # collectives time out instead of waiting forever on a rank that died
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=self.cfg.step_timeout_s))
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-        model.config.use_cache = False
         c = self.cfg
+        # LoRA: frozen base weights in the compute dtype (no fp32 copy); the adapters get fp32 masters
+        base_dtype = torch.bfloat16 if c.lora is not None and c.dtype == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=base_dtype)
+        model.config.use_cache = False
+        if c.lora is not None:
+            model = self._with_lora(model)
         ds_config = {
             "train_micro_batch_size_per_gpu": c.micro_batch_size,
             "gradient_accumulation_steps": self.gas,
@@ -110,12 +120,31 @@ class LearnerWorker:
             ds_config["scheduler"] = {"type": "WarmupLR", "params": {
                 "warmup_min_lr": 0.0, "warmup_max_lr": c.lr, "warmup_num_steps": c.warmup_steps,
                 "warmup_type": "linear"}}
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         self.ref_model = None
-        if c.kl_coef > 0:
+        if c.kl_coef > 0 and c.lora is None:  # with LoRA the reference is the model with adapters disabled
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
             self.ref_model.requires_grad_(False)
-        return sum(p.numel() for p in model.parameters())
+        return n_trainable
+
+    def _with_lora(self, model):
+        """``model`` wrapped as a PEFT LoRA model (``learner.lora``): base frozen, adapters trainable.
+
+        Raises:
+            ValueError: a target module matches no module of the model.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        from buffer.adapter import check_target_modules
+
+        spec = self.cfg.lora
+        check_target_modules(spec, (n for n, _ in model.named_modules()))
+        cfg = spec.peft_config()
+        return get_peft_model(model, LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                                lora_dropout=cfg["lora_dropout"], target_modules=cfg["target_modules"],
+                                                bias="none", task_type="CAUSAL_LM"))
 
     # ---- training --------------------------------------------------------------------------
     def _forward(self, model, samples: list):
@@ -203,9 +232,9 @@ class LearnerWorker:
         loss, met = POLICY_LOSSES[c.loss](inp, clip_low=c.clip_low, clip_high=c.clip_high, tis_cap=c.tis_cap,
                                           band_low=c.band_low, band_high=c.band_high)
         met.update(extra)
-        if self.ref_model is not None:
+        if c.kl_coef > 0:
             with torch.no_grad():
-                ref, _ = self._forward(self.ref_model, mb)
+                ref = self._reference_logprobs(mb)
             penalty, met["learner/kl_ref"] = k3_kl_penalty(logprobs, ref, mask, normalizer)
             loss = loss + c.kl_coef * penalty
         if padding:
@@ -213,6 +242,14 @@ class LearnerWorker:
         self.engine.backward(loss)
         self.engine.step()  # steps the optimizer at the boundary set by the caller
         return float(loss.detach()), met
+
+    def _reference_logprobs(self, mb: list):
+        """``[B, R_max]`` logprobs of ``mb`` under the KL reference: the separate reference model, or with
+        LoRA the policy with its adapters disabled (the base model)."""
+        if self.ref_model is not None:
+            return self._forward(self.ref_model, mb)[0]
+        with self.engine.module.disable_adapter():
+            return self._forward(self.engine.module, mb)[0]
 
     def _step_metrics(self, means, loss_total: float, skipped_before: int, t0: float, batch_metrics: dict
                       ) -> dict[str, float]:
@@ -240,12 +277,20 @@ class LearnerWorker:
         return {**out, **batch_metrics}
 
     # ---- weights ---------------------------------------------------------------------------
-    def _gathered_named_params(self):
-        """Yield ``(hf_name, full tensor on CPU)``; under ZeRO-3 every rank must call this."""
+    def _gathered_named_params(self, adapters_only: bool = False):
+        """Yield ``(name, full tensor on CPU)``; under ZeRO-3 every rank must call this.
+
+        Names are HF names, or with LoRA PEFT's (``base_model.model.<hf name>``). ``adapters_only``: the
+        LoRA adapter tensors only, named as in PEFT's adapter files (the adapter name dropped).
+        """
         import deepspeed
 
         module = self.engine.module
         for name, p in module.named_parameters():
+            if adapters_only:
+                if ".lora_" not in name:
+                    continue
+                name = name.replace(".default.", ".")  # PEFT's adapter-file naming (get_peft_model_state_dict)
             if self.cfg.zero_stage == 3:
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                     yield name, p.detach().to("cpu", copy=True)
@@ -272,7 +317,8 @@ class LearnerWorker:
         return {**m, "weights/broadcast_seconds": time.perf_counter() - t0}
 
     def export_weights(self, dtype: str, bucket_bytes: int) -> tuple[list[bytes] | None, dict]:
-        """Full weights as safetensors buckets (rank 0; other ranks return None) and export metrics.
+        """Full weights (with LoRA: the adapter tensors only) as safetensors buckets (rank 0; other ranks
+        return None) and export metrics.
 
         Tied parameters appear once (``named_parameters`` de-duplicates), which is what vLLM's
         loader expects for tied embeddings.
@@ -283,7 +329,7 @@ class LearnerWorker:
 
         t0 = time.perf_counter()
         dt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
-        named = ((n, t.to(dt)) for n, t in self._gathered_named_params())
+        named = ((n, t.to(dt)) for n, t in self._gathered_named_params(adapters_only=self.cfg.lora is not None))
         if self.rank != 0:
             for _ in named:  # take part in ZeRO-3 gathers
                 pass
@@ -312,7 +358,9 @@ class LearnerWorker:
         torch RNG state under ``ckpt_dir``; every rank must call it. Returns True."""
         import torch
 
-        self.engine.save_checkpoint(ckpt_dir, tag="deepspeed", save_latest=False)
+        # with LoRA the frozen base weights come from the model dir again, not from the checkpoint
+        self.engine.save_checkpoint(ckpt_dir, tag="deepspeed", save_latest=False,
+                                    exclude_frozen_parameters=self.cfg.lora is not None)
         torch.save({"torch": torch.get_rng_state()}, os.path.join(ckpt_dir, f"rng_rank{self.rank}.pt"))
         return True
 
@@ -329,21 +377,47 @@ class LearnerWorker:
             raise FileNotFoundError(f"checkpoint {ckpt_dir} has no RNG state for learner rank {self.rank} "
                                     "(was it written with a different learner.num_learners?)")
         path, _ = self.engine.load_checkpoint(ckpt_dir, tag="deepspeed", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=self.cfg.lora is None)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint under {ckpt_dir}/deepspeed")
         torch.set_rng_state(torch.load(rng)["torch"])
         return True
 
     def save_pretrained(self, out_dir: str) -> str | None:
-        """Write the current policy as an HF model dir (rank 0); every rank must call it."""
+        """Write the current policy as an HF model dir (rank 0); every rank must call it.
+
+        With LoRA, ``out_dir`` holds the adapters merged into the base weights (fp32) and
+        ``out_dir/adapter`` the adapter in PEFT format (``PeftModel.from_pretrained(base, out_dir/adapter)``).
+        """
         import shutil
 
-        state = {n: t for n, t in self._gathered_named_params()}
-        if self.rank != 0:
-            return None
-        self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        if self.cfg.lora is not None:
+            adapter = {n: t for n, t in self._gathered_named_params(adapters_only=True)}
+            if self.rank != 0:
+                return None
+            self._save_merged(out_dir, adapter)
+        else:
+            state = {n: t for n, t in self._gathered_named_params()}
+            if self.rank != 0:
+                return None
+            self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         for f in os.listdir(self.model_path):
             if f.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
                 shutil.copy(os.path.join(self.model_path, f), out_dir)
         return out_dir
+
+    def _save_merged(self, out_dir: str, adapter: dict) -> None:
+        """Write ``adapter`` (PEFT names -> tensors) as ``out_dir/adapter`` and merged into a fresh fp32
+        copy of the base model as the HF model dir ``out_dir`` (rank 0)."""
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from buffer.adapter import write_adapter_dir
+
+        adapter_dir = write_adapter_dir(os.path.join(out_dir, "adapter"), self.cfg.lora,
+                                        ((n, t.float()) for n, t in adapter.items()))
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(out_dir, safe_serialization=True)

@@ -29,6 +29,7 @@ RESUME_INVARIANT_FIELDS = (
     "seed", "prompts_per_step", "model.path", "data.type", "data.task", "data.task_config", "data.path",
     "data.train_size", "data.train_seed", "data.prompt_field", "data.answer_field", "data.one_shot",
     "data.instruction", "rollout.group_size", "learner.num_learners", "learner.zero_stage", "learner.dtype",
+    "learner.lora",
     "buffer.prompt_sampler", "buffer.dynamic_sampling", "buffer.value_tracker", "buffer.rollout_allocation",
 )
 

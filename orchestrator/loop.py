@@ -51,10 +51,12 @@ class Trainer:
         import ray
 
         from buffer import PROMPT_SAMPLERS, ReplayBuffer, StalenessManager
+        from buffer.adapter import check_target_modules
         from buffer.allocation import RolloutAllocator
         from learner import LearnerGroup, LearnerWorker
         from orchestrator.control import start_control
         from orchestrator.dispatch import Dispatcher
+        from orchestrator.models import module_names
         from orchestrator.learner_step import SkippedSteps
         from orchestrator.placement import SlotPlacement, bundle, check_resources, reserve, scheduling
         from orchestrator.scaling import Scaler
@@ -65,6 +67,8 @@ class Trainer:
         self.cfg, self.run_dir, self.eval_problems = cfg, Path(run_dir), eval_problems
         bc, lc, rc, P = cfg.buffer, cfg.learner, cfg.rollout, cfg.prompts_per_step
         check_resources(cfg, ray.cluster_resources())
+        if lc.lora is not None:  # before any actor starts: a wrong module name is a config error
+            check_target_modules(lc.lora, module_names(model_path))
         self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
             dynamic_sampling=bc.dynamic_sampling, prioritized=bc.prioritized_replay,
             value_tracker_discount=bc.value_tracker_discount if bc.value_tracker else None)
@@ -76,7 +80,7 @@ class Trainer:
         placement = SlotPlacement(bundle(rc.num_cpus, rc.num_gpus, rc.resources), rc.node_labels,
                                   cfg.ray.placement_timeout_s)
         self.rollout = RolloutGroup(rc, cfg.data, model_path, self.buffer, placement,
-                                    worker_cls=rollout_worker_cls or RolloutWorker)
+                                    worker_cls=rollout_worker_cls or RolloutWorker, lora=lc.lora)
         self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=rc.group_size,
                                                            floor=bc.sampler_floor)
         self.allocator = RolloutAllocator(bc.rollout_allocation, rc.group_size, P, bc.allocation_min_n,

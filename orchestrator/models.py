@@ -94,3 +94,14 @@ def resolve_model_path(name_or_path: str) -> str:
             f"model {name_or_path!r} is not a local dir and could not be fetched from the hub "
             f"({type(e).__name__}); pass a local HF model dir"
         ) from None
+
+
+def module_names(model_path: str) -> list[str]:
+    """Dotted names of every module of the model at ``model_path`` (``named_modules``), built on the meta
+    device from its config alone (no weights read; milliseconds)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return [n for n, _ in model.named_modules()]

@@ -12,17 +12,26 @@ the importance weights assume the full-support distribution the learner computes
 
 `generate_chunked` lets weights change inside a request (in-flight updates at chunk boundaries).
 
-Left out on purpose: LoRA, multi-GPU tensor parallel.
+With a `buffer.adapter.LoraSpec` the engine serves LoRA adapters: `load_weights` then receives adapter
+tensors only, writes them to a node-local PEFT dir and serves them as a vLLM LoRA adapter (a new adapter
+id per load, the previous one removed); before the first load it serves the base model, which is what a
+fresh adapter (B = 0) computes.
+
+Left out on purpose: multi-GPU tensor parallel; merging adapters into the base weights on the worker
+(vLLM serves LoRA on every platform relayrl runs on).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from buffer.adapter import LoraSpec, write_adapter_dir
 from buffer.weight_buckets import iter_buckets
 
 logger = logging.getLogger(__name__)
@@ -62,6 +71,7 @@ class VLLMEngine:
             of RAM on CPU).
         max_model_len: prompt + response tokens, max.
         seed: engine seed.
+        lora: serve LoRA adapters of this spec (`load_weights` then takes adapter tensors); None: full weights.
 
     Raises:
         FileNotFoundError: ``model_path`` does not exist.
@@ -74,6 +84,7 @@ class VLLMEngine:
         kv_cache_memory_bytes: int = 256 << 20,
         max_model_len: int = 1024,
         seed: int = 0,
+        lora: LoraSpec | None = None,
     ) -> None:
         if not os.path.isdir(model_path):
             raise FileNotFoundError(f"rollout model dir {model_path!r} does not exist")
@@ -81,6 +92,9 @@ class VLLMEngine:
         from vllm import LLM
 
         t0 = time.perf_counter()
+        self.lora, self.lora_request, self._adapter_root = lora, None, None
+        lora_args = {} if lora is None else dict(enable_lora=True, max_lora_rank=lora.vllm_max_lora_rank(), max_loras=1,
+                                                 max_cpu_loras=2)
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -93,6 +107,7 @@ class VLLMEngine:
             # use offset" when vLLM rewinds the generator). Unchunked prefill never rewinds.
             enable_chunked_prefill=False,
             enforce_eager=True,  # CPU: torch.compile warm-up costs ~70 s and gains little here
+            **lora_args,
         )
         self.tokenizer = self.llm.get_tokenizer()
         logger.info("vLLM engine up in %.1f s (%s, %s)", time.perf_counter() - t0, model_path, dtype)
@@ -130,7 +145,7 @@ class VLLMEngine:
                                   seed=seed) for k in set(counts)}
         params = [by_n[k] for k in counts]
         outs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False
+            [{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False, lora_request=self.lora_request
         )
         groups = []
         for out in outs:
@@ -216,12 +231,13 @@ class VLLMEngine:
             reqs = [{"prompt_token_ids": p} for p in prompt_token_ids]
             params = [SamplingParams(n=k, max_tokens=chunk_tokens, temperature=temperature, top_p=top_p, logprobs=0,
                                      seed=seed) for k in counts]
-            return [c for o in self.llm.generate(reqs, params, use_tqdm=False) for c in o.outputs]
+            return [c for o in self.llm.generate(reqs, params, use_tqdm=False, lora_request=self.lora_request)
+                    for c in o.outputs]
         reqs = [{"prompt_token_ids": prompt_token_ids[s[0]] + s[1]} for s in todo]
         params = [SamplingParams(n=1, max_tokens=min(chunk_tokens, max_tokens - len(s[1])), temperature=temperature,
                                  top_p=top_p, logprobs=0, seed=None if seed is None else seed + 7919 * chunk + j)
                   for j, s in enumerate(todo)]
-        return [o.outputs[0] for o in self.llm.generate(reqs, params, use_tqdm=False)]
+        return [o.outputs[0] for o in self.llm.generate(reqs, params, use_tqdm=False, lora_request=self.lora_request)]
 
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
         """Logprobs the engine assigns to ``token_ids[prompt_len:]`` given the preceding tokens.
@@ -232,16 +248,49 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        out = self.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)[0]
+        out = self.llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False,
+                                lora_request=self.lora_request)[0]
         plp = out.prompt_logprobs
         return [float(plp[i][token_ids[i]].logprob) for i in range(prompt_len, len(token_ids))]
 
     def load_weights(self, buckets: list[bytes]) -> int:
         """Reload all weights in place from safetensors-serialised buckets; returns bytes loaded.
 
-        Clears the prefix cache afterwards (cached KV was computed by the old weights).
+        With a `LoraSpec` the buckets hold adapter tensors only (`load_adapter`). Clears the prefix
+        cache afterwards (cached KV was computed by the old weights).
+
+        Raises:
+            ValueError: LoRA engine given tensors that are not a LoRA adapter.
         """
+        if self.lora is not None:
+            return self.load_adapter(buckets)
         nbytes = self.llm.collective_rpc(_reload_on_worker, args=(buckets,))[0]
         self.llm.reset_prefix_cache()
         return nbytes
+
+    def load_adapter(self, buckets: list[bytes]) -> int:
+        """Serve the LoRA adapter in ``buckets`` (PEFT tensor names) from now on; returns bytes loaded.
+
+        The adapter is written to a PEFT dir under a node-local temporary folder and loaded under a new
+        adapter id; the previous adapter and its dir are removed.
+
+        Raises:
+            ValueError: the tensors are not a LoRA adapter; RuntimeError: vLLM refused the adapter.
+        """
+        from vllm.lora.request import LoRARequest
+
+        if self._adapter_root is None:
+            self._adapter_root = tempfile.mkdtemp(prefix="relayrl-lora-")
+        old = self.lora_request
+        new_id = 1 if old is None else old.lora_int_id + 1
+        path = write_adapter_dir(os.path.join(self._adapter_root, str(new_id)), self.lora, iter_buckets(buckets))
+        request = LoRARequest(f"policy-{new_id}", new_id, path)
+        if not self.llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the LoRA adapter written to {path}")
+        self.lora_request = request
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        return sum(len(b) for b in buckets)
 

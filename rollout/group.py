@@ -23,6 +23,7 @@ from rollout.worker import RolloutWorker
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from buffer.adapter import LoraSpec
     from rollout.config import DataConfig, RolloutConfig
 
 
@@ -40,17 +41,19 @@ class RolloutGroup:
         placement: ``strategy(slot) -> scheduling strategy`` and ``release(slot)`` (see the module doc).
         startup_timeout_s: seconds an engine may take to come up.
         worker_cls: `RolloutWorker` or a subclass.
+        lora: the workers serve LoRA adapters of this spec (`buffer.adapter`); None: full weights.
 
     Raises:
         RuntimeError: a worker could not be placed or failed to start within ``startup_timeout_s``.
     """
 
     def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model_path: str, buffer, placement,
-                 startup_timeout_s: float = 600.0, worker_cls: type = RolloutWorker) -> None:
+                 startup_timeout_s: float = 600.0, worker_cls: type = RolloutWorker, lora: LoraSpec | None = None
+                 ) -> None:
         import ray
 
         self.cfg, self.data_cfg, self.model_path, self.buffer = cfg, data_cfg, model_path, buffer
-        self.placement, self.startup_timeout_s = placement, startup_timeout_s
+        self.placement, self.startup_timeout_s, self.lora = placement, startup_timeout_s, lora
         self.incarnation: dict[int, int] = {}  # slot -> times its actor was (re)started
         env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
                             "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
@@ -69,7 +72,7 @@ class RolloutGroup:
         """Start the actor of ``slot`` where the placement puts it."""
         self.incarnation[slot] = self.incarnation.get(slot, -1) + 1
         return self._actor.options(**self._options, scheduling_strategy=self.placement.strategy(slot)).remote(
-            self.cfg, self.data_cfg, self.model_path, slot, self.buffer)
+            self.cfg, self.data_cfg, self.model_path, slot, self.buffer, self.lora)
 
     def release(self, slot: int) -> None:
         """Kill the actor of ``slot`` (if any) and free its placement."""

@@ -25,6 +25,7 @@ from rollout.tasks import encode_prompt
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from buffer.adapter import LoraSpec
     from rollout.config import DataConfig, RolloutConfig
 
 
@@ -40,6 +41,7 @@ class RolloutWorker:
         model_path: local HF model dir.
         worker_index: index in the group (seeds differ per worker).
         buffer: replay buffer actor handle (or a local `ReplayBuffer` in tests).
+        lora: serve LoRA adapters of this spec (pushes then carry adapter tensors only); None: full weights.
 
     Raises:
         FileNotFoundError: ``model_path`` does not exist.
@@ -48,7 +50,7 @@ class RolloutWorker:
     reward_fn = staticmethod(score_response)
 
     def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model_path: str, worker_index: int,
-                 buffer: Any) -> None:
+                 buffer: Any, lora: LoraSpec | None = None) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
@@ -56,7 +58,7 @@ class RolloutWorker:
 
         self.cfg, self.data_cfg, self.index, self.buffer = cfg, data_cfg, worker_index, buffer
         self.engine = VLLMEngine(
-            model_path, cfg.dtype, cfg.kv_cache_memory_bytes, cfg.max_model_len, cfg.seed + worker_index
+            model_path, cfg.dtype, cfg.kv_cache_memory_bytes, cfg.max_model_len, cfg.seed + worker_index, lora
         )
         self.version = 0
         self._pending: tuple[int, list[bytes]] | None = None

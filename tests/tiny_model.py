@@ -116,3 +116,33 @@ def hf_greedy_accuracy(model_dir: str, problems: list, instruction: str, one_sho
                                  pad_token_id=tok.pad_token_id)
             correct += score_response(tok.decode(out[0, len(ids):], skip_special_tokens=True), p.answer)[1]
     return correct / len(problems)
+
+
+def hf_logprobs(model_dir: str, seq: list[int], prompt_len: int):
+    """Logprobs of ``seq[prompt_len:]`` under the HF model at ``model_dir`` (fp32), a ``[len - prompt_len]`` tensor."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        lp = m(torch.tensor([seq])).logits[0, :-1].log_softmax(-1)
+    return lp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][prompt_len - 1:]
+
+
+def vllm_logprobs(model_dir: str, seq: list[int], prompt_len: int):
+    """Logprobs from a fresh vLLM engine on ``model_dir``, in a subprocess (its own process state)."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    code = (
+        "import json, sys; from rollout.engine import VLLMEngine; "
+        f"e = VLLMEngine({model_dir!r}, dtype='float32', kv_cache_memory_bytes=64 << 20, max_model_len=256); "
+        f"print('LOGPROBS', json.dumps(e.sequence_logprobs({seq!r}, {prompt_len})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("LOGPROBS "))
+    return torch.tensor(json.loads(line.split(" ", 1)[1]))

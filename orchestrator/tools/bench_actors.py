@@ -50,7 +50,8 @@ class RawVLLM:
 class _FakeEngine:
     """SLOWED FAKE engine: sleeps ``FAKE_GROUP_SECONDS`` per prompt, answers ``Answer: <random 0-20>``."""
 
-    def __init__(self, model_path: str, dtype: str, kv_cache_memory_bytes: int, max_model_len: int, seed: int) -> None:
+    def __init__(self, model_path: str, dtype: str, kv_cache_memory_bytes: int, max_model_len: int, seed: int,
+                 lora=None) -> None:
         from transformers import AutoTokenizer
 
         self.tokenizer, self.rng = AutoTokenizer.from_pretrained(model_path), random.Random(seed)
@@ -72,7 +73,7 @@ class _FakeEngine:
 class FakeRolloutWorker(RolloutWorker):
     """A real `RolloutWorker` (rewards, samples, buffer writes, weight staging) around `_FakeEngine`."""
 
-    def __init__(self, cfg, data_cfg, model_path: str, worker_index: int, buffer) -> None:
+    def __init__(self, cfg, data_cfg, model_path: str, worker_index: int, buffer, lora=None) -> None:
         import rollout.engine as engine
 
         real, engine.VLLMEngine = engine.VLLMEngine, _FakeEngine  # this actor process only

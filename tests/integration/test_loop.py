@@ -33,15 +33,6 @@ def _cfg(model: str, tmp_path, zero_stage: int, steps: int, max_staleness: int, 
     ])
 
 
-def _hf_logprobs(model_dir: str, seq: list[int], prompt_len: int) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        lp = m(torch.tensor([seq])).logits[0, :-1].log_softmax(-1)
-    return lp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][prompt_len - 1:]
-
-
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("zero_stage,max_staleness", [(2, 1), (3, 0)], ids=["zero2-async", "zero3-sync"])
 def test_real_loop_two_ranks_pushes_weights_and_writes_metrics(tiny_model, ray_local, tmp_path, zero_stage,
@@ -121,7 +112,7 @@ def _check_run(trainer, summary, cfg, run_dir, tiny_model):
     # held-out accuracy after the last step is the policy's: transformers' greedy decoding of the final
     # model (the same weights, checked below) gets the same count of correct answers on the eval problems
     # (none, for this random model: an evaluator that scores leniently or miscounts fails here)
-    from tiny_model import hf_greedy_accuracy
+    from tiny_model import hf_greedy_accuracy, hf_logprobs, vllm_logprobs
 
     problems = load_problems(cfg.data, "eval")
     assert recs[-1]["step"] == 3 and len(problems) == 8
@@ -137,12 +128,12 @@ def _check_run(trainer, summary, cfg, run_dir, tiny_model):
     vllm_lp = torch.tensor(ray.get(trainer.rollout.workers[0].sequence_logprobs.remote(tok_ids, 8), timeout=120))
     assert (learner_lp - vllm_lp).abs().max().item() < LOGPROB_TOL
     # ... and those weights are not the initial ones
-    initial_lp = _hf_logprobs(tiny_model, tok_ids, 8)
+    initial_lp = hf_logprobs(tiny_model, tok_ids, 8)
     assert (initial_lp - learner_lp).abs().max().item() > 50 * LOGPROB_TOL
     # the final model is an HF dir that transformers and vLLM both load, holding the same policy
-    final_lp = _hf_logprobs(summary["final_model"], tok_ids, 8)
+    final_lp = hf_logprobs(summary["final_model"], tok_ids, 8)
     assert (final_lp - learner_lp).abs().max().item() < LOGPROB_TOL
-    assert (_vllm_logprobs(summary["final_model"], tok_ids, 8) - learner_lp).abs().max().item() < LOGPROB_TOL
+    assert (vllm_logprobs(summary["final_model"], tok_ids, 8) - learner_lp).abs().max().item() < LOGPROB_TOL
 
 
 def _check_report(run_dir):
@@ -158,19 +149,3 @@ def _check_report(run_dir):
         assert img[..., :3].std() > 0.01, f"{name}.png is blank"
     summary = (run_dir / "report" / "summary.md").read_text()
     assert run_dir.name in summary and "held-out accuracy" in summary and "@ step 3" in summary
-
-
-def _vllm_logprobs(model_dir: str, seq: list[int], prompt_len: int) -> torch.Tensor:
-    """Logprobs from a fresh vLLM engine on ``model_dir``, in a subprocess (its own process state)."""
-    import subprocess
-    import sys
-
-    code = (
-        "import json, sys; from rollout.engine import VLLMEngine; "
-        f"e = VLLMEngine({model_dir!r}, dtype='float32', kv_cache_memory_bytes=64 << 20, max_model_len=256); "
-        f"print('LOGPROBS', json.dumps(e.sequence_logprobs({seq!r}, {prompt_len})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("LOGPROBS "))
-    return torch.tensor(json.loads(line.split(" ", 1)[1]))
