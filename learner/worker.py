@@ -276,6 +276,17 @@ class LearnerWorker:
         out["learner/optimizer_steps"] = float(c.ppo_minibatches)
         return {**out, **batch_metrics}
 
+    def peak_memory_bytes(self) -> int:
+        """Peak memory of this rank so far, in bytes: allocated GPU memory on CUDA, else the process's peak
+        resident set (``ru_maxrss``; model load included)."""
+        import resource
+
+        import torch
+
+        if self.engine is not None and self.engine.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.engine.device))
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
     # ---- weights ---------------------------------------------------------------------------
     def _gathered_named_params(self, adapters_only: bool = False):
         """Yield ``(name, full tensor on CPU)``; under ZeRO-3 every rank must call this.

@@ -17,21 +17,21 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(600)
-def test_bench_wrapper_and_weight_push_write_table_and_json(tiny_model, tmp_path):
+@pytest.mark.timeout(800)
+def test_bench_wrapper_weight_push_and_lora_write_table_and_json(tiny_model, tmp_path):
     out = tmp_path / "b.md"
     cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "deploy/examples/tiny_cpu.toml", "--only", "wrapper",
-           "--only", "weight_push", "--out", str(out), f"model.path={tiny_model}", f"output_dir={tmp_path / 'runs'}",
+           "--only", "weight_push", "--only", "lora", "--out", str(out), f"model.path={tiny_model}", f"output_dir={tmp_path / 'runs'}",
            "learner.dtype=fp32", "rollout.kv_cache_memory_bytes=67108864", "rollout.max_model_len=256",
            "ray.num_cpus=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=740)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md, raw = out.read_text(), json.loads(out.with_suffix(".json").read_text())
     assert raw["command"].startswith("relayrl bench deploy/examples/tiny_cpu.toml --out ")
     assert f"`{raw['command']}`" in md  # reproducible
     assert "deploy/experiments/time_to_accuracy.toml" in md  # time to accuracy: where it is measured
     rows = {(r["benchmark"], r["metric"]): r for r in raw["rows"]}
-    assert {b for b, _ in rows} == {"wrapper", "weight_push"}
+    assert {b for b, _ in rows} == {"wrapper", "weight_push", "lora"}
     rates = [r for r in raw["rows"] if r["unit"] in ("tokens/s", "GB/s")]
     assert {r["unit"] for r in rates} == {"tokens/s", "GB/s"} and len(rates) == 3
     for r in rates:
@@ -40,6 +40,15 @@ def test_bench_wrapper_and_weight_push_write_table_and_json(tiny_model, tmp_path
     overhead = [r for r in raw["rows"] if r["metric"].startswith("overhead")]
     assert len(overhead) == 1 and overhead[0]["target"] == "<= 5" and isinstance(overhead[0]["met"], bool)
     assert math.isfinite(rows[("weight_push", "push / learner step")]["value"])
+    # LoRA against full fine-tuning, side by side: the pushes carry the adapters only
+    full, lora = (raw["raw"]["lora"][k] for k in ("full fine-tuning", "LoRA"))
+    full_bytes, lora_bytes = (rows[("lora", f"{k}: push bytes")]["value"] for k in ("full fine-tuning", "LoRA"))
+    assert 0 < lora_bytes < full_bytes
+    assert lora["trainable_params"] < full["trainable_params"]
+    assert lora_bytes * 1e6 == pytest.approx(lora["trainable_params"] * 2, rel=0.2)  # bf16 adapters + headers
+    for k in ("full fine-tuning", "LoRA"):
+        for metric in ("push, export to reloaded", "learner step", "peak learner memory"):
+            assert math.isfinite(rows[("lora", f"{k}: {metric}")]["value"]) and rows[("lora", f"{k}: {metric}")]["value"] > 0
     for r in raw["rows"]:  # the Markdown table holds every JSON row
         assert f"| {r['benchmark']} | {r['metric']} |" in md
 
