@@ -37,7 +37,7 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
 
     cfg = tiny_run_config(
         tiny_sums_model, tmp_path, "learner.num_learners=2", "learner.zero_stage=3", "learner.micro_batch_size=4",
-        "learner.num_cpus=0.5", "learner.lr=0.02", "checkpoint.every=3",
+        "learner.num_cpus=0.5", "learner.lr=0.02", "learner.kl_coef=0.01", "checkpoint.every=3",
         f"learner.lora={{rank = 8, alpha = 16.0, target_modules = {list(TARGETS)!r}}}".replace("'", '"'))
     run_dir = tmp_path / "lora"
     problems = load_problems(cfg.data, "train")
@@ -58,6 +58,9 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
     finally:
         trainer.shutdown()
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    # the KL reference is the policy with its adapters disabled: 0 before the first update, > 0 after
+    assert recs[0]["learner/kl_ref"] == pytest.approx(0.0, abs=1e-7) and recs[-1]["learner/kl_ref"] > 1e-5, \
+        [r["learner/kl_ref"] for r in recs]
     adapter_bytes = _lora_params(tiny_sums_model, 8) * 4  # pushed in rollout.dtype = float32
     # every push carried the adapter tensors only (plus safetensors headers), never the full model
     assert len(recs) == 3 and all(adapter_bytes <= r["weights/bytes"] < 1.5 * adapter_bytes for r in recs), \
