@@ -69,3 +69,11 @@ def test_rollout_config_gpu_fields():
     with pytest.raises(ConfigError, match="rollout.gpu_memory_utilization"):
         load_config(None, ["rollout.gpu_memory_utilization=1.5"])
 
+
+def test_a_rollout_worker_reserves_a_bundle_of_all_its_ranks_gpus():
+    from orchestrator.placement import rollout_bundle, run_bundles
+
+    cfg = load_config(None, ["rollout.num_gpus=1", "rollout.tensor_parallel_size=4", "rollout.num_cpus=2",
+                             "rollout.num_workers=2", "learner.num_gpus=1"])
+    assert rollout_bundle(cfg) == {"CPU": 2.0, "GPU": 4.0}
+    assert run_bundles(cfg) == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 4.0}, {"CPU": 2.0, "GPU": 4.0}]
