@@ -115,9 +115,11 @@ def wait_for_resources(cfg: RunConfig, timeout_s: float, poll_s: float = 2.0, re
         return
     if timeout_s <= 0:
         check_resources(cfg, ray.cluster_resources())
+        return
     from ray.autoscaler.sdk import request_resources
 
-    labels = [cfg.learner.node_labels] * cfg.learner.num_learners + [cfg.rollout.node_labels] * cfg.rollout.num_workers
+    lc, rc = cfg.learner, cfg.rollout
+    labels = [lc.node_labels] * lc.num_learners + [rc.node_labels] * rc.num_workers
     request_resources(bundles=run_bundles(cfg), bundle_label_selectors=labels if any(labels) else None)
     t0 = time.monotonic()
     next_report = t0

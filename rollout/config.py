@@ -101,15 +101,16 @@ class RolloutConfig(StrictConfig):
     @model_validator(mode="after")
     def _whole_gpus_for_tensor_parallel(self) -> RolloutConfig:
         if self.tensor_parallel_size > 1 and self.num_gpus not in (0.0, 1.0):
-            raise ValueError(f"rollout.tensor_parallel_size = {self.tensor_parallel_size} runs one engine rank per GPU, "
-                             f"but rollout.num_gpus = {self.num_gpus:g} per rank; set rollout.num_gpus = 1 (or 0 on CPU)")
+            raise ValueError(f"rollout.tensor_parallel_size = {self.tensor_parallel_size} runs one engine rank per "
+                             f"GPU, but rollout.num_gpus = {self.num_gpus:g} per rank; set rollout.num_gpus = 1 "
+                             "(or 0 on CPU)")
         return self
 
     @model_validator(mode="after")
     def _gpu_memory_within_share(self) -> RolloutConfig:
         if 0.0 < self.num_gpus < 1.0 and self.gpu_memory_utilization > self.num_gpus + 1e-9:
-            raise ValueError(f"rollout.gpu_memory_utilization = {self.gpu_memory_utilization:g} of the GPU's memory is more "
-                             f"than the rollout.num_gpus = {self.num_gpus:g} share a worker reserves; set "
+            raise ValueError(f"rollout.gpu_memory_utilization = {self.gpu_memory_utilization:g} of the GPU's memory "
+                             f"is more than the rollout.num_gpus = {self.num_gpus:g} share a worker reserves; set "
                              f"rollout.gpu_memory_utilization <= {self.num_gpus:g}")
         return self
 

@@ -98,9 +98,9 @@ def engine_env(platform: str, tensor_parallel_size: int = 1, cpu_ids: list[int] 
     if tensor_parallel_size > 1:
         cores = sorted(cpu_ids or [])
         if len(cores) < tensor_parallel_size:
-            raise ValueError(f"rollout.tensor_parallel_size = {tensor_parallel_size} on CPU needs a core per rank, but "
-                             f"this worker's process may use {len(cores)} core(s) {cores}; run it on a node with at least "
-                             f"{tensor_parallel_size} cores or lower rollout.tensor_parallel_size")
+            raise ValueError(f"rollout.tensor_parallel_size = {tensor_parallel_size} on CPU needs a core per rank, "
+                             f"but this worker's process may use {len(cores)} core(s) {cores}; run it on a node with "
+                             f"at least {tensor_parallel_size} cores or lower rollout.tensor_parallel_size")
         per, rest = divmod(len(cores), tensor_parallel_size)
         groups, i = [], 0
         for r in range(tensor_parallel_size):

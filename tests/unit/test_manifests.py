@@ -117,7 +117,8 @@ def test_rayjob_names_the_image_the_dockerfile_builds():
 
 def test_manifests_keep_token_auth_on_and_the_dashboard_inside_the_cluster():
     launcher = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
-    starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"] if "ray start" in c]
+    commands = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    starts = [c for c in commands if "ray start" in c]
     assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts)
     assert "auth_token" in str(launcher["file_mounts"])  # the token reaches every node
     assert not any("dashboard-host" in c for c in starts)  # dashboard on the head's loopback
