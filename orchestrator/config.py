@@ -49,6 +49,9 @@ class RayConfig(StrictConfig):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
     placement_timeout_s: float = Field(
         120.0, gt=0, description="max seconds to wait for the cluster to place learner ranks or a rollout worker")
+    wait_for_resources_s: float = Field(
+        0.0, ge=0.0, le=86400.0, description="max seconds to wait at start for the cluster (its autoscaler) to "
+        "provide the run's total resources, logging what is missing every 30 s; 0: fail at once")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -58,7 +58,8 @@ class Trainer:
         from orchestrator.dispatch import Dispatcher
         from orchestrator.models import module_names
         from orchestrator.learner_step import SkippedSteps
-        from orchestrator.placement import SlotPlacement, bundle, check_resources, reserve, scheduling
+        from orchestrator.placement import (SlotPlacement, learner_bundle, reserve, rollout_bundle, scheduling,
+                                            wait_for_resources)
         from orchestrator.scaling import Scaler
         from orchestrator.tally import RolloutTally
         from orchestrator.weight_sync import WeightSync
@@ -66,19 +67,18 @@ class Trainer:
 
         self.cfg, self.run_dir, self.eval_problems = cfg, Path(run_dir), eval_problems
         bc, lc, rc, P = cfg.buffer, cfg.learner, cfg.rollout, cfg.prompts_per_step
-        check_resources(cfg, ray.cluster_resources())
+        wait_for_resources(cfg, cfg.ray.wait_for_resources_s)
         if lc.lora is not None:  # before any actor starts: a wrong module name is a config error
             check_target_modules(lc.lora, module_names(model_path))
         self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
             dynamic_sampling=bc.dynamic_sampling, prioritized=bc.prioritized_replay,
             value_tracker_discount=bc.value_tracker_discount if bc.value_tracker else None)
-        self.learner_pg = reserve([bundle(lc.num_cpus, lc.num_gpus, lc.resources)] * lc.num_learners,
+        self.learner_pg = reserve([learner_bundle(cfg)] * lc.num_learners,
                                   lc.placement_strategy, lc.node_labels, cfg.ray.placement_timeout_s, "the learner ranks")
         self.learner = LearnerGroup(lc, model_path, [scheduling(self.learner_pg, r) for r in range(lc.num_learners)],
                                     cfg.samples_per_step, rc.max_tokens, rc.temperature, cfg.seed,
                                     worker_cls=learner_worker_cls or LearnerWorker)
-        placement = SlotPlacement(bundle(rc.num_cpus, rc.num_gpus, rc.resources), rc.node_labels,
-                                  cfg.ray.placement_timeout_s)
+        placement = SlotPlacement(rollout_bundle(cfg), rc.node_labels, cfg.ray.placement_timeout_s)
         self.rollout = RolloutGroup(rc, cfg.data, model_path, self.buffer, placement,
                                     worker_cls=rollout_worker_cls or RolloutWorker, lora=lc.lora)
         self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=rc.group_size,

@@ -4,14 +4,21 @@ Each actor kind has its own resource spec in the run config (CPUs, GPUs, custom 
 labels), and the orchestrator reserves it here and hands the result down: rollout/ and learner/ never
 import this module. The learner ranks share one placement group (``learner.placement_strategy``: PACK keeps them
 on as few nodes as possible for fast collectives, SPREAD spreads them); each rollout worker gets a
-one-bundle group of its own, so workers can be added and removed while a run goes on. A reservation
-that the cluster cannot satisfy fails after ``ray.placement_timeout_s`` with a message naming the
-bundle, the labels and what the cluster has, instead of waiting silently.
+one-bundle group of its own (``rollout.num_gpus * rollout.tensor_parallel_size`` GPUs: one engine with
+all its tensor-parallel ranks), so workers can be added and removed while a run goes on. Before anything
+is reserved, `wait_for_resources` checks that the cluster's totals cover the run (waiting up to
+``ray.wait_for_resources_s`` for an autoscaler to add nodes, asking it for the run's bundles). A
+reservation that the cluster cannot satisfy fails after ``ray.placement_timeout_s`` with a message
+naming the bundle, the labels and what the cluster has, instead of waiting silently.
+
+Left out on purpose: bin-packing the bundles onto the cluster's nodes ahead of time (the placement
+groups do that, bounded by ``ray.placement_timeout_s``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 logger = logging.getLogger(__name__)
@@ -24,6 +31,116 @@ def bundle(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dic
     """One actor's Ray resource bundle (zero amounts left out: Ray rejects them)."""
     out = {"CPU": num_cpus, "GPU": num_gpus, **resources}
     return {k: float(v) for k, v in out.items() if v > 0}
+
+
+def learner_bundle(cfg: RunConfig) -> dict[str, float]:
+    """One learner rank's bundle (CPUs, GPUs, custom resources)."""
+    lc = cfg.learner
+    return bundle(lc.num_cpus, lc.num_gpus, lc.resources)
+
+
+def rollout_bundle(cfg: RunConfig) -> dict[str, float]:
+    """One rollout worker's bundle: ``rollout.num_gpus`` GPUs per tensor-parallel rank, so an engine
+    with ``rollout.tensor_parallel_size = T`` ranks gets ``T * num_gpus`` GPUs in one bundle (CPUs and
+    custom resources are per worker)."""
+    rc = cfg.rollout
+    return bundle(rc.num_cpus, rc.num_gpus * rc.tensor_parallel_size, rc.resources)
+
+
+def run_bundles(cfg: RunConfig) -> list[dict[str, float]]:
+    """Every bundle the run reserves at start: one per learner rank, then one per rollout worker."""
+    return [learner_bundle(cfg)] * cfg.learner.num_learners + [rollout_bundle(cfg)] * cfg.rollout.num_workers
+
+
+def shortfall(cfg: RunConfig, cluster: dict[str, float]) -> list[str]:
+    """What the cluster's totals lack for the run, one phrase per resource ([] when nothing is missing).
+
+    Args:
+        cfg: the run config (its learner and rollout resource specs).
+        cluster: the cluster's total resources, as `ray.cluster_resources()` returns them.
+
+    Returns:
+        e.g. ``["4 GPU (learner: 2 x 1, rollout: 2 x 1) but the Ray cluster has 1"]``, sorted by resource.
+    """
+    lc, rc = cfg.learner, cfg.rollout
+    per_rank, per_worker = learner_bundle(cfg), rollout_bundle(cfg)
+    missing = []
+    for res in sorted(set(per_rank) | set(per_worker)):
+        a, b = per_rank.get(res, 0.0), per_worker.get(res, 0.0)
+        amount = lc.num_learners * a + rc.num_workers * b
+        if amount > cluster.get(res, 0.0) + 1e-9:
+            missing.append(f"{amount:g} {res} (learner: {lc.num_learners} x {a:g}, rollout: {rc.num_workers} x "
+                           f"{b:g}) but the Ray cluster has {cluster.get(res, 0.0):g}")
+    return missing
+
+
+def check_resources(cfg: RunConfig, cluster: dict[str, float]) -> None:
+    """Fail fast when the cluster cannot host the run's actors (Ray would wait silently forever).
+
+    Custom resources (``learner.resources``, ``rollout.resources``) count like CPUs and GPUs; node
+    labels are checked when the placement groups are reserved (`reserve`).
+
+    Raises:
+        RuntimeError: naming each missing resource, how much the config asks for and how much exists.
+    """
+    missing = shortfall(cfg, cluster)
+    if missing:
+        raise RuntimeError(f"the run needs {'; '.join(missing)}; lower the learner/rollout resource spec, add nodes "
+                           "that have it, or set ray.wait_for_resources_s to wait for an autoscaler to add them")
+
+
+def wait_for_resources(cfg: RunConfig, timeout_s: float, poll_s: float = 2.0, report_every_s: float = 30.0) -> None:
+    """Wait until the Ray cluster's totals cover the run, asking the autoscaler for the run's bundles.
+
+    With ``timeout_s = 0`` this is `check_resources` on the current totals (fail fast). Otherwise the
+    run's bundles are requested from the autoscaler (`ray.autoscaler.sdk.request_resources`; a no-op
+    hint on a cluster without one), the totals are polled every ``poll_s`` seconds, what is still
+    missing is logged every ``report_every_s`` seconds, and the request is withdrawn again when the
+    wait ends (the placement groups reserved next hold the nodes).
+
+    Args:
+        cfg: the run config.
+        timeout_s: max seconds to wait (``ray.wait_for_resources_s``); 0: check once.
+        poll_s: seconds between looks at `ray.cluster_resources()`.
+        report_every_s: seconds between log lines naming what is missing.
+
+    Raises:
+        RuntimeError: still missing after ``timeout_s``; one line naming each missing resource, the
+            amount asked for and the amount the cluster has.
+    """
+    import ray
+
+    missing = shortfall(cfg, ray.cluster_resources())
+    if not missing:
+        return
+    if timeout_s <= 0:
+        check_resources(cfg, ray.cluster_resources())
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    lc, rc = cfg.learner, cfg.rollout
+    labels = [lc.node_labels] * lc.num_learners + [rc.node_labels] * rc.num_workers
+    request_resources(bundles=run_bundles(cfg), bundle_label_selectors=labels if any(labels) else None)
+    t0 = time.monotonic()
+    next_report = t0
+    try:
+        while missing:
+            now = time.monotonic()
+            if now - t0 >= timeout_s:
+                raise RuntimeError(
+                    f"the run needs {'; '.join(missing)}, still missing after waiting {timeout_s:g} s "
+                    "(ray.wait_for_resources_s); lower the learner/rollout resource spec, check the autoscaler's "
+                    "node types and max workers (`ray status`), or wait longer")
+            if now >= next_report:
+                logger.info("waiting up to %.0f s more for the Ray cluster to provide %s", timeout_s - (now - t0),
+                            "; ".join(missing))
+                next_report = now + report_every_s
+            time.sleep(max(0.0, min(poll_s, timeout_s - (now - t0))))
+            missing = shortfall(cfg, ray.cluster_resources())
+        logger.info("the Ray cluster now provides the run's resources after %.0f s: %s", time.monotonic() - t0,
+                    ray.cluster_resources())
+    finally:
+        request_resources(bundles=[])  # withdraw the request; the placement groups hold the nodes from here
 
 
 def reserve(bundles: list[dict[str, float]], strategy: str, labels: dict[str, str], timeout_s: float, what: str):
@@ -102,27 +219,3 @@ class SlotPlacement:
         """Free the placement group of ``slot`` (if any)."""
         if slot in self.pgs:
             release(self.pgs.pop(slot))
-def check_resources(cfg: RunConfig, cluster: dict[str, float]) -> None:
-    """Fail fast when the cluster cannot host the run's actors (Ray would wait silently forever).
-
-    Custom resources (``learner.resources``, ``rollout.resources``) count like CPUs and GPUs; node
-    labels are checked when the placement groups are reserved (`orchestrator.placement`).
-
-    Raises:
-        RuntimeError: naming the resource, how much the config asks for and how much exists.
-    """
-    from orchestrator.placement import bundle
-
-    lc, rc = cfg.learner, cfg.rollout
-    per_rank, per_worker = bundle(lc.num_cpus, lc.num_gpus, lc.resources), bundle(rc.num_cpus, rc.num_gpus, rc.resources)
-    for res in sorted(set(per_rank) | set(per_worker)):
-        a, b = per_rank.get(res, 0.0), per_worker.get(res, 0.0)
-        amount = lc.num_learners * a + rc.num_workers * b
-        if amount > cluster.get(res, 0.0) + 1e-9:
-            raise RuntimeError(
-                f"the run needs {amount:g} {res} (learner: {lc.num_learners} x {a:g}, rollout: {rc.num_workers} x "
-                f"{b:g}) but the Ray cluster has {cluster.get(res, 0.0):g}; lower the learner/rollout resource "
-                "spec or add nodes that have it"
-            )
-
-

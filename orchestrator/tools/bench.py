@@ -216,9 +216,8 @@ def bench_wrapper(s: _Session) -> dict[str, Row]:
         raise RuntimeError(f"bench wrapper needs 2 x rollout.num_cpus = {2 * rc.num_cpus:g} CPUs; the Ray cluster "
                            f"has {ray.cluster_resources().get('CPU', 0.0):g}")
     # both sides: the same actor options (those RolloutGroup gives its workers), no placement group
-    env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE",
-                        "OMP_NUM_THREADS": str(max(1, int(rc.num_cpus)))}}
-    opts = dict(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_concurrency=4, runtime_env=env)
+    env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, int(rc.num_cpus)))}}
+    opts = dict(num_cpus=rc.num_cpus, num_gpus=rc.gpus_per_worker, max_concurrency=4, runtime_env=env)
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote()
     ours = ray.remote(RolloutWorker).options(**opts).remote(rc, cfg.data, s.model_path, 0, buffer)
     raw = ray.remote(RawVLLM).options(**opts).remote(rc, cfg.data, s.model_path)

@@ -32,7 +32,9 @@ class RawVLLM:
 
         torch.set_num_threads(max(1, int(rc.num_cpus)))  # as RolloutWorker does
         self.rc, self.data_cfg = rc, data_cfg
-        self.llm = VLLMEngine(model_path, rc.dtype, rc.kv_cache_memory_bytes, rc.max_model_len, rc.seed).llm
+        self.llm = VLLMEngine(model_path, rc.dtype, rc.kv_cache_memory_bytes, rc.max_model_len, rc.seed,
+                              gpu_memory_utilization=rc.gpu_memory_utilization,
+                              tensor_parallel_size=rc.tensor_parallel_size).llm
 
     def generate(self, problems: list, seed: int) -> int:
         """Encode prompts as `RolloutWorker` does, sample ``group_size`` each; returns tokens generated."""
@@ -51,7 +53,7 @@ class _FakeEngine:
     """SLOWED FAKE engine: sleeps ``FAKE_GROUP_SECONDS`` per prompt, answers ``Answer: <random 0-20>``."""
 
     def __init__(self, model_path: str, dtype: str, kv_cache_memory_bytes: int, max_model_len: int, seed: int,
-                 lora=None) -> None:
+                 lora=None, **engine_kwargs) -> None:
         from transformers import AutoTokenizer
 
         self.tokenizer, self.rng = AutoTokenizer.from_pretrained(model_path), random.Random(seed)

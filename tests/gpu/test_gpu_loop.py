@@ -18,7 +18,7 @@ def test_loop_on_one_gpu(tiny_model, ray_local, tmp_path):
     cfg = load_config(None, [
         f"model.path={tiny_model}", f"output_dir={tmp_path}", "num_steps=2", "prompts_per_step=4",
         "data.train_size=32", "data.eval_size=8", "rollout.group_size=4", "rollout.max_tokens=12",
-        "rollout.num_gpus=0.5", "rollout.kv_cache_memory_bytes=268435456", "rollout.max_model_len=256",
+        "rollout.num_gpus=0.5", "rollout.gpu_memory_utilization=0.3", "rollout.max_model_len=256",
         "learner.num_gpus=0.5", "learner.micro_batch_size=4", "learner.weight_decay=1.0", "learner.lr=0.05",
     ])
     trainer = Trainer(cfg, tmp_path / "run", tiny_model, load_problems(cfg.data, "train"),

