@@ -1,5 +1,6 @@
-"""LoRA RL end to end: adapters trained under DeepSpeed ZeRO-3 on 2 ranks, adapter-only pushes served by
-vLLM as LoRA adapters, the push check, the final merged model and adapter, and resume."""
+"""LoRA RL end to end: adapters trained under DeepSpeed ZeRO-3 on 2 ranks, adapter-only pushes (collective
+transport, applied inside requests) served by vLLM as LoRA adapters, the push check, the KL reference,
+the final merged model and adapter, and resume."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
     cfg = tiny_run_config(
         tiny_sums_model, tmp_path, "learner.num_learners=2", "learner.zero_stage=3", "learner.micro_batch_size=4",
         "learner.num_cpus=0.5", "learner.lr=0.02", "learner.kl_coef=0.01", "checkpoint.every=3",
+        # adapters over the collective transport, applied inside requests every 4 tokens
+        "rollout.weight_transport=collective", "rollout.update_interval_tokens=4",
         f"learner.lora={{rank = 8, alpha = 16.0, target_modules = {list(TARGETS)!r}}}".replace("'", '"'))
     run_dir = tmp_path / "lora"
     problems = load_problems(cfg.data, "train")
@@ -65,6 +68,7 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
     # every push carried the adapter tensors only (plus safetensors headers), never the full model
     assert len(recs) == 3 and all(adapter_bytes <= r["weights/bytes"] < 1.5 * adapter_bytes for r in recs), \
         [r["weights/bytes"] for r in recs]
+    assert all(r["weights/broadcast_seconds"] > 0 for r in recs) and recs[-1]["weights/push_fallbacks_total"] == 0
     base_lp = hf_logprobs(tiny_sums_model, tok_ids, 8)
     assert (learner_lp - base_lp).abs().max().item() > 50 * LOGPROB_TOL  # the adapters moved the policy
     assert (learner_lp - served_lp).abs().max().item() < LOGPROB_TOL  # ... and the worker serves them
