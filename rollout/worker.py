@@ -59,6 +59,7 @@ class RolloutWorker:
         self.cfg, self.data_cfg, self.index, self.buffer = cfg, data_cfg, worker_index, buffer
         self.engine = VLLMEngine(
             model_path, cfg.dtype, cfg.kv_cache_memory_bytes, cfg.max_model_len, cfg.seed + worker_index, lora,
+            cfg.lora_serving,
             gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
         )
         self.version = 0

@@ -53,7 +53,7 @@ class _FakeEngine:
     """SLOWED FAKE engine: sleeps ``FAKE_GROUP_SECONDS`` per prompt, answers ``Answer: <random 0-20>``."""
 
     def __init__(self, model_path: str, dtype: str, kv_cache_memory_bytes: int, max_model_len: int, seed: int,
-                 lora=None, **engine_kwargs) -> None:
+                 lora=None, lora_serving="auto", **engine_kwargs) -> None:
         from transformers import AutoTokenizer
 
         self.tokenizer, self.rng = AutoTokenizer.from_pretrained(model_path), random.Random(seed)

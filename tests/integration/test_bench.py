@@ -41,13 +41,15 @@ def test_bench_wrapper_weight_push_and_lora_write_table_and_json(tiny_model, tmp
     assert len(overhead) == 1 and overhead[0]["target"] == "<= 5" and isinstance(overhead[0]["met"], bool)
     assert math.isfinite(rows[("weight_push", "push / learner step")]["value"])
     # LoRA against full fine-tuning, side by side: the pushes carry the adapters only
-    full, lora = (raw["raw"]["lora"][k] for k in ("full fine-tuning", "LoRA"))
-    full_bytes, lora_bytes = (rows[("lora", f"{k}: push bytes")]["value"] for k in ("full fine-tuning", "LoRA"))
-    assert 0 < lora_bytes < full_bytes
-    assert lora["trainable_params"] < full["trainable_params"]
-    assert lora_bytes * 1e6 == pytest.approx(lora["trainable_params"] * 2, rel=0.2)  # bf16 adapters + headers
-    for k in ("full fine-tuning", "LoRA"):
-        for metric in ("push, export to reloaded", "learner step", "peak learner memory"):
+    names = ("full fine-tuning", "LoRA, merged on the worker", "LoRA, vLLM adapter")
+    full, merged, adapter = (raw["raw"]["lora"][k] for k in names)
+    full_bytes, *lora_bytes = (rows[("lora", f"{k}: push bytes")]["value"] for k in names)
+    assert merged["trainable_params"] == adapter["trainable_params"] < full["trainable_params"]
+    for b in lora_bytes:
+        assert 0 < b < full_bytes
+        assert b * 1e6 == pytest.approx(merged["trainable_params"] * 2, rel=0.2)  # bf16 adapters + headers
+    for k in names:
+        for metric in ("push, export to reloaded", "learner step", "peak learner memory", "generation after a push"):
             assert math.isfinite(rows[("lora", f"{k}: {metric}")]["value"]) and rows[("lora", f"{k}: {metric}")]["value"] > 0
     for r in raw["rows"]:  # the Markdown table holds every JSON row
         assert f"| {r['benchmark']} | {r['metric']} |" in md

@@ -1,6 +1,6 @@
 """LoRA RL end to end: adapters trained under DeepSpeed ZeRO-3 on 2 ranks, adapter-only pushes (collective
 transport, applied inside requests) served by vLLM as LoRA adapters, the push check, the KL reference,
-the final merged model and adapter, and resume."""
+the final merged model and adapter, and resume onto a worker that merges pushed adapters itself."""
 
 from __future__ import annotations
 
@@ -36,12 +36,13 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
 
     from buffer import iter_buckets, serialize_buckets
 
-    cfg = tiny_run_config(
-        tiny_sums_model, tmp_path, "learner.num_learners=2", "learner.zero_stage=3", "learner.micro_batch_size=4",
+    cfg, merge_cfg = (tiny_run_config(
+        tiny_sums_model, tmp_path, f"rollout.lora_serving={serving}", "learner.num_learners=2", "learner.zero_stage=3", "learner.micro_batch_size=4",
         "learner.num_cpus=0.5", "learner.lr=0.02", "learner.kl_coef=0.01", "checkpoint.every=3",
         # adapters over the collective transport, applied inside requests every 4 tokens
         "rollout.weight_transport=collective", "rollout.update_interval_tokens=4",
         f"learner.lora={{rank = 8, alpha = 16.0, target_modules = {list(TARGETS)!r}}}".replace("'", '"'))
+        for serving in ("adapter", "merge"))
     run_dir = tmp_path / "lora"
     problems = load_problems(cfg.data, "train")
     trainer = Trainer(cfg, run_dir, tiny_sums_model, problems, [])
@@ -79,12 +80,13 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
     assert (vllm_logprobs(final, tok_ids, 8) - learner_lp).abs().max().item() < LOGPROB_TOL
     assert json.loads((run_dir / "final_model" / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
-    # resume: the checkpoint holds the adapters (not the frozen base); a new learner restores the policy
+    # resume: the checkpoint holds the adapters (not the frozen base); a new learner restores the policy, and
+    # a worker that merges the pushed adapter into its base weights serves it too
     ckpt = latest_checkpoint(run_dir)
     shards = sum(f.stat().st_size for f in (ckpt / "learner").rglob("*model_states.pt"))
     # measured: ~30 KB with the adapters only, ~520 KB when the frozen base weights are saved as well
     assert shards < 2 * adapter_bytes, shards
-    resumed = Trainer(cfg, run_dir, tiny_sums_model, problems, [], resume_from=ckpt)
+    resumed = Trainer(merge_cfg, run_dir, tiny_sums_model, problems, [], resume_from=ckpt)
     try:
         assert resumed.version == 3
         restored_lp = torch.tensor(resumed.learner.sequence_logprobs(tok_ids, 8))

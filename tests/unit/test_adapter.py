@@ -73,3 +73,32 @@ def test_adapter_dir_loads_into_peft_with_the_same_outputs(tiny_model, tmp_path)
     assert (want - base).abs().max().item() > 1e-2  # the adapter changes the outputs
     with pytest.raises(ValueError, match="not a LoRA adapter"):
         write_adapter_dir(str(tmp_path / "bad"), spec, [("model.embed_tokens.weight", torch.zeros(2, 2))])
+
+
+def test_merge_adapter_equals_peft_merge(tiny_model):
+    """The rollout worker's merge (W + alpha/r * B A) gives the weights PEFT's merge_and_unload gives."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from buffer.adapter import merge_adapter
+
+    spec = LoraSpec(rank=4, alpha=12.0, target_modules=("q_proj", "down_proj"))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=12.0, target_modules=["q_proj", "down_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    adapter = [(n.replace(".default.", "."), p.detach()) for n, p in model.named_parameters() if ".lora_" in n]
+    base = load_file(f"{tiny_model}/model.safetensors")
+    merged = merge_adapter(base, spec, adapter)
+    want = model.merge_and_unload().state_dict()
+    assert set(merged) == set(base)
+    for k, v in merged.items():
+        assert torch.allclose(v, want[k].float(), atol=1e-6), k
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])
+    with pytest.raises(ValueError, match="not an adapter of this model"):
+        merge_adapter(base, spec, [("base_model.model.model.layers.9.mlp.down_proj.lora_A.weight", torch.zeros(4, 2)),
+                                   ("base_model.model.model.layers.9.mlp.down_proj.lora_B.weight", torch.zeros(2, 4))])
