@@ -78,7 +78,8 @@ def main() -> None:
         "padded, logits from shortest prompt": lambda: padded(P - 1),
         "padded, response positions (shared_prefix=false)":
             lambda: response_logprobs(model, samples, "cpu", T, shared_prefix=False)[0],
-        "shared prefix (shared_prefix=true)": lambda: response_logprobs(model, samples, "cpu", T, shared_prefix=True)[0],
+        "shared prefix (shared_prefix=true)":
+            lambda: response_logprobs(model, samples, "cpu", T, shared_prefix=True)[0],
         "KV cache shared (2 forwards)": kv_cache,
     }
     times: dict[str, list[float]] = {k: [] for k in paths}
@@ -90,7 +91,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     base = min(times["padded, full logits"])
     for name, t in times.items():
-        print(f"{args.dtype}  {name:50s} min {min(t):6.2f} s  ({base / min(t):4.2f}x)  all {[round(x, 2) for x in t]}")
+        print(f"{args.dtype}  {name:50s} min {min(t):6.2f} s  ({base / min(t):4.2f}x)  "
+              f"all {[round(x, 2) for x in t]}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""`relayrl bench`: the wrapper, weight-push, LoRA and learner-path benchmarks end to end on the tiny config (real Ray, vLLM,
-DeepSpeed; the tiny random model stands in for SmolLM2 to keep this to about a minute)."""
+"""`relayrl bench`: the wrapper, weight-push, LoRA and learner-path benchmarks end to end on the tiny config
+(real Ray, vLLM, DeepSpeed; the tiny random model stands in for SmolLM2 to keep this to about a minute)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_wrapper_weight_push_lora_and_learner_paths_write_table_and_json(tiny_model, tmp_path):
     out = tmp_path / "b.md"
     cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "deploy/examples/tiny_cpu.toml", "--only", "wrapper",
-           "--only", "weight_push", "--only", "lora", "--only", "learner_paths", "--out", str(out), f"model.path={tiny_model}", f"output_dir={tmp_path / 'runs'}",
+           "--only", "weight_push", "--only", "lora", "--only", "learner_paths", "--out", str(out),
+           f"model.path={tiny_model}", f"output_dir={tmp_path / 'runs'}",
            "learner.dtype=fp32", "rollout.kv_cache_memory_bytes=67108864", "rollout.max_model_len=256",
            "ray.num_cpus=2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=740)
@@ -53,7 +54,8 @@ def test_bench_wrapper_weight_push_lora_and_learner_paths_write_table_and_json(t
     paths = raw["raw"]["learner_paths"]
     assert paths["padded"]["trained_tokens"] == paths["shared prefix"]["trained_tokens"] > 0
     assert paths["shared prefix"]["first_step_loss"] == pytest.approx(paths["padded"]["first_step_loss"], abs=1e-5)
-    assert paths["shared prefix"]["first_step_entropy"] == pytest.approx(paths["padded"]["first_step_entropy"], rel=1e-4)
+    assert paths["shared prefix"]["first_step_entropy"] == pytest.approx(paths["padded"]["first_step_entropy"],
+                                                                        rel=1e-4)
     for k in ("padded", "shared prefix"):
         for metric in ("learner step", "peak learner memory"):
             v = rows[("learner_paths", f"{k}: {metric}")]["value"]
