@@ -70,6 +70,16 @@ class LearnerConfig(StrictConfig):
         100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank instead of "
         "being gathered for each forward (DeepSpeed's stage3_param_persistence_threshold)")
 
+    shared_prefix: bool = Field(
+        True, description="samples of a micro-batch with the same prompt share one encoding of it (one packed row "
+        "per prompt with a block attention mask; same logprobs and gradients as one padded row per sample)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "sdpa", description="transformers attention implementation of the learner's model; shared_prefix needs "
+        "sdpa or eager (flash-attention takes no custom mask)")
+    logit_chunk_tokens: int = Field(
+        1024, ge=1, le=1 << 20, description="positions per chunk of the LM head (only response positions are "
+        "scored; peak logits memory is chunk x vocab)")
+
     lora: LoraSpec | None = Field(
         None, description="train LoRA adapters (buffer.adapter.LoraSpec: rank, alpha, dropout, target_modules) on "
         "frozen base weights and push only the adapters; None: full fine-tuning")
@@ -82,6 +92,16 @@ class LearnerConfig(StrictConfig):
             low, high = CLIP_DEFAULTS.get(data.get("loss", "ppo_tis"), CLIP_DEFAULTS["ppo"])
             data = {"clip_low": low, "clip_high": high, **data}
         return data
+
+    @model_validator(mode="after")
+    def _shared_prefix_needs_a_block_mask(self) -> LearnerConfig:
+        """Flash-attention kernels take a causal mask and sequence boundaries, not the block mask that lets a
+        response see its prompt but not its siblings."""
+        if self.shared_prefix and self.attn_implementation.startswith("flash_attention"):
+            raise ValueError(f"learner.shared_prefix = true needs a custom 4D attention mask, which "
+                             f"learner.attn_implementation = {self.attn_implementation!r} cannot take: use 'sdpa' or "
+                             "'eager', or set learner.shared_prefix = false")
+        return self
 
     @model_validator(mode="after")
     def _gspo_clips_a_sequence_ratio(self) -> LearnerConfig:

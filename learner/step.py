@@ -5,13 +5,23 @@ pi_prox of a micro-batch after the first PPO minibatch, the no-grad pi_prox reco
 schedule, and the aggregation of per-micro-batch metrics. None of them touch DeepSpeed or Ray, so
 unit tests call them with plain models and tensors.
 
+Response logprobs take one model forward per micro-batch (under ZeRO-3 every forward gathers
+parameters collectively, so every rank must run as many). Samples that share a prompt (a GRPO group)
+share one encoding of it: one packed row per prompt, the prompt followed by all of its responses, with
+a block attention mask and positions that restart after the prompt for each response, so every token
+sees what it would see in its own padded row (Prefix Grouper, Liu et al. 2025, arXiv 2506.05433:
+same outputs and gradients as the padded batch). The LM head runs only at the positions that predict
+response tokens, in chunks, inside the head module's own call.
+
 Left out on purpose: backward passes, optimizer steps and the gradient-accumulation boundary
-(`learner.worker`), and how a batch is split over ranks (`learner.batching`).
+(`learner.worker`), how a batch is split over ranks (`learner.batching`), packing of samples that
+share no prompt, and shared prefixes longer than the prompt (earlier turns of multi-turn episodes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,38 +68,235 @@ def step_advantages(batch: list[list], version: int, estimator: str, staleness_d
     return StepAdvantages((torch.tensor(adv) * weights).tolist(), weights, sum(abs(a) > 1e-6 for a in adv), metrics)
 
 
-def response_logprobs(model, samples: list, device, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager")
+"""Attention implementations (transformers' ``attn_implementation``) that take the custom 4D block mask of
+the shared-prefix layout. Flash-attention kernels take only a causal mask and sequence boundaries, so a
+response could not see its prompt without seeing its siblings too: refused."""
+
+
+@dataclass
+class ForwardLayout:
+    """How a micro-batch is laid out for one model forward, and where its scored tokens come from.
+
+    Attributes:
+        input_ids: ``[rows, L]`` token ids (right-padded with 0).
+        attention_mask: ``[rows, L]`` 1/0 padding mask (padded layout), or ``[rows, L, L]`` bool, True where
+            a query position (dim 1) may attend to a key position (dim 2) (shared-prefix layout).
+        position_ids: ``[rows, L]`` position of each token in its own sample's sequence.
+        src_row, src_pos: ``[N]`` row and position of the hidden state that predicts each scored token.
+        targets: ``[N]`` the scored (response) token ids.
+        out_row, out_col: ``[N]`` sample index and response column of each scored token.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    src_row: torch.Tensor
+    src_pos: torch.Tensor
+    targets: torch.Tensor
+    out_row: torch.Tensor
+    out_col: torch.Tensor
+
+
+def _layout(ids, attn, pos, src_row, src_pos, targets, out_row, out_col) -> ForwardLayout:
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long)
+
+    return ForwardLayout(ids, attn, pos, t(src_row), t(src_pos), t(targets), t(out_row), t(out_col))
+
+
+def _check_prompts(samples: list) -> None:
+    for s in samples:
+        if not s.prompt_ids and s.response_ids:
+            raise ValueError(f"sample {s.prompt_id!r} has an empty prompt: its first response token has no "
+                             "position to be predicted from")
+
+
+def padded_layout(samples: list) -> ForwardLayout:
+    """One row per sample, prompt + response, right-padded to the longest sample (``L = max P_i + R_i``).
+
+    Raises:
+        ValueError: a sample with a response has an empty prompt.
+    """
+    _check_prompts(samples)
+    L = max(s.num_tokens for s in samples)
+    ids = torch.zeros(len(samples), L, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    src_row, src_pos, targets, out_col = [], [], [], []
+    for i, s in enumerate(samples):
+        P, R = len(s.prompt_ids), len(s.response_ids)
+        ids[i, : P + R] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        attn[i, : P + R] = 1
+        src_row += [i] * R
+        src_pos += range(P - 1, P - 1 + R)
+        targets += s.response_ids
+        out_col += range(R)
+    pos = torch.arange(L).expand(len(samples), L).clone()
+    return _layout(ids, attn, pos, src_row, src_pos, targets, src_row, out_col)
+
+
+def shared_prefix_layout(samples: list) -> ForwardLayout:
+    """One row per distinct prompt: the prompt once, then every response to it (Prefix Grouper,
+    Liu et al. 2025, arXiv 2506.05433), right-padded to the longest row.
+
+    A row is ``prompt (P) | response_1 (R_1) | ... | response_k (R_k)``. Positions restart after the
+    prompt for each response (prompt ``0..P-1``, response ``i`` ``P..P+R_i-1``), and the block mask lets a
+    response token attend to the prompt and causally to its own response, never to a sibling: each token
+    sees the keys and positions it has in its own padded row, so logprobs and gradients are those of
+    `padded_layout` while the prompt is encoded once. Rows follow each prompt's first appearance; scored
+    tokens find their sample through ``out_row`` / ``out_col``. Empty responses take no columns.
+
+    Raises:
+        ValueError: a sample with a response has an empty prompt.
+    """
+    _check_prompts(samples)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s.prompt_ids), []).append(i)
+    L = max(len(p) + sum(len(samples[i].response_ids) for i in idx) for p, idx in groups.items())
+    ids = torch.zeros(len(groups), L, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    seg = torch.full_like(ids, -1)  # 0: the prompt, k + 1: the row's k-th response, -1: padding
+    src_row, src_pos, targets, out_row, out_col = [], [], [], [], []
+    for r, (prompt, idx) in enumerate(groups.items()):
+        P = len(prompt)
+        ids[r, :P], pos[r, :P], seg[r, :P] = torch.tensor(prompt, dtype=torch.long), torch.arange(P), 0
+        o = P
+        for k, i in enumerate(idx):
+            resp = samples[i].response_ids
+            R = len(resp)
+            ids[r, o: o + R] = torch.tensor(resp, dtype=torch.long)
+            pos[r, o: o + R] = torch.arange(P, P + R)
+            seg[r, o: o + R] = k + 1
+            src_row += [r] * R
+            src_pos += [P - 1, *range(o, o + R - 1)][:R]  # the first token is predicted from the prompt's last
+            targets += resp
+            out_row += [i] * R
+            out_col += range(R)
+            o += R
+    q, kv = seg[:, :, None], seg[:, None, :]
+    allowed = torch.ones(L, L, dtype=torch.bool).tril() & ((kv == 0) | (kv == q))  # padding sees no NaN row
+    return _layout(ids, allowed, pos, src_row, src_pos, targets, out_row, out_col)
+
+
+def token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
+                   temperature: float, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs of ``targets`` and the policy's entropy at ``temperature``, the LM head applied in chunks.
+
+    Args:
+        head: the LM head, ``[n, H] -> [n, V]`` logits.
+        hidden: ``[N, H]`` final hidden states of the positions that predict the scored tokens.
+        targets: ``[N]`` token ids.
+        chunk_tokens: positions per chunk. With more than one chunk and grad enabled, each chunk is
+            recomputed in backward (activation checkpointing), so at most one chunk's ``[chunk, V]``
+            logits are alive at a time; the ops are those of the unchunked computation, so the
+            gradients are the same.
+
+    Returns:
+        ``(logprobs [N] float32, entropy [N] float32)``; the entropy (nats, of the tempered softmax) is detached.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def score(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lp = torch.log_softmax(head(h).float() / temperature, dim=-1)
+        with torch.no_grad():
+            entropy = -(lp.exp() * lp).sum(-1)
+        return lp.gather(1, t[:, None]).squeeze(1), entropy
+
+    if len(targets) <= chunk_tokens:
+        return score(hidden, targets)
+    parts = [checkpoint(score, hidden[a: a + chunk_tokens], targets[a: a + chunk_tokens], use_reentrant=False)
+             if torch.is_grad_enabled() else score(hidden[a: a + chunk_tokens], targets[a: a + chunk_tokens])
+             for a in range(0, len(targets), chunk_tokens)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+@contextmanager
+def _scoring_head(head: torch.nn.Module, layout: ForwardLayout, temperature: float, chunk_tokens: int,
+                  entropy: list[torch.Tensor]):
+    """Within the block, ``head``'s forward takes the model's ``[rows, L, H]`` hidden states and returns
+    the ``[N]`` logprobs of ``layout``'s scored tokens (their entropy appended to ``entropy``).
+
+    The scoring runs inside the LM head module's own call, so whatever the model wrapper hooks into that
+    call (DeepSpeed ZeRO-3 gathers the head's weights for forward and again for backward) covers it, and
+    the model forward stays one call per micro-batch whatever the number of chunks.
+    """
+    inner, own = head.forward, head.__dict__.get("forward")  # an instance forward (accelerate hooks) is kept
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        dev = hidden.device
+        lp, ent = token_logprobs(inner, hidden[layout.src_row.to(dev), layout.src_pos.to(dev)],
+                                 layout.targets.to(dev), temperature, chunk_tokens)
+        entropy.append(ent)
+        return lp
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def response_logprobs(model, samples: list, device, temperature: float, shared_prefix: bool = True,
+                      chunk_tokens: int = 1024, with_entropy: bool = False):
     """Per-token logprobs of each sample's response tokens at ``temperature`` and the loss mask.
 
-    Prompt and response are concatenated and right-padded to the longest sample (``[B, T]``); one
-    forward pass. The LM head runs only from the shortest prompt's last position on (transformers'
-    ``logits_to_keep``): positions before it are never scored, and full-vocabulary logits there cost
-    as much as the rest of a small model's forward. Returns ``(logprobs [B, R_max], loss_mask
-    [B, R_max])``, zero beyond each response (``R_max >= 1``, so a batch of empty responses still has
-    one column). Grad follows the caller's mode.
+    One model forward per call, whatever the samples (ZeRO-3 gathers parameters in every forward, so
+    every rank must run as many). ``shared_prefix``: samples with identical ``prompt_ids`` share one
+    encoding of the prompt (`shared_prefix_layout`; needs an attention implementation in
+    `SHARED_PREFIX_ATTENTION`), else one right-padded row per sample (`padded_layout`). Either way the
+    LM head runs only at the positions that predict response tokens, in chunks of ``chunk_tokens``
+    (`token_logprobs`), never on the prompt.
+
+    Args:
+        model: a causal LM (transformers, optionally PEFT-wrapped) or a DeepSpeed engine around one.
+        samples: `buffer.Sample`s of one micro-batch, ``B`` of them.
+
+    Returns:
+        ``(logprobs [B, R_max], loss_mask [B, R_max])`` in the samples' order, zero beyond each response
+        (``R_max >= 1``, so a batch of empty responses still has one column); with ``with_entropy`` also
+        the ``[B, R_max]`` entropy of the policy at each response position (detached). Grad follows the
+        caller's mode.
+
+    Raises:
+        ValueError: ``shared_prefix`` with an attention implementation not in `SHARED_PREFIX_ATTENTION`, a
+            model that transforms its logits after the LM head (final logit soft-capping), or an empty prompt.
     """
-    lens = [s.num_tokens for s in samples]
-    T, R = max(lens), max(max(len(s.response_ids) for s in samples), 1)
-    ids = torch.zeros(len(samples), T, dtype=torch.long)
-    attn = torch.zeros(len(samples), T, dtype=torch.long)
+    core = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    config = core.config
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(core).__name__} soft-caps its logits after the LM head "
+                         "(final_logit_softcapping); learner.step scores tokens inside the head and cannot")
+    layout = shared_prefix_layout(samples) if shared_prefix else padded_layout(samples)
+    attn = layout.attention_mask
+    if shared_prefix:
+        impl = config._attn_implementation
+        if impl not in SHARED_PREFIX_ATTENTION:
+            raise ValueError(f"learner.shared_prefix needs an attention implementation that takes a 4D mask "
+                             f"{SHARED_PREFIX_ATTENTION}, the model uses {impl!r}")
+        attn = attn[:, None]  # [rows, 1, L, L], one mask for every head
+        if impl == "eager":  # eager adds the mask to the scores
+            dtype = core.get_input_embeddings().weight.dtype
+            attn = torch.zeros(attn.shape, dtype=dtype).masked_fill(~attn, torch.finfo(dtype).min)
+    entropy: list[torch.Tensor] = []
+    with _scoring_head(core.get_output_embeddings(), layout, temperature, chunk_tokens, entropy):
+        lp = model(input_ids=layout.input_ids.to(device), attention_mask=attn.to(device),
+                   position_ids=layout.position_ids.to(device), use_cache=False).logits  # [N]
+    B, R = len(samples), max(max(len(s.response_ids) for s in samples), 1)
+    rows, cols = layout.out_row.to(device), layout.out_col.to(device)
+    out = torch.zeros(B, R, device=device)
+    out[rows, cols] = lp
+    mask = torch.zeros(B, R, device=device)
     for i, s in enumerate(samples):
-        seq = s.prompt_ids + s.response_ids
-        ids[i, : len(seq)] = torch.tensor(seq)
-        attn[i, : len(seq)] = 1
-    first = max(min(len(s.prompt_ids) for s in samples) - 1, 0)  # first position whose logits are scored
-    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=T - first).logits
-    logits = logits.float() / temperature  # [B, T - first, V]: position t is column t - first
-    out = torch.zeros(len(samples), R, device=device)
-    mask = torch.zeros(len(samples), R, device=device)
-    for i, s in enumerate(samples):
-        P, r = len(s.prompt_ids), len(s.response_ids)
-        if r == 0:
-            continue
-        lp = torch.log_softmax(logits[i, P - 1 - first : P - 1 - first + r], dim=-1)
-        tgt = torch.tensor(s.response_ids, device=device)
-        out[i, :r] = lp.gather(1, tgt[:, None]).squeeze(1)
-        mask[i, :r] = torch.tensor(s.loss_mask, dtype=torch.float32, device=device)
-    return out, mask
+        mask[i, : len(s.loss_mask)] = torch.tensor(s.loss_mask, dtype=torch.float32, device=device)
+    if not with_entropy:
+        return out, mask
+    ent = torch.zeros(B, R, device=device)
+    ent[rows, cols] = entropy[0]
+    return out, mask, ent
 
 
 def padded_field(samples: list, attr: str, like: torch.Tensor, pad: float) -> torch.Tensor:

@@ -19,7 +19,12 @@ only, a weight export carries only the adapter tensors (PEFT names), checkpoints
 trainable parameters, the KL reference is the same model with its adapters disabled, and
 `save_pretrained` writes the adapters merged into an HF model plus the adapter in PEFT format.
 
-Left out on purpose: several epochs over a batch, sequence packing.
+Each micro-batch is one model forward: with ``learner.shared_prefix`` samples that share a prompt share
+one encoding of it (`learner.step.shared_prefix_layout`), and the LM head runs only at response
+positions, in chunks (`learner.step.token_logprobs`); the policy's entropy on trained tokens is logged
+as ``learner/entropy``.
+
+Left out on purpose: several epochs over a batch, packing of samples that share no prompt.
 """
 
 from __future__ import annotations
@@ -98,7 +103,8 @@ class LearnerWorker:
         c = self.cfg
         # LoRA: frozen base weights in the compute dtype (no fp32 copy); the adapters get fp32 masters
         base_dtype = torch.bfloat16 if c.lora is not None and c.dtype == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=base_dtype)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=base_dtype,
+                                                     attn_implementation=c.attn_implementation)
         model.config.use_cache = False
         if c.lora is not None:
             model = self._with_lora(model)
@@ -125,7 +131,8 @@ class LearnerWorker:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         self.ref_model = None
         if c.kl_coef > 0 and c.lora is None:  # with LoRA the reference is the model with adapters disabled
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+            self.ref_model = AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=torch.float32, attn_implementation=c.attn_implementation).eval()
             self.ref_model.requires_grad_(False)
         return n_trainable
 
@@ -147,11 +154,14 @@ class LearnerWorker:
                                                 bias="none", task_type="CAUSAL_LM"))
 
     # ---- training --------------------------------------------------------------------------
-    def _forward(self, model, samples: list):
-        """``(logprobs [B, R_max], loss_mask [B, R_max])`` of ``samples`` under ``model`` at the rollout temperature."""
+    def _forward(self, model, samples: list, with_entropy: bool = False):
+        """``(logprobs [B, R_max], loss_mask [B, R_max])`` of ``samples`` under ``model`` at the rollout temperature
+        (one forward; prompts shared with ``learner.shared_prefix``), ``with_entropy`` also the ``[B, R_max]``
+        entropy."""
         from learner.step import response_logprobs
 
-        return response_logprobs(model, samples, self.engine.device, self.temperature)
+        return response_logprobs(model, samples, self.engine.device, self.temperature, self.cfg.shared_prefix,
+                                 self.cfg.logit_chunk_tokens, with_entropy)
 
     def train_step(self, batch: list, version: int) -> dict[str, float]:
         """``learner.ppo_minibatches`` optimizer steps on ``batch`` (sample groups; every rank gets all).
@@ -219,7 +229,7 @@ class LearnerWorker:
         from learner.step import later_minibatch_prox, padded_field
 
         c = self.cfg
-        logprobs, mask = self._forward(self.engine, mb)
+        logprobs, mask, entropy = self._forward(self.engine, mb, with_entropy=True)
         beh = padded_field(mb, "behaviour_logprobs", logprobs, 0.0)
         extra: dict[str, float] = {}
         if k == 0:  # no optimizer step yet in this batch: pi_theta is pi_prox exactly
@@ -232,6 +242,7 @@ class LearnerWorker:
         loss, met = POLICY_LOSSES[c.loss](inp, clip_low=c.clip_low, clip_high=c.clip_high, tis_cap=c.tis_cap,
                                           band_low=c.band_low, band_high=c.band_high)
         met.update(extra)
+        met["learner/entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1.0))
         if c.kl_coef > 0:
             with torch.no_grad():
                 ref = self._reference_logprobs(mb)
@@ -360,7 +371,8 @@ class LearnerWorker:
         s = Sample("check", "check", token_ids[:prompt_len], token_ids[prompt_len:],
                    [0.0] * (len(token_ids) - prompt_len), [0] * (len(token_ids) - prompt_len))
         with torch.no_grad():
-            lp, _ = response_logprobs(self.engine, [s], self.engine.device, 1.0)
+            lp, _ = response_logprobs(self.engine, [s], self.engine.device, 1.0, self.cfg.shared_prefix,
+                                      self.cfg.logit_chunk_tokens)
         return lp[0, : len(token_ids) - prompt_len].tolist()
 
     # ---- checkpoint ------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""`relayrl bench`: the wrapper and weight-push benchmarks end to end on the tiny config (real Ray, vLLM,
-DeepSpeed; the tiny random model stands in for SmolLM2 to keep this to about a minute)."""
+"""`relayrl bench`: the wrapper, weight-push, LoRA and learner-path benchmarks end to end on the tiny config
+(real Ray, vLLM, DeepSpeed; the tiny random model stands in for SmolLM2 to keep this to about a minute)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(800)
-def test_bench_wrapper_weight_push_and_lora_write_table_and_json(tiny_model, tmp_path):
+def test_bench_wrapper_weight_push_lora_and_learner_paths_write_table_and_json(tiny_model, tmp_path):
     out = tmp_path / "b.md"
     cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "deploy/examples/tiny_cpu.toml", "--only", "wrapper",
-           "--only", "weight_push", "--only", "lora", "--out", str(out), f"model.path={tiny_model}", f"output_dir={tmp_path / 'runs'}",
+           "--only", "weight_push", "--only", "lora", "--only", "learner_paths", "--out", str(out),
+           f"model.path={tiny_model}", f"output_dir={tmp_path / 'runs'}",
            "learner.dtype=fp32", "rollout.kv_cache_memory_bytes=67108864", "rollout.max_model_len=256",
            "ray.num_cpus=2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=740)
@@ -31,9 +32,9 @@ def test_bench_wrapper_weight_push_and_lora_write_table_and_json(tiny_model, tmp
     assert f"`{raw['command']}`" in md  # reproducible
     assert "deploy/experiments/time_to_accuracy.toml" in md  # time to accuracy: where it is measured
     rows = {(r["benchmark"], r["metric"]): r for r in raw["rows"]}
-    assert {b for b, _ in rows} == {"wrapper", "weight_push", "lora"}
+    assert {b for b, _ in rows} == {"wrapper", "weight_push", "lora", "learner_paths"}
     rates = [r for r in raw["rows"] if r["unit"] in ("tokens/s", "GB/s")]
-    assert {r["unit"] for r in rates} == {"tokens/s", "GB/s"} and len(rates) == 3
+    assert {r["unit"] for r in rates} == {"tokens/s", "GB/s"} and len(rates) == 5
     for r in rates:
         assert math.isfinite(r["value"]) and r["value"] > 0, r
     assert rows[("weight_push", "model bytes")]["value"] > 0
@@ -51,6 +52,16 @@ def test_bench_wrapper_weight_push_and_lora_write_table_and_json(tiny_model, tmp
     for k in names:
         for metric in ("push, export to reloaded", "learner step", "peak learner memory", "generation after a push"):
             assert math.isfinite(rows[("lora", f"{k}: {metric}")]["value"]) and rows[("lora", f"{k}: {metric}")]["value"] > 0
+    # the learner step with one padded row per sample and with shared prefixes, on the same batch: same first loss
+    paths = raw["raw"]["learner_paths"]
+    assert paths["padded"]["trained_tokens"] == paths["shared prefix"]["trained_tokens"] > 0
+    assert paths["shared prefix"]["first_step_loss"] == pytest.approx(paths["padded"]["first_step_loss"], abs=1e-5)
+    assert paths["shared prefix"]["first_step_entropy"] == pytest.approx(paths["padded"]["first_step_entropy"],
+                                                                        rel=1e-4)
+    for k in ("padded", "shared prefix"):
+        for metric in ("learner step", "peak learner memory"):
+            v = rows[("learner_paths", f"{k}: {metric}")]["value"]
+            assert math.isfinite(v) and v > 0
     for r in raw["rows"]:  # the Markdown table holds every JSON row
         assert f"| {r['benchmark']} | {r['metric']} |" in md
 

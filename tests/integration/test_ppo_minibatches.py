@@ -45,7 +45,8 @@ def test_zero3_ragged_batch_with_minibatches_keeps_ranks_in_lockstep(tiny_sums_m
     """13 samples on 2 ZeRO-3 ranks, 2 minibatches of micro-batches of 2: the ranks hold 7 and 6 samples,
     so a per-rank prox recompute would run 4 and 3 forwards. With every parameter partitioned (persistence
     threshold 0) each forward all-gathers, so unequal pass counts break the collective; the step must
-    instead finish on both ranks with finite metrics."""
+    instead finish on both ranks with finite metrics. The LM head runs in chunks of 2 positions inside its
+    one call per forward (shared prefix, the default), its weights gathered for forward and backward."""
     from buffer import Sample
     from learner import LearnerGroup
     from orchestrator.remote import wait_all
@@ -53,7 +54,7 @@ def test_zero3_ragged_batch_with_minibatches_keeps_ranks_in_lockstep(tiny_sums_m
     cfg = tiny_run_config(tiny_sums_model, tmp_path, "learner.num_learners=2", "learner.num_cpus=0.5",
                           "learner.zero_stage=3", "learner.zero3_param_persistence_threshold=0",
                           "learner.ppo_minibatches=2", "learner.micro_batch_size=2", "learner.prox_logprobs=recompute",
-                          "learner.step_timeout_s=120")
+                          "learner.step_timeout_s=120", "learner.logit_chunk_tokens=2")
     group = LearnerGroup(cfg.learner, tiny_sums_model, [None, None], cfg.samples_per_step, cfg.rollout.max_tokens,
                          cfg.rollout.temperature, cfg.seed)
     batch = [[Sample(f"p{g}", f"g{g}", [1, 5, 7], [9, 11, 2], [-2.0] * 3, [0] * 3, reward=float((g + i) % 2))

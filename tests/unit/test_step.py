@@ -67,23 +67,18 @@ def test_a_failed_sample_gets_no_advantage_and_leaves_its_group_baseline_alone()
     assert prep.effective == 3
 
 
-def test_prox_padding_passes_run_a_forward_and_change_no_result():
-    # 13 ragged samples over 2 ranks: rank 1 runs one padding pass; a tiny real model stands in for the engine
-    torch.manual_seed(0)
-    emb, head = torch.nn.Embedding(40, 8), torch.nn.Linear(8, 40)
+def test_prox_padding_passes_run_a_forward_and_change_no_result(tiny_model):
+    # 13 ragged samples over 2 ranks: rank 1 runs one padding pass; the tiny model stands in for the engine
+    from transformers import AutoModelForCausalLM
 
-    class Model(torch.nn.Module):
-        def forward(self, input_ids, attention_mask, logits_to_keep=0):
-            logits = head(emb(input_ids))
-            return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})
-
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     samples = [Sample("p", "g", [1 + i % 3], [2 + (i * 7 + j) % 30 for j in range(1 + i % 4)], [-1.0] * (1 + i % 4),
                       [0] * (1 + i % 4)) for i in range(13)]
     calls = []
 
     def forward(mb):
         calls.append(len(mb))
-        return response_logprobs(Model(), mb, "cpu", 0.7)[0]
+        return response_logprobs(model, mb, "cpu", 0.7)[0]
 
     plan = plan_microbatches(13, 2, 2, 2)
     for rank in (0, 1):
@@ -93,14 +88,16 @@ def test_prox_padding_passes_run_a_forward_and_change_no_result():
         assert len(calls) == 4  # the same number of forward passes on both ranks
         mine = [i for mb in plan[rank] for m in mb for i in m]
         assert sorted(got) == sorted(mine)
-        for i in mine:  # each sample alone, no padding: the same logprobs
-            alone = response_logprobs(Model(), [samples[i]], "cpu", 0.7)[0][0, : len(samples[i].response_ids)]
-            assert torch.allclose(got[i], alone, atol=1e-6)
+        with torch.no_grad():
+            for i in mine:  # each sample alone, no padding: the same logprobs
+                alone = response_logprobs(model, [samples[i]], "cpu", 0.7)[0][0, : len(samples[i].response_ids)]
+                assert torch.allclose(got[i], alone, atol=1e-6)
 
 
-def test_logits_only_from_the_first_scored_position_give_the_same_logprobs_and_gradients(tiny_model):
-    """The LM head skips the positions before the shortest prompt's last token: the logprobs and every
-    parameter's gradient equal those from full logits (fp32, ragged prompts and responses)."""
+def test_logits_only_at_scored_positions_give_the_same_logprobs_and_gradients(tiny_model):
+    """The LM head runs only at the positions that predict response tokens (padded layout): the logprobs
+    and every parameter's gradient equal those from full logits (fp32, ragged prompts and responses).
+    The shared-prefix layout has its own tests (test_shared_prefix.py)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
@@ -124,7 +121,7 @@ def test_logits_only_from_the_first_scored_position_give_the_same_logprobs_and_g
 
     ref = reference()
     g_ref = grads(sum((lp * (k + 1)).sum() for k, lp in enumerate(ref)))
-    got, mask = response_logprobs(model, samples, "cpu", 0.7)
+    got, mask = response_logprobs(model, samples, "cpu", 0.7, shared_prefix=False)
     assert mask.sum() == sum(len(s.response_ids) for s in samples)
     for i, s in enumerate(samples):
         assert torch.allclose(got[i, : len(s.response_ids)], ref[i], rtol=1e-5, atol=1e-6)
