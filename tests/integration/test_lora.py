@@ -80,7 +80,7 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
     assert json.loads((run_dir / "final_model" / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
     # resume: the checkpoint holds the adapters (not the frozen base); a new learner restores the policy
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = Path(latest_checkpoint(run_dir))
     shards = sum(f.stat().st_size for f in (ckpt / "learner").rglob("*model_states.pt"))
     # measured: ~30 KB with the adapters only, ~520 KB when the frozen base weights are saved as well
     assert shards < 2 * adapter_bytes, shards
