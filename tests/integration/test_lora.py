@@ -5,6 +5,7 @@ the final merged model and adapter, and resume."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
