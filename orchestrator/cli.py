@@ -4,8 +4,9 @@
 other and writes a comparison table.
 
 ``relayrl train CONFIG [key.sub=value ...]`` validates the config, resolves the model and data,
-starts (or joins) Ray, runs the loop and writes a run dir. Errors a user can fix (bad config
-value, missing model or data file, empty dataset, too few resources) print one line and exit 2.
+starts (or joins) Ray, runs the loop and writes a run dir (locally or on a storage URI). Errors a user
+can fix (bad config value, missing model or data file, empty dataset, too few resources, storage that
+cannot be written) print one line and exit 2.
 
 ``relayrl report RUN_DIR`` renders plots and a summary of a run dir.
 
@@ -149,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (CI/logs)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="RUN_DIR",
-                   help="continue RUN_DIR from its latest complete checkpoint; without a value, the newest "
-                   "'<output_dir>/<name>-*' run that has one (fresh start if none)")
+                   help="continue RUN_DIR (a local path or storage URI such as s3://bucket/runs/x) from its "
+                   "latest complete checkpoint; without a value, the newest '<output_dir>/<name>-*' run that "
+                   "has one (fresh start if none)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("experiment", help="run the variants of an experiment spec and write a table")
     p.add_argument("spec", help="experiment spec (TOML), e.g. deploy/experiments/off_policy.toml")

@@ -5,7 +5,8 @@ composes the pieces that each own one concern: admission control (`buffer.Stalen
 sample ever exceeds ``buffer.max_staleness``; ``0`` is the synchronous schedule through the same
 code), weight sync (`orchestrator.weight_sync`), scaling and worker recovery (`orchestrator.scaling`),
 rollout counters and the reward-failure budget (`orchestrator.tally`), checkpoints
-(`orchestrator.checkpoint`, through `Trainer.state_dict`). Prompts come from a `buffer` prompt sampler
+(`orchestrator.checkpoint`, through `Trainer.state_dict`), the run's outputs on a local path or a
+storage URI (`orchestrator.storage`). Prompts come from a `buffer` prompt sampler
 fed with every group's rewards; with dynamic sampling the buffer drops zero-variance groups and
 admission control refills their slots.
 
