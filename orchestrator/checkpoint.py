@@ -1,14 +1,20 @@
 """Run checkpoints that are complete or ignored: layout, atomic commit, retention, lookup, compatibility.
 
-A checkpoint is a directory ``<run_dir>/checkpoints/step_<NNNNNN>/`` holding the learner's DeepSpeed
-state (``learner/``), the buffer (``buffer.pkl``), the driver's state (``trainer.json``: policy
-version, counters, prompt-sampler state, in-flight requests, the resolved config) and, written last,
-a ``COMPLETE`` marker. It is assembled under a hidden ``.step_<N>.tmp`` name and renamed into place,
-so a crash mid-write leaves either nothing or a ``.tmp`` dir that lookups ignore (and the next write
-removes).
+A run lives at a storage URI (`buffer.storage`: a local path, a shared filesystem, or an object store
+such as ``s3://bucket/runs/<run>``). A checkpoint is ``<run>/checkpoints/step_<NNNNNN>/`` holding the
+learner's DeepSpeed state (``learner/``: each learner rank writes its own shards and RNG state, from
+its own node), the buffer (``buffer.pkl``), the driver's state (``trainer.json``: policy version,
+counters, prompt-sampler state, in-flight requests, the resolved config) and, written last, a
+``COMPLETE`` marker. Lookups only ever pick checkpoints that have the marker.
 
-Left out on purpose: what goes into the files (`orchestrator.loop.Trainer.state_dict` decides), remote
-storage.
+On a local path the checkpoint is assembled under a hidden ``.step_<N>.tmp`` name and renamed into
+place after the marker is written, so a crash leaves either nothing or a ``.tmp`` dir that lookups
+ignore (and the next write removes). Object stores have no atomic rename (a "rename" is a copy of
+every object, which can itself be interrupted), so there the step's own prefix is the temporary one
+until its marker exists: the marker object is the commit, and a marker-less prefix left by a crash is
+ignored and replaced by the next write of that step.
+
+Left out on purpose: what goes into the files (`orchestrator.loop.Trainer.state_dict` decides).
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import re
+import time
 from pathlib import Path
 from typing import Any
+
+from buffer import storage
 
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+_STEP = re.compile(r"step_\d+")
 
 # Config fields a resumed run must share with the checkpoint: they change what the saved state means.
 RESUME_INVARIANT_FIELDS = (
@@ -34,59 +44,78 @@ RESUME_INVARIANT_FIELDS = (
 )
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def checkpoints_dir(run: str | Path) -> str:
+    """``<run>/checkpoints`` (a local path or URI, as ``run`` is)."""
+    return storage.join(str(run), "checkpoints")
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (``.tmp`` and marker-less dirs are ignored)."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file())
+def complete_checkpoints(run: str | Path) -> list[str]:
+    """Complete checkpoints of a run, oldest first (``.tmp`` and marker-less ones are ignored)."""
+    root = checkpoints_dir(run)
+    steps = [storage.join(root, n) for n in storage.children(root) if _STEP.fullmatch(n)]
+    return [p for p in steps if storage.exists(storage.join(p, COMPLETE))]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of ``run_dir``, or None."""
-    done = complete_checkpoints(run_dir)
+def latest_checkpoint(run: str | Path) -> str | None:
+    """The newest complete checkpoint of ``run``, or None."""
+    done = complete_checkpoints(run)
     return done[-1] if done else None
 
 
-def find_run_to_resume(output_dir: str | Path, name: str) -> Path | None:
-    """The most recently modified ``<output_dir>/<name>-*`` run dir that has a complete checkpoint."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    runs = [p for p in root.glob(f"{name}-*") if p.is_dir() and latest_checkpoint(p) is not None]
-    return max(runs, key=lambda p: latest_checkpoint(p).stat().st_mtime) if runs else None
+def _committed_at(ckpt: str) -> float:
+    return json.loads(storage.read_bytes(storage.join(ckpt, COMPLETE))).get("time", 0.0)
 
 
-def begin(run_dir: Path, step: int) -> Path:
-    """A fresh temporary directory for the checkpoint of ``step`` (a stale one from a crash is removed)."""
-    tmp = checkpoints_dir(run_dir) / f".step_{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+def find_run_to_resume(output_dir: str | Path, name: str) -> str | None:
+    """The ``<output_dir>/<name>-*`` run whose newest complete checkpoint was committed last, or None."""
+    runs = [storage.join(str(output_dir), n) for n in storage.children(str(output_dir))
+            if n.startswith(f"{name}-")]
+    latest = {r: c for r in runs if (c := latest_checkpoint(r)) is not None}
+    return max(latest, key=lambda r: _committed_at(latest[r])) if latest else None
 
 
-def commit(tmp: Path, step: int, keep: int, info: dict[str, Any]) -> Path:
-    """Mark ``tmp`` complete, rename it to ``step_<step>`` and delete all but the newest ``keep``.
+def begin(run: str | Path, step: int) -> str:
+    """Where to assemble the checkpoint of ``step``: a fresh local ``.step_<N>.tmp`` dir (a stale one
+    from a crash is removed), or on an object store the step's own prefix (a marker-less one from a
+    crash is removed).
 
     Raises:
         FileExistsError: a complete checkpoint of this step already exists.
     """
-    final = tmp.parent / f"step_{step:06d}"
-    if final.exists():
+    root = checkpoints_dir(run)
+    final = storage.join(root, f"step_{step:06d}")
+    if storage.exists(storage.join(final, COMPLETE)):
         raise FileExistsError(f"checkpoint {final} already exists")
-    marker = tmp / COMPLETE
-    with open(marker, "w") as f:
-        json.dump(info, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, final)
-    for old in complete_checkpoints(tmp.parent.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = storage.join(root, f".step_{step:06d}.tmp") if not storage.is_remote(root) else final
+    storage.remove(tmp)
+    if not storage.is_remote(root):
+        os.makedirs(storage.local_path(tmp))
+    return tmp
+
+
+def commit(tmp: str, step: int, keep: int, info: dict[str, Any]) -> str:
+    """Write the ``COMPLETE`` marker into ``tmp`` (last), move a local ``tmp`` to ``step_<step>``,
+    then delete all but the newest ``keep`` complete checkpoints. Returns the checkpoint's path.
+
+    Raises:
+        FileExistsError: a complete checkpoint of this step already exists.
+    """
+    root = tmp.rstrip("/").rsplit("/", 1)[0]
+    final = storage.join(root, f"step_{step:06d}")
+    marker = json.dumps({**info, "time": time.time()}).encode()
+    if storage.is_remote(tmp):
+        storage.write_bytes(storage.join(final, COMPLETE), marker)
+    else:
+        if os.path.exists(storage.local_path(final)):
+            raise FileExistsError(f"checkpoint {final} already exists")
+        with open(os.path.join(storage.local_path(tmp), COMPLETE), "wb") as f:
+            f.write(marker)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(storage.local_path(tmp), storage.local_path(final))
+    for old in complete_checkpoints(root.rstrip("/").rsplit("/", 1)[0])[:-keep]:
+        storage.remove(storage.join(old, COMPLETE))  # first: a half-deleted checkpoint is never complete
+        storage.remove(old)
     logger.info("checkpoint written: %s", final)
     return final
 
@@ -105,34 +134,36 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
 
 # ---- what a Trainer writes and reads ---------------------------------------------------------------
 
-def save(trainer) -> Path:
-    """Write a complete checkpoint of ``trainer`` at its current policy version; returns its dir.
+def save(trainer) -> str:
+    """Write a complete checkpoint of ``trainer`` at its current policy version; returns its path.
 
-    Holds: learner (DeepSpeed model, optimizer, scheduler, RNG per rank), buffer contents and curation
-    state (``buffer.pkl``) and `Trainer.state_dict` (``trainer.json``: admission counters, rollout
-    totals, prompt sampler, requests in flight, the resolved config).
+    Holds: learner (DeepSpeed model, optimizer, scheduler, RNG per rank; each rank writes its own part
+    to the run's storage), buffer contents and curation state (``buffer.pkl``) and
+    `Trainer.state_dict` (``trainer.json``: admission counters, rollout totals, prompt sampler, requests
+    in flight, the resolved config). The run's metrics copies are synced to storage before the marker,
+    so a complete checkpoint always has the metrics up to its step beside it.
 
     Raises:
         TimeoutError: the learner or the buffer did not answer in time.
     """
     import pickle
-    import time
 
     import ray
 
-    tmp = begin(trainer.run_dir, trainer.version)
+    tmp = begin(trainer.run_uri, trainer.version)
     t0 = time.perf_counter()
-    trainer.learner.save_checkpoint(str(tmp / "learner"))
+    trainer.learner.save_checkpoint(storage.join(tmp, "learner"))
     buffer_state = ray.get(trainer.buffer.state_dict.remote(), timeout=300)
-    with open(tmp / "buffer.pkl", "wb") as f:
-        pickle.dump(buffer_state, f)
-    (tmp / "trainer.json").write_text(json.dumps(trainer.state_dict()))
+    storage.write_bytes(storage.join(tmp, "buffer.pkl"), pickle.dumps(buffer_state))
+    storage.write_bytes(storage.join(tmp, "trainer.json"), json.dumps(trainer.state_dict()).encode())
+    trainer.sync_outputs()
     return commit(tmp, trainer.version, trainer.cfg.checkpoint.keep,
                   {"step": trainer.version, "seconds": time.perf_counter() - t0})
 
 
-def restore(trainer, ckpt: Path) -> dict[str, float]:
-    """Load ``ckpt`` into a freshly built ``trainer`` and bring every rollout worker to its weights.
+def restore(trainer, ckpt: str | Path) -> dict[str, float]:
+    """Load ``ckpt`` (a local path or URI) into a freshly built ``trainer`` and bring every rollout
+    worker to its weights. Each learner rank fetches the learner state itself.
 
     In-flight requests of the checkpoint are queued for re-issue minus the groups that had already
     reached the buffer or been trained, so none is lost or duplicated (`Trainer.load_state_dict`).
@@ -144,22 +175,20 @@ def restore(trainer, ckpt: Path) -> dict[str, float]:
         TimeoutError: the learner, buffer or weight push did not answer in time.
     """
     import pickle
-    import time
 
     import ray
 
     t0 = time.perf_counter()
-    ckpt = Path(ckpt)
-    if not (ckpt / COMPLETE).is_file():
+    ckpt = str(ckpt)
+    if not storage.exists(storage.join(ckpt, COMPLETE)):
         raise FileNotFoundError(f"checkpoint {ckpt} is incomplete (no {COMPLETE} marker)")
-    state = json.loads((ckpt / "trainer.json").read_text())
+    state = json.loads(storage.read_bytes(storage.join(ckpt, "trainer.json")))
     bad = incompatible_fields(state["config"], trainer.cfg.model_dump(mode="json"))
     if bad:
         raise ValueError(f"cannot resume from {ckpt}: the config changes fields the checkpoint depends on: "
                          + "; ".join(bad))
-    trainer.learner.load_checkpoint(str(ckpt / "learner"))
-    with open(ckpt / "buffer.pkl", "rb") as f:
-        buffer_state = pickle.load(f)
+    trainer.learner.load_checkpoint(storage.join(ckpt, "learner"))
+    buffer_state = pickle.loads(storage.read_bytes(storage.join(ckpt, "buffer.pkl")))
     ray.get(trainer.buffer.load_state_dict.remote(buffer_state), timeout=300)
     done = {g[0].group_id for g in buffer_state["groups"]} | set(buffer_state["taken_ids"])
     reissued = trainer.load_state_dict(state, done)

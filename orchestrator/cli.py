@@ -4,8 +4,9 @@
 other and writes a comparison table.
 
 ``relayrl train CONFIG [key.sub=value ...]`` validates the config, resolves the model and data,
-starts (or joins) Ray, runs the loop and writes a run dir. Errors a user can fix (bad config
-value, missing model or data file, empty dataset, too few resources) print one line and exit 2.
+starts (or joins) Ray, runs the loop and writes a run dir (locally or on a storage URI). Errors a user
+can fix (bad config value, missing model or data file, empty dataset, too few resources, storage that
+cannot be written) print one line and exit 2.
 
 ``relayrl report RUN_DIR`` renders plots and a summary of a run dir.
 
@@ -28,8 +29,6 @@ import json
 import logging
 import os
 import sys
-import time
-from pathlib import Path
 
 logger = logging.getLogger("relayrl")
 
@@ -49,42 +48,45 @@ def _init_ray(cfg) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from buffer import storage
+    from orchestrator.checkpoint import find_run_to_resume, latest_checkpoint
     from orchestrator.config import load_config
     from orchestrator.models import resolve_model_path
+    from orchestrator.storage import create_run
     from rollout.tasks import load_problems
 
-    from orchestrator.checkpoint import find_run_to_resume, latest_checkpoint
-
     cfg = load_config(args.config, args.overrides)
+    explicit = args.resume not in (None, "auto")
+    # a bad scheme, missing credentials or a missing bucket fail here, before anything starts
+    storage.check_writable(args.resume if explicit else cfg.output_dir)
     train_problems = load_problems(cfg.data, "train")
     eval_problems = load_problems(cfg.data, "eval")
-    run_dir, ckpt = None, None
-    if args.resume not in (None, "auto"):  # an explicit run dir must have a checkpoint
-        run_dir, ckpt = Path(args.resume), latest_checkpoint(Path(args.resume))
+    run, ckpt = None, None
+    if explicit:  # an explicit run dir must have a checkpoint
+        run, ckpt = args.resume, latest_checkpoint(args.resume)
         if ckpt is None:
-            raise FileNotFoundError(f"--resume {args.resume}: no complete checkpoint under {run_dir}/checkpoints")
+            raise FileNotFoundError(f"--resume {args.resume}: no complete checkpoint under "
+                                    f"{storage.join(run, 'checkpoints')}")
     elif args.resume == "auto" or cfg.checkpoint.resume == "auto":
-        run_dir = find_run_to_resume(cfg.output_dir, cfg.name)
-        ckpt = latest_checkpoint(run_dir) if run_dir else None
+        run = find_run_to_resume(cfg.output_dir, cfg.name)
+        ckpt = latest_checkpoint(run) if run else None
         if ckpt is None:
             logger.info("resume: no run named %r with a complete checkpoint under %s; starting fresh",
                         cfg.name, cfg.output_dir)
     model_path = resolve_model_path(cfg.model.path)
     if ckpt is None:
-        run_dir = Path(cfg.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir.mkdir(parents=True, exist_ok=False)
-        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+        run = create_run(cfg.output_dir, cfg.name, cfg.model_dump())
     else:
-        logger.info("resuming %s from %s", run_dir, ckpt.name)
-    logger.info("run dir %s; model %s; %d train / %d held-out problems", run_dir, model_path,
+        logger.info("resuming %s from %s", run, storage.basename(ckpt))
+    logger.info("run dir %s; model %s; %d train / %d held-out problems", run, model_path,
                 len(train_problems), len(eval_problems))
     _init_ray(cfg)
     from orchestrator.loop import train
 
-    summary = train(cfg, run_dir, model_path, train_problems, eval_problems, progress=not args.quiet,
+    summary = train(cfg, run, model_path, train_problems, eval_problems, progress=not args.quiet,
                     resume_from=ckpt)
     print(json.dumps({k: summary.get(k) for k in ("step", "eval/accuracy", "time/elapsed_s", "final_model")}))
-    print(f"run dir: {run_dir}")
+    print(f"run dir: {run}")
     return 0
 
 
@@ -148,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (CI/logs)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="RUN_DIR",
-                   help="continue RUN_DIR from its latest complete checkpoint; without a value, the newest "
-                   "'<output_dir>/<name>-*' run that has one (fresh start if none)")
+                   help="continue RUN_DIR (a local path or storage URI such as s3://bucket/runs/x) from its "
+                   "latest complete checkpoint; without a value, the newest '<output_dir>/<name>-*' run that "
+                   "has one (fresh start if none)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("experiment", help="run the variants of an experiment spec and write a table")
     p.add_argument("spec", help="experiment spec (TOML), e.g. deploy/experiments/off_policy.toml")

@@ -78,7 +78,9 @@ class RunConfig(StrictConfig):
     allow_uncorrected_off_policy: bool = Field(
         False, description="permit buffer.max_staleness > 0 with learner.loss = 'ppo' (no correction)")
     name: str = Field("run", min_length=1, description="run name (run dir prefix)")
-    output_dir: str = Field("runs", description="parent folder of run dirs")
+    output_dir: str = Field(
+        "runs", description="where run dirs go: a local or shared-filesystem path, or an object-store URI "
+        "(s3://bucket/prefix; other fsspec schemes with their package); credentials come from the environment")
     seed: int = Field(0, description="global seed")
     num_steps: int = Field(10, ge=1, le=10_000_000, description="learner optimizer steps")
     prompts_per_step: int = Field(8, ge=1, description="groups (prompts) per learner step")

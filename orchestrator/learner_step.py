@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ class LearnerStep:
         batch_ref, stats_ref = buffer.take_batch.options(num_returns=2).remote(num_groups, version, min_version)
         return cls(learner.train_step_remote(batch_ref, version), stats_ref, time.monotonic() + timeout_s, version)
 
-    def done(self, run_dir: Path) -> bool:
+    def done(self, run: str) -> bool:
         """Whether every rank finished; raises at once if a rank died (its peers would wait in a
         collective until the timeout).
 
@@ -46,7 +45,7 @@ class LearnerStep:
             except ray.exceptions.RayActorError as e:
                 from orchestrator.checkpoint import latest_checkpoint
 
-                ckpt = latest_checkpoint(run_dir)
+                ckpt = latest_checkpoint(run)
                 raise RuntimeError(
                     f"learner rank {self.refs.index(ref)} died during step {self.version + 1} ({type(e).__name__}); "
                     f"the run stops. Last complete checkpoint: {ckpt or 'none (set checkpoint.every)'}; continue "

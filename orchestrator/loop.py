@@ -5,7 +5,8 @@ composes the pieces that each own one concern: admission control (`buffer.Stalen
 sample ever exceeds ``buffer.max_staleness``; ``0`` is the synchronous schedule through the same
 code), weight sync (`orchestrator.weight_sync`), scaling and worker recovery (`orchestrator.scaling`),
 rollout counters and the reward-failure budget (`orchestrator.tally`), checkpoints
-(`orchestrator.checkpoint`, through `Trainer.state_dict`). Prompts come from a `buffer` prompt sampler
+(`orchestrator.checkpoint`, through `Trainer.state_dict`), the run's outputs on a local path or a
+storage URI (`orchestrator.storage`). Prompts come from a `buffer` prompt sampler
 fed with every group's rewards; with dynamic sampling the buffer drops zero-variance groups and
 admission control refills their slots.
 
@@ -45,9 +46,9 @@ class Trainer:
         RuntimeError: the cluster cannot host the actors.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,
-                 learner_worker_cls: type | None = None, rollout_worker_cls: type | None = None,
-                 resume_from: Path | None = None) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, model_path: str, train_problems: list,
+                 eval_problems: list, learner_worker_cls: type | None = None, rollout_worker_cls: type | None = None,
+                 resume_from: str | Path | None = None) -> None:
         import ray
 
         from buffer import PROMPT_SAMPLERS, ReplayBuffer, StalenessManager
@@ -61,11 +62,15 @@ class Trainer:
         from orchestrator.placement import (SlotPlacement, learner_bundle, reserve, rollout_bundle, scheduling,
                                             wait_for_resources)
         from orchestrator.scaling import Scaler
+        from orchestrator.storage import RunOutputs
         from orchestrator.tally import RolloutTally
         from orchestrator.weight_sync import WeightSync
         from rollout import RolloutGroup, RolloutWorker
 
-        self.cfg, self.run_dir, self.eval_problems = cfg, Path(run_dir), eval_problems
+        self.cfg, self.eval_problems = cfg, eval_problems
+        # run_dir: a local path or a storage URI; the driver's own files go to a local dir synced to it
+        self.outputs = RunOutputs(str(run_dir), resume=resume_from is not None)
+        self.run_uri, self.run_dir = self.outputs.uri, self.outputs.local_dir
         bc, lc, rc, P = cfg.buffer, cfg.learner, cfg.rollout, cfg.prompts_per_step
         wait_for_resources(cfg, cfg.ray.wait_for_resources_s)
         if lc.lora is not None:  # before any actor starts: a wrong module name is a config error
@@ -85,10 +90,10 @@ class Trainer:
                                                            floor=bc.sampler_floor)
         self.allocator = RolloutAllocator(bc.rollout_allocation, rc.group_size, P, bc.allocation_min_n,
                                           bc.allocation_max_n)
-        self.control = start_control(self.run_dir.name, rc.num_workers)
+        self.control = start_control(self.outputs.name, rc.num_workers)
         self.staleness = StalenessManager(bc.max_staleness, P, cfg.num_steps)
         self.tally = RolloutTally(rc.max_reward_failure_frac)
-        self.weight_sync = WeightSync(rc, self.learner, self.rollout, self.run_dir.name, lc.num_gpus > 0)
+        self.weight_sync = WeightSync(rc, self.learner, self.rollout, self.outputs.name, lc.num_gpus > 0)
         self.scaler = Scaler(rc, self.rollout, self.control, self.weight_sync)
         self.dispatcher = Dispatcher(cfg, self.rollout, self.buffer, self.staleness, self.tally, self.scaler,
                                      self.sampler, self.allocator)
@@ -149,7 +154,7 @@ class Trainer:
                 self.dispatcher.wait(step.refs if step else [], step.deadline if step else None)
                 self.dispatcher.collect()
                 self.tally.load_seconds += self.weight_sync.retire()
-                if step is not None and step.done(self.run_dir):
+                if step is not None and step.done(self.run_uri):
                     last, out_of_time = self._end_step(step)
                     step = None
                     bar.update(last, self.trained_samples / max(self.train_seconds, 1e-9))
@@ -176,16 +181,25 @@ class Trainer:
         return last
 
     def _finish_run(self, last: dict) -> dict:
-        """Wait for the last weight push, save the final model, write ``summary.json``; returns it."""
+        """Wait for the last weight push, save the final model, write ``summary.json``, copy the metrics
+        files to the run's storage; returns the summary."""
+        from buffer import storage
+
         self.weight_sync.drain(self.cfg.rollout.weight_push_timeout_s)
-        final_dir = self.learner.save_pretrained(str(self.run_dir / "final_model"))
+        final_dir = self.learner.save_pretrained(storage.join(self.run_uri, "final_model"))
         stats = wait_all([w.stats.remote() for w in self.rollout.workers], 60, "rollout stats")
         summary = {**last, **self._audit_groups(), "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
                    "perf/trained_samples_per_s": self.trained_samples / max(self.train_seconds, 1e-9),
                    "final_model": final_dir}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics_log.close()
+        self.outputs.push()
         return summary
+
+    def sync_outputs(self) -> None:
+        """Flush the metrics files and copy the driver's run files to the run's storage (a local run: nothing)."""
+        self.metrics_log.flush()
+        self.outputs.push()
 
     def _audit_groups(self) -> dict[str, float]:
         """Where every dispatched group ended up; the ``data/*`` counts add up to ``data/dispatched_groups``."""
@@ -286,7 +300,7 @@ class Trainer:
         return sum(len(r.keys) for r in self.reissue)
 
 
-def train(cfg: RunConfig, run_dir: Path, model_path: str, train_problems: list, eval_problems: list,
-          progress: bool = True, resume_from: Path | None = None) -> dict:
+def train(cfg: RunConfig, run_dir: str | Path, model_path: str, train_problems: list, eval_problems: list,
+          progress: bool = True, resume_from: str | Path | None = None) -> dict:
     """Build a `Trainer` (restored from ``resume_from`` when given) and run it; returns its summary."""
     return Trainer(cfg, run_dir, model_path, train_problems, eval_problems, resume_from=resume_from).run(progress)

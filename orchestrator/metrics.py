@@ -70,6 +70,12 @@ class MetricsLogger:
             self._wandb.log({k: v for k, v in rec.items() if k != "step" and v is not None}, step=step)
         return rec
 
+    def flush(self) -> None:
+        """Write what is buffered in every file sink to disk."""
+        self._jsonl.flush()
+        self._audit.flush()
+        self._tb.flush()
+
     def close(self) -> None:
         """Flush and close both sinks."""
         self._jsonl.close()

@@ -48,6 +48,42 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    """A real S3-compatible server (moto in server mode) on loopback; yields its endpoint URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A fresh bucket on `s3_server`, with its credentials and endpoint in the environment (as a user
+    sets them: ``AWS_*`` variables, nothing in the run config); yields ``s3://<bucket>``."""
+    import uuid
+
+    import boto3
+    import s3fs
+
+    name = f"relayrl-{uuid.uuid4().hex[:12]}"
+    env = {"AWS_ACCESS_KEY_ID": "relayrl-test-key", "AWS_SECRET_ACCESS_KEY": f"relayrl-secret-{uuid.uuid4().hex}",
+           "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "eu-west-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3").create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    s3fs.S3FileSystem.clear_instance_cache()  # clients built under another test's environment
+    yield f"s3://{name}"
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -5,6 +5,7 @@ the final merged model and adapter, and resume onto a worker that merges pushed 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
 
     # resume: the checkpoint holds the adapters (not the frozen base); a new learner restores the policy, and
     # a worker that merges the pushed adapter into its base weights serves it too
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = Path(latest_checkpoint(run_dir))
     shards = sum(f.stat().st_size for f in (ckpt / "learner").rglob("*model_states.pt"))
     # measured: ~30 KB with the adapters only, ~520 KB when the frozen base weights are saved as well
     assert shards < 2 * adapter_bytes, shards

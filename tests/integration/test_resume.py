@@ -123,7 +123,7 @@ def _groups_to_reissue(run: Path) -> tuple[float, float]:
 
     from orchestrator.checkpoint import latest_checkpoint
 
-    ckpt = latest_checkpoint(run)
+    ckpt = Path(latest_checkpoint(run))
     state = json.loads((ckpt / "trainer.json").read_text())
     with open(ckpt / "buffer.pkl", "rb") as f:
         buf = pickle.load(f)

@@ -1,43 +1,60 @@
-"""Checkpoint layout: atomic commit, retention, interrupted writes ignored, resume compatibility."""
+"""Checkpoint layout: atomic commit, retention, interrupted writes ignored, resume compatibility; each on a
+local dir and on a real S3-compatible server (moto on loopback, `s3_bucket`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.checkpoint import (begin, commit, complete_checkpoints, find_run_to_resume, incompatible_fields,
-                                     latest_checkpoint)
+from buffer import storage
+from orchestrator.checkpoint import (COMPLETE, begin, commit, complete_checkpoints, find_run_to_resume,
+                                     incompatible_fields, latest_checkpoint)
 from orchestrator.cli import main
 from orchestrator.config import load_config
 
 
-def _write(run_dir, step, keep=2):
-    tmp = begin(run_dir, step)
-    (tmp / "trainer.json").write_text("{}")
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path) -> str:
+    """Where runs go: a local dir, or a prefix in a fresh bucket of the test S3 server."""
+    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3_bucket") + "/runs"
+
+
+def _write(run: str, step: int, keep: int = 2) -> str:
+    tmp = begin(run, step)
+    storage.write_bytes(storage.join(tmp, "trainer.json"), b"{}")
     return commit(tmp, step, keep, {"step": step})
 
 
-def test_commit_is_atomic_and_keeps_the_newest(tmp_path):
-    run = tmp_path / "r-1"
+def test_commit_is_atomic_and_keeps_the_newest(where):
+    run = storage.join(where, "r-1")
     for step in (1, 2, 3):
         _write(run, step)
-    assert [p.name for p in complete_checkpoints(run)] == ["step_000002", "step_000003"]
-    # an interrupted write: a .tmp dir and a dir without the COMPLETE marker are both ignored
-    begin(run, 4)
-    (run / "checkpoints" / "step_000005").mkdir()
-    assert latest_checkpoint(run).name == "step_000003"
-    # the next write of the same step replaces the stale .tmp
-    assert _write(run, 4).name == "step_000004"
+    assert [storage.basename(p) for p in complete_checkpoints(run)] == ["step_000002", "step_000003"]
+    assert storage.children(storage.join(run, "checkpoints")) == ["step_000002", "step_000003"]  # step 1 deleted
+    # interrupted writes: a begun checkpoint with its files but no marker (on S3 under its own prefix),
+    # and a step dir without the marker; both are ignored
+    tmp = begin(run, 4)
+    storage.write_bytes(storage.join(tmp, "learner", "rng_rank0.pt"), b"x")
+    storage.write_bytes(storage.join(tmp, "trainer.json"), b"{}")
+    storage.write_bytes(storage.join(run, "checkpoints", "step_000005", "trainer.json"), b"{}")
+    assert storage.basename(latest_checkpoint(run)) == "step_000003"
+    assert find_run_to_resume(where, "r") == run
+    # the marker is the last thing written: once it exists, the checkpoint counts
+    done = _write(run, 4)
+    assert storage.basename(done) == "step_000004" and latest_checkpoint(run) == done
+    assert storage.exists(storage.join(done, COMPLETE))
+    assert not storage.exists(storage.join(done, "learner", "rng_rank0.pt"))  # the stale attempt was removed
     with pytest.raises(FileExistsError):
         _write(run, 4)
 
 
-def test_find_run_to_resume_picks_newest_with_checkpoint(tmp_path):
-    (tmp_path / "job-a").mkdir()  # no checkpoint
-    _write(tmp_path / "job-b", 1)
-    (tmp_path / "other-c").mkdir()
-    assert find_run_to_resume(tmp_path, "job") == tmp_path / "job-b"
-    assert find_run_to_resume(tmp_path, "none") is None
-    assert find_run_to_resume(tmp_path / "missing", "job") is None
+def test_find_run_to_resume_picks_newest_with_checkpoint(where):
+    storage.write_bytes(storage.join(where, "job-a", "config.json"), b"{}")  # no checkpoint
+    _write(storage.join(where, "job-c"), 1)
+    _write(storage.join(where, "job-b"), 1)  # committed last
+    _write(storage.join(where, "other-d"), 2)
+    assert find_run_to_resume(where, "job") == storage.join(where, "job-b")
+    assert find_run_to_resume(where, "none") is None
+    assert find_run_to_resume(storage.join(where, "missing"), "job") is None
 
 
 def test_incompatible_fields_are_named():
@@ -47,10 +64,12 @@ def test_incompatible_fields_are_named():
     assert bad == ["prompts_per_step: 8 -> 16", "rollout.group_size: 8 -> 4"]  # lr and num_steps may change
 
 
-def test_resume_of_a_dir_without_checkpoint_is_a_clear_error(tmp_path, capsys):
-    (tmp_path / "run").mkdir()
+def test_resume_of_a_dir_without_checkpoint_is_a_clear_error(where, tmp_path, capsys):
+    run = storage.join(where, "run")
+    storage.write_bytes(storage.join(run, "config.json"), b"{}")
+    storage.write_bytes(storage.join(run, "checkpoints", "step_000001", "trainer.json"), b"{}")  # no marker
     cfg = tmp_path / "c.toml"
     cfg.write_text('num_steps = 1\n[data]\ntrain_size = 8\neval_size = 0\n')
-    rc = main(["train", str(cfg), "--resume", str(tmp_path / "run"), "model.path=/nonexistent"])
+    rc = main(["train", str(cfg), "--resume", run, "model.path=/nonexistent"])
     err = capsys.readouterr().err
-    assert rc == 2 and "no complete checkpoint" in err and str(tmp_path / "run") in err
+    assert rc == 2 and "no complete checkpoint" in err and run in err
