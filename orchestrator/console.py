@@ -43,8 +43,9 @@ _ERROR_LINE = re.compile(
     r"^Exception raised in creation task"  # Ray: an actor's __init__ raised
     r"|" + _EXCEPTION_LINE.pattern +
     r"|\b(ERROR|CRITICAL|FATAL)\b"  # an error logged by anyone (Python logging, vLLM)
-    r"|^\[[^\]]* [EF] \d+ \d+\]"  # an error of Ray's C++ core
+    r"|^\[[^\]]* [EF] \d+ \d+\] \S+:\d+: (?!\s*@ |Stack trace)"  # Ray's C++ core (not its stack frames)
 )
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 _logs_dir: Path | None = None  # the run's logs dir, once `log_to_files` is called
 
@@ -145,7 +146,8 @@ class WorkerLogRouter:
                 shown_path = path.relative_to(Path.cwd())
             except ValueError:
                 shown_path = path
-            _write("".join(f"({component} {where}) {line}  [full log: {shown_path}]\n" for line in shown))
+            _write("".join(f"({component} {where}) {_ANSI.sub('', line)}  [full log: {shown_path}]\n"
+                           for line in shown))
 
     def close(self) -> None:
         with self._lock:
@@ -192,7 +194,7 @@ def error_line(e: BaseException) -> str:
     The full traceback goes to ``driver.log`` once a run has one."""
     text = str(e)
     if type(e).__module__.startswith("ray."):
-        plain = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours the task name
+        plain = _ANSI.sub("", text)  # Ray colours the task name
         lines = [x.strip() for x in plain.splitlines() if x.strip()]
         raised = [x for x in lines if _EXCEPTION_LINE.match(x)]
         text = raised[-1] if raised else (lines[0] if lines else type(e).__name__)
