@@ -5,7 +5,10 @@ other and writes a comparison table.
 
 ``relayrl train CONFIG [key.sub=value ...]`` validates the config, resolves the model and data,
 starts (or joins) Ray, runs the loop and writes a run dir. Errors a user can fix (bad config
-value, missing model or data file, empty dataset, too few resources) print one line and exit 2.
+value, missing model or data file, empty dataset, too few resources) print one line and exit 2; an
+actor that dies prints one line naming its log file and exits 1. The console shows relayrl's own
+progress, warnings and errors; every component's full log is in ``<run_dir>/logs/`` and ``-v`` shows
+it all (`orchestrator.console`).
 
 ``relayrl report RUN_DIR`` renders plots and a summary of a run dir.
 

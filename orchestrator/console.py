@@ -67,19 +67,29 @@ def setup_console(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     if not verbose:
         handler.addFilter(_ConsoleFilter())
+    _replace_root_handler("relayrl-console", handler)
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _replace_root_handler(name: str, handler: logging.Handler) -> None:
+    """Install ``handler`` on the root logger in place of an earlier one of the same name (a second
+    `main` call in one process); other handlers (a test runner's) stay."""
     root = logging.getLogger()
-    root.handlers = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for old in [h for h in root.handlers if h.get_name() == name]:
+        root.removeHandler(old)
+        old.close()
+    handler.set_name(name)
+    root.addHandler(handler)
 
 
 def log_to_files(logs_dir: Path) -> Path:
-    """Also write the driver's logging, in full, to ``logs_dir/driver.log`` (appended on resume)
-    and route Ray's own driver-side logger through it; returns ``logs_dir``."""
+    """Also write the driver's logging, in full, to ``logs_dir/driver.log`` (appended on resume);
+    returns ``logs_dir``."""
     global _logs_dir
     logs_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(logs_dir / "driver.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logging.getLogger().addHandler(handler)
+    _replace_root_handler("relayrl-driver-log", handler)
     _logs_dir = logs_dir
     return logs_dir
 

@@ -36,7 +36,8 @@ def root_logging():
     for h in root.handlers:
         if h not in saved[0]:
             h.close()
-    root.handlers, root.level, console._logs_dir, ray_logger.handlers, ray_logger.propagate = saved
+    root.handlers[:] = saved[0]
+    _, root.level, console._logs_dir, ray_logger.handlers, ray_logger.propagate = saved
 
 
 def test_ray_print_hook_is_where_the_console_expects_it():
