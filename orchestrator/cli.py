@@ -6,7 +6,10 @@ other and writes a comparison table.
 ``relayrl train CONFIG [key.sub=value ...]`` validates the config, resolves the model and data,
 starts (or joins) Ray, runs the loop and writes a run dir (locally or on a storage URI). Errors a user
 can fix (bad config value, missing model or data file, empty dataset, too few resources, storage that
-cannot be written) print one line and exit 2.
+cannot be written) print one line and exit 2; an actor that dies prints one line naming its log file and
+exits 1. The console shows relayrl's own progress, warnings and errors; every component's full log is in
+``<run_dir>/logs/`` (for a run on an object store, a driver-local dir it names) and ``-v`` shows it all
+(`orchestrator.console`).
 
 ``relayrl report RUN_DIR`` renders plots and a summary of a run dir.
 
@@ -33,26 +36,37 @@ import sys
 logger = logging.getLogger("relayrl")
 
 
-def _init_ray(cfg) -> None:
+def _init_ray(cfg, logs_dir: Path | None = None, verbose: bool = False) -> None:
+    """Start or join Ray. With ``logs_dir``, actor output goes to ``logs_dir/<component>.log`` and the
+    console shows only relayrl's warnings and errors from the actors (`orchestrator.console`)."""
     import ray
 
+    from orchestrator import console
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not verbose:
+        console.quiet_ray_logger()
+    # every actor process formats its logging like the driver, so relayrl's own lines are recognised
+    runtime_env = {"worker_process_setup_hook": console.WORKER_SETUP_HOOK}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         logger.info("connected to Ray cluster at %s: %s", address, ray.cluster_resources())
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=True, runtime_env=runtime_env)
         logger.info("started a local Ray instance: %s", ray.cluster_resources())
+    if logs_dir is not None:
+        console.route_worker_logs(logs_dir, verbose)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from buffer import storage
+    from orchestrator import console
     from orchestrator.checkpoint import find_run_to_resume, latest_checkpoint
     from orchestrator.config import load_config
     from orchestrator.models import resolve_model_path
-    from orchestrator.storage import create_run
+    from orchestrator.storage import create_run, logs_dir_of
     from rollout.tasks import load_problems
 
     cfg = load_config(args.config, args.overrides)
@@ -76,11 +90,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_path = resolve_model_path(cfg.model.path)
     if ckpt is None:
         run = create_run(cfg.output_dir, cfg.name, cfg.model_dump())
-    else:
+    logs_dir = console.log_to_files(logs_dir_of(run))
+    if ckpt is not None:
         logger.info("resuming %s from %s", run, storage.basename(ckpt))
     logger.info("run dir %s; model %s; %d train / %d held-out problems", run, model_path,
                 len(train_problems), len(eval_problems))
-    _init_ray(cfg)
+    logger.info("full logs of every component: %s/<component>.log (-v: all of it on the console)", logs_dir)
+    _init_ray(cfg, logs_dir, args.verbose)
     from orchestrator.loop import train
 
     summary = train(cfg, run, model_path, train_problems, eval_problems, progress=not args.quiet,
@@ -143,12 +159,14 @@ def cmd_trl_baseline(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``relayrl`` console script; returns the exit code."""
     parser = argparse.ArgumentParser(prog="relayrl", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbose_help = "everything on the console: debug logging and every actor's vLLM/Ray/DeepSpeed output"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="train from a TOML run config")
     p.add_argument("config", help="run config (TOML), e.g. deploy/examples/arithmetic_smollm2.toml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (CI/logs)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     p.add_argument("--resume", nargs="?", const="auto", metavar="RUN_DIR",
                    help="continue RUN_DIR (a local path or storage URI such as s3://bucket/runs/x) from its "
                    "latest complete checkpoint; without a value, the newest '<output_dir>/<name>-*' run that "
@@ -190,15 +208,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from orchestrator import console
     from orchestrator.config import ConfigError
 
+    console.setup_console(args.verbose)
     try:
         return args.fn(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError, TimeoutError, ConnectionError) as e:
-        print(f"relayrl: error: {e}", file=sys.stderr)
+        print(f"relayrl: error: {console.error_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not type(e).__module__.startswith("ray."):  # a bug: the whole traceback
+            raise
+        print(f"relayrl: error: {console.error_line(e)}", file=sys.stderr)  # an actor died: one line
+        return 1
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ def staging_dir(run_uri: str) -> Path:
     return Path(tempfile.gettempdir()) / "relayrl-staging" / digest / storage.basename(run_uri)
 
 
+def logs_dir_of(run_uri: str) -> Path:
+    """Where the driver writes the components' full logs: ``<run>/logs`` for a local run, else a driver-local
+    dir named after the run (logs stay on the driver's node; they are not uploaded)."""
+    if not storage.is_remote(str(run_uri)):
+        return Path(storage.local_path(str(run_uri))) / "logs"
+    return Path(tempfile.gettempdir()) / "relayrl-logs" / storage.basename(str(run_uri))
+
+
 def create_run(output_dir: str, name: str, config: dict) -> str:
     """Start a fresh run ``<output_dir>/<name>-<timestamp>`` holding ``config.json``; returns its URI.
 
