@@ -107,7 +107,9 @@ class LearnerWorker:
                                                      attn_implementation=c.attn_implementation)
         model.config.use_cache = False
         if c.lora is not None:
-            model = self._with_lora(model)
+            from learner.lora import with_lora
+
+            model = with_lora(model, c.lora)
         ds_config = {
             "train_micro_batch_size_per_gpu": c.micro_batch_size,
             "gradient_accumulation_steps": self.gas,
@@ -135,23 +137,6 @@ class LearnerWorker:
                 self.model_path, dtype=torch.float32, attn_implementation=c.attn_implementation).eval()
             self.ref_model.requires_grad_(False)
         return n_trainable
-
-    def _with_lora(self, model):
-        """``model`` wrapped as a PEFT LoRA model (``learner.lora``): base frozen, adapters trainable.
-
-        Raises:
-            ValueError: a target module matches no module of the model.
-        """
-        from peft import LoraConfig, get_peft_model
-
-        from buffer.adapter import check_target_modules
-
-        spec = self.cfg.lora
-        check_target_modules(spec, (n for n, _ in model.named_modules()))
-        cfg = spec.peft_config()
-        return get_peft_model(model, LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
-                                                lora_dropout=cfg["lora_dropout"], target_modules=cfg["target_modules"],
-                                                bias="none", task_type="CAUSAL_LM"))
 
     # ---- training --------------------------------------------------------------------------
     def _forward(self, model, samples: list, with_entropy: bool = False):
@@ -435,25 +420,12 @@ class LearnerWorker:
 
         with staged_write(out_dir) as local:
             if self.cfg.lora is not None:
-                self._save_merged(local, state)
+                from learner.lora import save_merged
+
+                save_merged(local, self.model_path, self.cfg.lora, state)
             else:
                 self.engine.module.save_pretrained(local, state_dict=state, safe_serialization=True)
             for f in os.listdir(self.model_path):
                 if f.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
                     shutil.copy(os.path.join(self.model_path, f), local)
         return out_dir
-
-    def _save_merged(self, out_dir: str, adapter: dict) -> None:
-        """Write ``adapter`` (PEFT names -> tensors) as ``out_dir/adapter`` and merged into a fresh fp32
-        copy of the base model as the HF model dir ``out_dir`` (rank 0)."""
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        from buffer.adapter import write_adapter_dir
-
-        adapter_dir = write_adapter_dir(os.path.join(out_dir, "adapter"), self.cfg.lora,
-                                        ((n, t.float()) for n, t in adapter.items()))
-        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-        merged.save_pretrained(out_dir, safe_serialization=True)
