@@ -3,7 +3,13 @@ fp32 on both sides (so rollout and learner logprobs agree to ~1e-4), a small KV 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from learner.worker import LearnerWorker
 from orchestrator.config import RunConfig, load_config
@@ -33,3 +39,31 @@ class PacedLearner(LearnerWorker):
         out = super().train_step(batch, version)
         time.sleep(max(0.0, self.min_step_s - (time.monotonic() - t0)))
         return out
+
+
+def train_cli(cfg: Path, *extra: str, kill_when: Callable[[], bool] | None = None, timeout: float = 400) -> None:
+    """Run ``relayrl train -q cfg extra...`` in a process group of its own and wait for it to succeed; with
+    ``kill_when`` (a predicate polled every 0.2 s), SIGKILL the whole group (driver, Ray, actors: a preemption,
+    no clean shutdown) as soon as it holds, and fail if the run finished first.
+
+    Raises:
+        TimeoutError: the run neither finished nor was killed within ``timeout`` seconds.
+    """
+    cmd = [sys.executable, "-m", "orchestrator.cli", "train", "-q", str(cfg), *extra]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{cmd} did not finish within {timeout} s")
+            if kill_when is not None and kill_when():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+                return
+            time.sleep(0.2)
+        out = proc.stdout.read()
+        assert proc.returncode == 0, out[-3000:]
+        assert kill_when is None, "the run finished before it could be killed"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

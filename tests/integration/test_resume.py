@@ -7,11 +7,6 @@ Each run is a real ``relayrl train`` subprocess with its own local Ray instance.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,26 +53,11 @@ num_cpus = 2
 
 
 def _train(cfg: Path, *extra: str, kill_after_checkpoint: int | None = None, timeout: float = 400) -> None:
-    cmd = [sys.executable, "-m", "orchestrator.cli", "train", "-q", str(cfg), *extra]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{cmd} did not finish within {timeout} s")
-            if kill_after_checkpoint is not None:
-                done = list(cfg.parent.glob(f"{cfg.stem}/*/checkpoints/step_{kill_after_checkpoint:06d}/COMPLETE"))
-                if done:
-                    os.killpg(proc.pid, signal.SIGKILL)  # preemption: no clean shutdown of anything
-                    proc.wait(30)
-                    return
-            time.sleep(0.2)
-        out = proc.stdout.read()
-        assert proc.returncode == 0, out[-3000:]
-        assert kill_after_checkpoint is None, "the run finished before it could be killed"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    from tiny_run import train_cli
+
+    done = (lambda: bool(list(cfg.parent.glob(f"{cfg.stem}/*/checkpoints/step_{kill_after_checkpoint:06d}/COMPLETE")))
+            ) if kill_after_checkpoint is not None else None
+    train_cli(cfg, *extra, kill_when=done, timeout=timeout)
 
 
 def _records(run_dir: Path, name: str) -> list[dict]:

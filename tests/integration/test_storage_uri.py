@@ -13,10 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ import pytest
 from buffer import storage
 from orchestrator.checkpoint import find_run_to_resume
 from orchestrator.storage import staging_dir
+from tiny_run import train_cli
 
 pytestmark = pytest.mark.integration
 P, STEPS = 4, 3
@@ -66,29 +63,6 @@ num_cpus = 2
     return cfg
 
 
-def _train(cfg: Path, *extra: str, kill_once=None, timeout: float = 300) -> None:
-    """Run ``relayrl train``; with ``kill_once`` (a predicate), SIGKILL its whole process group as soon
-    as the predicate holds."""
-    cmd = [sys.executable, "-m", "orchestrator.cli", "train", "-q", str(cfg), *extra]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{cmd} did not finish within {timeout} s")
-            if kill_once is not None and kill_once():
-                os.killpg(proc.pid, signal.SIGKILL)  # preemption: no clean shutdown, no final sync
-                proc.wait(30)
-                return
-            time.sleep(0.3)
-        out = proc.stdout.read()
-        assert proc.returncode == 0, out[-3000:]
-        assert kill_once is None, "the run finished before it could be killed"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _jsonl(uri: str) -> list[dict]:
     return [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
 
@@ -100,7 +74,7 @@ def test_run_on_s3_resumes_from_the_bucket_alone(tiny_sums_model, s3_bucket, tmp
 
     output = storage.join(s3_bucket, "runs")
     cfg = _config(tmp_path, tiny_sums_model, output)
-    _train(cfg, kill_once=lambda: find_run_to_resume(output, "s3run") is not None)
+    train_cli(cfg, kill_when=lambda: find_run_to_resume(output, "s3run") is not None, timeout=300)
     run = find_run_to_resume(output, "s3run")
     ckpts = storage.join(run, "checkpoints")
     first = storage.join(ckpts, storage.children(ckpts)[0])
@@ -114,7 +88,7 @@ def test_run_on_s3_resumes_from_the_bucket_alone(tiny_sums_model, s3_bucket, tmp
     local = staging_dir(run)
     assert (local / "metrics.jsonl").is_file()
     shutil.rmtree(local)  # a fresh machine: nothing of the run is left locally
-    _train(cfg, "--resume")  # auto: finds the run on S3 by its complete checkpoint
+    train_cli(cfg, "--resume", timeout=300)  # auto: finds the run on S3 by its complete checkpoint
 
     steps = _jsonl(storage.join(run, "metrics.jsonl"))
     assert [r["step"] for r in steps if r["step"] > 0] == list(range(1, STEPS + 1))  # the curve continues
