@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ _ERROR_LINE = re.compile(
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 _logs_dir: Path | None = None  # the run's logs dir, once `log_to_files` is called
+_router: WorkerLogRouter | None = None  # the driver's actor-output router, once `route_worker_logs` installed it
 
 
 class _ConsoleFilter(logging.Filter):
@@ -128,8 +130,19 @@ class WorkerLogRouter:
         self.logs_dir, self.verbose, self.ray_print = logs_dir, verbose, ray_print
         self._files: dict[Path, object] = {}
         self._lock = threading.Lock()
+        self.last_batch = time.monotonic()
+
+    def wait_quiet(self, quiet_s: float = 1.0, max_s: float = 5.0) -> None:
+        """Block until no actor output arrived for ``quiet_s`` seconds (at most ``max_s``): Ray streams an
+        actor's last lines (its traceback) to the driver asynchronously, after the driver saw the error."""
+        start = time.monotonic()
+        while time.monotonic() - start < max_s:
+            if time.monotonic() - max(self.last_batch, start) >= quiet_s:
+                return
+            time.sleep(0.1)
 
     def __call__(self, batch: dict) -> None:
+        self.last_batch = time.monotonic()
         if batch.get("pid") in ("raylet", "autoscaler"):
             self.ray_print(batch)
             return
@@ -190,6 +203,8 @@ def route_worker_logs(logs_dir: Path, verbose: bool) -> WorkerLogRouter | None:
         # same name: Ray's disconnect() removes it again
         dispatcher.remove_handler(RAY_PRINT_HANDLER)
         dispatcher.add_handler(RAY_PRINT_HANDLER, router)
+        global _router
+        _router = router
     except (ImportError, AttributeError, KeyError, TypeError, ValueError) as e:
         logger.warning("actor output stays on the console, not in %s: Ray's log printing hook %r is missing "
                        "(%s: %s); is this the Ray version relayrl pins?", logs_dir, RAY_PRINT_HANDLER,
@@ -203,6 +218,8 @@ def error_line(e: BaseException) -> str:
     text is the remote traceback): the exception, where it was raised and that actor's log file.
     The full traceback goes to ``driver.log`` once a run has one."""
     text = str(e)
+    if _router is not None:  # the actor's own error lines first, then this one
+        _router.wait_quiet()
     if type(e).__module__.startswith("ray."):
         plain = _ANSI.sub("", text)  # Ray colours the task name
         lines = [x.strip() for x in plain.splitlines() if x.strip()]
