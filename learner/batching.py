@@ -1,63 +1,148 @@
-"""How a batch of any size is split over learner ranks, PPO minibatches and micro-batches.
+"""How a batch is split over learner ranks, PPO minibatches and micro-batches.
 
-Batches vary in size (Knapsack-style rollout budgets give groups of different sizes), but every rank
-must run the same number of forward/backward passes per optimizer step: ZeRO reduces gradients
-collectively, so a rank that skipped a pass would leave its peers waiting. Ranks with fewer samples
-in a minibatch therefore run padding passes (an empty micro-batch: the caller does a zero-weighted
-pass), and the caller marks the optimizer-step boundary itself. The no-grad pi_prox recompute before
-training follows the same rule (`prox_schedule`): under ZeRO-3 every forward pass all-gathers the
-parameters, so every rank runs the same number of them.
+- **Ranks get whole groups, balanced by tokens.** The samples of a group share their prompt, which the
+  shared-prefix forward encodes once per micro-batch; splitting a group over ranks would encode it once
+  per rank. Groups go to ranks by longest-processing-time-first on their forward tokens (the prompt
+  once plus every response), so ranks finish their passes at about the same time.
+- **Micro-batches by count or by tokens.** ``micro_batch_size`` samples per pass, or, with a token
+  budget (``learner.max_tokens_per_microbatch``), as many samples as fit in that many forward tokens
+  (the layout's tokens: shared prefix counts each prompt once per micro-batch; padded rows count every
+  row at the longest length).
+- **Every rank runs the same number of passes.** ZeRO reduces gradients collectively, so a rank that
+  skipped a pass would leave its peers waiting: a rank with fewer micro-batches in a minibatch runs
+  padding passes (an empty list: the caller does a zero-weighted pass), and the caller marks the
+  optimizer-step boundary itself. The no-grad pi_prox recompute before training follows the same rule
+  (`prox_schedule`): under ZeRO-3 every forward pass all-gathers the parameters.
+
+The plan is a pure function of the batch, computed identically on every rank, so ranks agree on it
+without communicating.
 """
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 
-def plan_microbatches(num_samples: int, world_size: int, minibatches: int, micro_batch_size: int
+class BatchShape(NamedTuple):
+    """What planning needs of a batch: per sample (``[N]`` lists, in batch order) its group and lengths.
+
+    Samples of one group share their prompt and are contiguous in the batch.
+    """
+
+    group: list[int]
+    prompt_tokens: list[int]
+    response_tokens: list[int]
+
+    @classmethod
+    def of(cls, batch: list[list]) -> BatchShape:
+        """From a batch of sample groups (lists of `buffer.Sample`)."""
+        group, prompt, response = [], [], []
+        for g, samples in enumerate(batch):
+            for s in samples:
+                group.append(g)
+                prompt.append(len(s.prompt_ids))
+                response.append(len(s.response_ids))
+        return cls(group, prompt, response)
+
+    @classmethod
+    def singletons(cls, n: int) -> BatchShape:
+        """``n`` one-sample groups of one token each (plans that depend only on counts)."""
+        return cls(list(range(n)), [1] * n, [0] * n)
+
+
+def forward_tokens(shape: BatchShape, idx: list[int], shared_prefix: bool) -> int:
+    """Tokens the forward pass of micro-batch ``idx`` processes: with ``shared_prefix`` each group's
+    prompt once plus every response; else one row per sample, each padded to the longest."""
+    if not idx:
+        return 0
+    if not shared_prefix:
+        return len(idx) * max(shape.prompt_tokens[i] + shape.response_tokens[i] for i in idx)
+    prompts = {shape.group[i]: shape.prompt_tokens[i] for i in idx}
+    return sum(prompts.values()) + sum(shape.response_tokens[i] for i in idx)
+
+
+def assign_ranks(shape: BatchShape, world_size: int) -> list[list[int]]:
+    """Sample indices per rank: whole groups, longest-processing-time first on each group's tokens
+    (prompt once plus responses), ties to the lower rank; each rank's samples in batch order."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(shape.group):
+        members.setdefault(g, []).append(i)
+    cost = {g: shape.prompt_tokens[idx[0]] + sum(shape.response_tokens[i] for i in idx) for g, idx in members.items()}
+    load = [0] * world_size
+    owner = {}
+    for g in sorted(members, key=lambda g: (-cost[g], g)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        owner[g], load[r] = r, load[r] + cost[g]
+    return [[i for i, g in enumerate(shape.group) if owner[g] == r] for r in range(world_size)]
+
+
+def _micro_batches(shape: BatchShape, chunk: list[int], micro_batch_size: int, max_tokens: int,
+                   shared_prefix: bool) -> list[list[int]]:
+    if max_tokens <= 0:
+        return [chunk[i: i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
+    out: list[list[int]] = []
+    for i in chunk:
+        alone = shape.prompt_tokens[i] + shape.response_tokens[i]
+        if alone > max_tokens:
+            raise ValueError(f"a sample of {alone} tokens ({shape.prompt_tokens[i]} prompt + "
+                             f"{shape.response_tokens[i]} response) exceeds learner.max_tokens_per_microbatch = "
+                             f"{max_tokens}; raise it to at least {alone} or lower rollout.max_tokens")
+        if out and forward_tokens(shape, out[-1] + [i], shared_prefix) <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def plan_microbatches(shape: BatchShape, world_size: int, minibatches: int, micro_batch_size: int,
+                      max_tokens_per_microbatch: int = 0, shared_prefix: bool = True
                       ) -> list[list[list[list[int]]]]:
     """Sample indices per ``[rank][minibatch][micro-batch]``.
 
-    Rank ``r`` owns ``samples[r::world_size]``; its share is cut into ``minibatches`` contiguous,
-    near-equal chunks, each into micro-batches of at most ``micro_batch_size``. Within a minibatch
-    every rank gets the same number of micro-batches; the missing ones are empty lists (padding).
+    Rank ``r`` owns the groups `assign_ranks` gives it; its share is cut into ``minibatches``
+    contiguous, near-equal chunks (by samples), each into micro-batches: ``micro_batch_size`` samples,
+    or with ``max_tokens_per_microbatch > 0`` as many consecutive samples as fit in that many
+    `forward_tokens`. Within a minibatch every rank gets the same number of micro-batches; the missing
+    ones are empty lists (padding).
 
     Raises:
-        ValueError: fewer samples than ``world_size * minibatches`` (some optimizer step would have
-            no data), or a non-positive size.
+        ValueError: no rank has ``minibatches`` samples (some optimizer step would have no data); a
+            sample alone longer than ``max_tokens_per_microbatch`` (naming its length and the budget);
+            a non-positive size.
     """
     if min(world_size, minibatches, micro_batch_size) < 1:
         raise ValueError(f"world_size, minibatches, micro_batch_size must be >= 1, got "
                          f"{world_size}, {minibatches}, {micro_batch_size}")
-    if num_samples < world_size * minibatches:
-        raise ValueError(f"a batch of {num_samples} samples cannot feed {world_size} learner ranks x "
-                         f"{minibatches} minibatches: need at least {world_size * minibatches}")
-    chunks = []  # [rank][minibatch] -> indices
-    for r in range(world_size):
-        shard = list(range(r, num_samples, world_size))
-        q, extra = divmod(len(shard), minibatches)
-        bounds = [k * q + min(k, extra) for k in range(minibatches + 1)]
-        chunks.append([shard[bounds[k]: bounds[k + 1]] for k in range(minibatches)])
+    shares = assign_ranks(shape, world_size)
+    if max(len(s) for s in shares) < minibatches:
+        raise ValueError(f"a batch of {len(shape.group)} samples in {len(set(shape.group))} groups cannot feed "
+                         f"{minibatches} minibatches on {world_size} learner ranks: the largest rank share is "
+                         f"{max(len(s) for s in shares)} samples; lower learner.ppo_minibatches")
     plan = [[[] for _ in range(minibatches)] for _ in range(world_size)]
+    for r, share in enumerate(shares):
+        q, extra = divmod(len(share), minibatches)
+        bounds = [k * q + min(k, extra) for k in range(minibatches + 1)]
+        for k in range(minibatches):
+            plan[r][k] = _micro_batches(shape, share[bounds[k]: bounds[k + 1]], micro_batch_size,
+                                        max_tokens_per_microbatch, shared_prefix)
     for k in range(minibatches):
-        passes = max(math.ceil(len(chunks[r][k]) / micro_batch_size) for r in range(world_size))
+        passes = max(len(plan[r][k]) for r in range(world_size))
         for r in range(world_size):
-            c = chunks[r][k]
-            plan[r][k] = [c[i * micro_batch_size: (i + 1) * micro_batch_size] for i in range(passes)]
+            plan[r][k] += [[] for _ in range(passes - len(plan[r][k]))]
     return plan
 
 
-def prox_schedule(plan: list[list[list[list[int]]]], rank: int, micro_batch_size: int) -> list[list[int]]:
+def prox_schedule(plan: list[list[list[list[int]]]], rank: int) -> list[list[int]]:
     """Sample indices per no-grad pi_prox forward pass of ``rank``, given a `plan_microbatches` plan.
 
-    The rank's samples in plan order, in chunks of ``micro_batch_size``, then empty lists (padding
-    passes) up to the largest pass count of any rank. The plan is the same on every rank, so every
-    rank arrives at the same number of passes without communicating.
+    The rank's micro-batches in plan order (padding left out), then empty lists (padding passes) up to
+    the largest pass count of any rank. The plan is the same on every rank, so every rank arrives at the
+    same number of passes without communicating.
     """
-    def share(r: int) -> list[int]:
-        return [i for mb in plan[r] for micro in mb for i in micro]
+    def own(r: int) -> list[list[int]]:
+        return [micro for mb in plan[r] for micro in mb if micro]
 
-    passes = max(math.ceil(len(share(r)) / micro_batch_size) for r in range(len(plan)))
-    mine = share(rank)
-    own = [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-    return own + [[] for _ in range(passes - len(own))]
+    passes = max(len(own(r)) for r in range(len(plan)))
+    mine = own(rank)
+    return mine + [[] for _ in range(passes - len(mine))]
+

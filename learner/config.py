@@ -31,7 +31,11 @@ class LearnerConfig(StrictConfig):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="linear LR warmup steps")
     grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
-    micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per forward/backward")
+    micro_batch_size: int = Field(8, ge=1, le=4096, description="samples per forward/backward (when "
+                                  "max_tokens_per_microbatch is 0)")
+    max_tokens_per_microbatch: int = Field(
+        0, ge=0, description="token budget of one forward/backward: as many samples as fit in this many forward "
+        "tokens (shared prefix: each prompt once; padded: rows x longest); 0: micro_batch_size samples")
     advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp", "spo"] = Field(
         "grpo", description="advantage estimator (learner.advantages.ADVANTAGE_ESTIMATORS)")
     loss: Literal["ppo_tis", "ppo_seq_tis", "icepop", "seq_mask", "gspo", "topr", "ppo"] = Field(
@@ -70,6 +74,15 @@ class LearnerConfig(StrictConfig):
         100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank instead of "
         "being gathered for each forward (DeepSpeed's stage3_param_persistence_threshold)")
 
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in backward (less activation memory, ~1/3 "
+        "more compute)")
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: optimizer state in CPU memory, stepped by DeepSpeed's CPU Adam (GPU "
+        "learners only)")
+    offload_params: bool = Field(
+        False, description="ZeRO-3 parameter offload to CPU memory between uses (GPU learners, zero_stage 3 only)")
+
     shared_prefix: bool = Field(
         True, description="samples of a micro-batch with the same prompt share one encoding of it (one packed row "
         "per prompt with a block attention mask; same logprobs and gradients as one padded row per sample)")
@@ -101,6 +114,18 @@ class LearnerConfig(StrictConfig):
             raise ValueError(f"learner.shared_prefix = true needs a custom 4D attention mask, which "
                              f"learner.attn_implementation = {self.attn_implementation!r} cannot take: use 'sdpa' or "
                              "'eager', or set learner.shared_prefix = false")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_needs_a_gpu(self) -> LearnerConfig:
+        """Offload moves state from GPU to CPU memory; on a CPU learner there is nothing to move."""
+        for name in ("offload_optimizer", "offload_params"):
+            if getattr(self, name) and self.num_gpus == 0:
+                raise ValueError(f"learner.{name} = true moves state from GPU to CPU memory, but learner.num_gpus "
+                                 "= 0 keeps everything in CPU memory already; leave it false on CPU")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"learner.offload_params needs learner.zero_stage = 3 (parameters are partitioned "
+                             f"only there), got {self.zero_stage}")
         return self
 
     @model_validator(mode="after")

@@ -12,9 +12,13 @@ Left out on purpose: an in-process mode.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from learner.config import LearnerConfig
 from learner.worker import LearnerWorker
+
+if TYPE_CHECKING:
+    from buffer.model_source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +28,7 @@ class LearnerGroup:
 
     Args:
         cfg: `LearnerConfig`.
-        model_path: local HF model dir.
+        model: the model (`buffer.model_source.ModelSource`) or a local HF model dir every node sees.
         strategies: one Ray scheduling strategy per rank (``cfg.num_learners`` of them).
         samples_per_step, max_tokens, temperature, seed: as `LearnerWorker`.
         worker_cls: `LearnerWorker` or a subclass.
@@ -34,7 +38,7 @@ class LearnerGroup:
         TimeoutError: a rank did not finish setup in time.
     """
 
-    def __init__(self, cfg: LearnerConfig, model_path: str, strategies: list, samples_per_step: int, max_tokens: int,
+    def __init__(self, cfg: LearnerConfig, model: ModelSource | str, strategies: list, samples_per_step: int, max_tokens: int,
                  temperature: float, seed: int, worker_cls: type = LearnerWorker) -> None:
         import ray
 
@@ -48,7 +52,7 @@ class LearnerGroup:
         self.ranks = [
             actor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, runtime_env=env,
                           scheduling_strategy=strategies[r]).remote(
-                cfg, model_path, r, cfg.num_learners, samples_per_step, max_tokens, temperature, seed)
+                cfg, model, r, cfg.num_learners, samples_per_step, max_tokens, temperature, seed)
             for r in range(cfg.num_learners)
         ]
         addr, port = self._get([self.ranks[0].master_address.remote()], "master_address")[0]

@@ -135,16 +135,19 @@ def padded_layout(samples: list) -> ForwardLayout:
     return _layout(ids, attn, pos, src_row, src_pos, targets, src_row, out_col)
 
 
-def shared_prefix_layout(samples: list) -> ForwardLayout:
-    """One row per distinct prompt: the prompt once, then every response to it (Prefix Grouper,
-    Liu et al. 2025, arXiv 2506.05433), right-padded to the longest row.
+def shared_prefix_layout(samples: list, row_tokens: int = 0) -> ForwardLayout:
+    """Each distinct prompt once, followed by every response to it (Prefix Grouper, Liu et al. 2025,
+    arXiv 2506.05433), such blocks packed into rows of at most ``max(row_tokens, longest block)`` tokens.
 
-    A row is ``prompt (P) | response_1 (R_1) | ... | response_k (R_k)``. Positions restart after the
-    prompt for each response (prompt ``0..P-1``, response ``i`` ``P..P+R_i-1``), and the block mask lets a
-    response token attend to the prompt and causally to its own response, never to a sibling: each token
-    sees the keys and positions it has in its own padded row, so logprobs and gradients are those of
-    `padded_layout` while the prompt is encoded once. Rows follow each prompt's first appearance; scored
-    tokens find their sample through ``out_row`` / ``out_col``. Empty responses take no columns.
+    A block is ``prompt (P) | response_1 (R_1) | ... | response_k (R_k)``; blocks fill a row in order
+    until the next does not fit, then a new row starts (rows right-padded to the longest). Positions
+    restart in each block and after its prompt for each response (prompt ``0..P-1``, response ``i``
+    ``P..P+R_i-1``), and the block mask lets a response token attend to its own block's prompt and
+    causally to its own response, never to a sibling or another block: each token sees the keys and
+    positions it has in its own padded row, so logprobs and gradients are those of `padded_layout`
+    while each prompt is encoded once and short blocks share a row instead of padding. Blocks follow each
+    prompt's first appearance; scored tokens find their sample through ``out_row`` / ``out_col``. Empty
+    responses take no columns.
 
     Raises:
         ValueError: a sample with a response has an empty prompt.
@@ -153,29 +156,47 @@ def shared_prefix_layout(samples: list) -> ForwardLayout:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, s in enumerate(samples):
         groups.setdefault(tuple(s.prompt_ids), []).append(i)
-    L = max(len(p) + sum(len(samples[i].response_ids) for i in idx) for p, idx in groups.items())
-    ids = torch.zeros(len(groups), L, dtype=torch.long)
+    sizes = [len(p) + sum(len(samples[i].response_ids) for i in idx) for p, idx in groups.items()]
+    cap = max(row_tokens, *sizes)
+    rows: list[list[int]] = []  # block indices per row
+    used = 0
+    for b, n in enumerate(sizes):
+        if rows and used + n <= cap:
+            rows[-1].append(b)
+            used += n
+        else:
+            rows.append([b])
+            used = n
+    L = max(sum(sizes[b] for b in row) for row in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
     pos = torch.zeros_like(ids)
-    seg = torch.full_like(ids, -1)  # 0: the prompt, k + 1: the row's k-th response, -1: padding
+    blk = torch.full_like(ids, -1)  # the block a column belongs to; -1: padding
+    part = torch.full_like(ids, -1)  # 0: the block's prompt, k + 1: its k-th response
     src_row, src_pos, targets, out_row, out_col = [], [], [], [], []
-    for r, (prompt, idx) in enumerate(groups.items()):
-        P = len(prompt)
-        ids[r, :P], pos[r, :P], seg[r, :P] = torch.tensor(prompt, dtype=torch.long), torch.arange(P), 0
-        o = P
-        for k, i in enumerate(idx):
-            resp = samples[i].response_ids
-            R = len(resp)
-            ids[r, o: o + R] = torch.tensor(resp, dtype=torch.long)
-            pos[r, o: o + R] = torch.arange(P, P + R)
-            seg[r, o: o + R] = k + 1
-            src_row += [r] * R
-            src_pos += [P - 1, *range(o, o + R - 1)][:R]  # the first token is predicted from the prompt's last
-            targets += resp
-            out_row += [i] * R
-            out_col += range(R)
-            o += R
-    q, kv = seg[:, :, None], seg[:, None, :]
-    allowed = torch.ones(L, L, dtype=torch.bool).tril() & ((kv == 0) | (kv == q))  # padding sees no NaN row
+    blocks = list(groups.items())
+    for r, row in enumerate(rows):
+        o = 0
+        for b in row:
+            prompt, idx = blocks[b]
+            P = len(prompt)
+            ids[r, o: o + P], pos[r, o: o + P] = torch.tensor(prompt, dtype=torch.long), torch.arange(P)
+            blk[r, o: o + P], part[r, o: o + P] = b, 0
+            last_prompt, o = o + P - 1, o + P
+            for k, i in enumerate(idx):
+                resp = samples[i].response_ids
+                R = len(resp)
+                ids[r, o: o + R] = torch.tensor(resp, dtype=torch.long)
+                pos[r, o: o + R] = torch.arange(P, P + R)
+                blk[r, o: o + R], part[r, o: o + R] = b, k + 1
+                src_row += [r] * R
+                src_pos += [last_prompt, *range(o, o + R - 1)][:R]  # the first token is predicted from the prompt's last
+                targets += resp
+                out_row += [i] * R
+                out_col += range(R)
+                o += R
+    same_block = blk[:, :, None] == blk[:, None, :]
+    q, kv = part[:, :, None], part[:, None, :]
+    allowed = torch.ones(L, L, dtype=torch.bool).tril() & same_block & ((kv == 0) | (kv == q))
     return _layout(ids, allowed, pos, src_row, src_pos, targets, out_row, out_col)
 
 
@@ -241,12 +262,13 @@ def _scoring_head(head: torch.nn.Module, layout: ForwardLayout, temperature: flo
 
 
 def response_logprobs(model, samples: list, device, temperature: float, shared_prefix: bool = True,
-                      chunk_tokens: int = 1024, with_entropy: bool = False):
+                      chunk_tokens: int = 1024, with_entropy: bool = False, pack_tokens: int = 0):
     """Per-token logprobs of each sample's response tokens at ``temperature`` and the loss mask.
 
     One model forward per call, whatever the samples (ZeRO-3 gathers parameters in every forward, so
     every rank must run as many). ``shared_prefix``: samples with identical ``prompt_ids`` share one
-    encoding of the prompt (`shared_prefix_layout`; needs an attention implementation in
+    encoding of the prompt, and prompt blocks share rows of up to ``pack_tokens`` tokens
+    (`shared_prefix_layout`; needs an attention implementation in
     `SHARED_PREFIX_ATTENTION`), else one right-padded row per sample (`padded_layout`). Either way the
     LM head runs only at the positions that predict response tokens, in chunks of ``chunk_tokens``
     (`token_logprobs`), never on the prompt.
@@ -270,7 +292,7 @@ def response_logprobs(model, samples: list, device, temperature: float, shared_p
     if getattr(config, "final_logit_softcapping", None):
         raise ValueError(f"{type(core).__name__} soft-caps its logits after the LM head "
                          "(final_logit_softcapping); learner.step scores tokens inside the head and cannot")
-    layout = shared_prefix_layout(samples) if shared_prefix else padded_layout(samples)
+    layout = shared_prefix_layout(samples, pack_tokens) if shared_prefix else padded_layout(samples)
     attn = layout.attention_mask
     if shared_prefix:
         impl = config._attn_implementation

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from buffer.model_source import ModelSource
     from learner.config import LearnerConfig
 
 
@@ -54,7 +55,8 @@ class LearnerWorker:
 
     Args:
         cfg: `LearnerConfig`.
-        model_path: local HF model dir.
+        model: the model (`buffer.model_source.ModelSource`, resolved to a dir on this rank's node), or a
+            local HF model dir. A resumed run reloads its weights from the checkpoint, not from here.
         rank, world_size: position in the learner group.
         samples_per_step: nominal batch size in samples; sets DeepSpeed's gradient accumulation (the loss
             scale the normaliser undoes). Batches of other sizes train too (`learner.batching`).
@@ -64,14 +66,16 @@ class LearnerWorker:
         seed: torch seed.
     """
 
-    def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int, samples_per_step: int,
+    def __init__(self, cfg: LearnerConfig, model: ModelSource | str, rank: int, world_size: int, samples_per_step: int,
                  max_tokens: int, temperature: float, seed: int) -> None:
         import torch
 
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
         torch.set_num_threads(threads)
         torch.manual_seed(seed + rank)
-        self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
+        from buffer.model_source import local_model_dir
+
+        self.cfg, self.model_path, self.rank, self.world_size = cfg, local_model_dir(model), rank, world_size
         self.temperature, self.max_tokens = temperature, max_tokens
         # gradient accumulation steps per optimizer step (one optimizer step per PPO minibatch)
         self.gas = samples_per_step // (world_size * cfg.ppo_minibatches * cfg.micro_batch_size)
@@ -101,40 +105,34 @@ class LearnerWorker:
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=self.cfg.step_timeout_s))
         c = self.cfg
+        from learner.ds_config import deepspeed_config
+
+        ds_config = deepspeed_config(c, self.gas, self.samples_per_step)
+        zero3_init = None
+        if c.zero_stage == 3:  # load straight into partitions (deepspeed.zero.Init): no rank holds the full model
+            from transformers.integrations import HfDeepSpeedConfig
+
+            zero3_init = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference while it is alive
         # LoRA: frozen base weights in the compute dtype (no fp32 copy); the adapters get fp32 masters
         base_dtype = torch.bfloat16 if c.lora is not None and c.dtype == "bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=base_dtype,
                                                      attn_implementation=c.attn_implementation)
         model.config.use_cache = False
+        if c.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if c.lora is not None:
             from learner.lora import with_lora
 
             model = with_lora(model, c.lora)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": c.micro_batch_size,
-            "gradient_accumulation_steps": self.gas,
-            "train_batch_size": self.samples_per_step // c.ppo_minibatches,
-            "gradient_clipping": c.grad_clip,
-            "zero_optimization": {"stage": c.zero_stage, **(
-                {"stage3_param_persistence_threshold": c.zero3_param_persistence_threshold} if c.zero_stage == 3 else {})},
-            "bf16": {"enabled": c.dtype == "bf16"},
-            "optimizer": {"type": "AdamW", "params": {
-                "lr": c.lr, "weight_decay": c.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
-                "torch_adam": True}},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        if c.warmup_steps:
-            ds_config["scheduler"] = {"type": "WarmupLR", "params": {
-                "warmup_min_lr": 0.0, "warmup_max_lr": c.lr, "warmup_num_steps": c.warmup_steps,
-                "warmup_type": "linear"}}
         trainable = [p for p in model.parameters() if p.requires_grad]
-        n_trainable = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
+        n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+        del zero3_init  # later loads (the KL reference) are plain, unpartitioned models
         self.ref_model = None
         if c.kl_coef > 0 and c.lora is None:  # with LoRA the reference is the model with adapters disabled
             self.ref_model = AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=torch.float32, attn_implementation=c.attn_implementation).eval()
+                self.model_path, dtype=torch.float32 if c.dtype == "fp32" else torch.bfloat16,
+                attn_implementation=c.attn_implementation).to(self.engine.device).eval()
             self.ref_model.requires_grad_(False)
         return n_trainable
 
@@ -146,7 +144,7 @@ class LearnerWorker:
         from learner.step import response_logprobs
 
         return response_logprobs(model, samples, self.engine.device, self.temperature, self.cfg.shared_prefix,
-                                 self.cfg.logit_chunk_tokens, with_entropy)
+                                 self.cfg.logit_chunk_tokens, with_entropy, self.cfg.max_tokens_per_microbatch)
 
     def train_step(self, batch: list, version: int) -> dict[str, float]:
         """``learner.ppo_minibatches`` optimizer steps on ``batch`` (sample groups; every rank gets all).
@@ -154,8 +152,8 @@ class LearnerWorker:
         ``version`` is the learner's policy version before the step (the proximal policy). Group
         advantages are computed on the whole batch (groups may differ in size; samples whose reward
         failed get 0 and stay out of the baselines); each sample's advantage is scaled by
-        ``staleness_decay ** staleness``. Rank ``r`` trains on
-        ``samples[r::world]``, split into minibatches and micro-batches by `plan_microbatches`; each
+        ``staleness_decay ** staleness``. Each rank trains on whole groups, balanced by tokens, split
+        into minibatches and micro-batches by `plan_microbatches`; each
         minibatch loss is normalised over all ranks (``learner.loss_agg``), so the batch size may vary
         from step to step. pi_prox is the current policy exactly in the first minibatch, then
         recomputed before training or approximated log-linearly (``learner.prox_logprobs``).
@@ -163,23 +161,24 @@ class LearnerWorker:
         Returns metrics (token-weighted means over this rank's micro-batches).
 
         Raises:
-            ValueError: fewer samples than ``world_size * ppo_minibatches``.
+            ValueError: too few samples for ``ppo_minibatches``, or a sample longer than
+                ``max_tokens_per_microbatch`` (`learner.batching.plan_microbatches`).
         """
-        from learner.batching import plan_microbatches, prox_schedule
+        from learner.batching import BatchShape, plan_microbatches, prox_schedule
         from learner.off_policy import loss_normalizer
         from learner.step import TokenWeightedMeans, batch_metrics, recompute_prox, step_advantages
 
         t0 = time.perf_counter()
         samples = [s for g in batch for s in g]
         c, W, M = self.cfg, self.world_size, self.cfg.ppo_minibatches
-        plan = plan_microbatches(len(samples), W, M, c.micro_batch_size)
+        plan = plan_microbatches(BatchShape.of(batch), W, M, c.micro_batch_size, c.max_tokens_per_microbatch,
+                                 c.shared_prefix)
         prep = step_advantages(batch, version, c.advantage, c.staleness_decay)
-        mine = [i for mb in plan[self.rank] for micro in mb for i in micro]
         skipped_before = self.engine.skipped_steps
         prox_exact = None
         if M > 1 and c.prox_logprobs == "recompute":
             prox_exact = recompute_prox(lambda mb: self._forward(self.engine, mb)[0], samples,
-                                        prox_schedule(plan, self.rank, c.micro_batch_size))
+                                        prox_schedule(plan, self.rank))
         means, loss_total = TokenWeightedMeans(), 0.0
         for k in range(M):
             mb_all = [i for rank_plan in plan for micro in rank_plan[k] for i in micro]
@@ -191,7 +190,7 @@ class LearnerWorker:
                 # the last pass of a minibatch ends it with an optimizer step, however many passes it had
                 self.engine.set_gradient_accumulation_boundary(j == len(passes) - 1)
                 if not idx:  # this rank has no samples left here: a zero-weighted pass keeps ranks in step
-                    self._train_pass([samples[mine[0]]], [0.0], None, k, version, normalizer, padding=True)
+                    self._train_pass([samples[0]], [0.0], None, k, version, normalizer, padding=True)
                     continue
                 exact = [prox_exact[i] for i in idx] if prox_exact is not None else None
                 loss, met = self._train_pass([samples[i] for i in idx], [prep.advantages[i] for i in idx], exact,

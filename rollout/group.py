@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from buffer.adapter import LoraSpec
+    from buffer.model_source import ModelSource
     from rollout.config import DataConfig, RolloutConfig
 
 
@@ -36,7 +37,7 @@ class RolloutGroup:
     Args:
         cfg: `RolloutConfig`.
         data_cfg: `DataConfig`.
-        model_path: local HF model dir.
+        model: the model (`buffer.model_source.ModelSource`) or a local HF model dir every node sees.
         buffer: the replay buffer actor the workers write into.
         placement: ``strategy(slot) -> scheduling strategy`` and ``release(slot)`` (see the module doc).
         startup_timeout_s: seconds an engine may take to come up.
@@ -47,12 +48,12 @@ class RolloutGroup:
         RuntimeError: a worker could not be placed or failed to start within ``startup_timeout_s``.
     """
 
-    def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model_path: str, buffer, placement,
+    def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model: ModelSource | str, buffer, placement,
                  startup_timeout_s: float = 600.0, worker_cls: type = RolloutWorker, lora: LoraSpec | None = None
                  ) -> None:
         import ray
 
-        self.cfg, self.data_cfg, self.model_path, self.buffer = cfg, data_cfg, model_path, buffer
+        self.cfg, self.data_cfg, self.model, self.buffer = cfg, data_cfg, model, buffer
         self.placement, self.startup_timeout_s, self.lora = placement, startup_timeout_s, lora
         self.incarnation: dict[int, int] = {}  # slot -> times its actor was (re)started
         # the engine sets vLLM's own environment for the platform it finds (rollout.engine_args.engine_env)
@@ -72,7 +73,7 @@ class RolloutGroup:
         """Start the actor of ``slot`` where the placement puts it."""
         self.incarnation[slot] = self.incarnation.get(slot, -1) + 1
         return self._actor.options(**self._options, scheduling_strategy=self.placement.strategy(slot)).remote(
-            self.cfg, self.data_cfg, self.model_path, slot, self.buffer, self.lora)
+            self.cfg, self.data_cfg, self.model, slot, self.buffer, self.lora)
 
     def release(self, slot: int) -> None:
         """Kill the actor of ``slot`` (if any) and free its placement."""

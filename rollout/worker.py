@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from buffer.adapter import LoraSpec
+    from buffer.model_source import ModelSource
     from rollout.config import DataConfig, RolloutConfig
 
 
@@ -38,24 +39,27 @@ class RolloutWorker:
     Args:
         cfg: `RolloutConfig`.
         data_cfg: `DataConfig` (prompt instruction and one-shot format).
-        model_path: local HF model dir.
+        model: the model (`buffer.model_source.ModelSource`, resolved to a dir on this worker's node), or a
+            local HF model dir.
         worker_index: index in the group (seeds differ per worker).
         buffer: replay buffer actor handle (or a local `ReplayBuffer` in tests).
         lora: serve LoRA adapters of this spec (pushes then carry adapter tensors only); None: full weights.
 
     Raises:
-        FileNotFoundError: ``model_path`` does not exist.
+        FileNotFoundError: the model is not on this node and cannot be copied here.
     """
 
     reward_fn = staticmethod(score_response)
 
-    def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model_path: str, worker_index: int,
+    def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model: ModelSource | str, worker_index: int,
                  buffer: Any, lora: LoraSpec | None = None) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        from buffer.model_source import local_model_dir
         from rollout.engine import VLLMEngine
 
+        model_path = local_model_dir(model)
         self.cfg, self.data_cfg, self.index, self.buffer = cfg, data_cfg, worker_index, buffer
         self.engine = VLLMEngine(
             model_path, cfg.dtype, cfg.kv_cache_memory_bytes, cfg.max_model_len, cfg.seed + worker_index, lora,

@@ -90,8 +90,9 @@ def test_knapsack_budgets_train_ragged_batches_on_two_ranks(tiny_sums_model, ray
     t = Trainer(cfg, tmp_path / "knap", tiny_sums_model, load_problems(cfg.data, "train"), [])
     try:
         t.run(progress=False)
-        # 15 samples in groups of 7, 4, 4: rank 0 gets 8 (minibatches 4+4), rank 1 gets 7 (4+3); with
-        # micro-batches of 3 rank 1's second minibatch needs one pass fewer, so it runs a padding pass
+        # 15 samples in groups of 7, 4, 4, each group on one rank: rank 0 gets the 7 (minibatches 4+3), rank 1
+        # the two 4s (4+4); with micro-batches of 3 rank 0's second minibatch needs one pass fewer, so it runs a
+        # padding pass
         rng = random.Random(0)
         batch = [[Sample(prompt_id=f"x{g}", group_id=f"x{g}", prompt_ids=[1, 5, 7], response_ids=[9, 11, 2],
                          behaviour_logprobs=[-2.0, -2.0, -2.0], policy_versions=[t.version] * 3,

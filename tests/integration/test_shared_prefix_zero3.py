@@ -1,6 +1,6 @@
 """The shared-prefix forward through a real DeepSpeed ZeRO-3 engine (one process, gloo, every parameter
 partitioned): the LM head is scored in chunks inside its one call, so ZeRO-3 gathers its (tied) weights for
-forward and again for the chunks recomputed in backward. Logprobs and every gradient equal the plain padded
+forward and again for the chunks recomputed in backward; both prompts' blocks packed into one row. Logprobs and every gradient equal the plain padded
 path on an unwrapped copy, for the full model and for a PEFT LoRA model. Runs in a subprocess: the process
 group and DeepSpeed's state stay out of the test session."""
 
@@ -48,7 +48,7 @@ for lora in (False, True):
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=m, model_parameters=[p for p in m.parameters() if p.requires_grad],
                                       config=cfg)
-    lp, _ = response_logprobs(engine, samples, "cpu", 0.7, shared_prefix=True, chunk_tokens=3)
+    lp, _ = response_logprobs(engine, samples, "cpu", 0.7, shared_prefix=True, chunk_tokens=3, pack_tokens=64)
     engine.backward(lp.sum())
     errs = {n: float((deepspeed.utils.safe_get_full_grad(p) - g_ref[n]).norm() / g_ref[n].norm())
             for n, p in engine.module.named_parameters() if n in g_ref}

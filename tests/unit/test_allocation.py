@@ -11,7 +11,7 @@ from buffer.allocation import RolloutAllocator
 from buffer.prompt_sampler import DifficultySampler, UniformSampler
 from learner.advantages import ADVANTAGE_ESTIMATORS, batch_advantages, grpo_advantages
 from buffer import Problem
-from learner.batching import plan_microbatches, prox_schedule
+from learner.batching import BatchShape, assign_ranks, forward_tokens, plan_microbatches, prox_schedule
 
 
 def _problems(n: int) -> list[Problem]:
@@ -94,37 +94,85 @@ def test_single_sample_group_is_refused_by_group_estimators():
     assert len(adv) == 3
 
 
+def _shape(groups: list[tuple[int, list[int]]]) -> BatchShape:
+    """``(prompt tokens, [response tokens per sample])`` per group."""
+    g, p, r = [], [], []
+    for k, (prompt, responses) in enumerate(groups):
+        g += [k] * len(responses)
+        p += [prompt] * len(responses)
+        r += responses
+    return BatchShape(g, p, r)
+
+
+shapes = st.lists(st.tuples(st.integers(1, 40), st.lists(st.integers(0, 30), min_size=1, max_size=8)),
+                  min_size=1, max_size=24).map(_shape)
+
+
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 200), world=st.integers(1, 4), minibatches=st.integers(1, 4), micro=st.integers(1, 9))
-def test_batch_plan_covers_every_sample_once_in_lockstep(n, world, minibatches, micro):
-    if n < world * minibatches:
-        with pytest.raises(ValueError, match=str(n)):
-            plan_microbatches(n, world, minibatches, micro)
+@given(shape=shapes, world=st.integers(1, 4), minibatches=st.integers(1, 4), micro=st.integers(1, 9),
+       budget=st.sampled_from([0, 0, 40, 64, 200]), shared=st.booleans())
+def test_batch_plan_covers_every_sample_once_in_lockstep(shape, world, minibatches, micro, budget, shared):
+    n = len(shape.group)
+    too_long = budget and max(p + r for p, r in zip(shape.prompt_tokens, shape.response_tokens)) > budget
+    shares = assign_ranks(shape, world)
+    if max(map(len, shares)) < minibatches or too_long:
+        short = max(map(len, shares)) < minibatches  # checked first
+        with pytest.raises(ValueError, match="ppo_minibatches" if short else "max_tokens_per_microbatch"):
+            plan_microbatches(shape, world, minibatches, micro, budget, shared)
         return
-    plan = plan_microbatches(n, world, minibatches, micro)
+    plan = plan_microbatches(shape, world, minibatches, micro, budget, shared)
     flat = sorted(i for r in plan for mb in r for m in mb for i in m)
     assert flat == list(range(n))
+    for r in range(world):  # a group never spans two ranks
+        mine = {shape.group[i] for mb in plan[r] for m in mb for i in m}
+        assert all(shape.group[i] not in mine for q in range(world) if q != r for mb in plan[q] for m in mb for i in m)
     for k in range(minibatches):
         assert len({len(plan[r][k]) for r in range(world)}) == 1  # same passes per optimizer step on every rank
-        assert all(1 <= len(m) <= micro for m in plan[0][k] if m) and any(plan[r][k][0] for r in range(world))
-        assert all(len(m) <= micro for r in range(world) for m in plan[r][k])
+        assert any(m for r in range(world) for m in plan[r][k])  # no optimizer step without data
+        for r in range(world):
+            real = [m for m in plan[r][k] if m]
+            assert plan[r][k][: len(real)] == real  # padding only at the end
+            if budget:
+                assert all(forward_tokens(shape, m, shared) <= budget for m in real)
+            else:
+                assert all(len(m) <= micro for m in real)
+
+
+def test_groups_go_to_ranks_whole_and_balanced_by_tokens():
+    # prompt + responses: 100, 60, 50, 40, 10 tokens; LPT on 2 ranks: {100, 40} = 140, {60, 50, 10} = 120
+    shape = _shape([(10, [45, 45]), (20, [20, 20]), (10, [20, 20]), (10, [10, 10, 10]), (4, [3, 3])])
+    shares = assign_ranks(shape, 2)
+    load = [sum(forward_tokens(shape, [i for i in s if shape.group[i] == g], True) for g in {shape.group[i] for i in s})
+            for s in shares]
+    assert load == [140, 120] and shares[0] == [0, 1, 6, 7, 8]
+    # round-robin by sample (the old plan) would split every group over both ranks
+
+
+def test_a_sample_longer_than_the_token_budget_is_named():
+    shape = _shape([(10, [5, 5]), (30, [50])])
+    with pytest.raises(ValueError, match=r"a sample of 80 tokens \(30 prompt \+ 50 response\).*= 64"):
+        plan_microbatches(shape, 1, 1, 8, max_tokens_per_microbatch=64)
+    # shared prefix: the prompt counts once per micro-batch, so a budget of 30 takes 10 + 5 + 5 + ... samples
+    plan = plan_microbatches(_shape([(10, [5] * 6)]), 1, 1, 8, max_tokens_per_microbatch=30)
+    assert [len(m) for m in plan[0][0]] == [4, 2]
+    plan = plan_microbatches(_shape([(10, [5] * 6)]), 1, 1, 8, max_tokens_per_microbatch=30, shared_prefix=False)
+    assert [len(m) for m in plan[0][0]] == [2, 2, 2]  # padded rows: 15 tokens each
 
 
 def test_prox_recompute_runs_the_same_passes_on_every_rank_for_ragged_batches():
-    # 13 samples, 2 ranks: rank 0 holds 7 (4 passes of 2), rank 1 holds 6 (3 passes) plus one padding pass
-    plan = plan_microbatches(13, 2, 2, 2)
-    s0, s1 = prox_schedule(plan, 0, 2), prox_schedule(plan, 1, 2)
-    assert len(s0) == len(s1) == 4
-    assert s1[-1] == [] and all(s0)
+    # a group of 5 and a group of 1 on 2 ranks: rank 0 runs 3 passes of <= 2, rank 1 one pass and 2 of padding
+    plan = plan_microbatches(_shape([(3, [4] * 5), (3, [4])]), 2, 1, 2)
+    s0, s1 = prox_schedule(plan, 0), prox_schedule(plan, 1)
+    assert s0 == [[0, 1], [2, 3], [4]] and s1 == [[5], [], []]
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 200), world=st.integers(1, 4), minibatches=st.integers(1, 4), micro=st.integers(1, 9))
-def test_prox_schedule_covers_each_rank_share_once_in_lockstep(n, world, minibatches, micro):
-    if n < world * minibatches:
+@given(shape=shapes, world=st.integers(1, 4), minibatches=st.integers(1, 4), micro=st.integers(1, 9))
+def test_prox_schedule_covers_each_rank_share_once_in_lockstep(shape, world, minibatches, micro):
+    if max(map(len, assign_ranks(shape, world))) < minibatches:
         return
-    plan = plan_microbatches(n, world, minibatches, micro)
-    schedules = [prox_schedule(plan, r, micro) for r in range(world)]
+    plan = plan_microbatches(shape, world, minibatches, micro)
+    schedules = [prox_schedule(plan, r) for r in range(world)]
     assert len({len(s) for s in schedules}) == 1  # ZeRO-3: every forward all-gathers on every rank
     for r, s in enumerate(schedules):
         assert [i for p in s for i in p] == [i for mb in plan[r] for m in mb for i in m]

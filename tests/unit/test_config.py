@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from pydantic import ValidationError
+
 from orchestrator.config import ConfigError, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,3 +135,9 @@ def test_top_p_below_one_is_refused_with_the_reason():
     assert load_config(None, ["rollout.top_p=1.0"]).rollout.top_p == 1.0
     with pytest.raises(ConfigError, match=r"rollout.top_p = 0.9 .*importance weights.*set rollout.top_p = 1.0"):
         load_config(None, ["rollout.top_p=0.9"])
+
+
+def test_a_token_budget_below_one_response_is_refused_by_name():
+    with pytest.raises(ValidationError, match=r"learner.max_tokens_per_microbatch = 64 .*rollout.max_tokens = 64"):
+        RunConfig.model_validate({"learner": {"max_tokens_per_microbatch": 64}, "rollout": {"max_tokens": 64}})
+    assert RunConfig.model_validate({"learner": {"max_tokens_per_microbatch": 2048}}).learner.max_tokens_per_microbatch

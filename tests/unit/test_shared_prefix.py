@@ -92,6 +92,25 @@ def test_ragged_groups_match_the_padded_batch(tiny_model, attn, chunk_tokens):
     _assert_equivalent(_model(tiny_model, attn), samples, shared_prefix=True, chunk_tokens=chunk_tokens)
 
 
+def test_groups_packed_into_one_row_match_the_padded_batch(tiny_model):
+    """(d) with a token budget, several prompts' blocks share one packed row (each block attends only to
+    itself, positions restart per block): still the padded batch's logprobs and gradients."""
+    samples = _samples([(P1, 4), (P3, 2), (P1, 0), (P2, 6), (P3, 5), (P1, 3)], masks={3: [0, 1, 1, 1, 1, 0]})
+    assert shared_prefix_layout(samples, 64).input_ids.shape[0] == 1
+    _assert_equivalent(_model(tiny_model), samples, shared_prefix=True, chunk_tokens=4, pack_tokens=64)
+
+
+def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients(tiny_model):
+    """(e) decoder layers recomputed in backward (learner.gradient_checkpointing), shared prefix and chunked
+    head: still the padded batch's logprobs and every gradient."""
+    model = _model(tiny_model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert model.is_gradient_checkpointing
+    samples = _samples([(P1, 4), (P2, 3), (P1, 5), (P2, 0)])
+    _assert_equivalent(model, samples, shared_prefix=True, chunk_tokens=4)
+
+
 def test_a_lora_model_matches_the_padded_batch(tiny_model):
     """(c) a PEFT LoRA model (adapters with non-zero B, so every adapter gets a gradient): the same
     logprobs and adapter gradients; the frozen base weights get none."""
@@ -132,6 +151,11 @@ def test_shared_prefix_layout_puts_each_prompt_once_with_restarted_positions():
     m = lay.attention_mask[0]
     assert m[5, :3].all() and not m[5, 3:5].any() and m[5, 5]  # the 2nd response sees the prompt, not its sibling
     assert not m[3, 4]  # causal within a response
+    packed = shared_prefix_layout(samples, 11)  # both blocks in one row of 8 + 3 tokens
+    assert packed.input_ids.shape == (1, 11) and packed.position_ids[0].tolist()[8:] == [0, 1, 2]
+    assert packed.src_pos.tolist()[-1] == 9  # the second block's response follows its own prompt's last token
+    m = packed.attention_mask[0]
+    assert m[10, 8:].all() and not m[10, :8].any() and not m[7, 8:].any()  # blocks never see each other
 
 
 def test_attention_without_a_custom_mask_is_refused(tiny_model, monkeypatch):

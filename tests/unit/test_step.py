@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from buffer import Sample
-from learner.batching import plan_microbatches, prox_schedule
+from learner.batching import BatchShape, plan_microbatches, prox_schedule
 from learner.step import (TokenWeightedMeans, batch_metrics, later_minibatch_prox, recompute_prox, response_logprobs,
                           step_advantages)
 
@@ -80,10 +80,10 @@ def test_prox_padding_passes_run_a_forward_and_change_no_result(tiny_model):
         calls.append(len(mb))
         return response_logprobs(model, mb, "cpu", 0.7)[0]
 
-    plan = plan_microbatches(13, 2, 2, 2)
+    plan = plan_microbatches(BatchShape.singletons(13), 2, 2, 2)
     for rank in (0, 1):
         calls.clear()
-        schedule = prox_schedule(plan, rank, 2)
+        schedule = prox_schedule(plan, rank)
         got = recompute_prox(forward, samples, schedule)
         assert len(calls) == 4  # the same number of forward passes on both ranks
         mine = [i for mb in plan[rank] for m in mb for i in m]
