@@ -314,13 +314,30 @@ class LearnerWorker:
 
     def broadcast_weights(self, version: int, dtype: str, bucket_bytes: int) -> dict:
         """Export the weights (every rank: ZeRO-3 gathers) and broadcast them from rank 0 to the
-        rollout workers of the weight group; returns export and broadcast metrics (rank 0)."""
+        rollout workers of the weight group; returns export and broadcast metrics (rank 0).
+
+        Export and broadcast together take at most the group's timeout (s). A broadcast that fails
+        discards the group (it is never used again; the orchestrator builds a new one) and raises; this
+        process and its DeepSpeed group are unaffected.
+
+        Raises:
+            RuntimeError: rank 0 has no weight group (none joined, or the last one failed).
+            TimeoutError / RuntimeError: the broadcast timed out or lost a rollout worker.
+        """
+        t0 = time.monotonic()
         buckets, m = self.export_weights(dtype, bucket_bytes)
         if self.rank != 0:
             return {}
-        t0 = time.perf_counter()
-        self.weight_group.send(version, buckets)
-        return {**m, "weights/broadcast_seconds": time.perf_counter() - t0}
+        group = getattr(self, "weight_group", None)
+        if group is None:
+            raise RuntimeError("learner rank 0 is in no weight group (none joined, or its last broadcast failed)")
+        t1 = time.perf_counter()
+        try:
+            group.send(version, buckets, timeout_s=max(1.0, group.timeout_s - (time.monotonic() - t0)))
+        except (RuntimeError, TimeoutError):
+            self.weight_group = None
+            raise
+        return {**m, "weights/broadcast_seconds": time.perf_counter() - t1}
 
     def export_weights(self, dtype: str, bucket_bytes: int) -> tuple[list[bytes] | None, dict]:
         """Full weights (with LoRA: the adapter tensors only) as safetensors buckets (rank 0; other ranks

@@ -11,6 +11,11 @@ from (after temperature), so the learner must divide its logits by the same temp
 The run config refuses ``top_p < 1``: it would renormalise that distribution over the nucleus, and
 the importance weights assume the full-support distribution the learner computes.
 
+A checkpoint in another floating dtype than the engine's (an fp32 model dir for a bf16 engine) is loaded
+cast to the engine's dtype by the engine itself, through the in-place reload a push uses
+(`rollout.engine_args.needs_cast_load`): vLLM's own loader would narrow it tensor by tensor, with one
+warning each.
+
 `generate_chunked` lets weights change inside a request (in-flight updates at chunk boundaries).
 
 With a `buffer.adapter.LoraSpec` `load_weights` receives adapter tensors only. ``lora_serving =
@@ -36,7 +41,7 @@ from typing import Any
 
 from buffer.adapter import LoraSpec, write_adapter_dir
 from buffer.weight_buckets import iter_buckets
-from rollout.engine_args import engine_args, engine_env
+from rollout.engine_args import checkpoint_files, engine_args, engine_env, needs_cast_load
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +57,32 @@ class Completion:
 
 
 def _reload_on_worker(worker, buckets: list[bytes]) -> int:
-    """Runs inside the vLLM worker (collective_rpc): in-place reload, then CPU GEMM re-dispatch."""
-    worker.reload_weights(weights_iterator=iter_buckets(buckets), is_checkpoint_format=True)
+    """Runs inside the vLLM worker (collective_rpc): in-place reload from weight buckets; returns bytes."""
+    _reload(worker, iter_buckets(buckets))
+    return sum(len(b) for b in buckets)
+
+
+def _load_checkpoint_on_worker(worker, files: list[str], dtype: str) -> None:
+    """Runs inside the vLLM worker (collective_rpc): in-place load of the safetensors ``files`` with every
+    floating tensor cast to ``dtype`` (a vLLM dtype name) first, one tensor at a time."""
+    import torch
+    from safetensors import safe_open
+
+    dt = getattr(torch, dtype)
+
+    def weights():
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    yield name, t.to(dt) if t.is_floating_point() else t
+
+    _reload(worker, weights())
+
+
+def _reload(worker, weights) -> None:
+    """In-place reload of ``(HF name, tensor)`` pairs, then the CPU GEMM re-dispatch."""
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
     model = worker.model_runner.get_model()
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None and hasattr(lm_head, "cpu_linear"):
@@ -62,7 +91,6 @@ def _reload_on_worker(worker, buckets: list[bytes]) -> int:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
-    return sum(len(b) for b in buckets)
 
 
 class VLLMEngine:
@@ -119,8 +147,13 @@ class VLLMEngine:
                     self._base.update({k: v.float() for k, v in load_file(os.path.join(model_path, f)).items()})
         elif lora is not None:
             engine_kwargs.update(enable_lora=True, max_lora_rank=lora.vllm_max_lora_rank(), max_loras=1, max_cpu_loras=2)
+        cast = needs_cast_load(model_path, dtype)  # e.g. an fp32 checkpoint for a bf16 engine
+        if cast:
+            engine_kwargs.setdefault("load_format", "dummy")
         self.llm = LLM(**engine_args(platform, model_path, dtype, kv_cache_memory_bytes, max_model_len, seed,
                                      **engine_kwargs))
+        if cast:
+            self.llm.collective_rpc(_load_checkpoint_on_worker, args=(checkpoint_files(model_path), dtype))
         self.tokenizer, self.dtype = self.llm.get_tokenizer(), dtype
         logger.info("vLLM engine up in %.1f s (%s, %s, %s, tensor parallel %d)", time.perf_counter() - t0,
                     model_path, dtype, platform, tp)

@@ -16,15 +16,59 @@ With ``tensor_parallel_size > 1`` the ranks are started by vLLM's multiprocessin
 worker's own node: inside a Ray placement group vLLM would otherwise pick its Ray executor and ask
 for GPUs the worker's bundle already holds.
 
+A checkpoint stored in another floating dtype than the engine's (e.g. an fp32 SmolLM2 for a bf16 engine)
+is not loaded by vLLM itself: vLLM narrows each such tensor with a warning ("Attempted to load weight ...
+with dtype torch.float32 into parameter with dtype torch.bfloat16", one per tensor). `needs_cast_load`
+detects it from the safetensors headers; the engine then starts without weights (``load_format =
+"dummy"``) and loads the checkpoint cast to its dtype through the same in-place reload as a weight push.
+
 Left out on purpose: other vLLM platforms (ROCm, TPU, XPU): refused until someone runs them.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from typing import Any
 
 PLATFORMS = ("cpu", "cuda")
 """Platforms whose engine settings are known (`vllm.platforms.current_platform.device_type`)."""
+
+
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}
+"""Engine dtype -> safetensors dtype code."""
+
+
+def checkpoint_files(model_path: str) -> list[str]:
+    """Paths of the ``*.safetensors`` weight files in ``model_path``, sorted."""
+    return [os.path.join(model_path, f) for f in sorted(os.listdir(model_path)) if f.endswith(".safetensors")]
+
+
+def checkpoint_float_dtypes(model_path: str) -> set[str]:
+    """Safetensors dtype codes (``F32``, ``BF16``, ``F16``, ...) of the floating tensors in ``model_path``'s
+    weight files; reads the file headers only."""
+    found: set[str] = set()
+    for path in checkpoint_files(model_path):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"][:1] in ("F", "B")}
+    return found - {"BOOL"}
+
+
+def needs_cast_load(model_path: str, dtype: str) -> bool:
+    """Whether the engine should load ``model_path`` cast to ``dtype`` itself (see the module docstring):
+    its safetensors weights are unquantised 16/32/64-bit floats of some dtype other than ``dtype``."""
+    want = SAFETENSORS_DTYPES.get(dtype)
+    found = checkpoint_float_dtypes(model_path)
+    if want is None or not found or not found <= {"F64", "F32", "F16", "BF16"}:
+        return False
+    config = os.path.join(model_path, "config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            if "quantization_config" in json.load(f):
+                return False
+    return found != {want}
 
 
 def _check_platform(platform: str) -> None:

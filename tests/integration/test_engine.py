@@ -82,3 +82,46 @@ def test_in_flight_weight_update_between_chunks(tiny_model):
     assert res["lens"] == [12] * 6 and res["v2"] == [0] * 4 + [1] * 8
     assert res["err_new"] < 1e-3  # tokens after the switch: logprobs of the new weights
     assert res["err_old"] > 1e-2  # tokens before it were sampled by the old weights
+
+
+_CAST_LOAD = """
+import json, torch
+from safetensors.torch import load_file
+from buffer.weight_buckets import serialize_buckets
+from rollout.engine import VLLMEngine
+e = VLLMEngine({model!r}, dtype="bfloat16", kv_cache_memory_bytes=64 << 20, max_model_len=256)
+seq = list(range(5, 45))
+start = e.sequence_logprobs(seq, 8)
+# a push as the learner exports it: the rollout dtype
+sd = load_file({model!r} + "/model.safetensors")
+e.load_weights(serialize_buckets(((k, v.to(torch.bfloat16)) for k, v in sd.items()), 1 << 20))
+print("RESULT", json.dumps({{"start": start, "pushed": e.sequence_logprobs(seq, 8)}}))
+"""
+
+
+def test_bf16_engine_on_an_fp32_checkpoint_loads_it_cast_without_dtype_warnings(tiny_model, tmp_path):
+    """An fp32 checkpoint (the tiny model; SmolLM2 as converted) for a bf16 engine: vLLM warned once per
+    narrowed tensor (122 for SmolLM2) when it loaded it itself. The engine loads it cast to bf16 instead,
+    with the same weights as a bf16 copy of the checkpoint loaded by vLLM, and a bf16 push adds no warning."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bf16_dir = tmp_path / "bf16"
+    shutil.copytree(tiny_model, bf16_dir)
+    sd = load_file(str(bf16_dir / "model.safetensors"))
+    assert {v.dtype for v in sd.values()} == {torch.float32}
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(bf16_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    runs = {}
+    for name, model in (("fp32", tiny_model), ("bf16", str(bf16_dir))):
+        out = subprocess.run([sys.executable, "-c", _CAST_LOAD.format(model=model)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "Attempted to load weight" not in out.stderr + out.stdout, name
+        runs[name] = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1])
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert max(abs(a - b) for a, b in zip(fp32["start"], bf16["start"])) < 1e-4  # the same bf16 weights
+    assert max(abs(a - b) for a, b in zip(fp32["start"], fp32["pushed"])) < 1e-4
+    assert max(fp32["start"]) - min(fp32["start"]) > 1e-2, fp32  # real weights, not vLLM's near-zero dummy init

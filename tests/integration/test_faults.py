@@ -202,6 +202,73 @@ def test_collective_weight_group_is_rebuilt_for_a_restarted_worker(tiny_sums_mod
     _audit(summary)
 
 
+class BreaksMidBroadcast(RolloutWorker):
+    """Rollout worker 1 breaks in the middle of receiving its second weight broadcast: it receives the
+    header, writes the time to ``marker``, then dies (``os._exit``: a lost peer) or hangs (never reads the
+    rest). Once per test (``marker`` survives a restart)."""
+
+    marker, mode = "", "dies"
+
+    def receive_broadcast(self):
+        import os
+
+        import torch
+        from torch._C._distributed_c10d import BroadcastOptions
+
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.index != 1 or self.calls < 2 or os.path.exists(self.marker):
+            return super().receive_broadcast()
+        self.weight_group.pg.broadcast([torch.zeros(2, dtype=torch.int64)], BroadcastOptions()).wait()
+        with open(self.marker, "w") as f:
+            f.write(str(time.time()))
+        if self.mode == "dies":
+            os._exit(1)
+        time.sleep(3600)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["dies", "hangs"])
+def test_broken_broadcast_falls_back_and_learner_rank_0_keeps_training(tiny_sums_model, ray_local, tmp_path,
+                                                                      caplog, mode):
+    """A rollout worker dies or hangs in the middle of a gloo weight broadcast: the driver hears of it within
+    ``weight_push_timeout_s``, the push falls back to the object store, learner rank 0 (the sender) lives on
+    and trains, the next push builds a new group and broadcasts again, and every worker ends on the
+    learner's final policy."""
+    import logging
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    BreaksMidBroadcast.marker, BreaksMidBroadcast.mode = str(tmp_path / "broke"), mode
+    timeout_s = 20
+    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=5", "rollout.weight_transport=collective",
+               "rollout.num_workers=2", "rollout.num_cpus=1", "learner.num_cpus=1",
+               f"rollout.weight_push_timeout_s={timeout_s}")
+    t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
+                rollout_worker_cls=BreaksMidBroadcast)
+    caplog.set_level(logging.WARNING, logger="orchestrator.weight_sync")
+    try:
+        summary = t.run(progress=False)
+        rank0_alive = ray.get(t.learner.ranks[0].master_address.remote(), timeout=30)  # the same actor answers
+        generations = t.weight_sync.transport.generation
+        seq = list(range(5, 45))
+        learner_lp = t.learner.sequence_logprobs(seq, 8)
+        worker_lp = ray.get([w.sequence_logprobs.remote(seq, 8, 5) for w in t.rollout.workers], timeout=120)
+    finally:
+        t.shutdown()
+    assert rank0_alive
+    broke_at = float((tmp_path / "broke").read_text())
+    fell_back = [r for r in caplog.records if "object store" in r.getMessage()]
+    assert fell_back, "no fallback to the object store was logged"
+    assert fell_back[0].created - broke_at < timeout_s + 10, fell_back[0].created - broke_at
+    assert summary["weights/push_fallbacks_total"] >= 1 and summary["policy/version"] == 5, summary
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert recs[-1]["weights/broadcast_seconds"] > 0  # the last push was a broadcast again, from the same rank 0
+    assert generations >= 2  # the broken group was replaced
+    for lp in worker_lp:  # both workers serve the learner's final policy
+        assert max(abs(a - b) for a, b in zip(learner_lp, lp)) < 1e-3
+    _audit(summary)
+
+
 class HangsOnce(RolloutWorker):
     """Worker 1's first request never finishes; every other request is served normally."""
 

@@ -77,3 +77,20 @@ def test_a_rollout_worker_reserves_a_bundle_of_all_its_ranks_gpus():
                              "rollout.num_workers=2", "learner.num_gpus=1"])
     assert rollout_bundle(cfg) == {"CPU": 2.0, "GPU": 4.0}
     assert run_bundles(cfg) == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 4.0}, {"CPU": 2.0, "GPU": 4.0}]
+
+
+def test_cast_load_only_for_unquantised_float_checkpoints_of_another_dtype(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from rollout.engine_args import needs_cast_load
+
+    save_file({"w": torch.zeros(2, dtype=torch.float32), "ids": torch.zeros(2, dtype=torch.int64)},
+              str(tmp_path / "model.safetensors"))
+    assert needs_cast_load(str(tmp_path), "bfloat16") and needs_cast_load(str(tmp_path), "float16")
+    assert not needs_cast_load(str(tmp_path), "float32")
+    assert not needs_cast_load(str(tmp_path), "auto")  # vLLM picks the dtype: nothing to cast to
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
+    assert not needs_cast_load(str(tmp_path), "bfloat16")  # quantised weights are vLLM's to load
