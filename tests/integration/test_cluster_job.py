@@ -4,8 +4,6 @@ using deploy/runtime_env.yaml: the job must succeed, connect to that cluster, an
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import shutil
 import subprocess
 import sys
@@ -14,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from ray_nodes import agent_ports, free_port, stop_node
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(900)
@@ -30,15 +24,14 @@ def test_ray_job_submit_runs_a_tiny_job_on_a_started_cluster(tiny_model, tmp_pat
     # Ray's token authentication must be configured the same way for `ray start`, the CLI and the driver
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # Ray's unix socket paths live under the temp dir and must stay short (pytest's tmp_path is too long)
     ray_tmp = tempfile.mkdtemp(prefix="rrjob", dir="/tmp")
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats",
          # every port of its own: another Ray instance on this machine (the test session's) holds the defaults
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         *agent_ports(),
          f"--temp-dir={ray_tmp}"],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -67,10 +60,5 @@ def test_ray_job_submit_runs_a_tiny_job_on_a_started_cluster(tiny_model, tmp_pat
         (run_dir,) = [p for p in out_dir.iterdir() if p.is_dir()]
         assert (run_dir / "summary.json").is_file() and (run_dir / "final_model" / "config.json").is_file()
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster it started
-            try:
-                head.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
+        stop_node(head)
         shutil.rmtree(ray_tmp, ignore_errors=True)
