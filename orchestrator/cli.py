@@ -11,9 +11,10 @@ exits 1. The console shows relayrl's own progress, warnings and errors; every co
 ``<run_dir>/logs/`` (for a run on an object store, a driver-local dir it names) and ``-v`` shows it all
 (`orchestrator.console`).
 
-``relayrl report RUN_DIR`` renders plots and a summary of a run dir.
+``relayrl report RUN [--out DIR]`` renders plots and a summary of a run dir (a local path or storage URI).
 
-``relayrl scale RUN --rollout-workers N`` changes a running job's rollout worker count.
+``relayrl scale RUN --rollout-workers N`` changes a running job's rollout worker count (RUN: its run dir,
+local or a storage URI, or its name).
 
 ``relayrl bench CONFIG [--out docs/benchmarks.md] [--only NAME ...] [--steps N] [key.sub=value ...]``
 measures wrapper overhead, weight push, overlap/speedup and scaling on a run config and writes a table.
@@ -116,7 +117,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.tools.report import write_report
 
-    for path in write_report(args.run_dir):
+    for path in write_report(args.run, args.out):
         print(path)
     return 0
 
@@ -191,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     p.set_defaults(fn=cmd_trl_baseline)
     p = sub.add_parser("scale", help="change the number of rollout workers of a running job")
-    p.add_argument("run", help="the run dir (or its name) of a running job")
+    p.add_argument("run", help="a running job's run dir, local or a storage URI (s3://bucket/runs/...), or its name")
     p.add_argument("--rollout-workers", type=int, required=True, help="rollout workers wanted")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else auto)")
     p.set_defaults(fn=cmd_scale)
     p = sub.add_parser("report", help="PNG plots and a one-page summary of a run dir")
-    p.add_argument("run_dir", help="a run dir (runs/<name>-<timestamp>)")
+    p.add_argument("run", help="a run dir or its storage URI (runs/<name>-<timestamp>, s3://bucket/runs/...)")
+    p.add_argument("--out", help="write the report here (a local path or URI; default: RUN/report)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("prepare-model", help="convert/resolve a model to a local HF dir and print it")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
