@@ -36,8 +36,6 @@ def write_report(run: str | Path, out: str | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     run = str(run)
     text = _read(run, "metrics.jsonl")
     if text is None:
@@ -49,6 +47,7 @@ def write_report(run: str | Path, out: str | None = None) -> list[str]:
         raise ValueError(f"{storage.join(run, 'metrics.jsonl')} records no training step yet: report it once "
                          "a step (or, on an object store, a checkpoint) is done")
     out = out or storage.join(run, "report")
+    storage.check_writable(out)  # before the plots: a read-only bucket fails here, in one line naming ``out``
     with storage.staged_write(out) as local:
         names = _render(run, recs, steps, Path(local))
     return [storage.join(out, name) if storage.is_remote(out) else os.path.join(local, name) for name in names]

@@ -65,6 +65,11 @@ def test_report_of_a_uri_without_a_run_is_one_line_naming_it(s3_finished_run, s3
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{no_bucket}: no metrics.jsonl there" in err, err
 
+    no_out = f"{s3_bucket}-missing/report"  # a bucket that does not exist: nothing can be written there
+    assert main(["report", s3_finished_run, "--out", no_out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"storage {no_out!r} is not writable" in err, err
+
     assert main(["report", "nosuch://bucket/runs/x"]) == 2  # a scheme fsspec does not know
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "storage 'nosuch://bucket/runs/x/metrics.jsonl' cannot be opened" in err
