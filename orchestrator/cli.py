@@ -11,9 +11,10 @@ exits 1. The console shows relayrl's own progress, warnings and errors; every co
 ``<run_dir>/logs/`` (for a run on an object store, a driver-local dir it names) and ``-v`` shows it all
 (`orchestrator.console`).
 
-``relayrl report RUN_DIR`` renders plots and a summary of a run dir.
+``relayrl report RUN [--out DIR]`` renders plots and a summary of a run dir (a local path or storage URI).
 
-``relayrl scale RUN --rollout-workers N`` changes a running job's rollout worker count.
+``relayrl scale RUN --rollout-workers N`` changes a running job's rollout worker count (RUN: its run dir,
+local or a storage URI, or its name).
 
 ``relayrl bench CONFIG [--out docs/benchmarks.md] [--only NAME ...] [--steps N] [key.sub=value ...]``
 measures wrapper overhead, weight push, overlap/speedup and scaling on a run config and writes a table.
@@ -34,6 +35,8 @@ import os
 import sys
 
 logger = logging.getLogger("relayrl")
+VERBOSE_HELP = "everything on the console: debug logging and every actor's vLLM/Ray/DeepSpeed output"
+CONFIG_HELP = "run config (TOML), e.g. deploy/examples/arithmetic_smollm2.toml"
 
 
 def _init_ray(cfg, logs_dir: Path | None = None, verbose: bool = False) -> None:
@@ -116,7 +119,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.tools.report import write_report
 
-    for path in write_report(args.run_dir):
+    for path in write_report(args.run, args.out):
         print(path)
     return 0
 
@@ -156,58 +159,93 @@ def cmd_trl_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``relayrl`` console script; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="relayrl", description=__doc__.splitlines()[0])
-    verbose_help = "everything on the console: debug logging and every actor's vLLM/Ray/DeepSpeed output"
-    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train from a TOML run config")
-    p.add_argument("config", help="run config (TOML), e.g. deploy/examples/arithmetic_smollm2.toml")
+    p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar (CI/logs)")
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.add_argument("--resume", nargs="?", const="auto", metavar="RUN_DIR",
                    help="continue RUN_DIR (a local path or storage URI such as s3://bucket/runs/x) from its "
                    "latest complete checkpoint; without a value, the newest '<output_dir>/<name>-*' run that "
                    "has one (fresh start if none)")
     p.set_defaults(fn=cmd_train)
+
+
+def _add_experiment(sub) -> None:
     p = sub.add_parser("experiment", help="run the variants of an experiment spec and write a table")
     p.add_argument("spec", help="experiment spec (TOML), e.g. deploy/experiments/off_policy.toml")
     p.add_argument("--out", help="Markdown file to write (a .json with the raw summaries goes next to it)")
     p.add_argument("--only", action="append", help="run only this variant (repeatable)")
     p.add_argument("--variant-timeout", type=float, default=3600.0, help="seconds per variant before it is killed")
     p.set_defaults(fn=cmd_experiment)
+
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark wrapper overhead, weight push, overlap and scaling on a config")
-    p.add_argument("config", help="run config (TOML), e.g. deploy/examples/arithmetic_smollm2.toml")
+    p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=1")
     p.add_argument("--out", help="Markdown file to write (a .json with the raw measurements goes next to it)")
     p.add_argument("--only", action="append",
-                   help="run only this benchmark (repeatable): wrapper, weight_push, overlap, speedup, scaling")
+                   help="run only this benchmark (repeatable): wrapper, weight_push, lora, learner_paths, overlap, "
+                   "speedup, scaling")
     p.add_argument("--steps", type=int, default=4, help="learner steps of each real run (step 1 is not counted)")
     p.set_defaults(fn=cmd_bench)
+
+
+def _add_trl_baseline(sub) -> None:
     p = sub.add_parser("trl-baseline", help="TRL's GRPOTrainer on a run config (the external baseline; needs trl)")
-    p.add_argument("config", help="run config (TOML), e.g. deploy/examples/arithmetic_smollm2.toml")
+    p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     p.set_defaults(fn=cmd_trl_baseline)
+
+
+def _add_scale(sub) -> None:
     p = sub.add_parser("scale", help="change the number of rollout workers of a running job")
-    p.add_argument("run", help="the run dir (or its name) of a running job")
+    p.add_argument("run", help="a running job's run dir, local or a storage URI (s3://bucket/runs/...), or its name")
     p.add_argument("--rollout-workers", type=int, required=True, help="rollout workers wanted")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else auto)")
     p.set_defaults(fn=cmd_scale)
+
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="PNG plots and a one-page summary of a run dir")
-    p.add_argument("run_dir", help="a run dir (runs/<name>-<timestamp>)")
+    p.add_argument("run", help="a run dir or its storage URI (runs/<name>-<timestamp>, s3://bucket/runs/...)")
+    p.add_argument("--out", help="write the report here (a local path or URI; default: RUN/report)")
     p.set_defaults(fn=cmd_report)
+
+
+def _add_prepare_model(sub) -> None:
     p = sub.add_parser("prepare-model", help="convert/resolve a model to a local HF dir and print it")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     p.set_defaults(fn=cmd_prepare_model)
-    # dotted overrides may follow options (`train cfg.toml --resume run key=value`)
+
+
+SUBCOMMANDS = (_add_train, _add_experiment, _add_bench, _add_trl_baseline, _add_scale, _add_report,
+               _add_prepare_model)  # in the order ``--help`` lists them
+TAKES_OVERRIDES = ("train", "bench", "trl-baseline")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line as a namespace (``fn``: the subcommand's function); dotted overrides may follow
+    options (``train cfg.toml --resume run key=value``). Exits 2 with argparse's usage line on a bad one."""
+    parser = argparse.ArgumentParser(prog="relayrl", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     args, extra = parser.parse_known_args(argv)
-    takes_overrides = args.cmd in ("train", "bench", "trl-baseline")
-    if extra and (not takes_overrides or any("=" not in x or x.startswith("-") for x in extra)):
+    if extra and (args.cmd not in TAKES_OVERRIDES or any("=" not in x or x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``relayrl`` console script; returns the exit code: 0, 2 for an error a user can fix
+    (one line on stderr), 1 for an actor that died (one line naming its log)."""
+    args = parse_args(argv)
     from orchestrator import console
     from orchestrator.config import ConfigError
 

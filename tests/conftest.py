@@ -100,6 +100,24 @@ def s3_bucket(s3_server, monkeypatch) -> str:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture
+def finished_run() -> Path:
+    """A finished run dir, read-only: ``config.json``, ``metrics.jsonl`` and ``summary.json`` of a real 3-step
+    ``relayrl train`` of the tiny random model (eval every step; tmp paths shortened to ``tiny_model`` and
+    ``runs``), committed under ``tests/fixtures/tiny_run/``."""
+    return Path(__file__).parent / "fixtures" / "tiny_run" / "tiny-20261202-172037"
+
+
+@pytest.fixture
+def s3_finished_run(finished_run, s3_bucket) -> str:
+    """`finished_run` uploaded to `s3_bucket` as ``runs/<its name>``; yields that URI."""
+    from buffer import storage
+
+    run = storage.join(s3_bucket, "runs", finished_run.name)
+    storage.upload_dir(str(finished_run), run)
+    return run
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -1,6 +1,7 @@
 """relayrl's tooling: benchmarks, experiments, reports and the TRL baseline: built on the core, never imported by it.
 
-- `bench` (with `bench_actors`, `bench_math`): ``relayrl bench``, relayrl's overheads and overlap on a run config.
+- `bench` (with `bench_session`, `bench_training`, `bench_actors`, `bench_math`): ``relayrl bench``, relayrl's
+  overheads and overlap on a run config.
 - `experiment`: ``relayrl experiment``, named variants of one config and their comparison table.
 - `report`: ``relayrl report``, plots and a one-page summary of a run dir.
 - `trl_baseline`: ``relayrl trl-baseline``, TRL's GRPOTrainer on a relayrl run config.
@@ -11,4 +12,6 @@ them. Dependencies point one way: tools -> {orchestrator, rollout, learner, buff
 the core from importing tools.
 """
 
-__all__ = ["bench", "bench_actors", "bench_math", "experiment", "report", "trl_baseline"]
+__all__ = [
+    "bench", "bench_actors", "bench_math", "bench_session", "bench_training", "experiment", "report", "trl_baseline",
+]

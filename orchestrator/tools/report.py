@@ -1,9 +1,11 @@
-"""`relayrl report RUN_DIR`: PNG plots and a one-page Markdown summary of a run dir.
+"""`relayrl report RUN`: PNG plots and a one-page Markdown summary of a run dir, local or on a storage URI.
 
-Reads ``metrics.jsonl`` (and ``summary.json`` when the run finished) and writes, under
-``RUN_DIR/report/``: ``reward_accuracy.png`` (batch reward and held-out accuracy vs step and vs wall
-clock), ``staleness.png`` (per-step staleness histogram), ``throughput.png`` (rollout and learner
-tokens/s per step), ``weight_push.png`` (export and load seconds per step) and ``summary.md``.
+Reads ``metrics.jsonl``, ``config.json`` and (when the run finished) ``summary.json`` through
+`buffer.storage`, so ``RUN`` is a local path or a URI such as ``s3://bucket/runs/<name>-<timestamp>``
+(a running job on an object store uploads its metrics at each checkpoint: its report ends there). It
+writes, under ``RUN/report/`` (or ``--out``): ``reward_accuracy.png`` (batch reward and held-out accuracy
+vs step and vs wall clock), ``staleness.png`` (per-step staleness histogram), ``throughput.png`` (rollout
+and learner tokens/s per step), ``weight_push.png`` (export and load seconds per step) and ``summary.md``.
 
 Left out on purpose: interactive dashboards (TensorBoard reads the same run dir), Weights & Biases.
 """
@@ -11,7 +13,10 @@ Left out on purpose: interactive dashboards (TensorBoard reads the same run dir)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from buffer import storage
 
 
 def _series(recs: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -19,30 +24,56 @@ def _series(recs: list[dict], key: str, x: str = "step") -> tuple[list[float], l
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def write_report(run_dir: str | Path) -> list[Path]:
-    """Render the plots and the summary of ``run_dir``; returns the files written.
+def write_report(run: str | Path, out: str | None = None) -> list[str]:
+    """Render the plots and the summary of the run at ``run`` (a local path or a storage URI) into ``out``
+    (a local path or URI; default ``<run>/report``); returns the paths (or URIs) of the files written.
 
     Raises:
-        FileNotFoundError: ``run_dir`` has no ``metrics.jsonl``.
-        ValueError: it has no training step recorded yet.
+        FileNotFoundError: ``run`` has no ``metrics.jsonl``.
+        ValueError: it has no training step recorded yet; `buffer.storage.StorageError` (a
+            ``ValueError``): ``run`` or ``out`` cannot be opened, read or written.
     """
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (is it a relayrl run dir?)")
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    run = str(run)
+    text = _read(run, "metrics.jsonl")
+    if text is None:
+        raise FileNotFoundError(f"{run}: no metrics.jsonl there; pass a relayrl run dir or its URI, as printed "
+                                "when the run started (<output_dir>/<name>-<timestamp>)")
+    recs = [json.loads(x) for x in text.splitlines() if x.strip()]
     steps = [r for r in recs if r.get("step", 0) > 0]
     if not steps:
-        raise ValueError(f"{path} records no training step yet")
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
-    written = []
+        raise ValueError(f"{storage.join(run, 'metrics.jsonl')} records no training step yet: report it once "
+                         "a step (or, on an object store, a checkpoint) is done")
+    out = out or storage.join(run, "report")
+    storage.check_writable(out)  # before the plots: a read-only bucket fails here, in one line naming ``out``
+    with storage.staged_write(out) as local:
+        names = _render(run, recs, steps, Path(local))
+    return [storage.join(out, name) if storage.is_remote(out) else os.path.join(local, name) for name in names]
 
+
+def _read(run: str, name: str) -> str | None:
+    """The text of ``<run>/<name>``, or None if there is no such file.
+
+    Raises:
+        StorageError: the storage of ``run`` cannot be opened or read (names it and the cause).
+    """
+    uri = storage.join(run, name)
+    try:
+        return storage.read_bytes(uri).decode()
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001 - each client has its own errors (OSError, botocore's, gcsfs'...)
+        raise storage.StorageError(f"storage {uri!r} cannot be read: {type(e).__name__}: "
+                                   f"{' '.join(str(e).split())}") from None
+
+
+def _render(run: str, recs: list[dict], steps: list[dict], out: Path) -> list[str]:
+    """Write the plots and ``summary.md`` into the local dir ``out``; returns the file names."""
+    import matplotlib.pyplot as plt
+
+    written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, x, label in ((axes[0], "step", "step"), (axes[1], "time/elapsed_s", "wall clock (s)")):
         ax.plot(*_series(steps, "rollout/reward_mean", x), marker=".", label="batch reward (T=1)")
@@ -51,7 +82,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(run_dir.name)
+    fig.suptitle(storage.basename(run))
     written.append(_save(fig, out / "reward_accuracy.png"))
 
     lags = sorted({int(k.rsplit("_", 1)[1]) for r in steps for k in r if k.startswith("off_policy/staleness_frac_")})
@@ -74,8 +105,8 @@ def write_report(run_dir: str | Path) -> list[Path]:
     written.append(_lines(steps, [("weights/export_seconds", "export (learner)"),
                                   ("weights/load_seconds", "load (rollout workers)")],
                           "seconds", "weight push", out / "weight_push.png"))
-    written.append(_summary(run_dir, recs, steps, out / "summary.md"))
-    return written
+    written.append(_summary(run, recs, steps, out / "summary.md"))
+    return [p.name for p in written]
 
 
 def _lines(steps: list[dict], series: list[tuple[str, str]], ylabel: str, title: str, path: Path) -> Path:
@@ -106,9 +137,8 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _summary(run_dir: Path, recs: list[dict], steps: list[dict], path: Path) -> Path:
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+def _summary(run: str, recs: list[dict], steps: list[dict], path: Path) -> Path:
+    summary, config = (json.loads(_read(run, name) or "{}") for name in ("summary.json", "config.json"))
     evals = [(r["step"], r["eval/accuracy"]) for r in recs if r.get("eval/accuracy") is not None]
     last = steps[-1]
 
@@ -117,7 +147,7 @@ def _summary(run_dir: Path, recs: list[dict], steps: list[dict], path: Path) -> 
         return f"{sum(vals) / len(vals):.4g}" if vals else "-"
 
     lines = [
-        f"# {run_dir.name}", "",
+        f"# {storage.basename(run)}", "", f"- run: {run}", _config_line(config),
         f"- steps: {last['step']} ({'finished' if summary else 'not finished'}), wall clock {last['time/elapsed_s']:.0f} s",
         "- held-out accuracy: " + (", ".join(f"{a:.3f} @ step {s}" for s, a in evals) or "-"),
         f"- batch reward: first {_num(steps[0].get('rollout/reward_mean'))}, last {_num(last.get('rollout/reward_mean'))}",
@@ -129,5 +159,17 @@ def _summary(run_dir: Path, recs: list[dict], steps: list[dict], path: Path) -> 
         "", "![reward and accuracy](reward_accuracy.png)", "![staleness](staleness.png)",
         "![throughput](throughput.png)", "![weight push](weight_push.png)", "",
     ]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(line for line in lines if line is not None))
     return path
+
+
+def _config_line(config: dict) -> str | None:
+    """The run's shape in one line, from its ``config.json`` (None if it has none)."""
+    if not config:
+        return None
+    ro, lr = config.get("rollout", {}), config.get("learner", {})
+    return (f"- config: model {config.get('model', {}).get('path')}, {config.get('num_steps')} steps x "
+            f"{config.get('prompts_per_step')} prompts x {ro.get('group_size')} samples, "
+            f"{ro.get('num_workers')} rollout worker(s), {lr.get('num_learners')} learner rank(s), "
+            f"advantage {lr.get('advantage')}, loss {lr.get('loss')}, lr {lr.get('lr')}, "
+            f"max staleness {config.get('buffer', {}).get('max_staleness')}")

@@ -11,52 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from tiny_run import tiny_run_toml, train_cli
+
 pytestmark = pytest.mark.integration
 P, STEPS = 4, 6
 
 
 def _config(tmp_path: Path, model: str, name: str, staleness: int) -> Path:
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(f"""
-name = "{name}"
-output_dir = "{tmp_path / name}"
-num_steps = {STEPS}
-prompts_per_step = {P}
-seed = 11
-[model]
-path = "{model}"
-[data]
-train_size = 100
-eval_size = 0
-one_shot = false
-task_config = {{ min_terms = 2, max_terms = 2, max_digits = 1, operators = ["+"], allow_parentheses = false, allow_negation = false }}
-[rollout]
-group_size = 4
-max_tokens = 16
-dtype = "float32"
-kv_cache_memory_bytes = 67108864
-max_model_len = 256
-prompts_per_request = 2
-[buffer]
-max_staleness = {staleness}
-[learner]
-micro_batch_size = 8
-dtype = "fp32"
-lr = 1e-3
-[checkpoint]
-every = 1
-keep = 2
-[ray]
-num_cpus = 2
-""")
-    return cfg
+    return tiny_run_toml(tmp_path / f"{name}.toml", model, tmp_path / name, f"name={name}", f"num_steps={STEPS}",
+                         f"prompts_per_step={P}", "seed=11", f"buffer.max_staleness={staleness}",
+                         "checkpoint.every=1", "checkpoint.keep=2", "ray.num_cpus=2")
 
 
 def _train(cfg: Path, *extra: str, kill_after_checkpoint: int | None = None, timeout: float = 400) -> None:
     """``relayrl train``; with ``kill_after_checkpoint = k``, SIGKILLed once a checkpoint of a step in
     ``k..STEPS-1`` is complete (steps are short here: polling may miss step k's before it is
     pruned, and a kill at the last step would leave nothing to resume)."""
-    from tiny_run import train_cli
 
     def done() -> bool:
         return any(list(cfg.parent.glob(f"{cfg.stem}/*/checkpoints/step_{k:06d}/COMPLETE"))

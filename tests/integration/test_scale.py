@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 
+from buffer import storage
 from orchestrator.cli import main
 from orchestrator.loop import Trainer
 from rollout.tasks import load_problems
@@ -71,6 +72,29 @@ def test_scale_up_then_down_during_a_run(tiny_sums_model, ray_local, tmp_path):
 def test_scale_of_unknown_run_is_a_clear_error(ray_local, capsys):
     assert main(["scale", "no-such-run", "--rollout-workers", "2"]) == 2
     assert "no running relayrl job named 'no-such-run'" in capsys.readouterr().err
+
+
+def test_scale_finds_a_run_on_s3_by_its_uri(ray_local, s3_bucket, capsys):
+    from orchestrator.control import start_control
+
+    run = storage.join(s3_bucket, "runs", "onbucket-20261202-000000")  # the control actor: the run dir's name
+    ctl = start_control(storage.basename(run), 1)
+    try:
+        assert main(["scale", run, "--rollout-workers", "3"]) == 0
+        assert json.loads(capsys.readouterr().out)["desired_rollout_workers"] == 3
+        assert ray.get(ctl.desired.remote(), timeout=30) == 3
+    finally:
+        ray.kill(ctl)
+
+
+def test_scale_of_a_uri_without_a_running_job_says_what_is_there(ray_local, s3_finished_run, s3_bucket, capsys):
+    finished = s3_finished_run  # a run dir with summary.json
+    assert main(["scale", finished, "--rollout-workers", "2"]) == 2
+    assert f"the run at {finished!r} has finished (it has a summary.json)" in capsys.readouterr().err
+    missing = storage.join(s3_bucket, "runs", "nothing-20260101-000000")
+    assert main(["scale", missing, "--rollout-workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"no relayrl run at {missing!r} (no config.json there): pass the run dir or URI" in err, err
 
 
 class SlowGeneration(__import__("rollout.worker", fromlist=["RolloutWorker"]).RolloutWorker):

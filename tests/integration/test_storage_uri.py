@@ -20,47 +20,16 @@ import pytest
 from buffer import storage
 from orchestrator.checkpoint import find_run_to_resume
 from orchestrator.storage import staging_dir
-from tiny_run import train_cli
+from tiny_run import tiny_run_toml, train_cli
 
 pytestmark = pytest.mark.integration
 P, STEPS = 4, 3
 
 
 def _config(tmp_path: Path, model: str, output: str) -> Path:
-    cfg = tmp_path / "s3run.toml"
-    cfg.write_text(f"""
-name = "s3run"
-output_dir = "{output}"
-num_steps = {STEPS}
-prompts_per_step = {P}
-seed = 5
-[model]
-path = "{model}"
-[data]
-train_size = 100
-eval_size = 0
-one_shot = false
-task_config = {{ min_terms = 2, max_terms = 2, max_digits = 1, operators = ["+"], allow_parentheses = false, allow_negation = false }}
-[rollout]
-group_size = 4
-max_tokens = 16
-dtype = "float32"
-kv_cache_memory_bytes = 67108864
-max_model_len = 256
-prompts_per_request = 2
-[learner]
-num_learners = 2
-num_cpus = 0.5
-micro_batch_size = 4
-dtype = "fp32"
-lr = 1e-3
-[checkpoint]
-every = 1
-keep = 2
-[ray]
-num_cpus = 2
-""")
-    return cfg
+    return tiny_run_toml(tmp_path / "s3run.toml", model, output, "name=s3run", f"num_steps={STEPS}",
+                         f"prompts_per_step={P}", "seed=5", "learner.num_learners=2", "learner.num_cpus=0.5",
+                         "learner.micro_batch_size=4", "checkpoint.every=1", "checkpoint.keep=2", "ray.num_cpus=2")
 
 
 def _jsonl(uri: str) -> list[dict]:

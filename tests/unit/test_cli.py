@@ -66,3 +66,13 @@ def test_trl_baseline_refuses_unmappable_setting_before_loading_anything(capsys,
     assert err.startswith("relayrl: error: ") and len(err.strip().splitlines()) == 1
     assert "learner.ppo_minibatches = 2" in err
     assert not list(tmp_path.iterdir())  # no run dir made
+
+
+def test_overrides_may_follow_options_and_only_subcommands_that_take_them_get_them(capsys):
+    from orchestrator.cli import cmd_train, parse_args
+
+    args = parse_args(["train", "c.toml", "a.b=1", "--resume", "runs/x", "c.d=2"])
+    assert (args.fn, args.config, args.resume, args.overrides) == (cmd_train, "c.toml", "runs/x", ["a.b=1", "c.d=2"])
+    with pytest.raises(SystemExit) as e:
+        parse_args(["report", "runs/x", "a.b=1"])
+    assert e.value.code == 2 and "unrecognized arguments: a.b=1" in capsys.readouterr().err

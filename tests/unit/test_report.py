@@ -1,0 +1,75 @@
+"""`relayrl report` on a run whose outputs live on an object store (a real S3-compatible server, moto on
+loopback), and its one-line errors for a storage URI without a run.
+
+The run is a real, finished tiny run's dir (`finished_run`) uploaded to a fresh bucket (`s3_finished_run`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from buffer import storage
+from orchestrator.cli import main
+
+FILES = ("reward_accuracy.png", "staleness.png", "throughput.png", "weight_push.png", "summary.md")
+
+
+def _check_plots(report_dir: Path) -> None:
+    import matplotlib.image
+
+    for name in FILES[:-1]:
+        img = matplotlib.image.imread(report_dir / name)
+        assert img.shape[0] > 200 and img.shape[1] > 200, name
+        assert img[..., :3].std() > 0.01, f"{name} is blank"
+
+
+def test_report_of_a_run_on_s3_is_written_beside_it_and_matches_the_local_report(s3_finished_run, finished_run,
+                                                                                 tmp_path, capsys):
+    run = s3_finished_run
+    assert main(["report", run]) == 0
+    assert capsys.readouterr().out.split() == [storage.join(run, "report", f) for f in FILES]
+    with storage.local_copy(storage.join(run, "report")) as d:
+        _check_plots(Path(d))
+        remote_md = (Path(d) / "summary.md").read_text()
+
+    local_run = tmp_path / finished_run.name  # the same run dir on a local path
+    shutil.copytree(finished_run, local_run)
+    assert main(["report", str(local_run)]) == 0
+    assert capsys.readouterr().out.split() == [str(local_run / "report" / f) for f in FILES]
+    local_md = (local_run / "report" / "summary.md").read_text()
+    # summary.json and config.json were read from the bucket too: "finished", the config line
+    assert "(finished)" in remote_md and "- config: model tiny_model, 3 steps x 4 prompts x 4 samples" in remote_md
+    assert "0.000 @ step 3" in remote_md and f"# {finished_run.name}" in remote_md
+    assert remote_md.replace(f"- run: {run}", f"- run: {local_run}") == local_md
+
+
+def test_report_out_writes_a_run_on_s3_to_a_local_dir(s3_finished_run, tmp_path, capsys):
+    run = s3_finished_run
+    out = tmp_path / "report"
+    assert main(["report", run, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out / f) for f in FILES]
+    _check_plots(out)
+    assert not storage.exists(storage.join(run, "report"))  # nothing written beside the run
+
+
+def test_report_of_a_uri_without_a_run_is_one_line_naming_it(s3_finished_run, s3_bucket, capsys):
+    missing = storage.join(s3_bucket, "runs", "tiny-20260101-000000")
+    assert main(["report", missing]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{missing}: no metrics.jsonl there; pass a relayrl run dir or its URI" in err
+
+    no_bucket = f"{s3_bucket}-missing/runs/x"
+    assert main(["report", no_bucket]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{no_bucket}: no metrics.jsonl there" in err, err
+
+    no_out = f"{s3_bucket}-missing/report"  # a bucket that does not exist: nothing can be written there
+    assert main(["report", s3_finished_run, "--out", no_out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"storage {no_out!r} is not writable" in err, err
+
+    assert main(["report", "nosuch://bucket/runs/x"]) == 2  # a scheme fsspec does not know
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "storage 'nosuch://bucket/runs/x/metrics.jsonl' cannot be opened" in err
