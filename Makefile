@@ -19,7 +19,7 @@ train: install
 
 ## Whole test suite (unit + integration on CPU; GPU tests skip without a GPU).
 test: install
-	$(VENV)/bin/python -m pytest tests -q -rs
+	$(VENV)/bin/python -m pytest tests -q -rs --durations=30
 
 test-unit: install
 	$(VENV)/bin/python -m pytest tests/unit -q

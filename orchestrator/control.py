@@ -49,8 +49,10 @@ def start_control(run_name: str, num_rollout_workers: int):
     """Create the run's named control actor (no CPU reserved); returns its handle."""
     import ray
 
-    return ray.remote(RunControl).options(name=run_name, namespace=NAMESPACE, num_cpus=0,
-                                          get_if_exists=True).remote(num_rollout_workers)
+    from orchestrator.placement import on_driver_node
+
+    return ray.remote(RunControl).options(name=run_name, namespace=NAMESPACE, num_cpus=0, get_if_exists=True,
+                                          scheduling_strategy=on_driver_node()).remote(num_rollout_workers)
 
 
 def scale(run: str, num_rollout_workers: int, address: str | None, timeout_s: float = 30.0) -> dict:

@@ -60,8 +60,8 @@ class Trainer:
         from buffer import storage
         from orchestrator.models import model_source, module_names
         from orchestrator.learner_step import SkippedSteps
-        from orchestrator.placement import (SlotPlacement, learner_bundle, reserve, rollout_bundle, scheduling,
-                                            wait_for_resources)
+        from orchestrator.placement import (SlotPlacement, learner_bundle, on_driver_node, reserve, rollout_bundle,
+                                            scheduling, wait_for_resources)
         from orchestrator.scaling import Scaler
         from orchestrator.storage import RunOutputs
         from orchestrator.tally import RolloutTally
@@ -76,7 +76,7 @@ class Trainer:
         wait_for_resources(cfg, cfg.ray.wait_for_resources_s)
         if lc.lora is not None:  # before any actor starts: a wrong module name is a config error
             check_target_modules(lc.lora, module_names(model_path))
-        self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote(
+        self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0, scheduling_strategy=on_driver_node()).remote(
             dynamic_sampling=bc.dynamic_sampling, prioritized=bc.prioritized_replay,
             value_tracker_discount=bc.value_tracker_discount if bc.value_tracker else None)
         self.learner_pg = reserve([learner_bundle(cfg)] * lc.num_learners,

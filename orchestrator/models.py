@@ -159,12 +159,12 @@ def model_source(model_dir: str, uri: str | None = None, serve: bool = True) -> 
     if not serve:
         return source
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from buffer.model_source import ModelFileServer
+    from orchestrator.placement import on_driver_node
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    server = ray.remote(ModelFileServer).options(num_cpus=0, scheduling_strategy=here).remote(model_dir, files)
+    server = ray.remote(ModelFileServer).options(num_cpus=0, scheduling_strategy=on_driver_node()).remote(
+        model_dir, files)
     return ModelSource(source.path, source.digest, source.files, uri=uri, server=server)
 
 

@@ -27,6 +27,16 @@ if TYPE_CHECKING:
     from orchestrator.config import RunConfig
 
 
+def on_driver_node():
+    """A scheduling strategy that keeps an actor on the driver's node (the replay buffer, the control
+    actor, the model file server): they hold the run's state with the driver, so losing another node never
+    takes them along, and Ray would otherwise put these zero-CPU actors on any node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def bundle(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict[str, float]:
     """One actor's Ray resource bundle (zero amounts left out: Ray rejects them)."""
     out = {"CPU": num_cpus, "GPU": num_gpus, **resources}

@@ -1,0 +1,249 @@
+"""A two-node Ray cluster whose second node cannot see the driver's files, as on separate machines.
+
+Both raylets run on this machine; node 2 runs inside a private mount namespace (``unshare -m``) with
+a tmpfs over the folder that holds the model, the run outputs and the model cache, so processes on
+node 2 see it empty. Each case runs ``relayrl train`` against the cluster, SIGKILLs the driver after a
+checkpoint, resumes, and checks that every trained group was trained once:
+
+- the rollout worker on node 2, run outputs on the driver's disk: the worker gets its own copy of the
+  model from the driver's node (and reuses it after the resume);
+- a learner rank on node 2, model and run outputs on an S3 server (moto on loopback): that rank reads
+  the model from the bucket itself and uploads its own checkpoint shards.
+
+Two more cases: a learner rank on node 2 with a local run dir is a one-line error at the first
+checkpoint; and node 2 lost mid-run (SIGKILL of all its processes) is replaced by a new node whose
+rollout worker copies the model and finishes the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from buffer import storage
+from orchestrator.checkpoint import find_run_to_resume
+from orchestrator.storage import logs_dir_of
+from ray_nodes import agent_ports, free_port, stop_node
+from tiny_run import tiny_run_toml, train_cli
+
+pytestmark = pytest.mark.integration
+P, STEPS = 4, 3  # tiny_run.TINY_RUN: prompts per step, steps
+BIN = Path(sys.executable).parent
+
+
+def _ports() -> list[str]:
+    """Every listening port of one raylet, free: two raylets share this machine."""
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}", *agent_ports()]
+
+
+class Cluster:
+    """A head node (this machine's view; resource ``head``) and nodes that cannot see ``hidden`` (each in a
+    private mount namespace with a tmpfs over it). ``env`` has the S3 credentials and the cache dir."""
+
+    def __init__(self, root: Path, env: dict) -> None:
+        self.hidden, self.env, self.nodes = root / "hidden", env, []
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false",
+             f"--temp-dir={root / 'ray'}", '--resources={"learner_slot": 1, "head": 1}', *COMMON, *_ports()],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_nodes(1)
+
+    def add_hidden_node(self, resources: str) -> subprocess.Popen:
+        """Start a node with the custom ``resources`` (a JSON object) that sees an empty ``hidden``."""
+        cmd = " ".join([str(BIN / "ray"), "start", f"--address={self.address}", f"--resources='{resources}'",
+                        *COMMON, *_ports()])
+        node = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
+                                 f"mount -t tmpfs tmpfs {self.hidden} && mkdir -p {self.hidden}/cache && exec {cmd}"],
+                                env=self.env, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        self.nodes.append(node)
+        self.wait_nodes(1 + sum(n.poll() is None for n in self.nodes))
+        return node
+
+    def wait_nodes(self, n: int, timeout_s: float = 300) -> None:
+        """Wait until ``n`` nodes are alive (generous: a loaded 2-core machine starts one in 10-60 s)."""
+        status = [str(BIN / "ray"), "status", f"--address={self.address}"]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            probe = subprocess.run(status, env=self.env, capture_output=True, text=True, timeout=60)
+            active = probe.stdout.split("Pending:")[0]
+            if probe.returncode == 0 and active.count("node_") == n:
+                return
+            dead = [p for p in [self.head, *self.nodes] if p.poll() is not None and p.returncode not in (0, -9)]
+            if dead or time.monotonic() > deadline:
+                logs = dead[0].stdout.read()[-2000:] if dead and dead[0].stdout else ""
+                pytest.fail(f"{n} Ray nodes were not up within {timeout_s:.0f} s: {probe.stdout[-1500:]} {logs}")
+            time.sleep(2)
+
+    def stop(self) -> None:
+        for node in [*self.nodes, self.head]:
+            stop_node(node)
+
+
+COMMON = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """A `Cluster` with node 2 (resources ``node2``, ``learner_slot``) that cannot see ``hidden``, which
+    holds the models, run outputs and model cache of the tests."""
+    root = Path(tempfile.mkdtemp(prefix="rr2n", dir="/tmp"))  # short: Ray's socket paths live under it
+    (root / "hidden" / "cache").mkdir(parents=True)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RELAYRL_CACHE": str(root / "hidden" / "cache"), "AWS_ACCESS_KEY_ID": "relayrl-test-key",
+           "AWS_SECRET_ACCESS_KEY": f"relayrl-secret-{uuid.uuid4().hex}", "AWS_ENDPOINT_URL": s3_server,
+           "AWS_DEFAULT_REGION": "eu-west-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    env.pop("RAY_ADDRESS", None)
+    c = None
+    try:
+        c = Cluster(root, env)
+        c.add_hidden_node('{"node2": 1, "learner_slot": 1}')
+        yield c
+    finally:
+        if c is not None:
+            c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _config(path: Path, model: str, output, cluster: Cluster, *extra: str) -> Path:
+    """The tiny run against ``cluster`` (a checkpoint every step), with dotted overrides ``extra``."""
+    return tiny_run_toml(path, model, output, "name=twonode", "seed=5", "checkpoint.every=1", "checkpoint.keep=2",
+                         "rollout.num_cpus=1", "learner.num_cpus=0.5", f"ray.address={cluster.address}", *extra)
+
+
+def _train_twice(cfg: Path, env: dict, output: str) -> str:
+    """Train, SIGKILL the driver after its first checkpoint, resume; returns the run's URI."""
+    old = dict(os.environ)
+    os.environ.update(env)  # train_cli's driver inherits this process's environment
+    try:
+        train_cli(cfg, kill_when=lambda: find_run_to_resume(output, "twonode") is not None, timeout=420)
+        train_cli(cfg, "--resume", timeout=420)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return find_run_to_resume(output, "twonode")
+
+
+def _trained_groups(run: str) -> list:
+    rows = storage.read_bytes(storage.join(run, "trained_groups.jsonl")).decode().splitlines()
+    return [g for r in rows if r.strip() for g in json.loads(r)["groups"]]
+
+
+@pytest.mark.timeout(1200)
+def test_rollout_worker_on_a_node_without_the_drivers_files(cluster, tiny_sums_model):
+    hidden, env = cluster.hidden, cluster.env
+    model = hidden / "model_rollout"
+    shutil.copytree(tiny_sums_model, model)
+    output = str(hidden / "runs")
+    cfg = _config(hidden / "rollout.toml", str(model), output, cluster, "rollout.resources={node2 = 1}",
+                  "learner.resources={head = 1}")
+    run = _train_twice(cfg, env, output)
+
+    trained = _trained_groups(run)
+    assert len(trained) == STEPS * P and len(set(trained)) == len(trained)  # nothing lost, nothing twice
+    summary = json.loads(storage.read_bytes(storage.join(run, "summary.json")))
+    assert summary["step"] == STEPS
+    # the worker on node 2 copied the model from the driver's node once; the resumed run's worker, on the
+    # same node, found that copy (by content) and copied nothing
+    log = (logs_dir_of(run) / "RolloutWorker.log").read_text()
+    # distinct lines: both raylets share one session dir on this machine, so both log monitors stream each line
+    copies = {ln for ln in log.splitlines() if "copied model" in ln}
+    assert len(copies) == 1 and "from the driver's node" in copies.pop(), log[-3000:]
+
+
+@pytest.mark.timeout(1200)
+def test_learner_rank_on_a_node_without_the_drivers_files(cluster, tiny_sums_model):
+    import boto3
+
+    hidden, env = cluster.hidden, cluster.env
+    bucket = f"relayrl-{uuid.uuid4().hex[:12]}"
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="eu-west-1",
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    for f in Path(tiny_sums_model).iterdir():
+        s3.upload_file(str(f), bucket, f"models/tiny/{f.name}")
+    # content of its own: node 2 must not find the first test's copy of the same model in its cache
+    s3.put_object(Bucket=bucket, Key="models/tiny/README.md", Body=bucket.encode())
+    output = f"s3://{bucket}/runs"
+    # one learner slot per node: rank 0 on one node, rank 1 on the other
+    cfg = _config(hidden / "learner.toml", f"s3://{bucket}/models/tiny", output, cluster,
+                  "learner.num_learners=2", "learner.resources={learner_slot = 1}", "rollout.resources={head = 1}")
+    run = _train_twice(cfg, env, output)
+
+    trained = _trained_groups(run)
+    assert len(trained) == STEPS * P and len(set(trained)) == len(trained)
+    first = storage.join(run, "checkpoints", storage.children(storage.join(run, "checkpoints"))[0])
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(storage.children(storage.join(first, "learner")))
+    log = (logs_dir_of(run) / "LearnerWorker.log").read_text()
+    assert "copied model" in log and f"from s3://{bucket}/models/tiny" in log, log[-3000:]
+    summary = json.loads(storage.read_bytes(storage.join(run, "summary.json")))
+    assert summary["step"] == STEPS and storage.exists(storage.join(run, "final_model", "config.json"))
+
+
+@pytest.mark.timeout(600)
+def test_a_local_run_dir_that_a_learner_node_cannot_see_is_a_one_line_error(cluster, tiny_sums_model):
+    """A learner rank on node 2 writing checkpoints into a local output_dir that only node 2 sees: the
+    driver notices at the first checkpoint and stops naming the fix, instead of a run that cannot resume."""
+    hidden, env = cluster.hidden, cluster.env
+    model = hidden / "model_local_out"
+    shutil.copytree(tiny_sums_model, model)
+    cfg = _config(hidden / "local_out.toml", str(model), hidden / "runs_local", cluster,
+                  "rollout.resources={head = 1}", "learner.resources={node2 = 1}")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "-q", str(cfg), "num_steps=1"],
+                          env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode != 0
+    err = [ln for ln in proc.stderr.splitlines() if "not shared by every node" in ln]
+    assert err and "set output_dir to a storage URI" in err[0], proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(1200)
+def test_a_lost_node_is_replaced_and_its_rollout_worker_restarts_there(cluster, tiny_sums_model):
+    """Runs last: it kills node 2. The rollout worker on node 2 dies with its node mid-run; a new node
+    with the same resource joins (as an autoscaler or KubeRay would bring one), the worker's placement
+    moves there, the worker restarts, copies the model to that node, and the run finishes with every
+    group trained once."""
+    hidden, env = cluster.hidden, cluster.env
+    model = hidden / "model_node_loss"
+    shutil.copytree(tiny_sums_model, model)
+    output = hidden / "runs_node_loss"
+    steps = 5
+    cfg = _config(hidden / "node_loss.toml", str(model), output, cluster, "rollout.resources={node2 = 1}",
+                  "learner.resources={head = 1}")
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "-q", str(cfg), f"num_steps={steps}",
+                               "checkpoint.every=100"], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(r.get("step", 0) >= 1 for p in output.glob("*/metrics.jsonl")
+                      for r in map(json.loads, p.read_text().splitlines())):
+            assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()[-3000:]
+            time.sleep(0.5)
+        (node2,) = [n for n in cluster.nodes if n.poll() is None]
+        os.killpg(node2.pid, signal.SIGKILL)  # the node and every process on it, at once
+        node2.wait(60)
+        cluster.add_hidden_node('{"node2": 1}')
+        out, _ = driver.communicate(timeout=900)
+        logs = "".join(p.read_text()[-6000:] for p in output.glob("*/logs/driver.log"))
+        assert driver.returncode == 0, out[-3000:] + logs
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    (run,) = [str(p) for p in output.iterdir() if p.is_dir()]
+    trained = _trained_groups(run)
+    assert len(trained) == steps * P and len(set(trained)) == len(trained)
+    log = (logs_dir_of(run) / "RolloutWorker.log").read_text()
+    copies = {ln for ln in log.splitlines() if "copied model" in ln}
+    assert len(copies) == 2, log[-3000:]  # node 2 at the start, the new node after the loss
