@@ -1,6 +1,5 @@
 """The environments relayrl ships: ``single_turn`` (one answer to the problem) and ``tool_math`` (the problem
-solved with calculator/python tool calls, answer checked at the end). ``textarena`` lives in
-`rollout.envs.textarena_env` (an optional package).
+solved with calculator/python tool calls, answer checked at the end).
 
 Left out on purpose: shaped rewards for tool use (only the final answer is rewarded).
 """
