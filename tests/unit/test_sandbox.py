@@ -80,7 +80,8 @@ def test_memory_cpu_time_output_and_crashes_become_observations():
              "raise ValueError('boom')": ("error", "ValueError: boom"),
              "import os; os.kill(os.getpid(), 9)": ("killed", "killed by a signal")}
     for code, (failure, text) in cases.items():
-        r = run_python(code, CFG)
+        # a generous wall clock for the CPU-limit case: on a loaded machine 1 CPU second can take > 4 s
+        r = run_python(code, CFG.model_copy(update={"wall_seconds": 60.0}) if failure == "cpu_limit" else CFG)
         assert (r.ok, r.failure) == (False, failure) and text in r.observation(), (code, r)
         assert len(r.output.encode()) <= CFG.max_output_bytes + 4  # bounded (replacement chars aside)
     garbage = run_python("import sys; sys.stdout.buffer.write(bytes(range(256)))", CFG)
