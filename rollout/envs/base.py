@@ -95,6 +95,7 @@ def make_environment(cfg: EnvConfig, problem: Problem) -> Environment:
         ValueError: ``cfg.type`` has no registered environment, or its options are bad.
     """
     import rollout.envs.builtin  # noqa: F401 - registers the built-in environments
+    import rollout.envs.textarena_env  # noqa: F401 - registers textarena (its package loads per environment)
 
     if cfg.type not in ENVIRONMENTS:
         raise ValueError(f"rollout.env.type = {cfg.type!r} has no registered environment "
