@@ -230,32 +230,9 @@ class RolloutWorker:
             TimeoutError: weights of ``req.min_version`` did not arrive in time.
             RuntimeError: more than ``rollout.env.max_failure_frac`` of the episodes failed; names the environment.
         """
-        from rollout.envs import make_environment
-        from rollout.episode import Episode, run_episodes
-
-        c, env_cfg = self.cfg, self.cfg.env
-        self._wait_for_version(req.min_version, c.weight_push_timeout_s)
-        calls = [0]
-
-        def sample(prompts, n, max_tokens):
-            seed = None if req.seed is None else req.seed + 7919 * calls[0]
-            calls[0] += 1
-            if c.update_interval_tokens:
-                return self.engine.generate_chunked(prompts, n, max_tokens, c.update_interval_tokens,
-                                                    lambda: (self._apply_pending(), self.version)[1],
-                                                    c.temperature, c.top_p, seed)
-            self._apply_pending()  # weights pushed during the previous turn serve this one
-            outs = self.engine.generate(prompts, n, max_tokens, c.temperature, c.top_p, seed)
-            return outs, [[[self.version] * len(x.token_ids) for x in g] for g in outs]
-
-        with self._engine_lock:
-            loaded_before, t0 = self._load_seconds, time.perf_counter()
-            episodes = [[Episode(make_environment(env_cfg, p)) for _ in range(k)]
-                        for p, k in zip(req.problems, req.sizes)]
-            seeds = [zlib.crc32(p.prompt_id.encode()) for p in req.problems]  # one reset seed per group
-            run_episodes(episodes, seeds, sample, self._encoder, env_cfg, c.max_tokens, c.max_model_len)
-            load_seconds = self._load_seconds - loaded_before
-            seconds = time.perf_counter() - t0 - load_seconds
+        env_cfg = self.cfg.env
+        episodes, seconds, load_seconds = self._play(list(req.problems), list(req.sizes), req.min_version, req.seed,
+                                                     self.cfg.temperature, self.cfg.max_tokens)
         flat = [e for g in episodes for e in g]
         failed = [e for e in flat if e.status == "failed"]
         if len(failed) > env_cfg.max_failure_frac * len(flat):
@@ -276,8 +253,43 @@ class RolloutWorker:
             env_failures=len(failed), tool_failures=sum(e.tool_failures for e in flat),
             turns=sum(len(e.texts) for e in flat))
 
+    def _play(self, problems: list[Problem], sizes: list[int], min_version: int, seed: int | None,
+              temperature: float, max_tokens: int):
+        """Play ``sizes[i]`` episodes of ``problems[i]`` from one reset seed; returns ``(episodes, seconds,
+        load_seconds)``. Staged weights load between turns (and every ``update_interval_tokens`` inside one)."""
+        from rollout.envs import make_environment
+        from rollout.episode import Episode, run_episodes
+
+        c = self.cfg
+        self._wait_for_version(min_version, c.weight_push_timeout_s)
+        calls = [0]
+
+        def sample(prompts, n, budget):
+            call_seed = None if seed is None else seed + 7919 * calls[0]
+            calls[0] += 1
+            if c.update_interval_tokens:
+                return self.engine.generate_chunked(prompts, n, budget, c.update_interval_tokens,
+                                                    lambda: (self._apply_pending(), self.version)[1],
+                                                    temperature, c.top_p, call_seed)
+            self._apply_pending()  # weights pushed during the previous turn serve this one
+            outs = self.engine.generate(prompts, n, budget, temperature, c.top_p, call_seed)
+            return outs, [[[self.version] * len(x.token_ids) for x in g] for g in outs]
+
+        with self._engine_lock:
+            loaded_before, t0 = self._load_seconds, time.perf_counter()
+            episodes = [[Episode(make_environment(c.env, p)) for _ in range(k)] for p, k in zip(problems, sizes)]
+            seeds = [zlib.crc32(p.prompt_id.encode()) for p in problems]  # one reset seed per group
+            run_episodes(episodes, seeds, sample, self._encoder, c.env, max_tokens, c.max_model_len)
+            load_seconds = self._load_seconds - loaded_before
+        return episodes, time.perf_counter() - t0 - load_seconds, load_seconds
+
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
-        """Greedy (temperature 0) answers to ``problems``; returns strict exact-match correctness."""
+        """Greedy (temperature 0) answers to ``problems``; returns strict exact-match correctness. With a
+        multi-turn ``rollout.env``: one greedy episode per problem, correct as its environment says
+        (``max_tokens`` per turn)."""
+        if self.cfg.env.type != "single_turn":
+            episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
+            return [g[0].correct for g in episodes]
         _, outs, *_ = self._run(problems, min_version, 1, max_tokens, 0.0, None)
         return [score_safely(self.reward_fn, g[0].text, p.answer, self.cfg.reward_timeout_s)[1]
                 for p, g in zip(problems, outs)]
