@@ -265,6 +265,11 @@ class RolloutWorker:
         calls = [0]
 
         def sample(prompts, n, budget):
+            if temperature == 0.0 and max(n) > 1:  # greedy: vLLM takes n = 1 only; equal contexts go one by one
+                outs, vers = sample([p for p, k in zip(prompts, n) for _ in range(k)], [1] * sum(n), budget)
+                at = [sum(n[:i]) for i in range(len(n) + 1)]
+                return ([[c for g in outs[a:b] for c in g] for a, b in zip(at, at[1:])],
+                        [[v for g in vers[a:b] for v in g] for a, b in zip(at, at[1:])])
             call_seed = None if seed is None else seed + 7919 * calls[0]
             calls[0] += 1
             if c.update_interval_tokens:
