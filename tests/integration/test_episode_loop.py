@@ -90,7 +90,7 @@ max_turns = 2
 max_episode_tokens = 300
 options = {{ env_kwargs = {{ max_turns = 2 }} }}
 [buffer]
-max_staleness = 1
+max_staleness = 2
 [learner]
 micro_batch_size = 8
 dtype = "fp32"
@@ -105,17 +105,22 @@ num_cpus = 2
     def checkpointed() -> bool:  # any complete checkpoint of steps 2..steps-1 (a kill at the last leaves nothing)
         return any(list(tmp_path.glob(f"ep/*/checkpoints/step_{k:06d}/COMPLETE")) for k in range(2, steps))
 
+    from test_resume import _groups_to_reissue
+
     train_cli(cfg, kill_when=checkpointed, timeout=500)
     (run,) = [p for p in (tmp_path / "ep").iterdir() if p.is_dir()]
+    expected = _groups_to_reissue(run)  # in-flight episodes' groups the checkpoint holds no result of
     train_cli(cfg, "--resume", str(run), timeout=500)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     resumed = [r for r in records if "resume/step" in r]
-    assert len(resumed) == 1 and 2 <= resumed[0]["resume/step"] < steps, resumed
+    assert len(resumed) == 1 and resumed[0]["resume/step"] == expected[0] and 2 <= expected[0] < steps, resumed
+    assert resumed[0]["resume/reissued_groups"] == expected[1], (resumed, expected)
     trained = _trained(run)
     assert len(trained) == steps * 4 and len(set(trained)) == len(trained)  # nothing lost, nothing trained twice
     s = json.loads((run / "summary.json").read_text())
     assert sum(s[k] for k in PARTS) == s["data/dispatched_groups"], s
-    assert all(r["rollout/turns_per_sample"] > 1.0 for r in records if "rollout/turns_per_sample" in r)
+    rolled = [r for r in records if r.get("rollout/turns_per_sample", 0) > 0]  # steps that generated
+    assert rolled and all(r["rollout/turns_per_sample"] > 1.0 for r in rolled), records  # multi-turn episodes
 
 
 class OneInFourFails(RolloutWorker):
