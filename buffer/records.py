@@ -87,6 +87,9 @@ class RolloutResult:
         seconds: generation wall clock in seconds (weight loads excluded).
         load_seconds: seconds spent loading staged weights during the request.
         version: oldest policy version among the generated tokens.
+        env_failures: episodes that failed in their environment (reset/step raised or timed out).
+        tool_failures: tool calls that failed (crash, timeout, limit, malformed call) in those episodes.
+        turns: assistant turns generated (equals ``samples`` for single-turn work).
     """
 
     worker: int
@@ -100,6 +103,9 @@ class RolloutResult:
     seconds: float
     load_seconds: float
     version: int
+    env_failures: int = 0
+    tool_failures: int = 0
+    turns: int = 0
 
 
 @dataclass(frozen=True)

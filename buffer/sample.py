@@ -38,6 +38,9 @@ class Sample:
         baseline: per-prompt value estimate set by the buffer when SPO's value tracker is on
             (``learner.advantage = "spo"``), read before this sample's own reward; else None.
         error: why the sample failed (status ``failed``), e.g. the reward function raised.
+        turn_rewards: per-turn rewards of a multi-turn episode (``reward`` is their sum; the response then
+            interleaves sampled tokens with observation tokens, the latter at loss mask 0); empty for a
+            single-turn sample.
     """
 
     prompt_id: str
@@ -54,6 +57,7 @@ class Sample:
     correct: bool = False
     baseline: float | None = None
     error: str = ""
+    turn_rewards: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)

@@ -24,6 +24,7 @@ class RolloutTally:
         # since the last step: groups, zero-variance groups, samples, samples spanning versions
         self.groups = self.zero_variance = self.samples = self.mixed_version = 0
         self.tokens, self.load_seconds = 0, 0.0  # response tokens generated, seconds loading weights
+        self.env_failures = self.tool_failures = self.turns = 0  # episodes (multi-turn rollout.env)
         self.worker_samples: dict[int, int] = {}  # samples per rollout worker since the last step
         # since the start of the run
         self.samples_total = self.reward_failures = self.retried_groups = self.worker_restarts = 0
@@ -37,6 +38,9 @@ class RolloutTally:
         self.mixed_version += result.mixed_version_samples
         self.reward_failures += result.reward_failures
         self.tokens += result.tokens
+        self.env_failures += result.env_failures
+        self.tool_failures += result.tool_failures
+        self.turns += result.turns
         self.load_seconds += result.load_seconds
         self.worker_samples[result.worker] = self.worker_samples.get(result.worker, 0) + result.samples
 
@@ -62,6 +66,9 @@ class RolloutTally:
             "rollout/retried_groups": float(self.retried_groups),
             "rollout/worker_restarts": float(self.worker_restarts),
             "rollout/mixed_version_frac": self.mixed_version / max(self.samples, 1),
+            "rollout/env_failed_frac": self.env_failures / max(self.samples, 1),
+            "rollout/tool_failures": float(self.tool_failures),
+            "rollout/turns_per_sample": self.turns / max(self.samples, 1),
             "curation/groups_generated": float(self.groups),
             "curation/zero_variance_generated_frac": self.zero_variance / self.groups if self.groups else 0.0,
             "curation/rollouts_per_trained_sample": self.samples_total / max(trained_samples_total, 1),
@@ -69,6 +76,7 @@ class RolloutTally:
                for w, n in sorted(self.worker_samples.items())},
         }
         self.groups = self.zero_variance = self.samples = self.mixed_version = self.tokens = 0
+        self.env_failures = self.tool_failures = self.turns = 0
         self.load_seconds, self.worker_samples = 0.0, {}
         return m
 

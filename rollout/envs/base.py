@@ -1,0 +1,111 @@
+"""The `Environment` protocol and its registry (keyed by ``rollout.env.type``).
+
+An episode: ``reset(seed)`` returns the opening chat messages; then, turn by turn, the assistant's
+text goes to ``step(action)``, which returns the next observation messages, a reward for that turn
+and whether the episode is over. Environments deal in text; tokens belong to `rollout.episode`, which
+tokenises each observation once, on arrival, and never re-tokenises the conversation.
+
+Left out on purpose: native async environments (the runner calls ``step`` of all live episodes
+concurrently, each in a thread bounded by ``rollout.env.step_timeout_s``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from buffer import Problem
+    from rollout.envs.config import EnvConfig
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant" | ..., "content": str}
+
+
+@dataclass
+class StepResult:
+    """What one `Environment.step` returns.
+
+    Attributes:
+        observation: messages appended to the conversation before the next assistant turn (usually one
+            user message); ignored when ``done``.
+        reward: this turn's reward (unitless; the episode's reward is the sum over its turns).
+        done: the episode is over (solved, failed or given up by the environment).
+        info: free-form facts for logs and metrics, e.g. ``{"correct": True, "tool_failures": 1}``; the
+            runner reads ``correct`` (bool) and ``tool_failures`` (int) when present.
+    """
+
+    observation: list[Message]
+    reward: float
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Environment(ABC):
+    """One episode's environment. A new instance per episode; not shared between threads.
+
+    Args:
+        problem: the dispatched problem (question, reference answer) the episode is about; an environment
+            with its own content (a game) may ignore it and use the reset seed instead.
+        options: ``rollout.env.options``: keys the subclass documents; unknown keys raise.
+        cfg: the whole `EnvConfig` (sandbox limits for tools, timeouts).
+
+    Raises:
+        ValueError: a bad or unknown option (the message names it and the accepted values).
+    """
+
+    def __init__(self, problem: Problem, options: dict[str, Any], cfg: EnvConfig) -> None:
+        self.problem, self.options, self.cfg = problem, options, cfg
+
+    @abstractmethod
+    def reset(self, seed: int) -> list[Message]:
+        """Start the episode; returns its opening messages (system/user), without a generation prompt.
+        The same seed gives the same messages (a GRPO group's episodes share one seed)."""
+
+    @abstractmethod
+    def step(self, action: str) -> StepResult:
+        """Take the assistant's decoded turn ``action`` (special tokens removed). May raise: the runner ends
+        the episode as ``failed`` and counts it; it may also be abandoned after ``step_timeout_s``."""
+
+    def close(self) -> None:
+        """Release what the episode held (subprocesses, files). Called once, also after a failure."""
+
+
+ENVIRONMENTS: dict[str, type[Environment]] = {}
+
+
+def register_environment(name: str):
+    """Class decorator: make ``cls`` the environment of ``rollout.env.type = name``.
+
+    Raises:
+        ValueError: ``name`` is registered already.
+    """
+    def add(cls: type[Environment]) -> type[Environment]:
+        if name in ENVIRONMENTS:
+            raise ValueError(f"environment type {name!r} is registered already (by {ENVIRONMENTS[name].__name__})")
+        ENVIRONMENTS[name] = cls
+        return cls
+    return add
+
+
+def make_environment(cfg: EnvConfig, problem: Problem) -> Environment:
+    """A fresh environment of type ``cfg.type`` for one episode about ``problem``.
+
+    Raises:
+        ValueError: ``cfg.type`` has no registered environment, or its options are bad.
+    """
+    import rollout.envs.builtin  # noqa: F401 - registers the built-in environments
+    import rollout.envs.textarena_env  # noqa: F401 - registers textarena (its package loads per environment)
+
+    if cfg.type not in ENVIRONMENTS:
+        raise ValueError(f"rollout.env.type = {cfg.type!r} has no registered environment "
+                         f"(registered: {sorted(ENVIRONMENTS)})")
+    return ENVIRONMENTS[cfg.type](problem, dict(cfg.options), cfg)
+
+
+def check_options(env: str, options: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
+    """``known`` (defaults) updated with ``options``; raises ValueError naming an unknown key."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"rollout.env.options for {env!r}: unknown key(s) {unknown}; accepted: {sorted(known)}")
+    return {**known, **options}

@@ -1,0 +1,59 @@
+"""Config of environments and of the tool sandbox: `EnvConfig` (``rollout.env`` in a run config) and
+`SandboxConfig` (``rollout.env.sandbox``).
+
+Left out on purpose: per-environment options are a free ``options`` table validated by the environment
+itself (each registry entry documents its keys), so adding an environment adds no field here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from buffer.config import StrictConfig
+
+EnvType = Literal["single_turn", "tool_math", "textarena"]
+
+
+class SandboxConfig(StrictConfig):
+    python: str = Field(
+        "auto", description="interpreter that runs tool code; it must be executable by an unprivileged user "
+        "(auto: /usr/bin/python3 when present, else the worker's own interpreter)")
+    cpu_seconds: int = Field(5, ge=1, le=3600, description="RLIMIT_CPU of one tool call, in CPU seconds")
+    wall_seconds: float = Field(10.0, gt=0, le=3600, description="wall-clock limit of one tool call, in seconds")
+    memory_bytes: int = Field(256 << 20, ge=32 << 20, description="RLIMIT_AS of one tool call, in bytes")
+    max_processes: int = Field(8, ge=1, le=4096, description="RLIMIT_NPROC of the tool's user (processes, "
+                               "its own included)")
+    max_output_bytes: int = Field(4096, ge=64, le=1 << 24, description="bytes of tool output kept (RLIMIT_FSIZE: "
+                                  "also the largest file the tool may write)")
+    require_isolation: bool = Field(
+        True, description="refuse to run tools when a network/mount/PID namespace and an unprivileged user "
+        "cannot be had (they need root or CAP_SYS_ADMIN); false: rlimits and a scrubbed environment only")
+    uid: int = Field(65534, ge=1, le=2**31 - 2, description="unprivileged user id tool code runs as (namespaces)")
+
+
+class EnvConfig(StrictConfig):
+    type: EnvType = Field(
+        "single_turn", description="environment (rollout.envs registry): single_turn (the data section's "
+        "problems, one answer each), tool_math (the problem solved with python/calculator tool calls), textarena "
+        "(a textarena single-player game, e.g. GuessTheNumber-v0; the problems only name the episodes)")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the chosen environment "
+                                    "(see its class docstring)")
+    max_turns: int = Field(1, ge=1, le=1000, description="assistant turns per episode, max")
+    max_episode_tokens: int = Field(
+        1024, ge=1, le=131072, description="sampled + observation tokens per episode, max (the prompt excluded)")
+    step_timeout_s: float = Field(30.0, gt=0, description="seconds one Environment.step may take")
+    episode_timeout_s: float = Field(600.0, gt=0, description="wall-clock seconds of one episode, generation "
+                                     "included; past it the episode ends, status truncated")
+    max_failure_frac: float = Field(
+        0.2, ge=0.0, le=1.0, description="stop the run when more than this fraction of a request's episodes "
+        "failed in the environment (step raised or timed out)")
+    sandbox: SandboxConfig = SandboxConfig()
+
+    @model_validator(mode="after")
+    def _single_turn_is_one_turn(self) -> EnvConfig:
+        if self.type == "single_turn" and self.max_turns != 1:
+            raise ValueError(f"rollout.env.max_turns = {self.max_turns} with rollout.env.type = 'single_turn', "
+                             "which ends after one answer; set max_turns = 1 or choose a multi-turn type")
+        return self

@@ -1,0 +1,53 @@
+"""The environment registry, its config checks, and the built-in environments' turns (real sandbox)."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+from pydantic import ValidationError
+
+from buffer import Problem
+from rollout.config import RolloutConfig
+from rollout.envs import ENVIRONMENTS, EnvConfig, make_environment
+from rollout.envs.config import EnvType
+
+PROBLEM = Problem("train/0", "What is 123 * 45?", "5535")
+
+
+def test_every_config_type_has_an_environment():
+    make_environment(EnvConfig(), PROBLEM)  # loads the built-ins
+    assert sorted(typing.get_args(EnvType)) == sorted(ENVIRONMENTS)
+
+
+def test_bad_settings_name_the_value_and_the_fix():
+    with pytest.raises(ValueError, match="unknown key\\(s\\) \\['tool'\\]"):
+        make_environment(EnvConfig(type="tool_math", options={"tool": ["python"]}), PROBLEM)
+    with pytest.raises(ValueError, match="choose from"):
+        make_environment(EnvConfig(type="tool_math", options={"tools": ["shell"]}), PROBLEM)
+    with pytest.raises(ValidationError, match="max_turns = 3 with rollout.env.type = 'single_turn'"):
+        EnvConfig(max_turns=3)
+    with pytest.raises(ValidationError, match="leaves no room for the prompt"):
+        RolloutConfig(max_model_len=512, env=EnvConfig(type="tool_math", max_turns=2, max_episode_tokens=512))
+
+
+def test_tool_math_turns():
+    env = make_environment(EnvConfig(type="tool_math", max_turns=3, options={"max_calls_per_turn": 1}), PROBLEM)
+    opening = env.reset(0)
+    assert [m["role"] for m in opening] == ["system", "user"] and "<tool_call>" in opening[0]["content"]
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "123 * 45"}}</tool_call>'
+    r = env.step("Let me check. " + call + call)
+    assert not r.done and r.reward == 0.0 and r.info == {"tool_calls": 1, "tool_failures": 0}
+    assert "<tool_response>\n5535\n</tool_response>" in r.observation[0]["content"] and "refused" in r.observation[0][
+        "content"]
+    bad = env.step('<tool_call>{"name": "python", "arguments": {"code": "1/0"}}</tool_call>')
+    assert bad.info["tool_failures"] == 1 and "ZeroDivisionError" in bad.observation[0]["content"]
+    end = env.step("123 * 45 = 5535.\nAnswer: 5535")
+    assert end.done and end.reward == 1.0 and end.info["correct"]
+
+
+def test_single_turn_is_one_step():
+    env = make_environment(EnvConfig(), PROBLEM)
+    assert env.reset(0)[-1]["content"].startswith("What is 123 * 45?")
+    r = env.step("Answer: 5535")
+    assert r.done and r.reward == 1.0 and r.observation == []
