@@ -125,3 +125,45 @@ def test_bf16_engine_on_an_fp32_checkpoint_loads_it_cast_without_dtype_warnings(
     assert max(abs(a - b) for a, b in zip(fp32["start"], bf16["start"])) < 1e-4  # the same bf16 weights
     assert max(abs(a - b) for a, b in zip(fp32["start"], fp32["pushed"])) < 1e-4
     assert max(fp32["start"]) - min(fp32["start"]) > 1e-2, fp32  # real weights, not vLLM's near-zero dummy init
+
+
+_TENSOR_PARALLEL = """
+import json, torch
+from transformers import AutoModelForCausalLM
+from buffer.weight_buckets import serialize_buckets
+from rollout.engine import VLLMEngine
+e = VLLMEngine({model!r}, dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=256, tensor_parallel_size=2)
+prompt = e.tokenizer("Calculate 1 + 2. " * 3, add_special_tokens=False)["input_ids"]
+(c,), = e.generate([prompt], n=1, max_tokens=8, temperature=0.0)
+before = e.sequence_logprobs(prompt + c.token_ids, len(prompt))
+model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32)
+torch.manual_seed(0)
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+model.save_pretrained({moved!r})
+e.load_weights(serialize_buckets(iter(model.named_parameters()), 64 << 20))  # every rank loads its shard
+after = e.sequence_logprobs(prompt + c.token_ids, len(prompt))
+print("RESULT", json.dumps({{"seq": prompt + c.token_ids, "prompt_len": len(prompt), "sampled": c.logprobs,
+      "before": before, "after": after}}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_tensor_parallel_engine_on_cpu_matches_the_hf_model_and_reloads_every_shard(tiny_model, tmp_path):
+    """rollout.tensor_parallel_size = 2 on CPU (vLLM's multiprocessing executor, one core per rank; the tiny
+    model's 2 heads split over 2 ranks): greedy logprobs equal the HF model's, and an in-place weight push
+    reaches both ranks' shards (logprobs then equal the pushed model's)."""
+    from tiny_model import hf_logprobs
+
+    moved = str(tmp_path / "moved")
+    out = subprocess.run([sys.executable, "-c", _TENSOR_PARALLEL.format(model=tiny_model, moved=moved)],
+                         capture_output=True, text=True, timeout=540)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1])
+    ref_before = hf_logprobs(tiny_model, res["seq"], res["prompt_len"]).tolist()
+    ref_after = hf_logprobs(moved, res["seq"], res["prompt_len"]).tolist()
+    assert max(abs(a - b) for a, b in zip(res["before"], ref_before)) < 1e-3
+    assert max(abs(a - b) for a, b in zip(res["sampled"], ref_before)) < 1e-3
+    assert max(abs(a - b) for a, b in zip(res["after"], ref_after)) < 1e-3
+    assert max(abs(a - b) for a, b in zip(res["after"], ref_before)) > 1e-2  # the push changed both shards
