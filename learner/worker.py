@@ -1,10 +1,10 @@
 """`LearnerWorker`: one DeepSpeed (ZeRO) rank inside a Ray actor.
 
 Each rank receives the whole batch (an ObjectRef resolved by Ray straight from the buffer actor),
-computes group advantages on it (cheap, identical on every rank) and trains on its own shard
-``samples[rank::world_size]`` with gradient accumulation over micro-batches. The loss is a token
-mean over the global batch, so the update does not depend on how samples fall into ranks and
-micro-batches.
+computes group advantages on it (cheap, identical on every rank) and trains on its own share: whole
+groups, balanced by tokens (`learner.batching`), with gradient accumulation over micro-batches of
+``micro_batch_size`` samples or ``max_tokens_per_microbatch`` tokens. The loss is a token mean over the
+global batch, so the update does not depend on how samples fall into ranks and micro-batches.
 
 Weight export gathers full parameters (ZeRO-3: every rank must enter the gather) and rank 0 packs
 them into a few safetensors buckets for the rollout workers.
@@ -24,7 +24,7 @@ one encoding of it (`learner.step.shared_prefix_layout`), and the LM head runs o
 positions, in chunks (`learner.step.token_logprobs`); the policy's entropy on trained tokens is logged
 as ``learner/entropy``.
 
-Left out on purpose: several epochs over a batch, packing of samples that share no prompt.
+Left out on purpose: several epochs over a batch.
 """
 
 from __future__ import annotations
