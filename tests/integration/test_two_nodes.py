@@ -219,7 +219,9 @@ def test_a_lost_node_is_replaced_and_its_rollout_worker_restarts_there(cluster, 
     model = hidden / "model_node_loss"
     shutil.copytree(tiny_sums_model, model)
     output = hidden / "runs_node_loss"
-    steps = 5
+    # enough steps that the run still needs generation after node 2 dies: a tiny-model step takes ~0.1-0.2 s
+    # here, and with 5 steps the whole run once finished within the kill's polling interval (CI, 2026-12-02)
+    steps = 30
     cfg = _config(hidden / "node_loss.toml", str(model), output, cluster, "rollout.resources={node2 = 1}",
                   "learner.resources={head = 1}")
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", "-q", str(cfg), f"num_steps={steps}",
@@ -234,6 +236,9 @@ def test_a_lost_node_is_replaced_and_its_rollout_worker_restarts_there(cluster, 
         (node2,) = [n for n in cluster.nodes if n.poll() is None]
         os.killpg(node2.pid, signal.SIGKILL)  # the node and every process on it, at once
         node2.wait(60)
+        at_kill = max(r.get("step", 0) for p in output.glob("*/metrics.jsonl")
+                      for r in map(json.loads, p.read_text().splitlines()))
+        assert at_kill < steps, f"the run ended (step {at_kill}) before node 2 was killed: raise steps"
         cluster.add_hidden_node('{"node2": 1}')
         out, _ = driver.communicate(timeout=900)
         logs = "".join(p.read_text()[-6000:] for p in output.glob("*/logs/driver.log"))
@@ -244,6 +249,8 @@ def test_a_lost_node_is_replaced_and_its_rollout_worker_restarts_there(cluster, 
     (run,) = [str(p) for p in output.iterdir() if p.is_dir()]
     trained = _trained_groups(run)
     assert len(trained) == steps * P and len(set(trained)) == len(trained)
+    metrics = [json.loads(r) for r in (Path(run) / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    assert max(r.get("step", 0) for r in metrics) == steps
     log = (logs_dir_of(run) / "RolloutWorker.log").read_text()
     copies = {ln for ln in log.splitlines() if "copied model" in ln}
     assert len(copies) == 2, log[-3000:]  # node 2 at the start, the new node after the loss
