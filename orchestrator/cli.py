@@ -104,7 +104,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(cfg, run, model_path, train_problems, eval_problems, progress=not args.quiet,
                     resume_from=ckpt)
-    print(json.dumps({k: summary.get(k) for k in ("step", "eval/accuracy", "time/elapsed_s", "final_model")}))
+    print(json.dumps({k: summary.get(k) for k in ("step", "eval/accuracy", "eval/gain", "eval/gain_se",
+                                                  "time/elapsed_s", "final_model")}))
+    if summary.get("eval/gain") is not None:
+        acc, gain, se = summary["eval/accuracy"], summary["eval/gain"], summary["eval/gain_se"]
+        print(f"held-out accuracy {acc - gain:.3f} -> {acc:.3f}: {100 * gain:+.1f} points, "
+              f"{gain / se if se else float('nan'):.1f} standard errors (paired, {len(eval_problems)} problems)")
     print(f"run dir: {run}")
     return 0
 

@@ -69,6 +69,7 @@ class Trainer:
         from rollout import RolloutGroup, RolloutWorker
 
         self.cfg, self.eval_problems = cfg, eval_problems
+        self.eval_start: list[bool] | None = None  # the start policy's held-out results, for eval/gain
         # run_dir: a local path or a storage URI; the driver's own files go to a local dir synced to it
         self.outputs = RunOutputs(str(run_dir), resume=resume_from is not None)
         self.run_uri, self.run_dir = self.outputs.uri, self.outputs.local_dir
@@ -128,15 +129,21 @@ class Trainer:
         release(self.learner_pg)
 
     def evaluate(self, version: int) -> dict[str, float]:
-        """Greedy held-out accuracy (strict exact match) with weights of ``version`` or newer."""
+        """Greedy held-out accuracy (strict exact match) with weights of ``version`` or newer, its standard
+        error, and its paired gain over the start policy's eval (`metrics.held_out_metrics`)."""
+        from orchestrator.metrics import held_out_metrics
+
         if not self.eval_problems:
             return {}
         rc = self.cfg.rollout
         t0 = time.perf_counter()
         # one request per worker, which may first wait for the weights of `version`
-        acc = self.rollout.evaluate(self.eval_problems, version, self.cfg.eval_max_tokens or rc.max_tokens,
-                                    rc.request_timeout_s + rc.weight_push_timeout_s)
-        return {"eval/accuracy": acc, "eval/seconds": time.perf_counter() - t0}
+        correct = self.rollout.evaluate(self.eval_problems, version, self.cfg.eval_max_tokens or rc.max_tokens,
+                                        rc.request_timeout_s + rc.weight_push_timeout_s)
+        m = held_out_metrics(correct, self.eval_start)
+        if self.eval_start is None:
+            self.eval_start = correct
+        return {**m, "eval/seconds": time.perf_counter() - t0}
 
     def run(self, progress: bool = True) -> dict:
         """Train ``cfg.num_steps`` steps (or until ``time_budget_s``); returns the summary.
@@ -286,11 +293,13 @@ class Trainer:
     # ---- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The driver's state (JSON-able): admission counters, rollout totals, prompt sampler and
-        allocator, clocks, the requests in flight (re-issued on resume) and the resolved config."""
+        allocator, clocks, the requests in flight (re-issued on resume), the start policy's held-out results
+        and the resolved config."""
         return {"staleness": self.staleness.state_dict(), "tally": self.tally.state_dict(),
                 "sampler": self.sampler.state_dict(), "allocator": self.allocator.state_dict(),
                 "train_seconds": self.train_seconds, "trained_samples": self.trained_samples,
                 "inflight": [f.req.to_dict() for f in self.dispatcher.requests.values()],
+                "eval_start": self.eval_start,
                 "config": self.cfg.model_dump(mode="json")}
 
     def load_state_dict(self, state: dict, done: set[str]) -> int:
@@ -301,6 +310,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.allocator.load_state_dict(state["allocator"])
         self.train_seconds, self.trained_samples = state["train_seconds"], state["trained_samples"]
+        self.eval_start = state["eval_start"]
         todo = [self.dispatcher.remaining(GenerateRequest.from_dict(r), done) for r in state["inflight"]]
         self.reissue = [r for r in todo if r is not None]
         return sum(len(r.keys) for r in self.reissue)

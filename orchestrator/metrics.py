@@ -27,6 +27,33 @@ def truncate_jsonl(path: Path, max_step: int) -> float:
     return max((r.get("time/elapsed_s") or 0.0 for r in kept), default=0.0)
 
 
+def held_out_metrics(correct: list[bool], start: list[bool] | None) -> dict[str, float]:
+    """Held-out accuracy with its standard error, and its gain over the start policy's eval.
+
+    ``correct`` and ``start`` are per-problem results (strict exact match) on the same held-out problems
+    in the same order; ``start`` is None before the start eval. The gain's standard error is that of a
+    paired difference, ``std(d) / sqrt(n)`` with ``d_i = correct_i - start_i`` (sample std, ``n - 1``):
+    both evals score the same problems, so it is smaller than the unpaired ``sqrt(se_a^2 + se_b^2)``
+    whenever the two evals agree on most problems. Keys: ``eval/accuracy``, ``eval/accuracy_se``,
+    ``eval/gain`` and ``eval/gain_se`` (accuracy units, 0-1).
+
+    Raises:
+        ValueError: ``correct`` and ``start`` differ in length.
+    """
+    n = len(correct)
+    acc = sum(correct) / n
+    out = {"eval/accuracy": acc, "eval/accuracy_se": math.sqrt(acc * (1 - acc) / n)}
+    if start is not None:
+        if len(start) != n:
+            raise ValueError(f"held-out evals differ in size ({len(start)} problems at the start, {n} now); "
+                             "keep data.eval_size fixed within a run")
+        d = [float(a) - float(b) for a, b in zip(correct, start)]
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+        out.update({"eval/gain": mean, "eval/gain_se": math.sqrt(var / n)})
+    return out
+
+
 class MetricsLogger:
     """Writes ``metrics.jsonl``, TensorBoard events and ``trained_groups.jsonl`` under ``run_dir``.
 

@@ -178,15 +178,20 @@ class RolloutGroup:
         """Send one weight version (an ObjectRef of bucket bytes) to every worker; returns ObjectRefs."""
         return [w.receive_weights.remote(version, buckets_ref) for w in self.workers]
 
-    def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int, timeout_s: float) -> float:
-        """Greedy held-out accuracy (strict exact match) over ``problems``, split across active workers."""
+    def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int, timeout_s: float) -> list[bool]:
+        """Greedy held-out results (strict exact match), one per problem in ``problems``' order, split across
+        active workers.
+
+        Raises:
+            ray.exceptions.GetTimeoutError: the workers did not answer within ``timeout_s`` seconds.
+        """
         import ray
 
-        if not problems:
-            return float("nan")
         ws = [self.slots[i] for i in self.active]
         k = len(ws)
         refs = [w.evaluate.remote(problems[i::k], min_version, max_tokens) for i, w in enumerate(ws)]
         results = ray.get(refs, timeout=timeout_s)
-        flat = [x for r in results for x in r]
-        return sum(flat) / len(flat)
+        correct = [False] * len(problems)
+        for i, r in enumerate(results):
+            correct[i::k] = r
+        return correct

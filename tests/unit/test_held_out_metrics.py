@@ -1,0 +1,32 @@
+"""Held-out accuracy, its standard error and the paired gain over the start eval."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from orchestrator.metrics import held_out_metrics
+
+
+def test_start_eval_has_accuracy_and_binomial_standard_error():
+    m = held_out_metrics([True] * 50 + [False] * 150, None)
+    assert m == {"eval/accuracy": 0.25, "eval/accuracy_se": pytest.approx(math.sqrt(0.25 * 0.75 / 200))}
+
+
+def test_gain_standard_error_is_the_paired_one():
+    # 200 problems: 80 right in both evals, 20 newly right, 4 newly wrong, the rest wrong in both
+    start = [True] * 80 + [False] * 20 + [True] * 4 + [False] * 96
+    now = [True] * 80 + [True] * 20 + [False] * 4 + [False] * 96
+    m = held_out_metrics(now, start)
+    d = [1.0] * 20 + [-1.0] * 4 + [0.0] * 176
+    mean = sum(d) / 200
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 199 / 200)
+    assert m["eval/gain"] == pytest.approx(16 / 200) and m["eval/gain_se"] == pytest.approx(se)
+    unpaired = math.hypot(m["eval/accuracy_se"], math.sqrt(0.42 * 0.58 / 200))
+    assert m["eval/gain_se"] < unpaired / 2  # agreement on 176 of 200 problems: much tighter than unpaired
+
+
+def test_evals_of_different_sizes_are_refused_by_name():
+    with pytest.raises(ValueError, match="data.eval_size"):
+        held_out_metrics([True] * 10, [True] * 12)
