@@ -14,6 +14,12 @@ time-to-accuracy column).
 A variant runs ``relayrl train`` or, with ``runner = "trl"``, the TRL GRPOTrainer baseline on the
 same config (``relayrl trl-baseline``, `orchestrator.tools.trl_baseline`).
 
+``seeds = [1, 2]`` runs every variant once per seed (override ``seed=S``: prompt order, sampling and
+the learner's RNG); the table then has a row per run and a second table across seeds, each numeric
+column as ``mean (min-max)``, ``reach`` as the mean seconds of the seeds that reached the threshold
+with how many did, ``curve`` as the mean per step. The JSON keeps each run's summary and the metrics
+records the columns read, so the tables can be rebuilt without the run dirs.
+
 Left out on purpose: running variants in parallel (they would compete for the same cores).
 """
 
@@ -49,7 +55,15 @@ class ExperimentSpec(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="overrides shared by every variant")
     columns: list[tuple[str, str]] = Field(description="(header, column spec) pairs, see module docstring")
     variants: list[Variant] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=list, description="run each variant once per seed (empty: once, "
+                             "with the config's seed)")
     notes: str = Field("", description="text printed under the table")
+
+    def runs(self) -> list[tuple[str, Variant, list[str]]]:
+        """``(row label, variant, extra overrides)`` of every run, variant-major."""
+        if not self.seeds:
+            return [(v.name, v, []) for v in self.variants]
+        return [(f"{v.name}, seed {s}", v, [f"seed={s}"]) for v in self.variants for s in self.seeds]
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
@@ -103,6 +117,48 @@ def column_value(spec: str, recs: list[dict], summary: dict) -> str:
     return str(int(v)) if isinstance(v, float) else str(v)
 
 
+def column_number(spec: str, recs: list[dict], summary: dict) -> float | None:
+    """The number behind a column: its value for summary/first/mean/sum/max, the training seconds at the
+    crossing for ``reach`` (None if not reached); None for ``curve`` or a missing value."""
+    how, _, key = spec.partition(":")
+    if how == "reach":
+        name, _, x = key.partition(">=")
+        hit = next((r for r in recs if r.get(name) is not None and r[name] >= float(x)), None)
+        return None if hit is None else float(hit.get("perf/train_seconds", 0.0))
+    if how == "curve":
+        return None
+    v = column_value(spec, recs, summary)
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def across_seeds(spec: str, runs: list[tuple[list[dict], dict]]) -> str:
+    """One cell of the across-seeds table for column ``spec`` over ``runs`` ((records, summary) each)."""
+    how, _, key = spec.partition(":")
+    if how == "curve":
+        by_step: dict[int, list[float]] = {}
+        for recs, _ in runs:
+            for r in recs:
+                if r.get(key) is not None:
+                    by_step.setdefault(r["step"], []).append(r[key])
+        return ", ".join(f"{statistics.fmean(v):.3f}@{s}" for s, v in sorted(by_step.items())
+                         if len(v) == len(runs)) or "-"
+    nums = [column_number(spec, recs, summary) for recs, summary in runs]
+    got = [x for x in nums if x is not None]
+    if not got:
+        return f"not reached (0 of {len(runs)})" if how == "reach" else "-"
+    cell = f"{_fmt(statistics.fmean(got))} ({_fmt(min(got))}-{_fmt(max(got))})"
+    if how == "reach":
+        cell = f"{statistics.fmean(got):.0f} s ({min(got):.0f}-{max(got):.0f}), {len(got)} of {len(runs)} reached"
+    return cell
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1e-2 and v else (f"{v:.3f}" if not v.is_integer() else str(int(v)))
+
+
 def _reach(spec: str, key: str, recs: list[dict]) -> str:
     """``reach:<key>>=<x>``: ``"<s> s @ step N"`` at the first record with ``key >= x``, else
     ``"not reached (<s> s, N steps)"`` with the run's last training seconds and step."""
@@ -120,39 +176,49 @@ def _reach(spec: str, key: str, recs: list[dict]) -> str:
     return f"not reached ({last.get('perf/train_seconds', 0.0):.0f} s, {last.get('step', 0)} steps)"
 
 
-def run_variant(spec: ExperimentSpec, variant: Variant, out_root: Path, timeout_s: float) -> Path:
-    """Train one variant in a subprocess; returns its run dir.
+def run_variant(spec: ExperimentSpec, variant: Variant, out_root: Path, timeout_s: float,
+                label: str | None = None, extra: list[str] = ()) -> Path:
+    """Train one variant (with ``extra`` overrides, e.g. a seed) in a subprocess; returns its run dir.
 
     Raises:
         RuntimeError: the run failed (exit code and the tail of its log in the message).
         TimeoutError: it ran past ``timeout_s``.
     """
-    slug = "".join(c if c.isalnum() else "-" for c in variant.name.lower()).strip("-")
+    label = label or variant.name
+    slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
     out = out_root / slug
     command = ["train", "-q"] if variant.runner == "relayrl" else ["trl-baseline"]
     cmd = [sys.executable, "-m", "orchestrator.cli", *command, spec.config, *spec.overrides, *variant.overrides,
-           f"name={slug}", f"output_dir={out}"]
-    logger.info("variant %r: %s", variant.name, " ".join(cmd[2:]))
+           *extra, f"name={slug}", f"output_dir={out}"]
+    logger.info("run %r: %s", label, " ".join(cmd[2:]))
     log = out_root / f"{slug}.log"
     with open(log, "w") as f:
         try:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
         except subprocess.TimeoutExpired:
-            raise TimeoutError(f"variant {variant.name!r} ran past {timeout_s:.0f} s; log: {log}") from None
+            raise TimeoutError(f"run {label!r} ran past {timeout_s:.0f} s; log: {log}") from None
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"variant {variant.name!r} exited {rc}; log {log}:\n{tail}")
+        raise RuntimeError(f"run {label!r} exited {rc}; log {log}:\n{tail}")
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     return run_dir
 
 
-def render(spec: ExperimentSpec, rows: list[tuple[str, list[str]]], command: str, rerun: list[str] = ()) -> str:
-    """Markdown: heading, how to reproduce, the table, notes (and which rows a later ``--only`` rerun)."""
+def render(spec: ExperimentSpec, rows: list[tuple[str, list[str]]], command: str, rerun: list[str] = (),
+           seed_rows: list[tuple[str, list[str]]] = ()) -> str:
+    """Markdown: heading, how to reproduce, the table (and the across-seeds table), notes, and which
+    rows a later ``--only`` reran."""
     head = ["variant", *(h for h, _ in spec.columns)]
     lines = [f"## {spec.title}", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} "
              f"({os.cpu_count()} CPUs). Base config `{spec.config}`, shared overrides "
-             f"`{' '.join(spec.overrides) or '-'}`.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             f"`{' '.join(spec.overrides) or '-'}`" + (f", seeds {', '.join(map(str, spec.seeds))}" if spec.seeds
+                                                      else "") + ".", ""]
+    if seed_rows:
+        lines += [f"Across seeds (mean (min-max) over {len(spec.seeds)} seeds):", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join([name, *vals]) + " |" for name, vals in seed_rows]
+        lines += ["", "Each run:", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([name, *vals]) + " |" for name, vals in rows]
     if rerun:
         lines += ["", "Rows rerun afterwards with `--only` (the others kept from the earlier run): "
@@ -162,12 +228,26 @@ def render(spec: ExperimentSpec, rows: list[tuple[str, list[str]]], command: str
     return "\n".join(lines) + "\n"
 
 
+def _kept_records(spec: ExperimentSpec, recs: list[dict]) -> list[dict]:
+    """The records' fields the columns read (and step, training seconds), for the JSON."""
+    keys = {"step", "perf/train_seconds"} | {c.partition(":")[2].partition(">=")[0] for _, c in spec.columns}
+    return [{k: r[k] for k in keys if k in r} for r in recs]
+
+
+def _records_and_summary(entry: dict) -> tuple[list[dict], dict]:
+    """A JSON entry's run: its kept records, or (JSON written before records were kept) its run dir's."""
+    if "records" in entry:
+        return entry["records"], entry["summary"]
+    return read_run(Path(entry["run_dir"]))
+
+
 def run_experiment(spec_path: str, out_md: str | None, only: list[str] | None = None,
                    variant_timeout_s: float = 3600.0) -> str:
-    """Run every variant (or those named in ``only``), write ``out_md`` and its ``.json``; returns the Markdown.
+    """Run every variant (or those named in ``only``) once per seed, write ``out_md`` and its ``.json``;
+    returns the Markdown.
 
-    With ``only``, the other variants' rows are rebuilt from the run dirs recorded in the existing
-    ``.json`` next to ``out_md`` (so one row can be rerun without rerunning the rest).
+    With ``only``, the other variants' rows are rebuilt from the records kept in the existing ``.json``
+    next to ``out_md`` (so one variant can be rerun without rerunning the rest).
 
     Raises:
         ValueError: bad spec or an unknown name in ``only``.
@@ -183,21 +263,26 @@ def run_experiment(spec_path: str, out_md: str | None, only: list[str] | None = 
     raw_path = Path(out_md).with_suffix(".json") if out_md else None
     # with --only, rows of the other variants come from the earlier runs recorded next to the table
     raw = json.loads(raw_path.read_text()) if only and raw_path and raw_path.is_file() else {}
-    for v in spec.variants:
+    for label, v, extra in spec.runs():
         if only and v.name not in only:
             continue
-        run_dir = run_variant(spec, v, out_root, variant_timeout_s)
-        raw[v.name] = {"run_dir": str(run_dir), "overrides": v.overrides, "summary": read_run(run_dir)[1],
-                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        logger.info("variant %r done: %s", v.name, run_dir)
-    rows = []
-    for v in spec.variants:
-        if v.name in raw:
-            recs, summary = read_run(Path(raw[v.name]["run_dir"]))
-            rows.append((v.name, [column_value(c, recs, summary) for _, c in spec.columns]))
-            logger.info("%s: %s", v.name, dict(zip([h for h, _ in spec.columns], rows[-1][1])))
+        run_dir = run_variant(spec, v, out_root, variant_timeout_s, label, extra)
+        recs, summary = read_run(run_dir)
+        raw[label] = {"run_dir": str(run_dir), "overrides": [*v.overrides, *extra], "summary": summary,
+                      "records": _kept_records(spec, recs), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        logger.info("run %r done: %s", label, run_dir)
+    runs = {label: _records_and_summary(raw[label]) for label, _, _ in spec.runs() if label in raw}
+    rows = [(label, [column_value(c, *run) for _, c in spec.columns]) for label, run in runs.items()]
+    for label, vals in rows:
+        logger.info("%s: %s", label, dict(zip([h for h, _ in spec.columns], vals)))
+    seed_rows = []
+    if spec.seeds:
+        for v in spec.variants:
+            mine = [runs[label] for label, w, _ in spec.runs() if w is v and label in runs]
+            if mine:
+                seed_rows.append((v.name, [across_seeds(c, mine) for _, c in spec.columns]))
     command = f"relayrl experiment {spec_path}" + (f" --out {out_md}" if out_md else "")
-    md = render(spec, rows, command, rerun=list(only or []))
+    md = render(spec, rows, command, rerun=list(only or []), seed_rows=seed_rows)
     if out_md:
         Path(out_md).parent.mkdir(parents=True, exist_ok=True)
         Path(out_md).write_text(md)
