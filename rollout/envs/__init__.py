@@ -2,7 +2,8 @@
 tool calls and the sandbox they run in.
 
 `rollout.episode` runs episodes token in, token out; `rollout.worker` turns them into `buffer.Sample` s.
-Built in: ``single_turn``, ``tool_math`` (`rollout.envs.builtin`); ``textarena`` (`rollout.envs.textarena_env`).
+Built in: ``single_turn``, ``tool_math`` (`rollout.envs.builtin`); ``textarena`` (`rollout.envs.textarena_env`);
+``openenv`` (`rollout.envs.openenv_env`).
 
 Importing this package is light: environments' own packages load when an environment is made.
 """

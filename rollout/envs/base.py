@@ -96,6 +96,7 @@ def make_environment(cfg: EnvConfig, problem: Problem) -> Environment:
     """
     import rollout.envs.builtin  # noqa: F401 - registers the built-in environments
     import rollout.envs.textarena_env  # noqa: F401 - registers textarena (its package loads per environment)
+    import rollout.envs.openenv_env  # noqa: F401 - registers openenv (likewise)
 
     if cfg.type not in ENVIRONMENTS:
         raise ValueError(f"rollout.env.type = {cfg.type!r} has no registered environment "

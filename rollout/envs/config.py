@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from buffer.config import StrictConfig
 
-EnvType = Literal["single_turn", "tool_math", "textarena"]
+EnvType = Literal["single_turn", "tool_math", "textarena", "openenv"]
 
 
 class SandboxConfig(StrictConfig):
@@ -37,7 +37,8 @@ class EnvConfig(StrictConfig):
     type: EnvType = Field(
         "single_turn", description="environment (rollout.envs registry): single_turn (the data section's "
         "problems, one answer each), tool_math (the problem solved with python/calculator tool calls), textarena "
-        "(a textarena single-player game, e.g. GuessTheNumber-v0; the problems only name the episodes)")
+        "(a textarena single-player game, e.g. GuessTheNumber-v0; the problems only name the episodes), openenv (a "
+        "session with a running OpenEnv server per episode)")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the chosen environment "
                                     "(see its class docstring)")
     max_turns: int = Field(1, ge=1, le=1000, description="assistant turns per episode, max")
