@@ -19,10 +19,10 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
 if [ "$flavour" = cpu ]; then
   pip install -q "torch==2.13.0"
-  pip install -q -e ".[cpu,test,envs]"
+  pip install -q -e ".[cpu,test,envs,openenv]"
   pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 elif [ "$flavour" = gpu ]; then
-  pip install -q -e ".[gpu,test,envs]"
+  pip install -q -e ".[gpu,test,envs,openenv]"
 else
   echo "install.sh: unknown flavour '$flavour' (expected cpu or gpu)" >&2; exit 2
 fi

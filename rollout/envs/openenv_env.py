@@ -13,8 +13,8 @@ size it for ``rollout.group_size`` times the episodes in flight, or sessions bey
 
 Left out on purpose: starting servers (from Docker images or Hub Spaces: the run names one already up),
 in-process environments (their typed action classes would be imported by path) and MCP tool environments.
-`openenv-core` is not in the ``envs`` extra: its ``gradio`` dependency caps pillow below 13, so installing it
-downgrades pillow in the pinned vLLM stack.
+`openenv-core` has an extra of its own, ``openenv`` (``make install`` installs it): its ``gradio`` dependency
+caps pillow below 13, so it downgrades pillow to 12.3 (vLLM asks for >= 12.3).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _generic_client():
         from openenv.core.generic_client import GenericEnvClient
     except ImportError as e:
         raise ValueError(f"rollout.env.type = 'openenv' needs the openenv-core package ({e}); install it with: "
-                         "pip install openenv-core==0.3.0 (it downgrades pillow to < 13 through gradio)") from e
+                         "pip install 'relayrl[openenv]' (openenv-core 0.3.0; it downgrades pillow to < 13)") from e
     return GenericEnvClient
 
 

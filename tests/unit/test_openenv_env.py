@@ -1,8 +1,8 @@
 """The ``openenv`` environment against a real OpenEnv server: the echo environment that openenv-core's own
 ``openenv init`` writes, served by openenv's ``create_app`` under uvicorn on localhost (no network, no Docker).
 
-openenv-core is not in the ``envs`` extra (it downgrades pillow), so the server tests skip where it is not
-installed; the option checks run everywhere.
+openenv-core is the ``openenv`` extra, which ``make install`` installs; where it is missing (a ``pip install``
+without that extra) the server tests skip and the option checks still run.
 """
 
 from __future__ import annotations
