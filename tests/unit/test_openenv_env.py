@@ -102,5 +102,5 @@ def test_options_and_missing_package_name_the_fix(monkeypatch):
         make_environment(EnvConfig(type="openenv", options={"url": "http://x"}), PROBLEM)
     monkeypatch.setitem(sys.modules, "openenv", None)  # as if openenv-core were not installed
     monkeypatch.setitem(sys.modules, "openenv.core.generic_client", None)
-    with pytest.raises(ValueError, match=r"install it with: pip install openenv-core==0.3.0"):
+    with pytest.raises(ValueError, match=r"install it with: pip install 'relayrl\[openenv\]'"):
         make_environment(EnvConfig(type="openenv", options={"base_url": "http://localhost:8000"}), PROBLEM)
