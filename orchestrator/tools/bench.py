@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 WRAPPER_REPEATS = 5  # timed generate calls per side, after one warm-up call each
 SCALING_WORKERS = (1, 2, 4)
 TTA_NOTE = ("**Time to accuracy** (async vs sync, and against TRL's GRPOTrainer) is not part of this "
-            "command: each system trains the main job for ~18 min, so it is an experiment of its own, "
+            "command: each system trains the main job for ~12-18 min, so it is an experiment of its own, "
             "`relayrl experiment deploy/experiments/time_to_accuracy.toml --out docs/time_to_accuracy.md`.")
 NOTES = {
     "wrapper": "`wrapper`: both sides are Ray actors with the same options (`num_cpus`, threads, concurrency), "
