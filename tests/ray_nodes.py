@@ -31,3 +31,29 @@ def stop_node(proc: subprocess.Popen, timeout_s: float = 90) -> None:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def kill_mount_namespace(pid: int) -> int:
+    """SIGKILL every process in the mount namespace of ``pid`` (a node started under ``unshare -m``), at once:
+    the node and every process on it, whatever its process group (Ray's workers need not share the
+    raylet's, and a worker whose raylet died goes on serving direct actor calls until it notices).
+    Returns how many processes were killed.
+
+    Raises:
+        FileNotFoundError: ``pid`` is not running.
+        ValueError: ``pid`` shares this process's mount namespace (it would kill this machine's processes).
+    """
+    ns = os.readlink(f"/proc/{pid}/ns/mnt")
+    if ns == os.readlink("/proc/self/ns/mnt"):
+        raise ValueError(f"process {pid} shares this process's mount namespace; refusing to kill it all")
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/mnt") == ns:
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # exited meanwhile
+    return killed

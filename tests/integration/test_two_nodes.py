@@ -33,7 +33,7 @@ import pytest
 from buffer import storage
 from orchestrator.checkpoint import find_run_to_resume
 from orchestrator.storage import logs_dir_of
-from ray_nodes import agent_ports, free_port, stop_node
+from ray_nodes import agent_ports, free_port, kill_mount_namespace, stop_node
 from tiny_run import tiny_run_toml, train_cli
 
 pytestmark = pytest.mark.integration
@@ -234,7 +234,7 @@ def test_a_lost_node_is_replaced_and_its_rollout_worker_restarts_there(cluster, 
             assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()[-3000:]
             time.sleep(0.5)
         (node2,) = [n for n in cluster.nodes if n.poll() is None]
-        os.killpg(node2.pid, signal.SIGKILL)  # the node and every process on it, at once
+        assert kill_mount_namespace(node2.pid) > 1  # the node and every process on it, at once
         node2.wait(60)
         at_kill = max(r.get("step", 0) for p in output.glob("*/metrics.jsonl")
                       for r in map(json.loads, p.read_text().splitlines()))
