@@ -183,7 +183,9 @@ class Trainer:
         # a resumed run continues its own curves: records past the checkpoint are dropped
         self.metrics_log = MetricsLogger(self.run_dir, keep_steps_upto=self.version if self.resumed else None,
                                          wandb_cfg=cfg.metrics, run_config=cfg.model_dump(mode="json"))
-        last = self.metrics_log.log(0, self.evaluate(0)) if self.version == 0 else {}
+        # a resumed run starts from its checkpoint's last record: one resumed at num_steps trains no step
+        # and still ends with that step's summary
+        last = self.metrics_log.log(0, self.evaluate(0)) if self.version == 0 else self.metrics_log.last
         for req in self.reissue:
             self.dispatcher.send(req)
         self.reissue = []

@@ -70,6 +70,9 @@ class MetricsLogger:
         if keep_steps_upto is not None:
             offset = truncate_jsonl(self.run_dir / "metrics.jsonl", keep_steps_upto)
             truncate_jsonl(self.run_dir / "trained_groups.jsonl", keep_steps_upto)
+        kept = [x for x in (self.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+            if keep_steps_upto is not None and (self.run_dir / "metrics.jsonl").is_file() else []
+        self.last: dict = json.loads(kept[-1]) if kept else {}  # the newest record (a resumed run's last kept one)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._audit = open(self.run_dir / "trained_groups.jsonl", "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
@@ -93,6 +96,7 @@ class MetricsLogger:
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._jsonl.write(json.dumps(rec) + "\n")
+        self.last = rec
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in rec.items() if k != "step" and v is not None}, step=step)
         return rec

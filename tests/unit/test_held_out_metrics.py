@@ -30,3 +30,17 @@ def test_gain_standard_error_is_the_paired_one():
 def test_evals_of_different_sizes_are_refused_by_name():
     with pytest.raises(ValueError, match="data.eval_size"):
         held_out_metrics([True] * 10, [True] * 12)
+
+
+def test_a_resumed_logger_starts_from_the_checkpoints_last_record(tmp_path):
+    """A run resumed from its checkpoint at the last step trains nothing more; its summary is built from
+    the logger's last record, which must be that step's, not empty."""
+    from orchestrator.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path)
+    for step in range(4):
+        log.log(step, {"eval/accuracy": step / 10})
+    log.flush()
+    resumed = MetricsLogger(tmp_path, keep_steps_upto=2)
+    assert resumed.last["step"] == 2 and resumed.last["eval/accuracy"] == 0.2
+    assert MetricsLogger(tmp_path / "fresh").last == {}
