@@ -14,17 +14,17 @@ import time
 from pathlib import Path
 
 
-def truncate_jsonl(path: Path, max_step: int) -> float:
-    """Drop records of ``path`` with ``step > max_step`` (rewritten atomically); returns the last kept
-    record's ``time/elapsed_s`` (0 if none)."""
+def truncate_jsonl(path: Path, max_step: int) -> list[dict]:
+    """Drop records of ``path`` with ``step > max_step`` (rewritten atomically); returns the kept records
+    (none if the file does not exist)."""
     if not path.is_file():
-        return 0.0
+        return []
     kept = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     kept = [r for r in kept if r.get("step", 0) <= max_step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)
-    return max((r.get("time/elapsed_s") or 0.0 for r in kept), default=0.0)
+    return kept
 
 
 def held_out_metrics(correct: list[bool], start: list[bool] | None) -> dict[str, float]:
@@ -66,13 +66,12 @@ class MetricsLogger:
                  run_config: dict | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        offset = 0.0
+        kept = []
         if keep_steps_upto is not None:
-            offset = truncate_jsonl(self.run_dir / "metrics.jsonl", keep_steps_upto)
+            kept = truncate_jsonl(self.run_dir / "metrics.jsonl", keep_steps_upto)
             truncate_jsonl(self.run_dir / "trained_groups.jsonl", keep_steps_upto)
-        kept = [x for x in (self.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-            if keep_steps_upto is not None and (self.run_dir / "metrics.jsonl").is_file() else []
-        self.last: dict = json.loads(kept[-1]) if kept else {}  # the newest record (a resumed run's last kept one)
+        offset = max((r.get("time/elapsed_s") or 0.0 for r in kept), default=0.0)
+        self.last: dict = kept[-1] if kept else {}  # the newest record (a resumed run's last kept one)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._audit = open(self.run_dir / "trained_groups.jsonl", "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
