@@ -122,8 +122,7 @@ def column_number(spec: str, recs: list[dict], summary: dict) -> float | None:
     crossing for ``reach`` (None if not reached); None for ``curve`` or a missing value."""
     how, _, key = spec.partition(":")
     if how == "reach":
-        name, _, x = key.partition(">=")
-        hit = next((r for r in recs if r.get(name) is not None and r[name] >= float(x)), None)
+        hit = _first_reaching(spec, key, recs)
         return None if hit is None else float(hit.get("perf/train_seconds", 0.0))
     if how == "curve":
         return None
@@ -159,9 +158,12 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 1e-2 and v else (f"{v:.3f}" if not v.is_integer() else str(int(v)))
 
 
-def _reach(spec: str, key: str, recs: list[dict]) -> str:
-    """``reach:<key>>=<x>``: ``"<s> s @ step N"`` at the first record with ``key >= x``, else
-    ``"not reached (<s> s, N steps)"`` with the run's last training seconds and step."""
+def _first_reaching(spec: str, key: str, recs: list[dict]) -> dict | None:
+    """``reach:<key>>=<x>``: the first record with ``key >= x``, or None.
+
+    Raises:
+        ValueError: ``key`` is not ``<name>>=<number>``.
+    """
     name, _, x = key.partition(">=")
     try:
         threshold = float(x)
@@ -169,9 +171,15 @@ def _reach(spec: str, key: str, recs: list[dict]) -> str:
         threshold = None
     if not name or threshold is None:
         raise ValueError(f"column spec {spec!r}: expected reach:<key>>=<number>")
-    for r in recs:
-        if r.get(name) is not None and r[name] >= threshold:
-            return f"{r.get('perf/train_seconds', 0.0):.0f} s @ step {r['step']}"
+    return next((r for r in recs if r.get(name) is not None and r[name] >= threshold), None)
+
+
+def _reach(spec: str, key: str, recs: list[dict]) -> str:
+    """``reach:<key>>=<x>``: ``"<s> s @ step N"`` at the first record with ``key >= x``, else
+    ``"not reached (<s> s, N steps)"`` with the run's last training seconds and step."""
+    r = _first_reaching(spec, key, recs)
+    if r is not None:
+        return f"{r.get('perf/train_seconds', 0.0):.0f} s @ step {r['step']}"
     last = max(recs, key=lambda r: r.get("step", 0)) if recs else {}
     return f"not reached ({last.get('perf/train_seconds', 0.0):.0f} s, {last.get('step', 0)} steps)"
 
