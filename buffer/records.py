@@ -80,11 +80,12 @@ class RolloutResult:
         group_rewards: ``(prompt_id, rewards)`` of every generated group, in request order; rewards of
             samples whose reward function failed are left out.
         samples: samples generated.
-        tokens: response tokens generated.
+        tokens: response tokens sampled (observation tokens of episodes excluded).
         reward_failures: samples whose reward function failed (never trained on).
         mixed_version_samples: samples whose tokens span several policy versions (in-flight updates).
         correct: samples whose answer matched exactly.
-        seconds: generation wall clock in seconds (weight loads excluded).
+        seconds: wall clock of the request's episodes in seconds: generation, environment steps and reward
+            scoring (weight loads excluded).
         load_seconds: seconds spent loading staged weights during the request.
         version: oldest policy version among the generated tokens.
         env_failures: episodes that failed in their environment (reset/step raised or timed out).

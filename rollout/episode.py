@@ -10,7 +10,10 @@ sampled ids plus the observation ids, and the behaviour logprobs are those of th
 A `buffer.Sample` of an episode: ``prompt_ids`` = the opening messages with the generation prompt;
 ``response_ids`` = every later token; ``loss_mask`` 1 on sampled tokens, 0 on observation tokens
 (behaviour logprob 0.0 and the previous token's policy version there, both unused); ``reward`` = the sum of
-``turn_rewards``. A single-turn task is the one-turn case (``single_turn`` environment).
+``turn_rewards``; ``status`` ``completed`` when the environment ended the episode, ``truncated`` when a limit
+did or when the last turn was cut at its token budget, ``failed`` when the environment or the reward function
+failed (kept, never trained on: loss mask all zero). A single-turn task is the one-turn case (``single_turn``
+environment): the rollout worker has no other generation path.
 
 Left out on purpose: the OpenAI-messages path (an episode whose text is re-rendered by a server).
 """
@@ -104,6 +107,8 @@ class Episode:
     texts: list[str] = field(default_factory=list)  # the assistant's turns, decoded
     status: str = "running"  # then completed | truncated | failed
     error: str = ""
+    reward_error: str = ""  # the reward function failed (the episode is then failed, not an environment failure)
+    finish_reason: str = ""  # of the last sampled turn: "stop", "length", ...
     correct: bool = False
     tool_failures: int = 0
 
@@ -131,13 +136,23 @@ def run_episodes(episodes: list[list[Episode]], seeds: list[int], sample: Sample
     share one request with ``n`` samples, so a group's first turn is one request). Episodes end when the
     environment says done (``completed``), at ``cfg.max_turns``, ``cfg.max_episode_tokens``, ``max_model_len`` or
     ``cfg.episode_timeout_s`` (``truncated``), or when ``reset``/``step`` raises or outlasts
-    ``cfg.step_timeout_s`` (``failed``, ``error`` says why). Never raises for an environment's failure.
+    ``cfg.step_timeout_s`` (``failed``, ``error`` says why; a call that outlasts it is abandoned, its thread
+    left running, and ``close`` is still called). Never raises for one episode's failure.
 
     Args:
         sample: ``(prompts, n per prompt, max new tokens) -> (completions, per-token policy versions)``.
         max_tokens: sampled tokens per turn, max.
         max_model_len: prompt + response tokens the engine accepts.
+
+    Raises:
+        RuntimeError: more than ``cfg.max_hung_steps`` abandoned calls of earlier episodes still run in this
+            process (threads cannot be killed; each may hold the environment's resources); names the environment.
     """
+    hung = hung_steps()
+    if hung > cfg.max_hung_steps:
+        raise RuntimeError(f"environment {cfg.type!r}: {hung} reset/step calls abandoned after rollout.env.step_timeout_s "
+                           f"= {cfg.step_timeout_s:g} s still run in this worker (more than rollout.env.max_hung_steps = "
+                           f"{cfg.max_hung_steps}); make its step return or raise within the timeout")
     live = [e for group in episodes for e in group]
     pool = ThreadPoolExecutor(max_workers=max(1, min(32, len(live))), thread_name_prefix="env")
     try:
@@ -184,6 +199,7 @@ def _sample_turn(live: list[Episode], sample: SampleFn, cfg: EnvConfig, max_toke
                 e.policy_versions += v
                 e.loss_mask += [1] * len(c.token_ids)
                 e.texts.append(c.text)
+                e.finish_reason = c.finish_reason
 
 
 def _apply_step(e: Episode, res, encoder: TurnEncoder, cfg: EnvConfig, last_turn: bool) -> None:
@@ -191,8 +207,12 @@ def _apply_step(e: Episode, res, encoder: TurnEncoder, cfg: EnvConfig, last_turn
     e.turn_rewards.append(float(res.reward))
     e.correct = bool(res.info.get("correct", e.correct))
     e.tool_failures += int(res.info.get("tool_failures", 0))
+    if res.info.get("reward_error"):
+        e.reward_error = str(res.info["reward_error"])
+        _end([e], "failed", f"reward function failed: {e.reward_error}")
+        return
     if res.done:
-        e.status = "completed"
+        e.status = "truncated" if e.finish_reason == "length" else "completed"
         return
     if last_turn:
         e.status = "truncated"
@@ -218,6 +238,7 @@ def _collect(jobs: list, cfg: EnvConfig, what: str) -> list[tuple[Episode, Any]]
         try:
             out.append((e, fut.result(timeout=max(0.0, deadline - time.monotonic()))))
         except FutureTimeout:
+            _ABANDONED.append(fut)
             _end([e], "failed", f"environment {cfg.type!r}: {what} took longer than rollout.env.step_timeout_s = "
                  f"{cfg.step_timeout_s:g} s")
             out.append((e, None))
@@ -225,6 +246,15 @@ def _collect(jobs: list, cfg: EnvConfig, what: str) -> list[tuple[Episode, Any]]
             _end([e], "failed", f"environment {cfg.type!r}: {what} raised {type(err).__name__}: {err}"[:500])
             out.append((e, None))
     return out
+
+
+_ABANDONED: list = []  # futures of reset/step calls that outlived step_timeout_s (their threads run on)
+
+
+def hung_steps() -> int:
+    """Environment calls of this process abandoned after ``step_timeout_s`` and still running."""
+    _ABANDONED[:] = [f for f in _ABANDONED if not f.done()]
+    return len(_ABANDONED)
 
 
 def _end(es: list[Episode], status: str, error: str) -> None:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from buffer import GenerateRequest, Problem, RolloutResult, Sample, scored_rewards
 from rollout.rewards import score_response, score_safely
-from rollout.tasks import encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +72,7 @@ class RolloutWorker:
         self._engine_lock = threading.Lock()
         self._load_seconds = 0.0
         self._requests = 0
-        self._encoder = None
-        if cfg.env.type != "single_turn":
-            self._check_environment()
+        self._check_environment()
 
     # ---- weights -------------------------------------------------------------------------
     def receive_weights(self, version: int, buckets: list[bytes]) -> dict[str, float]:
@@ -142,103 +139,47 @@ class RolloutWorker:
         return self.version
 
     # ---- generation ----------------------------------------------------------------------
-    def _run(self, problems: list[Problem], min_version: int, n: int | list[int], max_tokens: int,
-             temperature: float, seed: int | None, chunk_tokens: int = 0):
-        """Generate under the engine lock; returns ``(prompts, groups, versions, seconds, load_seconds)``
-        where ``versions[i][j]`` holds the policy version of each token of completion ``j`` of prompt ``i``."""
-        self._wait_for_version(min_version, self.cfg.weight_push_timeout_s)
-        with self._engine_lock:
-            loaded_before = self._load_seconds
-            self._apply_pending()
-            prompts = [
-                encode_prompt(self.engine.tokenizer, p.question, self.data_cfg.instruction, self.data_cfg.one_shot)
-                for p in problems
-            ]
-            t0, loaded_at_t0 = time.perf_counter(), self._load_seconds
-            if chunk_tokens:  # staged weights are loaded between chunks, inside this request
-                outs, versions = self.engine.generate_chunked(
-                    prompts, n, max_tokens, chunk_tokens, lambda: (self._apply_pending(), self.version)[1],
-                    temperature, self.cfg.top_p, seed)
-            else:
-                outs = self.engine.generate(prompts, n, max_tokens, temperature, self.cfg.top_p, seed)
-                versions = [[[self.version] * len(c.token_ids) for c in g] for g in outs]
-            seconds = time.perf_counter() - t0 - (self._load_seconds - loaded_at_t0)  # generation only
-            load_seconds = self._load_seconds - loaded_before
-        return prompts, outs, versions, seconds, load_seconds
+    def _check_environment(self) -> None:
+        """Build the episode settings and the turn encoder; fail at start-up on bad environment options, a
+        template without incremental turns, or a sandbox that cannot run tools here."""
+        from rollout.envs import make_environment
+        from rollout.envs.sandbox import check_sandbox
+        from rollout.episode import TurnEncoder
+
+        c, d = self.cfg, self.data_cfg
+        env = c.env
+        if env.type == "single_turn":  # the data section's prompt format; one answer of up to max_tokens
+            env = env.model_copy(update={
+                "options": {"instruction": d.instruction, "one_shot": d.one_shot, **env.options},
+                "max_episode_tokens": max(env.max_episode_tokens, c.max_tokens)})
+        self.env_cfg = env
+        make_environment(env, Problem("check/0", "1 + 1", "2")).close()
+        self._encoder = TurnEncoder(self.engine.tokenizer)
+        if env.type == "tool_math":
+            logger.info("tool sandbox isolation: %s", check_sandbox(env.sandbox))
+
+    def _score(self, text: str, reference: str) -> tuple[float, bool, str]:
+        """`reward_fn` under ``rollout.reward_timeout_s`` (`rollout.rewards.score_safely`)."""
+        return score_safely(self.reward_fn, text, reference, self.cfg.reward_timeout_s)
 
     def generate(self, req: GenerateRequest) -> RolloutResult:
-        """Roll out one group per problem of ``req`` and add them to the buffer; with a multi-turn
-        ``rollout.env`` each sample is an episode (`generate_episodes`).
+        """Roll out ``req.sizes[i]`` episodes of problem ``i`` (a GRPO group) from one reset seed, played by
+        `rollout.episode.run_episodes` in ``rollout.env`` (a single-turn task is the one-step episode), and add
+        the groups to the buffer. Weights staged meanwhile load between turns (and every
+        ``update_interval_tokens`` inside a turn), each token keeping the version that sampled it.
 
         Returns the `RolloutResult` (small metadata; the samples went to the buffer).
 
         Raises:
             TimeoutError: weights of ``req.min_version`` did not arrive in time.
-            RuntimeError: more than ``rollout.env.max_failure_frac`` of the request's episodes failed.
+            RuntimeError: more than ``rollout.env.max_failure_frac`` of the request's episodes failed in the
+                environment (reward-function failures are counted apart, as ``reward_failures``); names it.
         """
-        c = self.cfg
-        if c.env.type != "single_turn":
-            return self.generate_episodes(req)
-        prompts, outs, versions, seconds, load_seconds = self._run(list(req.problems), req.min_version,
-                                                                   list(req.sizes), c.max_tokens, c.temperature,
-                                                                   req.seed, c.update_interval_tokens)
-        groups, tokens, correct, failed = [], 0, 0, 0
-        for prob, key, ids, comps, vers in zip(req.problems, req.keys, prompts, outs, versions):
-            group = []
-            for comp, token_versions in zip(comps, vers):
-                reward, ok, error = score_safely(self.reward_fn, comp.text, prob.answer, c.reward_timeout_s)
-                if error:  # kept for the record, never trained on (loss mask all zero)
-                    logger.warning("reward of %s failed: %s", key, error)
-                    failed += 1
-                group.append(Sample(
-                    prompt_id=prob.prompt_id, group_id=key, prompt_ids=ids,
-                    response_ids=comp.token_ids, behaviour_logprobs=comp.logprobs,
-                    policy_versions=token_versions, reward=reward,
-                    loss_mask=[0] * len(comp.token_ids) if error else [],
-                    status="failed" if error else "truncated" if comp.finish_reason == "length" else "completed",
-                    answer=prob.answer, response_text=comp.text, correct=ok, error=error,
-                ))
-                tokens += len(comp.token_ids)
-                correct += int(ok)
-            groups.append(group)
-        added = _call(self.buffer.add_groups, groups)
-        self._requests += 1
-        return RolloutResult(
-            worker=self.index, kept_keys=tuple(added["kept_ids"]),
-            group_rewards=tuple((g[0].prompt_id, tuple(scored_rewards(g))) for g in groups),
-            samples=sum(len(g) for g in groups), tokens=tokens, reward_failures=failed,
-            mixed_version_samples=sum(len(set(vs)) > 1 for g in versions for vs in g), correct=correct,
-            seconds=seconds, load_seconds=load_seconds,
-            version=min((v for g in versions for vs in g for v in vs), default=self.version),
-            turns=sum(len(g) for g in groups))
-
-    # ---- episodes ------------------------------------------------------------------------
-    def _check_environment(self) -> None:
-        """Fail at start-up on bad environment options, a template without incremental turns, or a
-        sandbox that cannot run tools here."""
-        from rollout.envs import make_environment
-        from rollout.envs.sandbox import check_sandbox
-        from rollout.episode import TurnEncoder
-
-        make_environment(self.cfg.env, Problem("check/0", "1 + 1", "2")).close()
-        self._encoder = TurnEncoder(self.engine.tokenizer)
-        if self.cfg.env.type == "tool_math":
-            logger.info("tool sandbox isolation: %s", check_sandbox(self.cfg.env.sandbox))
-
-    def generate_episodes(self, req: GenerateRequest) -> RolloutResult:
-        """`generate` for ``rollout.env``: ``req.sizes[i]`` episodes of problem ``i`` (a GRPO group) from one
-        reset seed, played by `rollout.episode.run_episodes`; weights staged meanwhile load between turns
-        (and every ``update_interval_tokens`` inside a turn), each token keeping the version that sampled it.
-
-        Raises:
-            TimeoutError: weights of ``req.min_version`` did not arrive in time.
-            RuntimeError: more than ``rollout.env.max_failure_frac`` of the episodes failed; names the environment.
-        """
-        env_cfg = self.cfg.env
+        env_cfg = self.env_cfg
         episodes, seconds, load_seconds = self._play(list(req.problems), list(req.sizes), req.min_version, req.seed,
                                                      self.cfg.temperature, self.cfg.max_tokens)
         flat = [e for g in episodes for e in g]
-        failed = [e for e in flat if e.status == "failed"]
+        failed = [e for e in flat if e.status == "failed" and not e.reward_error]
         if len(failed) > env_cfg.max_failure_frac * len(flat):
             raise RuntimeError(f"environment {env_cfg.type!r}: {len(failed)} of {len(flat)} episodes failed (more than "
                                f"rollout.env.max_failure_frac = {env_cfg.max_failure_frac:g}); first: {failed[0].error}")
@@ -250,7 +191,8 @@ class RolloutWorker:
         return RolloutResult(
             worker=self.index, kept_keys=tuple(added["kept_ids"]),
             group_rewards=tuple((g[0].prompt_id, tuple(scored_rewards(g))) for g in groups),
-            samples=len(flat), tokens=sum(sum(s.loss_mask) for g in groups for s in g), reward_failures=0,
+            samples=len(flat), tokens=sum(sum(e.loss_mask) for e in flat),
+            reward_failures=sum(bool(e.reward_error) for e in flat),
             mixed_version_samples=sum(len(set(v)) > 1 for v in versions), correct=sum(e.correct for e in flat),
             seconds=seconds, load_seconds=load_seconds,
             version=min((v for vs in versions for v in vs), default=self.version),
@@ -286,22 +228,18 @@ class RolloutWorker:
 
         with self._engine_lock:
             loaded_before, t0 = self._load_seconds, time.perf_counter()
-            episodes = [[Episode(make_environment(c.env, p)) for _ in range(k)] for p, k in zip(problems, sizes)]
+            episodes = [[Episode(make_environment(self.env_cfg, p, self._score)) for _ in range(k)]
+                        for p, k in zip(problems, sizes)]
             seeds = [zlib.crc32(p.prompt_id.encode()) for p in problems]  # one reset seed per group
-            run_episodes(episodes, seeds, sample, self._encoder, c.env, max_tokens, c.max_model_len)
+            run_episodes(episodes, seeds, sample, self._encoder, self.env_cfg, max_tokens, c.max_model_len)
             load_seconds = self._load_seconds - loaded_before
         return episodes, time.perf_counter() - t0 - load_seconds, load_seconds
 
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
-        """Greedy (temperature 0) answers to ``problems``; returns strict exact-match correctness. With a
-        multi-turn ``rollout.env``: one greedy episode per problem, correct as its environment says
-        (``max_tokens`` per turn)."""
-        if self.cfg.env.type != "single_turn":
-            episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
-            return [g[0].correct for g in episodes]
-        _, outs, *_ = self._run(problems, min_version, 1, max_tokens, 0.0, None)
-        return [score_safely(self.reward_fn, g[0].text, p.answer, self.cfg.reward_timeout_s)[1]
-                for p, g in zip(problems, outs)]
+        """One greedy (temperature 0) episode per problem, at most ``max_tokens`` tokens per turn; returns
+        whether each was correct, as its environment says (single-turn: strict exact match)."""
+        episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
+        return [g[0].correct for g in episodes]
 
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int, min_version: int = 0) -> list[float]:
         """Engine logprobs of ``token_ids[prompt_len:]`` (temperature 1), after applying staged weights."""

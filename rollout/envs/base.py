@@ -12,6 +12,7 @@ concurrently, each in a thread bounded by ``rollout.env.step_timeout_s``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,17 @@ if TYPE_CHECKING:
     from rollout.envs.config import EnvConfig
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant" | ..., "content": str}
+
+# (text, reference answer) -> (reward, correct, error); error "" on success, else why the reward function failed
+Scorer = Callable[[str, str], "tuple[float, bool, str]"]
+
+
+def plain_score(text: str, reference: str) -> tuple[float, bool, str]:
+    """The default `Scorer`: `rollout.rewards.score_response` (strict exact match), never failing."""
+    from rollout.rewards import score_response
+
+    reward, correct = score_response(text, reference)
+    return reward, correct, ""
 
 
 @dataclass
@@ -32,7 +44,8 @@ class StepResult:
         reward: this turn's reward (unitless; the episode's reward is the sum over its turns).
         done: the episode is over (solved, failed or given up by the environment).
         info: free-form facts for logs and metrics, e.g. ``{"correct": True, "tool_failures": 1}``; the
-            runner reads ``correct`` (bool) and ``tool_failures`` (int) when present.
+            runner reads ``correct`` (bool), ``tool_failures`` (int) and ``reward_error`` (str: the reward
+            function failed, so the episode is kept but not trained on) when present.
     """
 
     observation: list[Message]
@@ -50,9 +63,15 @@ class Environment(ABC):
         options: ``rollout.env.options``: keys the subclass documents; unknown keys raise.
         cfg: the whole `EnvConfig` (sandbox limits for tools, timeouts).
 
+    Attributes:
+        score: the run's `Scorer` (the rollout worker's reward function under ``rollout.reward_timeout_s``,
+            set by `make_environment`); environments that check an answer against ``problem.answer`` call it.
+
     Raises:
         ValueError: a bad or unknown option (the message names it and the accepted values).
     """
+
+    score: Scorer = staticmethod(plain_score)
 
     def __init__(self, problem: Problem, options: dict[str, Any], cfg: EnvConfig) -> None:
         self.problem, self.options, self.cfg = problem, options, cfg
@@ -88,8 +107,9 @@ def register_environment(name: str):
     return add
 
 
-def make_environment(cfg: EnvConfig, problem: Problem) -> Environment:
-    """A fresh environment of type ``cfg.type`` for one episode about ``problem``.
+def make_environment(cfg: EnvConfig, problem: Problem, score: Scorer | None = None) -> Environment:
+    """A fresh environment of type ``cfg.type`` for one episode about ``problem``, scoring answers with
+    ``score`` (None: `plain_score`).
 
     Raises:
         ValueError: ``cfg.type`` has no registered environment, or its options are bad.
@@ -101,7 +121,10 @@ def make_environment(cfg: EnvConfig, problem: Problem) -> Environment:
     if cfg.type not in ENVIRONMENTS:
         raise ValueError(f"rollout.env.type = {cfg.type!r} has no registered environment "
                          f"(registered: {sorted(ENVIRONMENTS)})")
-    return ENVIRONMENTS[cfg.type](problem, dict(cfg.options), cfg)
+    env = ENVIRONMENTS[cfg.type](problem, dict(cfg.options), cfg)
+    if score is not None:
+        env.score = score
+    return env
 
 
 def check_options(env: str, options: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:

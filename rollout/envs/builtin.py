@@ -10,16 +10,24 @@ from typing import Any
 
 from rollout.envs.base import Environment, Message, StepResult, check_options, register_environment
 from rollout.envs.tools import TOOLS, parse_tool_calls, run_tool_call, tool_prompt, tool_response
-from rollout.rewards import score_response
 
 ANSWER_FORMAT = "Give the final line as 'Answer: <number>'."
 
 
+def answer_step(env: Environment, action: str) -> StepResult:
+    """The last step of an answer-checked episode: ``action`` scored by ``env.score`` against the problem's
+    answer; a failed reward function is reported as ``info["reward_error"]``."""
+    reward, correct, error = env.score(action, env.problem.answer)
+    return StepResult([], reward, True, {"correct": correct, **({"reward_error": error} if error else {})})
+
+
 @register_environment("single_turn")
 class SingleTurn(Environment):
-    """The problem as one user message; the first answer ends the episode, reward = `score_response`.
+    """The problem as one user message; the first answer ends the episode, reward = ``score`` (the run's
+    reward function). Every single-turn task of the ``data`` section is this one-step episode.
 
-    Options: ``instruction`` (str, appended to the question), ``one_shot`` (bool, prepend a worked example).
+    Options: ``instruction`` (str, appended to the question), ``one_shot`` (bool, prepend a worked example);
+    the rollout worker fills both from the ``data`` section unless set here.
     """
 
     def __init__(self, problem, options: dict[str, Any], cfg) -> None:
@@ -35,8 +43,7 @@ class SingleTurn(Environment):
         return build_messages(self.problem.question, self.opts["instruction"], self.opts["one_shot"])
 
     def step(self, action: str) -> StepResult:
-        reward, correct = score_response(action, self.problem.answer)
-        return StepResult([], reward, True, {"correct": correct})
+        return answer_step(self, action)
 
 
 @register_environment("tool_math")
@@ -71,8 +78,7 @@ class ToolMath(Environment):
     def step(self, action: str) -> StepResult:
         calls = parse_tool_calls(action)
         if not calls:
-            reward, correct = score_response(action, self.problem.answer)
-            return StepResult([], reward, True, {"correct": correct})
+            return answer_step(self, action)
         limit = int(self.opts["max_calls_per_turn"])
         results = [run_tool_call(c, self.cfg.sandbox, self.tools) for c in calls[:limit]]
         parts = [tool_response(r) for r in results]

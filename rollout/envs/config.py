@@ -50,6 +50,9 @@ class EnvConfig(StrictConfig):
     max_failure_frac: float = Field(
         0.2, ge=0.0, le=1.0, description="stop the run when more than this fraction of a request's episodes "
         "failed in the environment (step raised or timed out)")
+    max_hung_steps: int = Field(
+        8, ge=1, le=10000, description="reset/step calls past step_timeout_s still running in a worker (their "
+        "threads cannot be killed) before its next request stops the run with an error naming the environment")
     sandbox: SandboxConfig = SandboxConfig()
 
     @model_validator(mode="after")

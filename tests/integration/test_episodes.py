@@ -4,7 +4,8 @@ Checked in a fresh process (vLLM keeps process state): the trained ids are exact
 each observation's ids; the learner's logprobs (`learner.step.response_logprobs`, HF fp32 model) on the
 sampled tokens match the engine's behaviour logprobs; observation tokens are masked; the naive
 re-tokenisation differs; an environment whose step raises and one whose step hangs fail their episode
-only, counted, and the others go on; the rollout worker turns ``tool_math`` episodes into sample groups.
+only, counted, and the others go on; the rollout worker turns ``tool_math`` episodes into sample groups, and
+single-turn tasks into one-step episodes with the same ids, logprobs and prompt as a plain engine request.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ res = worker.generate(GenerateRequest((Problem("train/0", "What is 2 + 3?", "5")
 stored = [s for g in buf._groups for s in g]
 print("RESULT", json.dumps({{
     "status": [e.status for e in eps], "errors": [e.error for e in eps], "turns": [len(e.texts) for e in eps],
+    "finish": [e.finish_reason for e in eps],
     "turn_rewards": [e.turn_rewards for e in eps], "exact": exact, "naive_drift": naive_drift,
     "mask_counts": [(sum(s.loss_mask), len(s.loss_mask)) for s in samples],
     "lp_err": errs, "seconds": seconds,
@@ -120,7 +122,9 @@ def test_episodes_token_in_token_out_on_a_real_engine(tiny_model):
     res = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1])
     print(res)
     ok = [0, 1, 2, 3]
-    assert [res["status"][i] for i in ok] == ["completed"] * 4 and [res["turns"][i] for i in ok] == [3] * 4
+    # the environment ended these; one whose last turn was cut at its token budget is truncated
+    assert [res["status"][i] for i in ok] == ["truncated" if res["finish"][i] == "length" else "completed" for i in ok]
+    assert [res["turns"][i] for i in ok] == [3] * 4
     assert [res["turn_rewards"][i] for i in ok] == [[1.0, 2.0, 3.0]] * 4
     assert res["status"][4] == "failed" and "raised ValueError: broken environment" in res["errors"][4]
     assert res["status"][5] == "failed" and "step_timeout_s" in res["errors"][5]
@@ -134,3 +138,67 @@ def test_episodes_token_in_token_out_on_a_real_engine(tiny_model):
     w = res["worker"]
     assert w["samples"] == 4 and w["stored"] == 4 and w["kept"] == ["k0", "k1"] and w["turns"] >= 4
     assert w["env_failures"] == 0 and w["has_turn_rewards"]
+
+
+_SINGLE_TURN = r"""
+import itertools, json
+from buffer import GenerateRequest, Problem
+from buffer.replay import ReplayBuffer
+from rollout.config import DataConfig, RolloutConfig
+from rollout.rewards import score_response
+from rollout.tasks import encode_prompt
+from rollout.worker import RolloutWorker
+
+class Flaky(RolloutWorker):
+    calls, fail_every = itertools.count(1), 3  # every 3rd reward call raises (calls come from several threads)
+    @staticmethod
+    def reward_fn(text, reference):
+        if Flaky.fail_every and next(Flaky.calls) % Flaky.fail_every == 0:
+            raise ValueError("unparsable")
+        return score_response(text, reference)
+
+MAX = 8
+cfg = RolloutConfig(dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=512, max_tokens=MAX, group_size=4)
+d, buf = DataConfig(), ReplayBuffer()
+w = Flaky(cfg, d, {model!r}, 0, buf)
+tok = w.engine.tokenizer
+probs = [Problem(f"train/{{i}}", f"Calculate {{a}} + {{b}}.", str(a + b)) for i, (a, b) in enumerate([(2, 3), (4, 4), (1, 6)])]
+prompts = [encode_prompt(tok, p.question, d.instruction, d.one_shot) for p in probs]
+res = w.generate(GenerateRequest(tuple(probs), ("k0", "k1", "k2"), (4, 4, 4), 0, 5))
+stored = [s for g in buf._groups for s in g]
+raw = w.engine.generate(prompts, 4, MAX, 1.0, 1.0, 5)  # the same request straight on the engine
+Flaky.fail_every = 0
+evals = w.evaluate(probs, 0, MAX)
+greedy = [score_response(g[0].text, p.answer)[1] for p, g in zip(probs, w.engine.generate(prompts, 1, MAX, 0.0))]
+eos = tok.eos_token_id
+print("RESULT", json.dumps({{
+    "prompt_ok": [s.prompt_ids == prompts[i // 4] for i, s in enumerate(stored)],
+    "same_tokens": [s.response_ids for s in stored] == [c.token_ids for g in raw for c in g],
+    "same_logprobs": max(abs(a - b) for s, c in zip(stored, [c for g in raw for c in g])
+                         for a, b in zip(s.behaviour_logprobs, c.logprobs)),
+    "statuses": [s.status for s in stored],
+    "expected": ["failed" if s.error else "truncated" if len(s.response_ids) == MAX and s.response_ids[-1] != eos
+                 else "completed" for s in stored],
+    "turn_rewards_ok": [s.turn_rewards == [s.reward] for s in stored],
+    "failed_masks": [sum(s.loss_mask) for s in stored if s.status == "failed"],
+    "errors": [s.error for s in stored if s.error],
+    "reward_failures": res.reward_failures, "env_failures": res.env_failures, "turns": res.turns,
+    "tokens": res.tokens, "sampled": sum(len(s.response_ids) for s in stored),
+    "evals": evals, "greedy": greedy}}))
+"""
+
+
+def test_single_turn_tasks_are_one_step_episodes_of_the_same_worker_path(tiny_sums_model):
+    out = subprocess.run([sys.executable, "-c", _SINGLE_TURN.format(model=tiny_sums_model)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1])
+    assert all(res["prompt_ok"]) and len(res["prompt_ok"]) == 12  # the data section's prompt, as before
+    assert res["same_tokens"] and res["same_logprobs"] < 1e-6  # same ids and logprobs as one engine request
+    assert res["statuses"] == res["expected"]  # a response cut at max_tokens is truncated, not completed
+    assert all(res["turn_rewards_ok"])  # each sample is a one-turn episode
+    assert res["reward_failures"] == 4 and res["env_failures"] == 0  # every 3rd of 12 reward calls raised
+    assert res["failed_masks"] == [0] * 4 and all("reward function failed: raised ValueError" in e
+                                                  for e in res["errors"])
+    assert res["turns"] == 12 and res["tokens"] == res["sampled"]
+    assert res["evals"] == res["greedy"] and len(res["evals"]) == 3

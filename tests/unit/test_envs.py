@@ -50,4 +50,19 @@ def test_single_turn_is_one_step():
     env = make_environment(EnvConfig(), PROBLEM)
     assert env.reset(0)[-1]["content"].startswith("What is 123 * 45?")
     r = env.step("Answer: 5535")
-    assert r.done and r.reward == 1.0 and r.observation == []
+    assert r.done and r.reward == 1.0 and r.observation == [] and "reward_error" not in r.info
+
+
+@pytest.mark.parametrize("env_type", ["single_turn", "tool_math"])
+def test_answers_are_scored_by_the_runs_scorer_and_its_failure_is_reported(env_type):
+    calls = []
+
+    def scorer(text, reference):
+        calls.append((text, reference))
+        return (0.5, False, "") if len(calls) == 1 else (0.0, False, "raised ValueError: unparsable")
+
+    cfg = EnvConfig(type=env_type, sandbox={"require_isolation": False})
+    r = make_environment(cfg, PROBLEM, scorer).step("Answer: 5535")
+    assert calls == [("Answer: 5535", "5535")] and r.done and r.reward == 0.5 and "reward_error" not in r.info
+    r = make_environment(cfg, PROBLEM, scorer).step("Answer: 5535")
+    assert r.done and r.info["reward_error"] == "raised ValueError: unparsable"

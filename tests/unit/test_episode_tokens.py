@@ -74,3 +74,16 @@ def test_non_incremental_template_is_refused(tok):
                          "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
     with pytest.raises(ValueError, match="not incremental"):
         TurnEncoder(tok).observation_ids([{"role": "user", "content": "x"}], None)
+
+
+@pytest.mark.parametrize("one_shot", [False, True])
+def test_a_single_turn_episode_opens_with_the_prompt_ids_of_the_data_section(tok, one_shot):
+    from buffer import Problem
+    from rollout.config import DataConfig
+    from rollout.envs import EnvConfig, make_environment
+    from rollout.tasks import encode_prompt
+
+    d = DataConfig(one_shot=one_shot)
+    env = make_environment(EnvConfig(options={"instruction": d.instruction, "one_shot": one_shot}),
+                           Problem("train/0", "Calculate 3 + 4.", "7"))
+    assert TurnEncoder(tok).prompt_ids(env.reset(0)) == encode_prompt(tok, "Calculate 3 + 4.", d.instruction, one_shot)
