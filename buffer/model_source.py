@@ -126,15 +126,17 @@ class ModelSource:
         digest: `content_digest` of it.
         files: ``(relative name, size in bytes)`` of its files.
         uri: the storage URI it was read from (``model.path = "s3://..."``), or None.
-        server: a `ModelFileServer` actor on the driver's node, or None (then a node without the files
-            and without ``uri`` cannot get them).
+        server: the name of a `ModelFileServer` actor on the driver's node (looked up with
+            ``ray.get_actor``: a name, not a handle, so the constructor arguments of restartable actors hold
+            no actor handle, which Ray flags at creation), or None (then a node without the files and
+            without ``uri`` cannot get them).
     """
 
     path: str
     digest: str
     files: tuple[tuple[str, int], ...]
     uri: str | None = None
-    server: Any = None
+    server: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -197,8 +199,9 @@ class ModelSource:
     def _fetch_from_server(self, name: str, size: int, out: Path, timeout_s: float) -> None:
         import ray
 
+        server = ray.get_actor(self.server)
         with open(out, "wb") as f:
-            pending = [self.server.read.remote(name, off, CHUNK_BYTES) for off in range(0, size, CHUNK_BYTES)[:2]]
+            pending = [server.read.remote(name, off, CHUNK_BYTES) for off in range(0, size, CHUNK_BYTES)[:2]]
             offsets = list(range(0, size, CHUNK_BYTES))[2:]
             while pending:  # two chunks in flight: the next transfer overlaps this write
                 ready, _ = ray.wait(pending[:1], timeout=timeout_s)
@@ -206,7 +209,7 @@ class ModelSource:
                     raise TimeoutError(f"reading {name!r} of the model from the driver's node took over {timeout_s:.0f} s")
                 f.write(ray.get(pending.pop(0)))
                 if offsets:
-                    pending.append(self.server.read.remote(name, offsets.pop(0), CHUNK_BYTES))
+                    pending.append(server.read.remote(name, offsets.pop(0), CHUNK_BYTES))
 
 
 def install_copy(tmp_dir: str | Path, digest: str) -> Path:

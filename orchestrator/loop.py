@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,18 +78,23 @@ class Trainer:
         wait_for_resources(cfg, cfg.ray.wait_for_resources_s)
         if lc.lora is not None:  # before any actor starts: a wrong module name is a config error
             check_target_modules(lc.lora, module_names(model_path))
-        self.buffer = ray.remote(ReplayBuffer).options(num_cpus=0, scheduling_strategy=on_driver_node()).remote(
+        # rollout workers find the buffer (and the model file server) by name: a handle among their
+        # constructor arguments makes Ray log an error for every restartable actor
+        buffer_name = f"relayrl-buffer-{uuid.uuid4().hex[:12]}"
+        self.buffer = ray.remote(ReplayBuffer).options(name=buffer_name, num_cpus=0,
+                                                       scheduling_strategy=on_driver_node()).remote(
             dynamic_sampling=bc.dynamic_sampling, prioritized=bc.prioritized_replay,
             value_tracker_discount=bc.value_tracker_discount if bc.value_tracker else None)
         self.learner_pg = reserve([learner_bundle(cfg)] * lc.num_learners,
                                   lc.placement_strategy, lc.node_labels, cfg.ray.placement_timeout_s, "the learner ranks")
         # the model by content, so actors on nodes that cannot see model_path get a copy of their own
-        self.model = model_source(model_path, uri=cfg.model.path if storage.is_remote(cfg.model.path) else None)
+        self.model, self.model_server = model_source(model_path,
+                                                     uri=cfg.model.path if storage.is_remote(cfg.model.path) else None)
         self.learner = LearnerGroup(lc, self.model, [scheduling(self.learner_pg, r) for r in range(lc.num_learners)],
                                     cfg.samples_per_step, rc.max_tokens, rc.temperature, cfg.seed,
                                     worker_cls=learner_worker_cls or LearnerWorker)
         placement = SlotPlacement(rollout_bundle(cfg), rc.node_labels, cfg.ray.placement_timeout_s)
-        self.rollout = RolloutGroup(rc, cfg.data, self.model, self.buffer, placement,
+        self.rollout = RolloutGroup(rc, cfg.data, self.model, buffer_name, placement,
                                     worker_cls=rollout_worker_cls or RolloutWorker, lora=lc.lora)
         self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=rc.group_size,
                                                            floor=bc.sampler_floor)
@@ -122,7 +128,7 @@ class Trainer:
 
         from orchestrator.placement import release
 
-        for actor in [self.buffer, self.control, self.model.server, *self.learner.ranks]:
+        for actor in [self.buffer, self.control, self.model_server, *self.learner.ranks]:
             ray.kill(actor)
         for slot in list(self.rollout.slots):
             self.rollout.release(slot)

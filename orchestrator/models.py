@@ -17,7 +17,9 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Any
 
 from buffer.model_source import ModelSource, cache_dir, content_digest, install_copy, list_files
 
@@ -143,7 +145,7 @@ def _ensure(d: Path) -> Path:
     return d
 
 
-def model_source(model_dir: str, uri: str | None = None, serve: bool = True) -> ModelSource:
+def model_source(model_dir: str, uri: str | None = None, serve: bool = True) -> tuple[ModelSource, Any]:
     """Describe the local ``model_dir`` for actors on any node (needs Ray started when ``serve``).
 
     Args:
@@ -152,20 +154,23 @@ def model_source(model_dir: str, uri: str | None = None, serve: bool = True) -> 
         serve: start a `ModelFileServer` actor on this node, so nodes without the files copy them from it.
 
     Returns:
-        A `ModelSource`; the caller kills ``source.server`` when the run ends.
+        ``(source, server)``: the `ModelSource` (naming the server actor) and the server's actor handle (None
+        without ``serve``). The caller holds the handle for the run (a named actor whose handles are all gone
+        is ended by Ray) and kills it when the run ends.
     """
     files = list_files(model_dir)
     source = ModelSource(str(model_dir), content_digest(model_dir, files), tuple(files), uri=uri)
     if not serve:
-        return source
+        return source, None
     import ray
 
     from buffer.model_source import ModelFileServer
     from orchestrator.placement import on_driver_node
 
-    server = ray.remote(ModelFileServer).options(num_cpus=0, scheduling_strategy=on_driver_node()).remote(
+    name = f"relayrl-model-files-{uuid.uuid4().hex[:12]}"
+    server = ray.remote(ModelFileServer).options(name=name, num_cpus=0, scheduling_strategy=on_driver_node()).remote(
         model_dir, files)
-    return ModelSource(source.path, source.digest, source.files, uri=uri, server=server)
+    return ModelSource(source.path, source.digest, source.files, uri=uri, server=name), server
 
 
 def module_names(model_path: str) -> list[str]:

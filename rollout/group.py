@@ -38,7 +38,7 @@ class RolloutGroup:
         cfg: `RolloutConfig`.
         data_cfg: `DataConfig`.
         model: the model (`buffer.model_source.ModelSource`) or a local HF model dir every node sees.
-        buffer: the replay buffer actor the workers write into.
+        buffer: the name of the replay buffer actor the workers write into (a name: see `RolloutWorker`).
         placement: ``strategy(slot) -> scheduling strategy`` and ``release(slot)`` (see the module doc).
         startup_timeout_s: seconds an engine may take to come up.
         worker_cls: `RolloutWorker` or a subclass.
@@ -48,7 +48,7 @@ class RolloutGroup:
         RuntimeError: a worker could not be placed or failed to start within ``startup_timeout_s``.
     """
 
-    def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model: ModelSource | str, buffer, placement,
+    def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model: ModelSource | str, buffer: str, placement,
                  startup_timeout_s: float = 600.0, worker_cls: type = RolloutWorker, lora: LoraSpec | None = None
                  ) -> None:
         import ray

@@ -42,11 +42,14 @@ class RolloutWorker:
         model: the model (`buffer.model_source.ModelSource`, resolved to a dir on this worker's node), or a
             local HF model dir.
         worker_index: index in the group (seeds differ per worker).
-        buffer: replay buffer actor handle (or a local `ReplayBuffer` in tests).
+        buffer: the replay buffer: a Ray actor's name (looked up here with ``ray.get_actor``; a restartable
+            actor's constructor arguments should hold no actor handle, which Ray flags at creation), an actor
+            handle, or a local `ReplayBuffer` (tests).
         lora: serve LoRA adapters of this spec (pushes then carry adapter tensors only); None: full weights.
 
     Raises:
         FileNotFoundError: the model is not on this node and cannot be copied here.
+        ValueError: no Ray actor has the name ``buffer``.
     """
 
     reward_fn = staticmethod(score_response)
@@ -60,6 +63,10 @@ class RolloutWorker:
         from rollout.engine import VLLMEngine
 
         model_path = local_model_dir(model)
+        if isinstance(buffer, str):
+            import ray
+
+            buffer = ray.get_actor(buffer)
         self.cfg, self.data_cfg, self.index, self.buffer = cfg, data_cfg, worker_index, buffer
         self.engine = VLLMEngine(
             model_path, cfg.dtype, cfg.kv_cache_memory_bytes, cfg.max_model_len, cfg.seed + worker_index, lora,
