@@ -20,7 +20,7 @@ trainable parameters, the KL reference is the same model with its adapters disab
 `save_pretrained` writes the adapters merged into an HF model plus the adapter in PEFT format.
 
 Each micro-batch is one model forward: with ``learner.shared_prefix`` samples that share a prompt share
-one encoding of it (`learner.step.shared_prefix_layout`), and the LM head runs only at response
+one encoding of it (`learner.layout.shared_prefix_layout`), and the LM head runs only at response
 positions, in chunks (`learner.step.token_logprobs`); the policy's entropy on trained tokens is logged
 as ``learner/entropy``.
 
@@ -37,6 +37,8 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from learner.checkpointing import LearnerCheckpoints
+
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LearnerWorker:
+class LearnerWorker(LearnerCheckpoints):
     """One DeepSpeed rank.
 
     Args:
@@ -375,73 +377,3 @@ class LearnerWorker:
             lp, _ = response_logprobs(self.engine, [s], self.engine.device, 1.0, self.cfg.shared_prefix,
                                       self.cfg.logit_chunk_tokens)
         return lp[0, : len(token_ids) - prompt_len].tolist()
-
-    # ---- checkpoint ------------------------------------------------------------------------
-    def save_checkpoint(self, ckpt_dir: str) -> bool:
-        """DeepSpeed checkpoint (model, optimizer, LR scheduler; ZeRO partitions) plus this rank's
-        torch RNG state under ``ckpt_dir`` (a local path or storage URI: on an object store this rank
-        writes its part to a node-local temporary dir and uploads it); every rank must call it. Returns True."""
-        import torch
-
-        from buffer.storage import staged_write
-
-        with staged_write(ckpt_dir) as local:
-            # with LoRA the frozen base weights come from the model dir again, not from the checkpoint
-            self.engine.save_checkpoint(local, tag="deepspeed", save_latest=False,
-                                        exclude_frozen_parameters=self.cfg.lora is not None)
-            torch.save({"torch": torch.get_rng_state()}, os.path.join(local, f"rng_rank{self.rank}.pt"))
-        return True
-
-    def load_checkpoint(self, ckpt_dir: str) -> bool:
-        """Restore what `save_checkpoint` wrote; every rank must call it. From an object store each rank
-        downloads the learner state itself into a node-local temporary dir (all of it: DeepSpeed's ZeRO
-        loader reads every rank's optimizer partition).
-
-        Raises:
-            FileNotFoundError: the checkpoint lacks the DeepSpeed state or this rank's RNG file.
-        """
-        import torch
-
-        from buffer.storage import local_copy
-
-        with local_copy(ckpt_dir) as local:
-            rng = os.path.join(local, f"rng_rank{self.rank}.pt")
-            if not os.path.isfile(rng):
-                raise FileNotFoundError(f"checkpoint {ckpt_dir} has no RNG state for learner rank {self.rank} "
-                                        "(was it written with a different learner.num_learners?)")
-            path, _ = self.engine.load_checkpoint(local, tag="deepspeed", load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True,
-                                                  load_module_strict=self.cfg.lora is None)
-            if path is None:
-                raise FileNotFoundError(f"DeepSpeed found no checkpoint under {ckpt_dir}/deepspeed")
-            torch.set_rng_state(torch.load(rng)["torch"])
-        return True
-
-    def save_pretrained(self, out_dir: str) -> str | None:
-        """Write the current policy as an HF model dir at ``out_dir`` (a local path or storage URI: rank 0
-        writes it locally, then uploads it); every rank must call it. Returns ``out_dir`` on rank 0.
-
-        With LoRA, ``out_dir`` holds the adapters merged into the base weights (fp32) and
-        ``out_dir/adapter`` the adapter in PEFT format (``PeftModel.from_pretrained(base, out_dir/adapter)``).
-        """
-        if self.cfg.lora is not None:
-            state = {n: t for n, t in self._gathered_named_params(adapters_only=True)}
-        else:
-            state = {n: t for n, t in self._gathered_named_params()}
-        if self.rank != 0:
-            return None
-        import shutil
-
-        from buffer.storage import staged_write
-
-        with staged_write(out_dir) as local:
-            if self.cfg.lora is not None:
-                from learner.lora import save_merged
-
-                save_merged(local, self.model_path, self.cfg.lora, state)
-            else:
-                self.engine.module.save_pretrained(local, state_dict=state, safe_serialization=True)
-            for f in os.listdir(self.model_path):
-                if f.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
-                    shutil.copy(os.path.join(self.model_path, f), local)
-        return out_dir

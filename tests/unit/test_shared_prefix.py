@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from buffer import Sample
-from learner.step import response_logprobs, shared_prefix_layout
+from learner.layout import shared_prefix_layout
+from learner.step import response_logprobs
 
 TEMP = 0.7
 
