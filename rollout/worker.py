@@ -155,10 +155,12 @@ class RolloutWorker:
 
         c, d = self.cfg, self.data_cfg
         env = c.env
-        if env.type == "single_turn":  # the data section's prompt format; one answer of up to max_tokens
+        if env.type == "single_turn":  # the data section's prompt format; one answer of up to max_tokens,
+            # scored within reward_timeout_s (a slow reward is a reward failure, not an environment one)
             env = env.model_copy(update={
                 "options": {"instruction": d.instruction, "one_shot": d.one_shot, **env.options},
-                "max_episode_tokens": max(env.max_episode_tokens, c.max_tokens)})
+                "max_episode_tokens": max(env.max_episode_tokens, c.max_tokens),
+                "step_timeout_s": max(env.step_timeout_s, c.reward_timeout_s + 5.0)})
         self.env_cfg = env
         make_environment(env, Problem("check/0", "1 + 1", "2")).close()
         self._encoder = TurnEncoder(self.engine.tokenizer)
