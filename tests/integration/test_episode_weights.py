@@ -89,7 +89,7 @@ class Slow(Environment):
         return StepResult([{{"role": "user", "content": "Go on."}}], 0.0, False)
 
 ENVIRONMENTS["textarena"] = Slow
-worker.cfg = cfg.model_copy(update={{"env": env.model_copy(update={{"max_turns": 6, "episode_timeout_s": 2.5}})}})
+worker.env_cfg = env.model_copy(update={{"max_turns": 6, "episode_timeout_s": 2.5}})  # the worker's episode settings
 buf._groups.clear()
 t0 = time.monotonic()
 worker.generate(GenerateRequest((Problem("train/2", "", ""),), ("k2",), (2,), 1, 5))
