@@ -250,6 +250,13 @@ class RolloutWorker:
         episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
         return [g[0].correct for g in episodes]
 
+    def greedy_transcripts(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[dict]:
+        """The greedy episodes of `evaluate`, as records to read: per problem ``turns`` (the assistant's decoded
+        turns, in order), ``reward`` (the episode's, unitless), ``correct`` and ``status``."""
+        episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
+        return [{"prompt_id": p.prompt_id, "turns": list(g[0].texts), "reward": g[0].reward,
+                 "correct": g[0].correct, "status": g[0].status} for p, g in zip(problems, episodes)]
+
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int, min_version: int = 0) -> list[float]:
         """Engine logprobs of ``token_ids[prompt_len:]`` (temperature 1), after applying staged weights."""
         self._wait_for_version(min_version, self.cfg.weight_push_timeout_s)

@@ -7,7 +7,7 @@ played by the rollout worker's own code (`RolloutWorker.generate` / `evaluate`),
 environment's ``correct``.
 
     .venv/bin/python scripts/probe_task.py deploy/examples/gsm_symbolic_smollm2.toml [overrides] \
-        --eval 100 --groups 32
+        --eval 100 --groups 32 [--transcripts 5]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--eval", type=int, default=100, help="held-out problems, greedy")
     ap.add_argument("--groups", type=int, default=32, help="training prompts sampled group_size times")
+    ap.add_argument("--transcripts", type=int, default=0,
+                    help="with rollout.env: also print the assistant turns of this many greedy held-out episodes")
     args = ap.parse_args()
 
     from orchestrator.config import load_config
@@ -71,7 +73,8 @@ def probe_episodes(cfg, args) -> None:
     t0 = time.perf_counter()
     worker = RolloutWorker(rc, dc, resolve_model_path(cfg.model.path), 0, ReplayBuffer())
     ev = load_problems(dc, "eval")[: args.eval]
-    greedy = sum(worker.evaluate(ev, 0, cfg.eval_max_tokens or rc.max_tokens)) / len(ev) if ev else 0.0
+    played = worker.greedy_transcripts(ev, 0, cfg.eval_max_tokens or rc.max_tokens)
+    greedy = sum(e["correct"] for e in played) / len(ev) if ev else 0.0
     tr = load_problems(dc, "train")[: args.groups]
     rewards, turns, failures = [], 0, 0
     for i in range(0, len(tr), rc.prompts_per_request):
@@ -87,7 +90,8 @@ def probe_episodes(cfg, args) -> None:
         "pass_at_n": sum(any(r) for r in rewards) / len(rewards), "n": rc.group_size,
         "mixed_group_frac": sum(min(r) < max(r) for r in rewards) / len(rewards), "groups": len(rewards),
         "turns_per_episode": turns / n, "env_and_tool_failures": failures,
-        "seconds": round(time.perf_counter() - t0, 1)}))
+        "seconds": round(time.perf_counter() - t0, 1),
+        **({"greedy_transcripts": played[: args.transcripts]} if args.transcripts else {})}))
 
 
 if __name__ == "__main__":

@@ -169,7 +169,9 @@ stored = [s for g in buf._groups for s in g]
 raw = w.engine.generate(prompts, 4, MAX, 1.0, 1.0, 5)  # the same request straight on the engine
 Flaky.fail_every = 0
 evals = w.evaluate(probs, 0, MAX)
-greedy = [score_response(g[0].text, p.answer)[1] for p, g in zip(probs, w.engine.generate(prompts, 1, MAX, 0.0))]
+raw_greedy = w.engine.generate(prompts, 1, MAX, 0.0)
+greedy = [score_response(g[0].text, p.answer)[1] for p, g in zip(probs, raw_greedy)]
+tx = w.greedy_transcripts(probs, 0, MAX)
 eos = tok.eos_token_id
 print("RESULT", json.dumps({{
     "prompt_ok": [s.prompt_ids == prompts[i // 4] for i, s in enumerate(stored)],
@@ -184,7 +186,8 @@ print("RESULT", json.dumps({{
     "errors": [s.error for s in stored if s.error],
     "reward_failures": res.reward_failures, "env_failures": res.env_failures, "turns": res.turns,
     "tokens": res.tokens, "sampled": sum(len(s.response_ids) for s in stored),
-    "evals": evals, "greedy": greedy}}))
+    "evals": evals, "greedy": greedy, "tx_turns": [t["turns"] for t in tx], "tx_correct": [t["correct"] for t in tx],
+    "raw_greedy_texts": [[g[0].text] for g in raw_greedy]}}))
 """
 
 
@@ -202,3 +205,4 @@ def test_single_turn_tasks_are_one_step_episodes_of_the_same_worker_path(tiny_su
                                                   for e in res["errors"])
     assert res["turns"] == 12 and res["tokens"] == res["sampled"]
     assert res["evals"] == res["greedy"] and len(res["evals"]) == 3
+    assert res["tx_turns"] == res["raw_greedy_texts"] and res["tx_correct"] == res["evals"]  # the same greedy episodes
