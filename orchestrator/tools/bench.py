@@ -50,7 +50,9 @@ NOTES = {
     f"{WRAPPER_REPEATS} timed calls each after one warm-up, timed from the driver. Raw: prompt encoding + "
     "`LLM.generate`. relayrl: `RolloutWorker.generate`, i.e. also logprob extraction, rewards, `Sample` s and "
     "the write into a replay buffer actor. tokens/s are totals over the timed calls; the overhead is the median "
-    "over call pairs (identical prompts and seeds, so identical tokens) of the extra seconds per token.",
+    "over call pairs (identical prompts and seeds, so identical tokens, unless a call holds one prompt twice: the "
+    "rollout worker samples those groups as one request of 2n, raw vLLM as two requests of n with the same seed, "
+    "that is twice the same n answers) of the extra seconds per token.",
     "weight_push": "`weight_push`: `LearnerWorker.export_weights` (rollout dtype, safetensors buckets) then "
     "`RolloutWorker.receive_weights` on every rollout worker, which reloads in place when the engine is idle "
     f"(here it is); median of {PUSH_REPEATS}. GB/s is model bytes over the whole push. The learner step is "
