@@ -5,7 +5,8 @@ For seed s: b = the best held-out accuracy of the TRL run (evals after step 0), 
 TRL's first eval reaching b, and for a relayrl variant t = the training seconds at its first eval reaching b
 (None if it never did). The ratio t / t_TRL is the issue's "async reaches TRL's best held-out accuracy in at most
 0.4x TRL's wall clock". Also: the per-step speed ratio (mean ``perf/step_seconds`` is not kept in the JSON, so
-training seconds over steps from each run's summary).
+training seconds over steps from each run's summary), and the two runs' held-out accuracy at every step where
+both evaluated (``same_steps``: learning per step, whatever the step rate).
 
     .venv/bin/python scripts/compare_time_to_accuracy.py docs/time_to_accuracy.json [--baseline "TRL 1.16"]
 
@@ -34,8 +35,15 @@ def best(records: list[dict]) -> float | None:
     return max(accs) if accs else None
 
 
+def accuracy_by_step(records: list[dict]) -> dict[int, float]:
+    """Held-out accuracy of each eval after step 0, by step."""
+    return {r["step"]: r["eval/accuracy"] for r in records if r.get("step", 0) > 0 and r.get("eval/accuracy") is not None}
+
+
 def compare(raw: dict, baseline: str) -> dict:
-    """``{variant: [{seed, trl_best, trl_seconds, seconds, ratio}, ...]}`` for every non-baseline variant.
+    """``{variant: [{seed, trl_best, trl_seconds, seconds, ratio, step_seconds, trl_step_seconds, best,
+    same_steps}, ...]}`` for every non-baseline variant; ``same_steps``: ``{step: [accuracy, TRL's accuracy]}``
+    at the steps both runs evaluated.
 
     Raises:
         ValueError: no run label starts with ``baseline``.
@@ -66,7 +74,9 @@ def compare(raw: dict, baseline: str) -> dict:
                          "ratio": (t / t_trl) if (t is not None and t_trl) else None,
                          "step_seconds": s["perf/train_seconds"] / s["step"],
                          "trl_step_seconds": sb["perf/train_seconds"] / sb["step"],
-                         "best": best(entry["records"])})
+                         "best": best(entry["records"]),
+                         "same_steps": {str(k): [a, trl[k]] for k, a in accuracy_by_step(entry["records"]).items()
+                                        if k in (trl := accuracy_by_step(base[seed]["records"]))}})
         out[name] = rows
     return out
 
@@ -86,7 +96,9 @@ def main() -> int:
             reached = (f"{r['seconds']:.0f} s, {r['ratio']:.2f}x TRL's {r['trl_seconds']:.0f} s"
                        if r["ratio"] is not None else "not reached")
             print(f"{name}, seed {r['seed']}: TRL best {r['trl_best']:.3f}; reached {reached}; own best "
-                  f"{r['best']:.3f}; {r['step_seconds']:.1f} s/step vs TRL {r['trl_step_seconds']:.1f} s/step")
+                  f"{r['best']:.3f}; {r['step_seconds']:.1f} s/step vs TRL {r['trl_step_seconds']:.1f} s/step; "
+                  "at the same steps (step: own, TRL): "
+                  + (", ".join(f"{k}: {a:.3f}, {t:.3f}" for k, (a, t) in r["same_steps"].items()) or "none"))
         ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
         if ratios:
             print(f"{name}: mean ratio {statistics.fmean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), "

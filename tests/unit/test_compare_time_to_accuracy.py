@@ -29,6 +29,8 @@ def test_time_to_the_baselines_best_seed_by_seed():
     assert one["ratio"] == pytest.approx(100 / 600) and one["best"] == 0.60
     assert two["trl_best"] == 0.52 and two["seconds"] is None and two["ratio"] is None  # never reached 0.52
     assert one["step_seconds"] == 25.0 and one["trl_step_seconds"] == 150.0
+    # steps 2 and 4 were evaluated by both runs of seed 1 (step 6 by async only); step 0 is left out
+    assert one["same_steps"] == {"2": [0.50, 0.55], "4": [0.56, 0.56]}
 
 
 def test_without_the_baseline_the_error_names_it():
