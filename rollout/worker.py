@@ -247,8 +247,7 @@ class RolloutWorker:
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
         """One greedy (temperature 0) episode per problem, at most ``max_tokens`` tokens per turn; returns
         whether each was correct, as its environment says (single-turn: strict exact match)."""
-        episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
-        return [g[0].correct for g in episodes]
+        return [t["correct"] for t in self.greedy_transcripts(problems, min_version, max_tokens)]
 
     def greedy_transcripts(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[dict]:
         """The greedy episodes of `evaluate`, as records to read: per problem ``turns`` (the assistant's decoded

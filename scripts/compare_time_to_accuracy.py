@@ -29,15 +29,14 @@ def first_reaching(records: list[dict], threshold: float) -> dict | None:
                  and r["eval/accuracy"] >= threshold - 1e-12), None)
 
 
-def best(records: list[dict]) -> float | None:
-    """Best held-out accuracy after step 0, or None when no eval ran after it."""
-    accs = [r["eval/accuracy"] for r in records if r.get("step", 0) > 0 and r.get("eval/accuracy") is not None]
-    return max(accs) if accs else None
-
-
 def accuracy_by_step(records: list[dict]) -> dict[int, float]:
     """Held-out accuracy of each eval after step 0, by step."""
     return {r["step"]: r["eval/accuracy"] for r in records if r.get("step", 0) > 0 and r.get("eval/accuracy") is not None}
+
+
+def best(records: list[dict]) -> float | None:
+    """Best held-out accuracy after step 0, or None when no eval ran after it."""
+    return max(accuracy_by_step(records).values(), default=None)
 
 
 def compare(raw: dict, baseline: str) -> dict:
@@ -70,13 +69,14 @@ def compare(raw: dict, baseline: str) -> dict:
             t_trl = hit_trl["perf/train_seconds"] if hit_trl else None
             t = hit["perf/train_seconds"] if hit else None
             s, sb = entry["summary"], base[seed]["summary"]
+            trl = accuracy_by_step(base[seed]["records"])
             rows.append({"seed": seed, "trl_best": b, "trl_seconds": t_trl, "seconds": t,
                          "ratio": (t / t_trl) if (t is not None and t_trl) else None,
                          "step_seconds": s["perf/train_seconds"] / s["step"],
                          "trl_step_seconds": sb["perf/train_seconds"] / sb["step"],
                          "best": best(entry["records"]),
                          "same_steps": {str(k): [a, trl[k]] for k, a in accuracy_by_step(entry["records"]).items()
-                                        if k in (trl := accuracy_by_step(base[seed]["records"]))}})
+                                        if k in trl}})
         out[name] = rows
     return out
 
