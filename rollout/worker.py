@@ -73,6 +73,8 @@ class RolloutWorker:
             cfg.lora_serving,
             gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
         )
+        warm_up_seconds = self.engine.warm_up()  # the first sampling call is slow: not on a real request
+        logger.info("rollout worker %d: first sampling call %.1f s", worker_index, warm_up_seconds)
         self.version = 0
         self._pending: tuple[int, list[bytes]] | None = None
         self._cond = threading.Condition()
