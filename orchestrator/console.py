@@ -63,9 +63,26 @@ class _ConsoleFilter(logging.Filter):
         return record.levelno >= (logging.INFO if own else logging.ERROR)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is when the record is emitted, like logging's own last-resort
+    handler: a `main` called inside a process whose ``sys.stderr`` is later swapped and closed (a test runner's
+    capture, a notebook cell) leaves no handler on a closed stream ("I/O operation on closed file")."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.stderr
+
+
 def setup_console(verbose: bool) -> None:
     """The driver's Python logging on stderr: everything (``verbose``), else `_ConsoleFilter`'s choice."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     if not verbose:
         handler.addFilter(_ConsoleFilter())

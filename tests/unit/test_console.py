@@ -123,6 +123,24 @@ def test_driver_console_keeps_relayrl_info_and_everyones_errors(tmp_path, capsys
         assert needle in log, needle
 
 
+def test_console_writes_to_the_current_stderr_not_a_closed_one(monkeypatch, root_logging):
+    """A second `main` in one process (tests, notebooks) after the first one's stderr was swapped and closed."""
+    import io
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    console.setup_console(verbose=False)
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    logging.raiseExceptions, saved = True, logging.raiseExceptions
+    try:
+        logging.getLogger("relayrl").info("after the swap")
+    finally:
+        logging.raiseExceptions = saved
+    out = second.getvalue()
+    assert "INFO relayrl: after the swap" in out and "Logging error" not in out, out
+
+
 def test_error_raised_in_an_actor_is_one_line_naming_its_log(tmp_path, root_logging):
     import ray.exceptions
 
