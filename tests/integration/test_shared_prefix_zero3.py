@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray_nodes import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,18 +63,10 @@ print("RESULT", json.dumps(out))
 @pytest.mark.timeout(300)
 def test_shared_prefix_under_zero3_matches_the_padded_path(tiny_model, tmp_path):
     proc = subprocess.run([sys.executable, "-c", CHECK, tiny_model], cwd=ROOT, capture_output=True, text=True,
-                          timeout=280, env={**os.environ, "MASTER_PORT": str(_free_port())})
+                          timeout=280, env={**os.environ, "MASTER_PORT": str(free_port())})
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1])
     for kind, r in res.items():
         assert r["logprob_err"] < 1e-5, kind
         assert r["grad_errs"] and max(r["grad_errs"].values()) < 1e-5, (kind, r["grad_errs"])
     assert all(".lora_" in n for n in res["lora"]["grad_errs"]) and len(res["full"]["grad_errs"]) > 10
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
