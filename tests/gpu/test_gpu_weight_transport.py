@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 
 import pytest
+from ports import free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
@@ -26,9 +26,7 @@ def test_nccl_broadcast_of_buckets_between_two_gpus():
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     buckets = [bytes(range(256)) * 1000, b"relayrl" * 333]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_nodes import agent_ports, free_port, stop_node
+from ports import free_port
+from ray_nodes import agent_ports, stop_node
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

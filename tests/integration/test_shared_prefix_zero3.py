@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ray_nodes import free_port
+from ports import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -35,7 +35,8 @@ import pytest
 from buffer import storage
 from orchestrator.checkpoint import find_run_to_resume
 from orchestrator.storage import logs_dir_of
-from ray_nodes import agent_ports, free_port, kill_mount_namespace, stop_node
+from ports import free_port
+from ray_nodes import agent_ports, kill_mount_namespace, stop_node
 from tiny_run import tiny_run_toml, train_cli
 
 pytestmark = pytest.mark.integration

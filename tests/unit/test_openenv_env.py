@@ -8,13 +8,13 @@ without that extra) the server tests skip and the option checks still run.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from ports import free_port
 
 from buffer import Problem
 from rollout.envs import EnvConfig, make_environment
@@ -30,9 +30,7 @@ def echo_server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
     subprocess.run([sys.executable, "-m", "openenv.cli", "init", "echo_env", "-o", str(root)], env=env, check=True,
                    capture_output=True, timeout=60)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "echo_env.server.app:app", "--host", "127.0.0.1",
                                "--port", str(port), "--log-level", "error"], env=env, cwd=root,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from buffer.weight_transport import NCCL_WEIGHT_GROUP_ENV, WeightGroup, scoped_env
 
 
 def _pair(timeout_s: float) -> tuple[WeightGroup, WeightGroup]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out: dict[int, WeightGroup] = {}
 
     def join(rank: int) -> None:

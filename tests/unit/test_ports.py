@@ -1,10 +1,10 @@
-"""The port helper of the tests that start their own Ray nodes: every port it hands out is distinct."""
+"""The port helper of the tests that start their own servers and Ray nodes: every port it hands out is distinct."""
 
 from __future__ import annotations
 
 import socket
 
-from ray_nodes import free_port
+from ports import free_port
 
 
 def test_free_port_never_hands_out_the_same_port_twice():
