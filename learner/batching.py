@@ -14,6 +14,10 @@
   optimizer-step boundary itself. The no-grad pi_prox recompute before training follows the same rule
   (`prox_schedule`): under ZeRO-3 every forward pass all-gathers the parameters.
 
+- **Samples with a zero gradient are left out** (`restrict_plan`): with no KL term, a sample whose
+  advantage is 0 (every sample of a GRPO group with all-equal rewards) adds exactly 0 to the gradient
+  under every policy loss, so the learner need not run it; the rest keep their rank and minibatch.
+
 The plan is a pure function of the batch, computed identically on every rank, so ranks agree on it
 without communicating.
 """
@@ -130,6 +134,31 @@ def plan_microbatches(shape: BatchShape, world_size: int, minibatches: int, micr
         for r in range(world_size):
             plan[r][k] += [[] for _ in range(passes - len(plan[r][k]))]
     return plan
+
+
+def restrict_plan(plan: list[list[list[list[int]]]], shape: BatchShape, keep: list[bool], micro_batch_size: int,
+                  max_tokens_per_microbatch: int = 0, shared_prefix: bool = True) -> list[list[list[list[int]]]]:
+    """``plan`` (a `plan_microbatches` plan) with only the samples where ``keep[i]``, for passes that skip
+    samples whose gradient is known to be zero.
+
+    Every kept sample stays on its rank and in its PPO minibatch (so each optimizer step sees the
+    same samples as in ``plan``); a rank's kept samples of a minibatch are cut into micro-batches again
+    (``micro_batch_size`` samples or ``max_tokens_per_microbatch`` forward tokens), and every rank
+    gets the same number of passes per minibatch, at least one: a minibatch with no kept sample on any
+    rank is one padding pass (an empty list) per rank, so its optimizer step still runs.
+
+    Raises:
+        ValueError: ``keep`` is not one flag per sample of ``shape``.
+    """
+    if len(keep) != len(shape.group):
+        raise ValueError(f"restrict_plan: {len(keep)} keep flags for a batch of {len(shape.group)} samples")
+    out = [[_micro_batches(shape, [i for micro in mb for i in micro if keep[i]], micro_batch_size,
+                           max_tokens_per_microbatch, shared_prefix) for mb in rank_plan] for rank_plan in plan]
+    for k in range(len(plan[0]) if plan else 0):
+        passes = max(1, max(len(out[r][k]) for r in range(len(out))))
+        for r in range(len(out)):
+            out[r][k] += [[] for _ in range(passes - len(out[r][k]))]
+    return out
 
 
 def prox_schedule(plan: list[list[list[list[int]]]], rank: int) -> list[list[int]]:

@@ -216,13 +216,13 @@ def recompute_prox(forward: Callable[[list], torch.Tensor], samples: list, sched
         forward: micro-batch of Samples -> ``[B, R_max]`` response logprobs (`response_logprobs`).
         samples: the whole batch.
         schedule: sample indices per pass (`learner.batching.prox_schedule`); an empty entry is a
-            padding pass, run on the first scheduled sample and discarded, so that every rank runs
+            padding pass, run on the first scheduled sample (or the batch's first) and discarded, so that every rank runs
             the same number of forward passes (ZeRO-3 gathers parameters in each one).
 
     Returns:
         sample index -> ``[R]`` logprobs of its response tokens.
     """
-    filler = next(([samples[i]] for idx in schedule for i in idx), None)
+    filler = next(([samples[i]] for idx in schedule for i in idx), samples[:1])  # a rank with nothing to run
     out = {}
     with torch.no_grad():
         for idx in schedule:

@@ -158,24 +158,40 @@ class LearnerWorker(LearnerCheckpoints):
         into minibatches and micro-batches by `plan_microbatches`; each
         minibatch loss is normalised over all ranks (``learner.loss_agg``), so the batch size may vary
         from step to step. pi_prox is the current policy exactly in the first minibatch, then
-        recomputed before training or approximated log-linearly (``learner.prox_logprobs``).
+        recomputed before training or approximated log-linearly (``learner.prox_logprobs``). With
+        ``learner.skip_zero_advantage`` and no KL term, samples whose advantage is 0 are not run
+        (`learner.batching.restrict_plan`): their gradient is exactly 0, and their tokens still count in
+        the normaliser, so the update is the same up to floating-point summation order.
 
-        Returns metrics (token-weighted means over this rank's micro-batches).
+        Returns metrics (token-weighted means over this rank's micro-batches that ran;
+        ``learner/tokens``: loss tokens of this rank's share, skipped samples included;
+        ``learner/skipped_sample_frac``: samples of the batch not run).
 
         Raises:
             ValueError: too few samples for ``ppo_minibatches``, or a sample longer than
                 ``max_tokens_per_microbatch`` (`learner.batching.plan_microbatches`).
         """
-        from learner.batching import BatchShape, plan_microbatches, prox_schedule
+        from learner.batching import BatchShape, plan_microbatches, prox_schedule, restrict_plan
         from learner.off_policy import loss_normalizer
         from learner.step import TokenWeightedMeans, batch_metrics, recompute_prox, step_advantages
 
         t0 = time.perf_counter()
         samples = [s for g in batch for s in g]
         c, W, M = self.cfg, self.world_size, self.cfg.ppo_minibatches
-        plan = plan_microbatches(BatchShape.of(batch), W, M, c.micro_batch_size, c.max_tokens_per_microbatch,
-                                 c.shared_prefix)
+        shape = BatchShape.of(batch)
+        plan = plan_microbatches(shape, W, M, c.micro_batch_size, c.max_tokens_per_microbatch, c.shared_prefix)
         prep = step_advantages(batch, version, c.advantage, c.staleness_decay)
+        normalizers = []  # per minibatch, over all of its samples, run or skipped
+        for k in range(M):
+            mb_all = [i for rank_plan in plan for micro in rank_plan[k] for i in micro]
+            n_tok = sum(sum(samples[i].loss_mask) for i in mb_all)
+            # DeepSpeed divides by GAS and averages over ranks: undo both so the minibatch is one mean
+            normalizers.append(loss_normalizer(c.loss_agg, n_tok, len(mb_all), self.max_tokens) / (self.gas * W))
+        my_tokens = sum(sum(samples[i].loss_mask) for mb in plan[self.rank] for micro in mb for i in micro)
+        keep = [True] * len(samples)
+        if c.skip_zero_advantage and c.kl_coef == 0:  # a zero advantage is a zero gradient under every loss
+            keep = [a != 0.0 for a in prep.advantages]
+            plan = restrict_plan(plan, shape, keep, c.micro_batch_size, c.max_tokens_per_microbatch, c.shared_prefix)
         skipped_before = self.engine.skipped_steps
         prox_exact = None
         if M > 1 and c.prox_logprobs == "recompute":
@@ -183,11 +199,7 @@ class LearnerWorker(LearnerCheckpoints):
                                         prox_schedule(plan, self.rank))
         means, loss_total = TokenWeightedMeans(), 0.0
         for k in range(M):
-            mb_all = [i for rank_plan in plan for micro in rank_plan[k] for i in micro]
-            n_tok = sum(sum(samples[i].loss_mask) for i in mb_all)
-            # DeepSpeed divides by GAS and averages over ranks: undo both so the minibatch is one mean
-            normalizer = loss_normalizer(c.loss_agg, n_tok, len(mb_all), self.max_tokens) / (self.gas * W)
-            passes = plan[self.rank][k]
+            normalizer, passes = normalizers[k], plan[self.rank][k]
             for j, idx in enumerate(passes):
                 # the last pass of a minibatch ends it with an optimizer step, however many passes it had
                 self.engine.set_gradient_accumulation_boundary(j == len(passes) - 1)
@@ -199,7 +211,10 @@ class LearnerWorker(LearnerCheckpoints):
                                              k, version, normalizer)
                 means.add(met, met.pop("learner/tokens"))
                 loss_total += loss / (self.gas * W * M)  # this rank's share of the mean over minibatches
-        return self._step_metrics(means, loss_total, skipped_before, t0, batch_metrics(samples, prep, self.rank == 0))
+        out = self._step_metrics(means, loss_total, skipped_before, t0, batch_metrics(samples, prep, self.rank == 0))
+        out["learner/tokens"] = float(my_tokens)  # the loss's tokens on this rank, skipped samples included
+        out["learner/skipped_sample_frac"] = 1.0 - sum(keep) / len(samples)
+        return out
 
     def _train_pass(self, mb: list, adv: list[float], exact: list | None, k: int, version: int, normalizer: float,
                     padding: bool = False) -> tuple[float, dict[str, float]]:

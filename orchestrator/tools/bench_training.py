@@ -30,7 +30,9 @@ NOTES = {
     "trained by a fresh learner with `learner.shared_prefix=false` (each sample its own right-padded row) and one "
     "with `learner.shared_prefix=true` (the samples of a micro-batch that share a prompt in one row, the prompt "
     "encoded once), and `packed`: shared prefix with `learner.max_tokens_per_microbatch = 8 * rollout.max_model_len` "
-    "(micro-batches by tokens, several prompts' blocks side by side in one row); all score only response positions, "
+    "(micro-batches by tokens, several prompts' blocks side by side in one row); these three run every sample "
+    "(`learner.skip_zero_advantage=false`); `zero-advantage skipped`: shared prefix, samples with advantage 0 not run "
+    "(the default; same update); all score only response positions, "
     f"in chunks. Learner step: mean of {TRAIN_REPEATS} `train_step` s after a warm-up step, the same batch for all; "
     "trained tokens/s: loss-mask tokens of the batch over that time. Peak learner memory as in `lora`. The first "
     "step's loss of each (same weights, same batch) is in the JSON.",
@@ -82,8 +84,10 @@ def bench_learner_paths(s: Session) -> dict[str, Row]:
     from learner import LearnerGroup
 
     budget = 8 * s.cfg.rollout.max_model_len
-    variants = {"padded": ("learner.shared_prefix=false",), "shared prefix": ("learner.shared_prefix=true",),
-                "packed": ("learner.shared_prefix=true", f"learner.max_tokens_per_microbatch={budget}")}
+    off = "learner.skip_zero_advantage=false"  # the layouts run every sample; the last variant skips
+    variants = {"padded": ("learner.shared_prefix=false", off), "shared prefix": ("learner.shared_prefix=true", off),
+                "packed": ("learner.shared_prefix=true", f"learner.max_tokens_per_microbatch={budget}", off),
+                "zero-advantage skipped": ("learner.shared_prefix=true", "learner.skip_zero_advantage=true")}
     batch = ray.put(ray.get(s.batch(variants["padded"]), timeout=600))  # outlives the rig that generated it
     rows, raw = {}, {}
     for name, extra in variants.items():
@@ -97,7 +101,9 @@ def bench_learner_paths(s: Session) -> dict[str, Row]:
         peak = max(ray.get([r.peak_memory_bytes.remote() for r in learner.ranks], timeout=60))
         tokens = metrics[0]["learner/tokens"]
         raw[name] = {"learner_step_seconds": times, "trained_tokens": tokens, "peak_learner_memory_bytes": peak,
-                     "first_step_loss": metrics[0]["learner/loss"], "first_step_entropy": metrics[0]["learner/entropy"]}
+                     "first_step_loss": metrics[0]["learner/loss"],
+                     "first_step_entropy": metrics[0].get("learner/entropy"),  # none when every sample is skipped
+                     "skipped_sample_frac": metrics[0]["learner/skipped_sample_frac"]}
         rows[f"{name}: learner step"] = row(step_s, "s")
         rows[f"{name}: trained tokens/s"] = row(rate(tokens, step_s), "tokens/s")
         rows[f"{name}: peak learner memory"] = row(peak / 1e9, "GB")
@@ -106,4 +112,7 @@ def bench_learner_paths(s: Session) -> dict[str, Row]:
     speed = {k: statistics.fmean(raw[k]["learner_step_seconds"]) for k in variants}
     rows["shared prefix / padded step time"] = row(speed["shared prefix"] / speed["padded"], "x")
     rows["packed / padded step time"] = row(speed["packed"] / speed["padded"], "x")
+    rows["zero-advantage skipped: samples skipped"] = row(100 * raw["zero-advantage skipped"]["skipped_sample_frac"], "%")
+    rows["zero-advantage skipped / shared prefix step time"] = row(
+        speed["zero-advantage skipped"] / speed["shared prefix"], "x")
     return rows

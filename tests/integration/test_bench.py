@@ -34,7 +34,7 @@ def test_bench_wrapper_weight_push_lora_and_learner_paths_write_table_and_json(t
     rows = {(r["benchmark"], r["metric"]): r for r in raw["rows"]}
     assert {b for b, _ in rows} == {"wrapper", "weight_push", "lora", "learner_paths"}
     rates = [r for r in raw["rows"] if r["unit"] in ("tokens/s", "GB/s")]
-    assert {r["unit"] for r in rates} == {"tokens/s", "GB/s"} and len(rates) == 6  # 3 of them learner_paths
+    assert {r["unit"] for r in rates} == {"tokens/s", "GB/s"} and len(rates) == 7  # 4 of them learner_paths
     for r in rates:
         assert math.isfinite(r["value"]) and r["value"] > 0, r
     assert rows[("weight_push", "model bytes")]["value"] > 0
@@ -59,7 +59,13 @@ def test_bench_wrapper_weight_push_lora_and_learner_paths_write_table_and_json(t
     for k in ("shared prefix", "packed"):
         assert paths[k]["first_step_loss"] == pytest.approx(paths["padded"]["first_step_loss"], abs=1e-5), k
         assert paths[k]["first_step_entropy"] == pytest.approx(paths["padded"]["first_step_entropy"], rel=1e-4), k
-    for k in ("padded", "shared prefix", "packed"):
+    # skipping zero-advantage samples: the same loss (they add 0), their tokens still counted
+    skip = paths["zero-advantage skipped"]
+    assert skip["trained_tokens"] == paths["padded"]["trained_tokens"]
+    assert skip["first_step_loss"] == pytest.approx(paths["padded"]["first_step_loss"], abs=1e-5)
+    assert rows[("learner_paths", "zero-advantage skipped: samples skipped")]["value"] == pytest.approx(
+        100 * skip["skipped_sample_frac"])
+    for k in ("padded", "shared prefix", "packed", "zero-advantage skipped"):
         for metric in ("learner step", "peak learner memory"):
             v = rows[("learner_paths", f"{k}: {metric}")]["value"]
             assert math.isfinite(v) and v > 0

@@ -34,10 +34,12 @@ def _cfg(model: str, tmp_path, zero_stage: int, steps: int, max_staleness: int, 
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("zero_stage,max_staleness", [(2, 1), (3, 0)], ids=["zero2-async", "zero3-sync"])
+@pytest.mark.parametrize("zero_stage,max_staleness,skip", [(2, 1, False), (3, 0, True)],
+                         ids=["zero2-async", "zero3-sync"])
 def test_real_loop_two_ranks_pushes_weights_and_writes_metrics(tiny_model, ray_local, tmp_path, zero_stage,
-                                                               max_staleness):
-    cfg = _cfg(tiny_model, tmp_path, zero_stage=zero_stage, steps=3, max_staleness=max_staleness)
+                                                               max_staleness, skip):
+    # zero3-sync skips zero-advantage samples (the default): with no reward, every step is padding passes
+    cfg = _cfg(tiny_model, tmp_path, zero_stage, 3, max_staleness, f"learner.skip_zero_advantage={str(skip).lower()}")
     run_dir = tmp_path / "run"
     trainer = Trainer(cfg, run_dir, tiny_model, load_problems(cfg.data, "train"), load_problems(cfg.data, "eval"))
     try:
@@ -102,9 +104,11 @@ def _check_run(trainer, summary, cfg, run_dir, tiny_model):
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [0, 1, 2, 3]
     for r in recs[1:]:
-        for key in ("learner/loss", "rollout/reward_mean", "off_policy/mismatch_kl", "perf/rollout_tokens_per_s",
+        for key in ("learner/loss", "rollout/reward_mean", "perf/rollout_tokens_per_s", "learner/skipped_sample_frac",
                     "perf/learner_tokens_per_s", "weights/export_seconds", "off_policy/staleness_max"):
             assert key in r, key
+        # measured on the samples the learner ran: absent only from a step that skipped every sample
+        assert ("off_policy/mismatch_kl" in r) == (r["learner/skipped_sample_frac"] < 1.0), r
         # what admission control produced: no group had to be dropped as too stale
         assert r["staleness/dropped_groups_total"] == 0 and r["off_policy/dropped_samples"] == 0
         assert r["off_policy/dropped_samples"] == 0  # admission control, not the drop, holds the bound

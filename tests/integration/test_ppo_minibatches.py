@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def test_recomputed_prox_is_the_pre_step_policy(tiny_sums_model, ray_local, tmp_path):
     cfg = tiny_run_config(tiny_sums_model, tmp_path, "num_steps=2", "learner.micro_batch_size=4", "learner.lr=3e-3",
                           "buffer.max_staleness=0", "learner.ppo_minibatches=2", "learner.prox_logprobs=recompute",
-                          "seed=3")
+                          "seed=3", "learner.skip_zero_advantage=false")  # prox metrics need trained samples
     t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [])
     try:
         t.run(progress=False)

@@ -11,7 +11,7 @@ from buffer.allocation import RolloutAllocator
 from buffer.prompt_sampler import DifficultySampler, UniformSampler
 from learner.advantages import ADVANTAGE_ESTIMATORS, batch_advantages, grpo_advantages
 from buffer import Problem
-from learner.batching import BatchShape, assign_ranks, forward_tokens, plan_microbatches, prox_schedule
+from learner.batching import BatchShape, assign_ranks, forward_tokens, plan_microbatches, prox_schedule, restrict_plan
 
 
 def _problems(n: int) -> list[Problem]:
@@ -177,3 +177,36 @@ def test_prox_schedule_covers_each_rank_share_once_in_lockstep(shape, world, min
     for r, s in enumerate(schedules):
         assert [i for p in s for i in p] == [i for mb in plan[r] for m in mb for i in m]
         assert all(len(p) <= micro for p in s) and all(s[: sum(1 for p in s if p)])  # padding only at the end
+
+
+@settings(max_examples=200, deadline=None)
+@given(shape=shapes, world=st.integers(1, 4), minibatches=st.integers(1, 4), micro=st.integers(1, 9),
+       budget=st.sampled_from([0, 64, 200]), keep_bits=st.lists(st.booleans(), min_size=200, max_size=200))
+def test_restricted_plan_keeps_each_kept_sample_on_its_rank_and_minibatch(shape, world, minibatches, micro, budget,
+                                                                          keep_bits):
+    if max(map(len, assign_ranks(shape, world))) < minibatches or (
+            budget and max(p + r for p, r in zip(shape.prompt_tokens, shape.response_tokens)) > budget):
+        return
+    plan = plan_microbatches(shape, world, minibatches, micro, budget)
+    keep = keep_bits[: len(shape.group)]
+    out = restrict_plan(plan, shape, keep, micro, budget)
+    where = {i: (r, k) for r in range(world) for k in range(minibatches) for m in plan[r][k] for i in m}
+    got = {i: (r, k) for r in range(world) for k in range(minibatches) for m in out[r][k] for i in m}
+    assert got == {i: rk for i, rk in where.items() if keep[i]}  # each kept sample once, where it was
+    assert sum(len(m) for r in out for mb in r for m in mb) == sum(keep)
+    for k in range(minibatches):
+        assert len({len(out[r][k]) for r in range(world)}) == 1 and len(out[0][k]) >= 1  # lockstep, a step each
+        for r in range(world):
+            real = [m for m in out[r][k] if m]
+            assert out[r][k][: len(real)] == real and len(real) <= len([m for m in plan[r][k] if m])
+            assert all(forward_tokens(shape, m, True) <= budget for m in real) if budget else \
+                all(len(m) <= micro for m in real)
+
+
+def test_a_minibatch_with_nothing_kept_is_one_padding_pass_per_rank():
+    shape = _shape([(3, [4, 4]), (3, [4, 4])])
+    plan = plan_microbatches(shape, 2, 1, 2)
+    assert restrict_plan(plan, shape, [False] * 4, 2) == [[[[]]], [[[]]]]
+    assert restrict_plan(plan, shape, [True, False, False, False], 2) == [[[[0]]], [[[]]]]
+    with pytest.raises(ValueError, match="3 keep flags for a batch of 4"):
+        restrict_plan(plan, shape, [True] * 3, 2)

@@ -51,13 +51,14 @@ RESP_LENS = [6, 2, 5, 1, 3, 6, 4, 2, 6, 6, 1, 3]  # ragged; length 6 = truncated
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _cfg(loss: str = "ppo", agg: str = "token_mean", advantage: str = "grpo") -> RunConfig:
+def _cfg(loss: str = "ppo", agg: str = "token_mean", advantage: str = "grpo", skip: bool = True) -> RunConfig:
     return RunConfig.model_validate({
         "model": {"path": "m"}, "prompts_per_step": len(REWARDS), "num_steps": 1, "seed": 0,
         "buffer": {"max_staleness": 0},
         "rollout": {"group_size": GROUP, "max_tokens": MAX_TOKENS, "temperature": TEMP},
         "learner": {"micro_batch_size": MICRO, "dtype": "fp32", "loss": loss, "loss_agg": agg,
-                    "advantage": advantage, "tis_cap": TIS_CAP, "torch_threads": 1}})
+                    "advantage": advantage, "tis_cap": TIS_CAP, "torch_threads": 1,
+                    "skip_zero_advantage": skip}})
 
 
 def _model(path: str):
@@ -112,11 +113,15 @@ class _Engine:
     def get_lr(self) -> list[float]: return [0.0]
 
 
-def _relayrl(path: str, cfg: RunConfig, groups: list[list[Sample]]) -> tuple[float, dict, dict]:
-    """relayrl's learner step on ``groups``: ``(loss, metrics, {name: grad})``."""
+def _relayrl(path: str, cfg: RunConfig, groups: list[list[Sample]], calls: list | None = None
+             ) -> tuple[float, dict, dict]:
+    """relayrl's learner step on ``groups``: ``(loss, metrics, {name: grad})``; ``calls`` collects the
+    batch size of every model forward."""
     worker = LearnerWorker(cfg.learner, path, rank=0, world_size=1, samples_per_step=sum(map(len, groups)),
                            max_tokens=MAX_TOKENS, temperature=TEMP, seed=0)
     model = _model(path)
+    if calls is not None:
+        model.register_forward_pre_hook(lambda _, args, kw: calls.append(len(kw["input_ids"])), with_kwargs=True)
     worker.engine, worker.ref_model = _Engine(model, worker.gas), None  # what setup() builds (kl_coef 0)
     metrics = worker.train_step(groups, version=0)
     return metrics["learner/loss"], metrics, {n: p.grad for n, p in model.named_parameters()}
@@ -236,3 +241,20 @@ def test_group_advantages_match_trl(tiny_model, tmp_path, advantage):
     torch.testing.assert_close(ours, theirs * (std + 1e-4) / (std + 1e-6), rtol=RTOL, atol=ATOL)
     assert not torch.allclose(ours, theirs, rtol=RTOL, atol=ATOL)  # the eps difference is visible here...
     torch.testing.assert_close(ours, theirs, rtol=3e-4, atol=ATOL)  # ...and small
+
+
+@pytest.mark.parametrize("loss", ["ppo_tis", "topr"])
+def test_skipping_zero_advantage_samples_keeps_loss_and_gradient(tiny_model, loss):
+    """``learner.skip_zero_advantage``: the zero-variance group (4 samples, advantage 0) is not run,
+    yet loss and gradients equal the step that runs it (its tokens still count in the normaliser)."""
+    groups = _batch(tiny_model, 1.0)
+    runs = {}
+    for skip in (False, True):
+        cfg = _cfg(loss, skip=skip)
+        calls: list[int] = []
+        runs[skip] = (*_relayrl(tiny_model, cfg, groups, calls), calls)
+    (full_loss, full_m, full_g, full_calls), (loss_, m, g, calls) = runs[False], runs[True]
+    assert full_calls == [1, 1, 1] and calls == [1, 1]  # one packed row per group and micro-batch; group 2 skipped
+    assert full_m["learner/skipped_sample_frac"] == 0.0 and m["learner/skipped_sample_frac"] == pytest.approx(1 / 3)
+    assert m["learner/tokens"] == full_m["learner/tokens"] == sum(RESP_LENS)
+    _assert_same(loss_, g, full_loss, full_g)
