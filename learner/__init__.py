@@ -3,7 +3,8 @@
 `LearnerGroup` creates N `LearnerWorker` ranks and fans calls out to them (training steps, weight
 export and broadcast, checkpoints). A training step turns a batch of `buffer.Sample` groups into
 advantages (`ADVANTAGE_ESTIMATORS`, keyed by ``learner.advantage``), splits it over ranks, PPO
-minibatches and micro-batches (`plan_microbatches`), scores each micro-batch's responses in one
+minibatches and micro-batches (`plan_microbatches`), leaves out samples whose advantage is 0 (their
+gradient is 0: `learner.batching.restrict_plan`), scores each micro-batch's responses in one
 forward, the samples of a prompt sharing its encoding (`learner.step.response_logprobs`), and
 applies a policy loss (`POLICY_LOSSES`, keyed by ``learner.loss``) with off-policy corrections
 (`learner.off_policy`). `LearnerConfig` (`learner.config`) is this package's section of the run
