@@ -23,6 +23,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class LearnerRankDied(RuntimeError):
+    """A learner rank's process died during a call (``rank``: its index, ``what``: the call). Its peers'
+    errors in the same call (a collective whose peer vanished) are consequences, so this one is raised."""
+
+    def __init__(self, rank: int, what: str, cause: str) -> None:
+        super().__init__(f"learner rank {rank} died during {what} ({cause})")
+        self.rank, self.what = rank, what
+
+
 class LearnerGroup:
     """Creates the ranks, joins them into one DeepSpeed process group, fans calls out.
 
@@ -67,7 +76,17 @@ class LearnerGroup:
         if len(ready) < len(refs):
             missing = [i for i, r in enumerate(refs) if r not in ready]
             raise TimeoutError(f"learner rank(s) {missing} did not finish {what} within {timeout:.0f} s")
-        return ray.get(refs)
+        out, first_error = [], None
+        for rank, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:  # the process is gone: name it, not its peers' errors
+                raise LearnerRankDied(rank, what, type(e).__name__) from None
+            except Exception as e:  # noqa: BLE001 (re-raised below, once every rank is checked for death)
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        return out
 
     def train_step_remote(self, batch_ref, version: int) -> list:
         """Start one training step (from policy ``version``) on every rank; one metrics ObjectRef per rank."""

@@ -160,14 +160,22 @@ def save(trainer) -> str:
 
     Raises:
         TimeoutError: the learner or the buffer did not answer in time.
+        RuntimeError: a learner rank died while writing (names the last complete checkpoint).
     """
     import pickle
 
     import ray
 
+    from learner.group import LearnerRankDied
+
     tmp = begin(trainer.run_uri, trainer.version)
     t0 = time.perf_counter()
-    trainer.learner.save_checkpoint(storage.join(tmp, "learner"))
+    try:
+        trainer.learner.save_checkpoint(storage.join(tmp, "learner"))
+    except LearnerRankDied as e:
+        ckpt = latest_checkpoint(trainer.run_uri)
+        raise RuntimeError(f"{e}; the run stops. Last complete checkpoint: {ckpt or 'none'}; continue with "
+                           "`relayrl train CONFIG --resume`") from None
     check_visible(storage.join(tmp, "learner"), [f"rng_rank{r}.pt" for r in range(len(trainer.learner.ranks))],
                   "its checkpoint part", trainer.run_uri)
     buffer_state = ray.get(trainer.buffer.state_dict.remote(), timeout=300)

@@ -7,6 +7,7 @@ import json
 import math
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -162,6 +163,30 @@ def test_dead_learner_rank_stops_the_run_naming_the_last_checkpoint(tiny_sums_mo
     t0 = time.monotonic()
     _run_expecting(t, RuntimeError, r"learner rank 1 died .* Last complete checkpoint: .*step_00000\d")
     assert time.monotonic() - t0 < 240  # an error, not a wait for the collective timeout
+
+
+@ray.remote(num_cpus=0)
+class _Rank:
+    def call(self, fail: bool):
+        if fail:
+            raise RuntimeError("Connection reset by peer")  # what a peer's collective reports
+        return "ok"
+
+
+def test_a_dead_rank_is_named_over_its_peers_errors(ray_local):
+    """A rank that died while its peer waited in a collective: the peer's error comes first in rank
+    order, yet the group names the dead rank (the cause), whatever the call (here a checkpoint write)."""
+    from learner.group import LearnerGroup, LearnerRankDied
+
+    ranks = [_Rank.remote(), _Rank.remote()]
+    ray.get([r.call.remote(False) for r in ranks], timeout=60)
+    ray.kill(ranks[1])
+    group = object.__new__(LearnerGroup)
+    group.cfg = SimpleNamespace(step_timeout_s=60)
+    with pytest.raises(LearnerRankDied, match=r"learner rank 1 died during save_checkpoint \(\w*Actor\w*Error\)"):
+        group._get([ranks[0].call.remote(True), ranks[1].call.remote(False)], "save_checkpoint")
+    with pytest.raises(RuntimeError, match="Connection reset"):  # no rank died: the error itself
+        group._get([ranks[0].call.remote(True)], "save_checkpoint")
 
 
 class DiesOnceAfterTheFirstPush(RolloutWorker):
