@@ -92,8 +92,8 @@ class LearnerConfig(StrictConfig):
     skip_zero_advantage: bool = Field(
         True, description="leave samples whose advantage is 0 (e.g. GRPO groups with all-equal rewards) out of the "
         "forward and backward passes: with kl_coef = 0 their gradient is exactly 0 under every loss, so the update "
-        "is the same (up to floating-point summation order); their tokens still count in the loss normaliser. Entropy and off_policy/* metrics then "
-        "cover the trained samples only. No effect with kl_coef > 0")
+        "is the same (up to floating-point summation order); their tokens still count in the loss normaliser. "
+        "Entropy and off_policy/* metrics then cover the trained samples only. No effect with kl_coef > 0")
     logit_chunk_tokens: int = Field(
         1024, ge=1, le=1 << 20, description="positions per chunk of the LM head (only response positions are "
         "scored; peak logits memory is chunk x vocab)")

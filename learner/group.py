@@ -103,8 +103,8 @@ class LearnerGroup:
             if key in ("learner/loss", "learner/tokens"):
                 out[key] = sum(vals)
             elif key.startswith(("rollout/", "curation/", "learner/grad_norm", "learner/lr", "learner/zero_variance",
-                                 "learner/optimizer_steps", "learner/skipped_steps", "learner/samples", "learner/skipped_sample_frac",
-                                 "off_policy/sample_weight_mean")):
+                                 "learner/optimizer_steps", "learner/skipped_steps", "learner/samples",
+                                 "learner/skipped_sample_frac", "off_policy/sample_weight_mean")):
                 out[key] = vals[0]
             elif key == "learner/seconds":
                 out[key] = max(vals)

@@ -216,8 +216,8 @@ def recompute_prox(forward: Callable[[list], torch.Tensor], samples: list, sched
         forward: micro-batch of Samples -> ``[B, R_max]`` response logprobs (`response_logprobs`).
         samples: the whole batch.
         schedule: sample indices per pass (`learner.batching.prox_schedule`); an empty entry is a
-            padding pass, run on the first scheduled sample (or the batch's first) and discarded, so that every rank runs
-            the same number of forward passes (ZeRO-3 gathers parameters in each one).
+            padding pass, run on the first scheduled sample (or the batch's first) and discarded, so
+            that every rank runs the same number of forward passes (ZeRO-3 gathers parameters in each one).
 
     Returns:
         sample index -> ``[R]`` logprobs of its response tokens.

@@ -172,7 +172,6 @@ class LearnerWorker(LearnerCheckpoints):
                 ``max_tokens_per_microbatch`` (`learner.batching.plan_microbatches`).
         """
         from learner.batching import BatchShape, plan_microbatches, prox_schedule, restrict_plan
-        from learner.off_policy import loss_normalizer
         from learner.step import TokenWeightedMeans, batch_metrics, recompute_prox, step_advantages
 
         t0 = time.perf_counter()
@@ -181,12 +180,7 @@ class LearnerWorker(LearnerCheckpoints):
         shape = BatchShape.of(batch)
         plan = plan_microbatches(shape, W, M, c.micro_batch_size, c.max_tokens_per_microbatch, c.shared_prefix)
         prep = step_advantages(batch, version, c.advantage, c.staleness_decay)
-        normalizers = []  # per minibatch, over all of its samples, run or skipped
-        for k in range(M):
-            mb_all = [i for rank_plan in plan for micro in rank_plan[k] for i in micro]
-            n_tok = sum(sum(samples[i].loss_mask) for i in mb_all)
-            # DeepSpeed divides by GAS and averages over ranks: undo both so the minibatch is one mean
-            normalizers.append(loss_normalizer(c.loss_agg, n_tok, len(mb_all), self.max_tokens) / (self.gas * W))
+        normalizers = self._normalizers(plan, samples)  # over all samples, before any is skipped
         my_tokens = sum(sum(samples[i].loss_mask) for mb in plan[self.rank] for micro in mb for i in micro)
         keep = [True] * len(samples)
         if c.skip_zero_advantage and c.kl_coef == 0:  # a zero advantage is a zero gradient under every loss
@@ -214,6 +208,20 @@ class LearnerWorker(LearnerCheckpoints):
         out = self._step_metrics(means, loss_total, skipped_before, t0, batch_metrics(samples, prep, self.rank == 0))
         out["learner/tokens"] = float(my_tokens)  # the loss's tokens on this rank, skipped samples included
         out["learner/skipped_sample_frac"] = 1.0 - sum(keep) / len(samples)
+        return out
+
+    def _normalizers(self, plan: list, samples: list) -> list[float]:
+        """Loss denominator of each PPO minibatch of ``plan`` over all ranks (``learner.loss_agg``), divided
+        by GAS and world size: DeepSpeed divides by the one and averages over the other, so undoing both
+        makes each minibatch one mean."""
+        from learner.off_policy import loss_normalizer
+
+        out = []
+        for k in range(self.cfg.ppo_minibatches):
+            mb_all = [i for rank_plan in plan for micro in rank_plan[k] for i in micro]
+            n_tok = sum(sum(samples[i].loss_mask) for i in mb_all)
+            out.append(loss_normalizer(self.cfg.loss_agg, n_tok, len(mb_all), self.max_tokens) /
+                       (self.gas * self.world_size))
         return out
 
     def _train_pass(self, mb: list, adv: list[float], exact: list | None, k: int, version: int, normalizer: float,

@@ -56,6 +56,14 @@ def complete_checkpoints(run: str | Path) -> list[str]:
     return [p for p in steps if storage.exists(storage.join(p, COMPLETE))]
 
 
+def run_stops_for_dead_rank(run: str | Path, cause: str, no_checkpoint: str = "none") -> RuntimeError:
+    """The error that stops a run whose learner lost a rank: ``cause`` (which rank died, during what),
+    the last complete checkpoint of ``run`` (``no_checkpoint`` when there is none) and how to resume."""
+    ckpt = latest_checkpoint(run)
+    return RuntimeError(f"{cause}; the run stops. Last complete checkpoint: {ckpt or no_checkpoint}; continue with "
+                        "`relayrl train CONFIG --resume`")
+
+
 def latest_checkpoint(run: str | Path) -> str | None:
     """The newest complete checkpoint of ``run``, or None."""
     done = complete_checkpoints(run)
@@ -173,9 +181,7 @@ def save(trainer) -> str:
     try:
         trainer.learner.save_checkpoint(storage.join(tmp, "learner"))
     except LearnerRankDied as e:
-        ckpt = latest_checkpoint(trainer.run_uri)
-        raise RuntimeError(f"{e}; the run stops. Last complete checkpoint: {ckpt or 'none'}; continue with "
-                           "`relayrl train CONFIG --resume`") from None
+        raise run_stops_for_dead_rank(trainer.run_uri, str(e)) from None
     check_visible(storage.join(tmp, "learner"), [f"rng_rank{r}.pt" for r in range(len(trainer.learner.ranks))],
                   "its checkpoint part", trainer.run_uri)
     buffer_state = ray.get(trainer.buffer.state_dict.remote(), timeout=300)

@@ -43,13 +43,11 @@ class LearnerStep:
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                from orchestrator.checkpoint import latest_checkpoint
+                from learner.group import LearnerRankDied
+                from orchestrator.checkpoint import run_stops_for_dead_rank
 
-                ckpt = latest_checkpoint(run)
-                raise RuntimeError(
-                    f"learner rank {self.refs.index(ref)} died during step {self.version + 1} ({type(e).__name__}); "
-                    f"the run stops. Last complete checkpoint: {ckpt or 'none (set checkpoint.every)'}; continue "
-                    "with `relayrl train CONFIG --resume`") from None
+                died = LearnerRankDied(self.refs.index(ref), f"step {self.version + 1}", type(e).__name__)
+                raise run_stops_for_dead_rank(run, str(died), "none (set checkpoint.every)") from None
         return not pending
 
 

@@ -112,7 +112,8 @@ def bench_learner_paths(s: Session) -> dict[str, Row]:
     speed = {k: statistics.fmean(raw[k]["learner_step_seconds"]) for k in variants}
     rows["shared prefix / padded step time"] = row(speed["shared prefix"] / speed["padded"], "x")
     rows["packed / padded step time"] = row(speed["packed"] / speed["padded"], "x")
-    rows["zero-advantage skipped: samples skipped"] = row(100 * raw["zero-advantage skipped"]["skipped_sample_frac"], "%")
+    skipped = raw["zero-advantage skipped"]["skipped_sample_frac"]
+    rows["zero-advantage skipped: samples skipped"] = row(100 * skipped, "%")
     rows["zero-advantage skipped / shared prefix step time"] = row(
         speed["zero-advantage skipped"] / speed["shared prefix"], "x")
     return rows
