@@ -9,10 +9,10 @@ from learner.config import LearnerConfig
 from learner.ds_config import deepspeed_config
 
 
-def test_default_config_keeps_everything_on_the_device_with_torch_adamw():
+def test_default_config_keeps_everything_on_the_device_with_torch_fused_adamw():
     ds = deepspeed_config(LearnerConfig(), gas=2, samples_per_step=32)
     assert ds["zero_optimization"] == {"stage": 2}
-    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2 and "scheduler" not in ds
 
 
@@ -23,7 +23,7 @@ def test_zero3_offload_moves_optimizer_state_and_parameters_to_cpu_memory():
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == c.zero3_param_persistence_threshold
     assert z["offload_optimizer"] == z["offload_param"] == {"device": "cpu", "pin_memory": True}
-    assert "torch_adam" not in ds["optimizer"]["params"]  # ZeRO-Offload steps with DeepSpeed's CPU Adam
+    assert not {"torch_adam", "fused"} & set(ds["optimizer"]["params"])  # ZeRO-Offload: DeepSpeed's CPU Adam
     assert ds["train_batch_size"] == 16 and ds["scheduler"]["params"]["warmup_num_steps"] == 5
 
 
