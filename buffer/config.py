@@ -1,8 +1,4 @@
-"""Config of the data manager, and the base every package's config derives from.
-
-`StrictConfig` (unknown fields rejected, frozen: components never mutate their config) lives here
-because every package depends on buffer/; each package's own config sits beside it
-(`rollout.config`, `learner.config`) and `orchestrator.config.RunConfig` composes them.
+"""Config of the data manager (`BufferConfig`); composed by `orchestrator.config.RunConfig`.
 
 Left out on purpose: ``max_staleness`` is read by `buffer.staleness.StalenessManager` only.
 """
@@ -11,13 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class StrictConfig(BaseModel):
-    """Base of every relayrl config section: unknown fields are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from base.config import StrictConfig
 
 
 class BufferConfig(StrictConfig):

@@ -22,7 +22,7 @@ class LearnerCheckpoints:
         writes its part to a node-local temporary dir and uploads it); every rank must call it. Returns True."""
         import torch
 
-        from buffer.storage import staged_write
+        from base.storage import staged_write
 
         with staged_write(ckpt_dir) as local:
             # with LoRA the frozen base weights come from the model dir again, not from the checkpoint
@@ -41,7 +41,7 @@ class LearnerCheckpoints:
         """
         import torch
 
-        from buffer.storage import local_copy
+        from base.storage import local_copy
 
         with local_copy(ckpt_dir) as local:
             rng = os.path.join(local, f"rng_rank{self.rank}.pt")
@@ -71,7 +71,7 @@ class LearnerCheckpoints:
             return None
         import shutil
 
-        from buffer.storage import staged_write
+        from base.storage import staged_write
 
         with staged_write(out_dir) as local:
             if self.cfg.lora is not None:

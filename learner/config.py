@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from buffer.adapter import LoraSpec
-from buffer.config import StrictConfig
+from base.adapter import LoraSpec
+from base.config import StrictConfig
 
 CLIP_DEFAULTS: dict[str, tuple[float, float]] = {
     "ppo": (0.2, 0.28),  # token-level PPO clip with DAPO's clip-higher (Yu et al. 2025)
@@ -99,7 +99,7 @@ class LearnerConfig(StrictConfig):
         "scored; peak logits memory is chunk x vocab)")
 
     lora: LoraSpec | None = Field(
-        None, description="train LoRA adapters (buffer.adapter.LoraSpec: rank, alpha, dropout, target_modules) on "
+        None, description="train LoRA adapters (base.adapter.LoraSpec: rank, alpha, dropout, target_modules) on "
         "frozen base weights and push only the adapters; None: full fine-tuning")
 
     @model_validator(mode="before")

@@ -18,7 +18,7 @@ from learner.config import LearnerConfig
 from learner.worker import LearnerWorker
 
 if TYPE_CHECKING:
-    from buffer.model_source import ModelSource
+    from base.model_source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class LearnerGroup:
 
     Args:
         cfg: `LearnerConfig`.
-        model: the model (`buffer.model_source.ModelSource`) or a local HF model dir every node sees.
+        model: the model (`base.model_source.ModelSource`) or a local HF model dir every node sees.
         strategies: one Ray scheduling strategy per rank (``cfg.num_learners`` of them).
         samples_per_step, max_tokens, temperature, seed: as `LearnerWorker`.
         worker_cls: `LearnerWorker` or a subclass.

@@ -1,6 +1,6 @@
 """LoRA on the learner side: wrap a model with PEFT adapters, and write the final merged model.
 
-The adapter format that crosses actors (`buffer.adapter.LoraSpec`, PEFT names, the adapter dir) is in
+The adapter format that crosses actors (`base.adapter.LoraSpec`, PEFT names, the adapter dir) is in
 buffer/; `LearnerWorker` calls these two functions when ``learner.lora`` is set.
 """
 
@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from buffer.adapter import LoraSpec
+    from base.adapter import LoraSpec
 
 
 def with_lora(model, spec: LoraSpec):
@@ -21,7 +21,7 @@ def with_lora(model, spec: LoraSpec):
     """
     from peft import LoraConfig, get_peft_model
 
-    from buffer.adapter import check_target_modules
+    from base.adapter import check_target_modules
 
     check_target_modules(spec, (n for n, _ in model.named_modules()))
     cfg = spec.peft_config()
@@ -36,7 +36,7 @@ def save_merged(out_dir: str, model_path: str, spec: LoraSpec, adapter: dict) ->
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from buffer.adapter import write_adapter_dir
+    from base.adapter import write_adapter_dir
 
     adapter_dir = write_adapter_dir(os.path.join(out_dir, "adapter"), spec, ((n, t.float()) for n, t in adapter.items()))
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

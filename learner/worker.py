@@ -42,7 +42,7 @@ from learner.checkpointing import LearnerCheckpoints
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from buffer.model_source import ModelSource
+    from base.model_source import ModelSource
     from learner.config import LearnerConfig
 
 
@@ -57,7 +57,7 @@ class LearnerWorker(LearnerCheckpoints):
 
     Args:
         cfg: `LearnerConfig`.
-        model: the model (`buffer.model_source.ModelSource`, resolved to a dir on this rank's node), or a
+        model: the model (`base.model_source.ModelSource`, resolved to a dir on this rank's node), or a
             local HF model dir. A resumed run reloads its weights from the checkpoint, not from here.
         rank, world_size: position in the learner group.
         samples_per_step: nominal batch size in samples; sets DeepSpeed's gradient accumulation (the loss
@@ -75,7 +75,7 @@ class LearnerWorker(LearnerCheckpoints):
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
         torch.set_num_threads(threads)
         torch.manual_seed(seed + rank)
-        from buffer.model_source import local_model_dir
+        from base.model_source import local_model_dir
 
         self.cfg, self.model_path, self.rank, self.world_size = cfg, local_model_dir(model), rank, world_size
         self.temperature, self.max_tokens = temperature, max_tokens
@@ -332,7 +332,7 @@ class LearnerWorker(LearnerCheckpoints):
                           name: str) -> None:
         """Rank 0 joins (as source, group rank 0) the weight-broadcast group ``name``; other ranks do nothing."""
         if self.rank == 0:
-            from buffer.weight_transport import WeightGroup
+            from base.weight_group import WeightGroup
 
             self.weight_group = None  # the previous generation's group goes first
             self.weight_group = WeightGroup(backend, addr, port, 0, world_size, timeout_s, name)
@@ -373,7 +373,7 @@ class LearnerWorker(LearnerCheckpoints):
         """
         import torch
 
-        from buffer.weight_buckets import serialize_buckets  # the format the engine loads
+        from base.weight_buckets import serialize_buckets  # the format the engine loads
 
         t0 = time.perf_counter()
         dt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]

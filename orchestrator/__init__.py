@@ -6,7 +6,7 @@
 automatic scaling, worker recovery), `orchestrator.tally.RolloutTally` (rollout counters),
 `orchestrator.checkpoint` (save / resume), `orchestrator.metrics` (JSONL, TensorBoard, W&B).
 `orchestrator.config.RunConfig` composes each package's config; `orchestrator.cli` is the `relayrl`
-command; `orchestrator.tools` holds benchmarks, experiments, reports and the TRL baseline, which the
+command; `tooling` holds benchmarks, experiments, reports and the TRL baseline, which the
 core never imports. Depends on rollout/, learner/ and buffer/; nothing depends on it.
 """
 

@@ -1,6 +1,6 @@
 """Run checkpoints that are complete or ignored: layout, atomic commit, retention, lookup, compatibility.
 
-A run lives at a storage URI (`buffer.storage`: a local path, a shared filesystem, or an object store
+A run lives at a storage URI (`base.storage`: a local path, a shared filesystem, or an object store
 such as ``s3://bucket/runs/<run>``). A checkpoint is ``<run>/checkpoints/step_<NNNNNN>/`` holding the
 learner's DeepSpeed state (``learner/``: each learner rank writes its own shards and RNG state, from
 its own node), the buffer (``buffer.pkl``), the driver's state (``trainer.json``: policy version,
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from buffer import storage
+from base import storage
 
 logger = logging.getLogger(__name__)
 

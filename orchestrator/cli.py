@@ -23,7 +23,7 @@ measures wrapper overhead, weight push, overlap/speedup and scaling on a run con
 external baseline; needs the ``trl`` extra) and writes a run dir the experiment tables read.
 
 The tooling subcommands (``experiment``, ``bench``, ``report``, ``trl-baseline``) import
-`orchestrator.tools` inside their functions: the core never imports it, and ``--help`` stays fast.
+`tooling` inside their functions: the core never imports it, and ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ def _init_ray(cfg, logs_dir: Path | None = None, verbose: bool = False) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from buffer import storage
+    from base import storage
     from orchestrator import console
     from orchestrator.checkpoint import find_run_to_resume, latest_checkpoint
     from orchestrator.config import load_config
     from orchestrator.models import resolve_model_path
-    from orchestrator.storage import create_run, logs_dir_of
+    from orchestrator.run_outputs import create_run, logs_dir_of
     from rollout.tasks import load_problems
 
     cfg = load_config(args.config, args.overrides)
@@ -122,7 +122,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.tools.report import write_report
+    from tooling.report import write_report
 
     for path in write_report(args.run, args.out):
         print(path)
@@ -137,7 +137,7 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from orchestrator.tools.experiment import run_experiment
+    from tooling.experiment import run_experiment
 
     print(run_experiment(args.spec, args.out, args.only or None, args.variant_timeout))
     return 0
@@ -146,7 +146,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from orchestrator.tools.bench import run_bench
+    from tooling.bench import run_bench
 
     command = shlex.join(["relayrl", "bench", args.config, *(["--out", args.out] if args.out else []),
                           *(x for name in args.only or [] for x in ("--only", name)), "--steps", str(args.steps),
@@ -156,7 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_trl_baseline(args: argparse.Namespace) -> int:
-    from orchestrator.tools.trl_baseline import run_baseline
+    from tooling.trl_baseline import run_baseline
 
     run_dir, summary = run_baseline(args.config, args.overrides)
     print(json.dumps({k: summary[k] for k in ("step", "perf/train_seconds", "eval/accuracy") if k in summary}))

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from buffer.config import BufferConfig, StrictConfig
+from base.config import StrictConfig
+from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from rollout.config import DataConfig, RolloutConfig
 

@@ -12,7 +12,7 @@ Left out on purpose: scaling the learner.
 
 from __future__ import annotations
 
-from buffer import storage
+from base import storage
 
 NAMESPACE = "relayrl"
 

@@ -6,7 +6,7 @@ sample ever exceeds ``buffer.max_staleness``; ``0`` is the synchronous schedule 
 code), weight sync (`orchestrator.weight_sync`), scaling and worker recovery (`orchestrator.scaling`),
 rollout counters and the reward-failure budget (`orchestrator.tally`), checkpoints
 (`orchestrator.checkpoint`, through `Trainer.state_dict`), the run's outputs on a local path or a
-storage URI (`orchestrator.storage`). Prompts come from a `buffer` prompt sampler
+storage URI (`orchestrator.run_outputs`). Prompts come from a `buffer` prompt sampler
 fed with every group's rewards; with dynamic sampling the buffer drops zero-variance groups and
 admission control refills their slots.
 
@@ -53,18 +53,18 @@ class Trainer:
         import ray
 
         from buffer import PROMPT_SAMPLERS, ReplayBuffer, StalenessManager
-        from buffer.adapter import check_target_modules
+        from base.adapter import check_target_modules
         from buffer.allocation import RolloutAllocator
         from learner import LearnerGroup, LearnerWorker
         from orchestrator.control import start_control
         from orchestrator.dispatch import Dispatcher
-        from buffer import storage
+        from base import storage
         from orchestrator.models import model_source, module_names
         from orchestrator.learner_step import SkippedSteps
         from orchestrator.placement import (SlotPlacement, learner_bundle, on_driver_node, reserve, rollout_bundle,
                                             scheduling, wait_for_resources)
         from orchestrator.scaling import Scaler
-        from orchestrator.storage import RunOutputs
+        from orchestrator.run_outputs import RunOutputs
         from orchestrator.tally import RolloutTally
         from orchestrator.weight_sync import WeightSync
         from rollout import RolloutGroup, RolloutWorker
@@ -201,7 +201,7 @@ class Trainer:
     def _finish_run(self, last: dict) -> dict:
         """Wait for the last weight push, save the final model, write ``summary.json``, copy the metrics
         files to the run's storage; returns the summary."""
-        from buffer import storage
+        from base import storage
 
         self.weight_sync.drain(self.cfg.rollout.weight_push_timeout_s)
         from orchestrator.checkpoint import check_visible

@@ -6,7 +6,7 @@
 as is; a storage URI (``s3://bucket/models/x``, any fsspec scheme) is copied once into the cache,
 keyed by its content; any other name is tried as a Hugging Face hub name. `model_source` then
 describes the resolved dir for the actors, which may run on nodes that cannot see it
-(`buffer.model_source`).
+(`base.model_source`).
 
 Left out on purpose: other GGUF files, tokenizer conversion for non-Llama GGUF architectures.
 """
@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from buffer.model_source import ModelSource, cache_dir, content_digest, install_copy, list_files
+from base.model_source import ModelSource, cache_dir, content_digest, install_copy, list_files
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def resolve_model_path(name_or_path: str) -> str:
         FileNotFoundError: a local-looking path that does not exist, or a hub name that cannot be
             downloaded (e.g. offline); the message names the path.
     """
-    from buffer import storage
+    from base import storage
 
     if storage.is_remote(name_or_path):
         return _copy_from_uri(name_or_path)
@@ -108,7 +108,7 @@ def _copy_from_uri(uri: str) -> str:
     import hashlib
     import json
 
-    from buffer import storage
+    from base import storage
 
     fs, root = storage.filesystem(uri)
     try:
@@ -164,7 +164,7 @@ def model_source(model_dir: str, uri: str | None = None, serve: bool = True) -> 
         return source, None
     import ray
 
-    from buffer.model_source import ModelFileServer
+    from base.model_source import ModelFileServer
     from orchestrator.placement import on_driver_node
 
     name = f"relayrl-model-files-{uuid.uuid4().hex[:12]}"

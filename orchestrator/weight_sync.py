@@ -1,11 +1,11 @@
 """`WeightSync`: every push of learner weights to the rollout workers goes through here.
 
-A push names its policy version and is bucketed (`buffer.weight_buckets`). Transports are a registry
+A push names its policy version and is bucketed (`base.weight_buckets`). Transports are a registry
 keyed by ``rollout.weight_transport``:
 
 - ``object_store``: learner rank 0 exports the buckets once into Ray's object store; each worker
   fetches them while it keeps generating.
-- ``collective``: rank 0 broadcasts them over a weight group (`buffer.weight_transport`) of learner
+- ``collective``: rank 0 broadcasts them over a weight group (`base.weight_group`) of learner
   rank 0 and the rollout workers, rebuilt whenever a worker comes, goes or restarts. A broadcast that
   fails falls back to the object store, and the log says so.
 

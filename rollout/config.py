@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from buffer.config import StrictConfig
+from base.config import StrictConfig
 from rollout.envs.config import EnvConfig
 
 

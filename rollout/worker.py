@@ -25,8 +25,8 @@ from rollout.rewards import score_response, score_safely
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from buffer.adapter import LoraSpec
-    from buffer.model_source import ModelSource
+    from base.adapter import LoraSpec
+    from base.model_source import ModelSource
     from rollout.config import DataConfig, RolloutConfig
 
 
@@ -39,7 +39,7 @@ class RolloutWorker:
     Args:
         cfg: `RolloutConfig`.
         data_cfg: `DataConfig` (prompt instruction and one-shot format).
-        model: the model (`buffer.model_source.ModelSource`, resolved to a dir on this worker's node), or a
+        model: the model (`base.model_source.ModelSource`, resolved to a dir on this worker's node), or a
             local HF model dir.
         worker_index: index in the group (seeds differ per worker).
         buffer: the replay buffer: a Ray actor's name (looked up here with ``ray.get_actor``; a restartable
@@ -59,7 +59,7 @@ class RolloutWorker:
         import torch
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
-        from buffer.model_source import local_model_dir
+        from base.model_source import local_model_dir
         from rollout.engine import VLLMEngine
 
         model_path = local_model_dir(model)
@@ -105,8 +105,8 @@ class RolloutWorker:
 
     def join_weight_group(self, backend: str, addr: str, port: int, rank: int, world_size: int, timeout_s: float,
                           name: str) -> None:
-        """Join the weight-broadcast group ``name`` as ``rank`` (`buffer.weight_transport.WeightGroup`)."""
-        from buffer.weight_transport import WeightGroup
+        """Join the weight-broadcast group ``name`` as ``rank`` (`base.weight_group.WeightGroup`)."""
+        from base.weight_group import WeightGroup
 
         self.weight_group = None  # the previous generation's group goes first
         self.weight_group = WeightGroup(backend, addr, port, rank, world_size, timeout_s, name)

@@ -109,7 +109,7 @@ def finished_run() -> Path:
 @pytest.fixture
 def s3_finished_run(finished_run, s3_bucket) -> str:
     """`finished_run` uploaded to `s3_bucket` as ``runs/<its name>``; yields that URI."""
-    from buffer import storage
+    from base import storage
 
     run = storage.join(s3_bucket, "runs", finished_run.name)
     storage.upload_dir(str(finished_run), run)

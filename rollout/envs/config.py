@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from buffer.config import StrictConfig
+from base.config import StrictConfig
 
 EnvType = Literal["single_turn", "tool_math", "textarena", "openenv"]
 

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 def _member(rank: int, port: int, buckets: list[bytes], out) -> None:
     import torch
 
-    from buffer.weight_transport import WeightGroup
+    from base.weight_group import WeightGroup
 
     torch.cuda.set_device(rank)
     g = WeightGroup("nccl", "127.0.0.1", port, rank, 2, 60.0, "test/nccl")

@@ -35,7 +35,7 @@ def test_seeded_request_larger_than_one_prefill_step(tiny_model):
 _IN_FLIGHT_UPDATE = """
 import json, torch
 from transformers import AutoModelForCausalLM
-from buffer.weight_buckets import serialize_buckets
+from base.weight_buckets import serialize_buckets
 from rollout.engine import VLLMEngine
 e = VLLMEngine({model!r}, dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=256)
 prompts = [e.tokenizer("Calculate 1 + 2. " * 3, add_special_tokens=False)["input_ids"]] * 2
@@ -87,7 +87,7 @@ def test_in_flight_weight_update_between_chunks(tiny_model):
 _CAST_LOAD = """
 import json, torch
 from safetensors.torch import load_file
-from buffer.weight_buckets import serialize_buckets
+from base.weight_buckets import serialize_buckets
 from rollout.engine import VLLMEngine
 e = VLLMEngine({model!r}, dtype="bfloat16", kv_cache_memory_bytes=64 << 20, max_model_len=256)
 seq = list(range(5, 45))
@@ -130,7 +130,7 @@ def test_bf16_engine_on_an_fp32_checkpoint_loads_it_cast_without_dtype_warnings(
 _TENSOR_PARALLEL = """
 import json, torch
 from transformers import AutoModelForCausalLM
-from buffer.weight_buckets import serialize_buckets
+from base.weight_buckets import serialize_buckets
 from rollout.engine import VLLMEngine
 e = VLLMEngine({model!r}, dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=256, tensor_parallel_size=2)
 prompt = e.tokenizer("Calculate 1 + 2. " * 3, add_special_tokens=False)["input_ids"]

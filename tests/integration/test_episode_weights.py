@@ -18,7 +18,7 @@ import json, time, torch
 from transformers import AutoModelForCausalLM
 from buffer import GenerateRequest, Problem
 from buffer.replay import ReplayBuffer
-from buffer.weight_buckets import serialize_buckets
+from base.weight_buckets import serialize_buckets
 from rollout.config import DataConfig, RolloutConfig
 from rollout.envs import EnvConfig, Environment, StepResult
 from rollout.envs.base import ENVIRONMENTS

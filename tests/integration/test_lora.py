@@ -35,7 +35,7 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
     from tiny_model import hf_logprobs, vllm_logprobs
     from tiny_run import tiny_run_config
 
-    from buffer import iter_buckets, serialize_buckets
+    from base.weight_buckets import iter_buckets, serialize_buckets
 
     cfg, merge_cfg = (tiny_run_config(
         tiny_sums_model, tmp_path, f"rollout.lora_serving={serving}", "learner.num_learners=2", "learner.zero_stage=3", "learner.micro_batch_size=4",

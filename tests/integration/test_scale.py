@@ -11,7 +11,7 @@ import time
 import pytest
 import ray
 
-from buffer import storage
+from base import storage
 from orchestrator.cli import main
 from orchestrator.loop import Trainer
 from rollout.tasks import load_problems

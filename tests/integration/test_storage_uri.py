@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from buffer import storage
+from base import storage
 from orchestrator.checkpoint import find_run_to_resume
-from orchestrator.storage import staging_dir
+from orchestrator.run_outputs import staging_dir
 from tiny_run import tiny_run_toml, train_cli
 
 pytestmark = pytest.mark.integration

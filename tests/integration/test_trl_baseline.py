@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.tools.experiment import column_value, read_run
+from tooling.experiment import column_value, read_run
 from rollout.tasks import load_problems
 
 pytestmark = pytest.mark.integration

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from buffer import storage
+from base import storage
 from orchestrator.checkpoint import find_run_to_resume
-from orchestrator.storage import logs_dir_of
+from orchestrator.run_outputs import logs_dir_of
 from ports import free_port
 from ray_nodes import agent_ports, kill_mount_namespace, stop_node
 from tiny_run import tiny_run_toml, train_cli

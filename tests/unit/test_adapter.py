@@ -1,11 +1,11 @@
-"""`buffer.adapter`: the LoRA spec's validation, the PEFT config both sides derive from it, the adapter dir."""
+"""`base.adapter`: the LoRA spec's validation, the PEFT config both sides derive from it, the adapter dir."""
 
 import json
 
 import pytest
 import torch
 
-from buffer.adapter import LoraSpec, check_target_modules, write_adapter_dir
+from base.adapter import LoraSpec, check_target_modules, write_adapter_dir
 from orchestrator.config import ConfigError, load_config
 
 
@@ -81,7 +81,7 @@ def test_merge_adapter_equals_peft_merge(tiny_model):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from buffer.adapter import merge_adapter
+    from base.adapter import merge_adapter
 
     spec = LoraSpec(rank=4, alpha=12.0, target_modules=("q_proj", "down_proj"))
     torch.manual_seed(0)

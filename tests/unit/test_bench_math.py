@@ -1,4 +1,4 @@
-"""The arithmetic and the table of `relayrl bench` (orchestrator.tools.bench_math)."""
+"""The arithmetic and the table of `relayrl bench` (tooling.bench_math)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from orchestrator.tools.bench_math import (ideal_speedup, learner_busy_frac, overhead_pct, overlap_efficiency,
+from tooling.bench_math import (ideal_speedup, learner_busy_frac, overhead_pct, overlap_efficiency,
                                      paired_overhead_pct, rate, render, row, run_throughput, table, to_json)
 
 

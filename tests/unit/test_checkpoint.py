@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from buffer import storage
+from base import storage
 from orchestrator.checkpoint import (COMPLETE, begin, commit, complete_checkpoints, find_run_to_resume,
                                      incompatible_fields, latest_checkpoint)
 from orchestrator.cli import main

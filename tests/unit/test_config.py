@@ -21,7 +21,7 @@ def test_every_deploy_config_loads(path):
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
 def test_every_experiment_variant_config_loads(path):
-    from orchestrator.tools.experiment import load_spec
+    from tooling.experiment import load_spec
 
     spec = load_spec(path)
     for v in spec.variants:  # each variant is a valid run config before hours are spent on it

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.tools.experiment import ExperimentSpec, across_seeds, column_number, render
+from tooling.experiment import ExperimentSpec, across_seeds, column_number, render
 
 SPEC = ExperimentSpec.model_validate({
     "title": "t", "config": "c.toml", "seeds": [1, 2],

@@ -115,6 +115,15 @@ def test_rayjob_names_the_image_the_dockerfile_builds():
     assert re.search(r'pip install [^\n]*"\.\[gpu\]"', dockerfile)  # the CUDA vllm extra
 
 
+def test_the_image_holds_every_package_the_project_installs():
+    """A package added to pyproject's package list (base/, tooling/, ...) is copied into the image too."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include}
+    copied = set(re.findall(r"^COPY --chown=\S+ (\w+)/ \1/$", dockerfile, re.M))
+    assert packages <= copied, f"deploy/Dockerfile does not copy {sorted(packages - copied)}"
+
+
 def test_manifests_keep_token_auth_on_and_the_dashboard_inside_the_cluster():
     launcher = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
     commands = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]

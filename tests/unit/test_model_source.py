@@ -1,4 +1,4 @@
-"""`buffer.model_source`: the model by content, copied to a node that cannot see the driver's dir."""
+"""`base.model_source`: the model by content, copied to a node that cannot see the driver's dir."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from buffer import storage
-from buffer.model_source import ModelFileServer, ModelSource, content_digest, list_files, local_model_dir
+from base import storage
+from base.model_source import ModelFileServer, ModelSource, content_digest, list_files, local_model_dir
 
 
 def _model(d: Path, weights: bytes = b"w" * 1000) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from buffer import storage
+from base import storage
 from orchestrator.cli import main
 
 FILES = ("reward_accuracy.png", "staleness.png", "throughput.png", "weight_push.png", "summary.md")

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from buffer import storage
-from buffer.storage import StorageError
+from base import storage
+from base.storage import StorageError
 from orchestrator.cli import main
 
 

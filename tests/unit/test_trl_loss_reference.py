@@ -2,7 +2,7 @@
 
 One batch (3 prompts x 4 responses of ragged lengths: fixed token ids, rewards, behaviour logprobs)
 and one tiny fp32 Llama (`tests/tiny_model.py`) go through both trainers with the settings the TRL
-baseline maps (`orchestrator.tools.trl_baseline.grpo_config_kwargs`: PPO clip ``[1-clip_low, 1+clip_high]``
+baseline maps (`tooling.trl_baseline.grpo_config_kwargs`: PPO clip ``[1-clip_low, 1+clip_high]``
 = TRL ``epsilon``/``epsilon_high``, ``loss_agg`` token_mean = TRL ``dapo``, constant = ``dr_grpo``,
 ``beta`` 0, 4 samples per micro-batch = 3 gradient-accumulation steps, sampling temperature 0.7).
 Each test asserts the same loss and the same gradient of every parameter (fp32, rtol 1e-5, atol 1e-6).
@@ -42,7 +42,7 @@ from learner.off_policy import loss_normalizer
 from learner.step import response_logprobs
 from learner.worker import LearnerWorker
 from orchestrator.config import RunConfig
-from orchestrator.tools.trl_baseline import grpo_config_kwargs
+from tooling.trl_baseline import grpo_config_kwargs
 
 GROUP, MICRO, MAX_TOKENS, TEMP, TIS_CAP = 4, 4, 6, 0.7, 2.0
 REWARDS = [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.5, 0.0]]  # one zero-variance group

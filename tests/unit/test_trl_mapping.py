@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import RunConfig
-from orchestrator.tools.experiment import column_value
-from orchestrator.tools.trl_baseline import grpo_config_kwargs
+from tooling.experiment import column_value
+from tooling.trl_baseline import grpo_config_kwargs
 
 
 def _cfg(**kw) -> RunConfig:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from ports import free_port
 
-from buffer.weight_transport import NCCL_WEIGHT_GROUP_ENV, WeightGroup, scoped_env
+from base.weight_group import NCCL_WEIGHT_GROUP_ENV, WeightGroup, scoped_env
 
 
 def _pair(timeout_s: float) -> tuple[WeightGroup, WeightGroup]:

@@ -4,7 +4,7 @@ With ``learner.lora`` set the learner trains low-rank adapters (Hu et al. 2021, 
 Adaptation of Large Language Models": ``W x + (alpha / r) B A x``, B initialised to 0) and a weight push
 carries only the adapter tensors, in PEFT's naming
 (``base_model.model.<module>.lora_A.weight``), packed into buckets like full weights
-(`buffer.weight_buckets`). The rollout engine writes them with `write_adapter_dir` into a node-local
+(`base.weight_buckets`). The rollout engine writes them with `write_adapter_dir` into a node-local
 folder in PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``) and serves it as a
 vLLM LoRA adapter. Both sides derive the adapter config from the same `LoraSpec`, so scaling cannot
 differ between them.
@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 from pydantic import Field, field_validator
 
-from buffer.config import StrictConfig
+from base.config import StrictConfig
 
 UNSERVABLE_MODULES = ("embed_tokens", "lm_head")
 """Module names vLLM cannot serve LoRA adapters on (its LoRA layers wrap linear projections)."""

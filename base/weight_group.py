@@ -6,7 +6,7 @@ with its own TCP store so it is independent of the learner's DeepSpeed process g
 is fixed, so the orchestrator builds a new one (a new ``name``) whenever rollout workers come, go or
 restart. It lives in buffer/ because both ends use it: learner rank 0 sends, rollout workers receive.
 A push is versioned and bucketed: a header ``[version, number of buckets]``, the bucket lengths,
-then each bucket (`buffer.weight_buckets` format) as a uint8 tensor.
+then each bucket (`base.weight_buckets` format) as a uint8 tensor.
 
 A push fails cleanly: the whole send (or receive) is bounded by one timeout, shared by its broadcasts;
 a broadcast that times out or loses a peer raises in the caller, and the group is then broken for good

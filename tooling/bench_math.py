@@ -1,7 +1,7 @@
 """The arithmetic and the table of `relayrl bench`: ratios, targets, Markdown/JSON rendering.
 
 Pure functions, no Ray or torch, so they are unit-tested in milliseconds (tests/unit/test_bench_math.py).
-`orchestrator.tools.bench` does the measuring.
+`tooling.bench` does the measuring.
 
 Left out on purpose: statistics beyond means and medians (a benchmark here runs a handful of repeats).
 """

@@ -14,8 +14,8 @@ Benchmarks (``--only`` picks some), run one after the other in one invocation, n
 - ``scaling``: a real run with 1, 2, 4 SLOWED FAKE rollout workers (a sleep per group, synthetic
   samples) and a real learner on a 2-layer random copy of the model.
 
-The session the benchmarks share is `orchestrator.tools.bench_session`; ``lora`` and ``learner_paths`` live in
-`orchestrator.tools.bench_training`.
+The session the benchmarks share is `tooling.bench_session`; ``lora`` and ``learner_paths`` live in
+`tooling.bench_training`.
 
 Left out on purpose: time to accuracy, a ~1 hour experiment of its own (see ``TTA_NOTE``);
 benchmarks in parallel (they would share cores and measure each other).
@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.tools import bench_training
-from orchestrator.tools.bench_actors import FAKE_GROUP_SECONDS, FakeRolloutWorker, RawVLLM, tiny_copy
-from orchestrator.tools.bench_math import (Row, ideal_speedup, overlap_efficiency, paired_overhead_pct, rate, render,
+from tooling import bench_training
+from tooling.bench_actors import FAKE_GROUP_SECONDS, FakeRolloutWorker, RawVLLM, tiny_copy
+from tooling.bench_math import (Row, ideal_speedup, overlap_efficiency, paired_overhead_pct, rate, render,
                                            row, to_json)
-from orchestrator.tools.bench_session import PUSH_REPEATS, TRAIN_REPEATS, Session, pushes
+from tooling.bench_session import PUSH_REPEATS, TRAIN_REPEATS, Session, pushes
 
 logger = logging.getLogger(__name__)
 

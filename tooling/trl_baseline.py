@@ -20,7 +20,7 @@ strict exact match.
 
 The run dir (``output_dir/name-<time>/``) holds ``metrics.jsonl`` (``step``,
 ``perf/train_seconds``, ``perf/step_seconds``, ``rollout/reward_mean``, ``eval/accuracy``) and
-``summary.json`` like a relayrl run, so `orchestrator.tools.experiment` tables read both. Training stops
+``summary.json`` like a relayrl run, so `tooling.experiment` tables read both. Training stops
 at ``num_steps`` or once ``time_budget_s`` of training clock is spent.
 
 Requires ``pip install trl`` (the ``trl`` extra); it is not part of the default install. The

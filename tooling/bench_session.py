@@ -6,8 +6,8 @@ A benchmark names the variant of the run config it measures (``extra`` dotted ov
 as given) on every call; the session keeps one rig (the actors of a built, never run `Trainer`) alive and
 rebuilds it when another variant is asked for.
 
-Left out on purpose: the benchmarks themselves (`orchestrator.tools.bench`, `orchestrator.tools.bench_training`)
-and their arithmetic (`orchestrator.tools.bench_math`).
+Left out on purpose: the benchmarks themselves (`tooling.bench`, `tooling.bench_training`)
+and their arithmetic (`tooling.bench_math`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.tools.bench_math import learner_busy_frac, rate, run_throughput
+from tooling.bench_math import learner_busy_frac, rate, run_throughput
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Session:
 
     def run_rate(self, label: str, *extra: str, model_path: str | None = None, worker_cls: type | None = None) -> float:
         """Trained samples/s of a real `Trainer` run of ``--steps`` steps, eval off (`run_throughput`)."""
-        from orchestrator.tools.experiment import read_run
+        from tooling.experiment import read_run
         from orchestrator.loop import Trainer
 
         self.release()

@@ -1,7 +1,7 @@
 """`relayrl report RUN`: PNG plots and a one-page Markdown summary of a run dir, local or on a storage URI.
 
 Reads ``metrics.jsonl``, ``config.json`` and (when the run finished) ``summary.json`` through
-`buffer.storage`, so ``RUN`` is a local path or a URI such as ``s3://bucket/runs/<name>-<timestamp>``
+`base.storage`, so ``RUN`` is a local path or a URI such as ``s3://bucket/runs/<name>-<timestamp>``
 (a running job on an object store uploads its metrics at each checkpoint: its report ends there). It
 writes, under ``RUN/report/`` (or ``--out``): ``reward_accuracy.png`` (batch reward and held-out accuracy
 vs step and vs wall clock), ``staleness.png`` (per-step staleness histogram), ``throughput.png`` (rollout
@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from buffer import storage
+from base import storage
 
 
 def _series(recs: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -30,7 +30,7 @@ def write_report(run: str | Path, out: str | None = None) -> list[str]:
 
     Raises:
         FileNotFoundError: ``run`` has no ``metrics.jsonl``.
-        ValueError: it has no training step recorded yet; `buffer.storage.StorageError` (a
+        ValueError: it has no training step recorded yet; `base.storage.StorageError` (a
             ``ValueError``): ``run`` or ``out`` cannot be opened, read or written.
     """
     import matplotlib

@@ -1,7 +1,7 @@
 """The weight-bucket format: a policy version's weights as a few safetensors byte strings.
 
 The learner exports (`serialize_buckets`), the transports move the bytes (Ray's object store, or a
-collective broadcast: `buffer.weight_transport`), and the rollout engine loads them
+collective broadcast: `base.weight_group`), and the rollout engine loads them
 (`iter_buckets`). Buckets bound the size of each message (never one RPC per parameter); a push always
 names the policy version it carries. Both sides depend on this module, not on each other.
 

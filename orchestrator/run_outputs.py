@@ -1,7 +1,7 @@
 """A run's outputs seen from the driver: the run's storage URI and the local dir the driver writes in.
 
 ``output_dir`` is a local path, a shared filesystem path or an object-store URI (``s3://bucket/runs``,
-`buffer.storage`). With a local path the run dir is written in place and nothing is copied. With an
+`base.storage`). With a local path the run dir is written in place and nothing is copied. With an
 object store the driver writes its files (``metrics.jsonl``, ``trained_groups.jsonl``,
 ``tensorboard/``, ``summary.json``) into a node-local staging dir and uploads them at each checkpoint
 (before the checkpoint's marker) and at the end; a resumed run downloads them first, so its curves
@@ -9,7 +9,7 @@ continue on a machine that never saw the run. Checkpoints and the final model do
 driver: the learner ranks write their parts to storage themselves.
 
 Left out on purpose: checkpoint layout and completeness (`orchestrator.checkpoint`), the storage
-client itself (`buffer.storage`).
+client itself (`base.storage`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from buffer import storage
+from base import storage
 
 logger = logging.getLogger(__name__)
 

@@ -180,7 +180,7 @@ class ModelSource:
             for name, size in self.files:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 if self.uri is not None:
-                    from buffer import storage
+                    from base import storage
 
                     fs, path = storage.filesystem(storage.join(self.uri, name))
                     fs.get_file(path, str(tmp / name))

@@ -12,7 +12,7 @@ record that has it), ``mean:<key>`` / ``sum:<key>`` / ``max:<key>`` over trainin
 time-to-accuracy column).
 
 A variant runs ``relayrl train`` or, with ``runner = "trl"``, the TRL GRPOTrainer baseline on the
-same config (``relayrl trl-baseline``, `orchestrator.tools.trl_baseline`).
+same config (``relayrl trl-baseline``, `tooling.trl_baseline`).
 
 ``seeds = [1, 2]`` runs every variant once per seed (override ``seed=S``: prompt order, sampling and
 the learner's RNG); the table then has a row per run and a second table across seeds, each numeric
