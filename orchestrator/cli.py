@@ -22,7 +22,10 @@ measures wrapper overhead, weight push, overlap/speedup and scaling on a run con
 ``relayrl trl-baseline CONFIG [key.sub=value ...]`` trains TRL's GRPOTrainer on the same config (the
 external baseline; needs the ``trl`` extra) and writes a run dir the experiment tables read.
 
-The tooling subcommands (``experiment``, ``bench``, ``report``, ``trl-baseline``) import
+``relayrl config-reference [--out docs/config.md]`` writes every config field (type, default, bounds,
+description) as Markdown tables, generated from the pydantic models.
+
+The tooling subcommands (``experiment``, ``bench``, ``report``, ``trl-baseline``, ``config-reference``) import
 `tooling` inside their functions: the core never imports it, and ``--help`` stays fast.
 """
 
@@ -164,6 +167,19 @@ def cmd_trl_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from tooling.config_reference import render
+
+    text = render()
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train from a TOML run config")
     p.add_argument("config", help=CONFIG_HELP)
@@ -226,8 +242,14 @@ def _add_prepare_model(sub) -> None:
     p.set_defaults(fn=cmd_prepare_model)
 
 
+def _add_config_reference(sub) -> None:
+    p = sub.add_parser("config-reference", help="every config field (type, default, bounds, description) as Markdown")
+    p.add_argument("--out", help="Markdown file to write, e.g. docs/config.md (default: stdout)")
+    p.set_defaults(fn=cmd_config_reference)
+
+
 SUBCOMMANDS = (_add_train, _add_experiment, _add_bench, _add_trl_baseline, _add_scale, _add_report,
-               _add_prepare_model)  # in the order ``--help`` lists them
+               _add_prepare_model, _add_config_reference)  # in the order ``--help`` lists them
 TAKES_OVERRIDES = ("train", "bench", "trl-baseline")
 
 

@@ -5,13 +5,15 @@
 - `experiment`: ``relayrl experiment``, named variants of one config and their comparison table.
 - `report`: ``relayrl report``, plots and a one-page summary of a run dir.
 - `trl_baseline`: ``relayrl trl-baseline``, TRL's GRPOTrainer on a relayrl run config.
+- `config_reference`: ``relayrl config-reference``, docs/config.md generated from the config models.
 
 Each is a module of its own, imported where it is used (`orchestrator.cli` imports them inside its
 subcommand functions): they pull in Ray, vLLM, matplotlib or TRL, so this package imports none of
-them. Dependencies point one way: tools -> {orchestrator, rollout, learner, buffer}; a test keeps
-the core from importing tools.
+them. Dependencies point one way: tooling -> {orchestrator, rollout, learner, buffer, base}; an import-linter
+contract (pyproject.toml) keeps the core from importing tooling.
 """
 
 __all__ = [
-    "bench", "bench_actors", "bench_math", "bench_session", "bench_training", "experiment", "report", "trl_baseline",
+    "bench", "bench_actors", "bench_math", "bench_session", "bench_training", "config_reference", "experiment", "report",
+    "trl_baseline",
 ]

@@ -53,7 +53,8 @@ class EnvConfig(StrictConfig):
     max_hung_steps: int = Field(
         8, ge=1, le=10000, description="reset/step calls past step_timeout_s still running in a worker (their "
         "threads cannot be killed) before its next request stops the run with an error naming the environment")
-    sandbox: SandboxConfig = SandboxConfig()
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="the subprocess sandbox that runs "
+                                   "tool calls (tool_math): isolation and limits")
 
     @model_validator(mode="after")
     def _single_turn_is_one_turn(self) -> EnvConfig:
