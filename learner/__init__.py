@@ -2,13 +2,17 @@
 
 `LearnerGroup` creates N `LearnerWorker` ranks and fans calls out to them (training steps, weight
 export and broadcast, checkpoints). A training step turns a batch of `buffer.Sample` groups into
-advantages (`ADVANTAGE_ESTIMATORS`, keyed by ``learner.advantage``), splits it over ranks, PPO
+advantages (`ADVANTAGE_ESTIMATORS`, keyed by ``learner.advantage.type``), splits it over ranks, PPO
 minibatches and micro-batches (`plan_microbatches`), leaves out samples whose advantage is 0 (their
 gradient is 0: `learner.batching.restrict_plan`), scores each micro-batch's responses in one
 forward, the samples of a prompt sharing its encoding (`learner.step.response_logprobs`), and
-applies a policy loss (`POLICY_LOSSES`, keyed by ``learner.loss``) with off-policy corrections
-(`learner.off_policy`). `LearnerConfig` (`learner.config`) is this package's section of the run
-config. Depends on buffer/ only.
+applies a policy loss (`POLICY_LOSSES`, keyed by ``learner.loss.type``) with off-policy corrections
+(`learner.off_policy`). Each loss and estimator is a config class (its ``type`` and knobs) plus a pure
+function, in one registry; ``learner.loss`` / ``learner.advantage`` are the tagged unions of those classes.
+Each rank returns its step's metrics as `Metrics`, every key declaring where it is produced how it
+combines across ranks (`Reduce`); `LearnerGroup.merge_metrics` applies the declarations.
+`LearnerConfig` (`learner.config`) is this package's section of the run config. Depends on buffer/ and
+base/ only.
 
 The names below load on first use, so ``import learner`` pulls in none of torch, DeepSpeed or Ray
 (config validation and ``--help`` stay fast).
@@ -29,6 +33,9 @@ _EXPORTS = {
     "batch_advantages": "learner.advantages",
     "POLICY_LOSSES": "learner.losses",
     "PolicyLossInput": "learner.losses",
+    "policy_loss": "learner.losses",
+    "Metrics": "learner.metrics",
+    "Reduce": "learner.metrics",
     "plan_microbatches": "learner.batching",
 }
 

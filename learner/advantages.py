@@ -10,17 +10,45 @@ group and batch statistic and get advantage 0, like padding; a group with fewer 
 has no baseline and gets zeros (SPO: only a group with none). Group-size checks count real samples,
 valid or not.
 
-`batch_advantages` builds the padded tensors from ragged lists of rewards.
+Every estimator is a pydantic config (its ``type`` tag and its own knobs) and a pure function, paired in
+`ADVANTAGE_ESTIMATORS`; ``learner.advantage`` in the run config is the tagged union of the config classes
+(`learner.config.AdvantageConfig`), so a new estimator is one config class, one function and one registry
+entry, here. `batch_advantages` builds the padded tensors from ragged lists of rewards.
+
+torch is imported inside the functions, so the config classes load with the run config without it.
 
 Left out on purpose: GAE / critic-based estimators, per-token advantages.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+from pydantic import Field
+
+from base.config import StrictConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+class AdvantageConfigBase(StrictConfig):
+    """Base of every advantage estimator's config: its ``type`` (the `ADVANTAGE_ESTIMATORS` key), then its knobs."""
+
+    type: str
+
+
+class _StdNormalised(AdvantageConfigBase):
+    """An estimator that divides by a standard deviation."""
+
+    eps: float = Field(1e-6, gt=0.0, le=1.0, description="added to the std it divides by, so all-equal rewards give "
+                       "advantage 0, not NaN")
 
 
 def _mask_like(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    import torch
+
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [num_groups, group_size], got shape {tuple(rewards.shape)}")
     if mask is None:
@@ -51,11 +79,25 @@ def _group_stats(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
 
 def _batch_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unbiased std over the masked entries of the whole batch (0 for fewer than 2 entries)."""
+    import torch
+
     n = mask.sum()
     if n < 2:
         return torch.tensor(0.0)
     mean = (values * mask).sum() / n
     return ((((values - mean) * mask) ** 2).sum() / (n - 1)).sqrt()
+
+
+class GrpoAdvantageConfig(_StdNormalised):
+    """GRPO: group mean baseline, divided by the group std (`grpo_advantages`)."""
+
+    type: Literal["grpo"] = "grpo"
+
+
+class DrGrpoAdvantageConfig(AdvantageConfigBase):
+    """Dr. GRPO: group mean baseline, no std division (`grpo_advantages` with ``normalize_std=False``)."""
+
+    type: Literal["drgrpo"] = "drgrpo"
 
 
 def grpo_advantages(
@@ -95,6 +137,12 @@ def grpo_advantages(
     return adv, {"learner/zero_variance_group_frac": zero_var}
 
 
+class RlooAdvantageConfig(AdvantageConfigBase):
+    """RLOO: leave-one-out group baseline (`rloo_advantages`)."""
+
+    type: Literal["rloo"] = "rloo"
+
+
 def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor | None = None, valid: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, dict[str, float]]:
     """RLOO leave-one-out baseline: ``A_i = r_i - mean_{j != i} r_j = n/(n-1) * (r_i - mean(r))``.
@@ -109,6 +157,12 @@ def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor | None = None, val
     adv, m = grpo_advantages(rewards, normalize_std=False, mask=mask, valid=valid)
     n = _counted(rewards, mask, valid)[1].sum(dim=1, keepdim=True)
     return adv * (n / (n - 1).clamp(min=1.0)), m  # n <= 1: the advantage is already 0
+
+
+class ReinforcePpAdvantageConfig(_StdNormalised):
+    """REINFORCE++-baseline: group mean baseline, divided by the batch std (`reinforce_pp_baseline_advantages`)."""
+
+    type: Literal["reinforce_pp"] = "reinforce_pp"
 
 
 def reinforce_pp_baseline_advantages(
@@ -128,6 +182,13 @@ def reinforce_pp_baseline_advantages(
     counted = _counted(rewards, mask, valid)[1]
     batch_mean = (centred * counted).sum() / counted.sum().clamp(min=1.0)
     return (centred - batch_mean) * counted / (_batch_std(centred, counted) + eps), m
+
+
+class SpoAdvantageConfig(_StdNormalised):
+    """SPO: per-prompt tracked value baseline, divided by the batch std (`spo_advantages`); needs
+    ``buffer.value_tracker``."""
+
+    type: Literal["spo"] = "spo"
 
 
 def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 1e-6,
@@ -161,24 +222,55 @@ def spo_advantages(rewards: torch.Tensor, baselines: torch.Tensor, eps: float = 
     return adv / (_batch_std(adv, counted) + eps), {"learner/zero_variance_group_frac": zero_var}
 
 
-ADVANTAGE_ESTIMATORS = {
-    "grpo": lambda r, b=None, mask=None, valid=None: grpo_advantages(r, normalize_std=True, mask=mask, valid=valid),
-    "drgrpo": lambda r, b=None, mask=None, valid=None: grpo_advantages(r, normalize_std=False, mask=mask, valid=valid),
-    "rloo": lambda r, b=None, mask=None, valid=None: rloo_advantages(r, mask=mask, valid=valid),
-    "reinforce_pp": lambda r, b=None, mask=None, valid=None: reinforce_pp_baseline_advantages(r, mask=mask,
-                                                                                              valid=valid),
-    "spo": lambda r, b, mask=None, valid=None: spo_advantages(r, b, mask=mask, valid=valid),
-}
-"""Registry keyed by `LearnerConfig.advantage`:
-``fn(rewards [G, n], baselines [G, n] | None, mask=None, valid=None)``."""
+# ---- the registry: each estimator's config class, and how it calls the function -------------------------
+
+class RegisteredEstimator(NamedTuple):
+    """An `ADVANTAGE_ESTIMATORS` entry: an estimator's config class and
+    ``fn(rewards, baselines, mask, valid, cfg) -> (advantages, metrics)`` on ``[G, n]`` tensors."""
+
+    config: type[AdvantageConfigBase]
+    fn: Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+    def __call__(self, rewards: torch.Tensor, baselines: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None, cfg: AdvantageConfigBase | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``fn`` on ``[G, n]`` tensors (``baselines`` only for ``spo``); ``cfg`` None: the estimator's defaults.
+
+        Raises:
+            TypeError: ``cfg`` is another estimator's config.
+            ValueError: what the estimator raises.
+        """
+        cfg = self.config() if cfg is None else cfg
+        if not isinstance(cfg, self.config):
+            raise TypeError(f"advantage estimator {self.config.__name__} got a {type(cfg).__name__}")
+        return self.fn(rewards, baselines, mask, valid, cfg)
 
 
-def batch_advantages(name: str, rewards: list[list[float]], baselines: list[list[float]] | None = None,
-                     valid: list[list[bool]] | None = None) -> tuple[list[float], dict[str, float]]:
+def _by_type(*entries: RegisteredEstimator) -> dict[str, RegisteredEstimator]:
+    return {e.config.model_fields["type"].default: e for e in entries}
+
+
+ADVANTAGE_ESTIMATORS: dict[str, RegisteredEstimator] = _by_type(
+    RegisteredEstimator(GrpoAdvantageConfig, lambda r, b, mask, valid, c: grpo_advantages(r, c.eps, True, mask, valid)),
+    RegisteredEstimator(DrGrpoAdvantageConfig,
+                        lambda r, b, mask, valid, c: grpo_advantages(r, normalize_std=False, mask=mask, valid=valid)),
+    RegisteredEstimator(RlooAdvantageConfig, lambda r, b, mask, valid, c: rloo_advantages(r, mask, valid)),
+    RegisteredEstimator(ReinforcePpAdvantageConfig,
+                        lambda r, b, mask, valid, c: reinforce_pp_baseline_advantages(r, c.eps, mask, valid)),
+    RegisteredEstimator(SpoAdvantageConfig, lambda r, b, mask, valid, c: spo_advantages(r, b, c.eps, mask, valid)),
+)
+"""Every advantage estimator by its ``type`` (``learner.advantage.type``): the one list of them. An entry is
+called as ``entry(rewards [G, n], baselines [G, n] | None, mask=None, valid=None, cfg=None)``."""
+
+
+def batch_advantages(estimator: AdvantageConfigBase | str, rewards: list[list[float]],
+                     baselines: list[list[float]] | None = None, valid: list[list[bool]] | None = None
+                     ) -> tuple[list[float], dict[str, float]]:
     """Advantages of a batch of possibly ragged groups, flattened in sample order.
 
     Args:
-        name: key of `ADVANTAGE_ESTIMATORS`.
+        estimator: the estimator's config (``learner.advantage``), or its `ADVANTAGE_ESTIMATORS` key for its
+            defaults.
         rewards: one list of rewards per group (sizes may differ).
         baselines: per-sample baselines in the same layout (``spo``), or None.
         valid: per-sample flags in the same layout, False where the reward function failed (the
@@ -189,12 +281,16 @@ def batch_advantages(name: str, rewards: list[list[float]], baselines: list[list
 
     Raises:
         ValueError: an empty batch or group, or what the estimator raises.
+        KeyError: an unknown estimator name.
     """
+    import torch
+
+    cfg = ADVANTAGE_ESTIMATORS[estimator].config() if isinstance(estimator, str) else estimator
     if not rewards or any(not g for g in rewards):
         raise ValueError(f"batch_advantages needs non-empty groups, got sizes {[len(g) for g in rewards]}")
     width = max(len(g) for g in rewards)
     pad = lambda rows: torch.tensor([list(g) + [0.0] * (width - len(g)) for g in rows], dtype=torch.float32)  # noqa: E731
     mask = torch.tensor([[1.0] * len(g) + [0.0] * (width - len(g)) for g in rewards])
-    adv, metrics = ADVANTAGE_ESTIMATORS[name](pad(rewards), pad(baselines) if baselines is not None else None,
-                                              mask=mask, valid=pad(valid) if valid is not None else None)
+    adv, metrics = ADVANTAGE_ESTIMATORS[cfg.type](pad(rewards), pad(baselines) if baselines is not None else None,
+                                                  mask=mask, valid=pad(valid) if valid is not None else None, cfg=cfg)
     return adv[mask.bool()].tolist(), metrics

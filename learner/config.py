@@ -1,26 +1,52 @@
 """Config of the learner (`LearnerConfig`): DeepSpeed ranks, optimiser, advantage, policy loss.
 
-Composed by `orchestrator.config.RunConfig`; each learner rank receives this section.
+Composed by `orchestrator.config.RunConfig`; each learner rank receives this section. The policy loss
+(``learner.loss``) and the advantage estimator (``learner.advantage``) are tagged unions of the config
+classes their registries list (`learner.losses.POLICY_LOSSES`, `learner.advantages.ADVANTAGE_ESTIMATORS`):
+``loss = {type = "gspo", clip_high = 5e-4}``, or just ``loss = "gspo"`` for that loss with its defaults;
+a dotted override reaches a knob (``learner.loss.clip_high=5e-4``).
+
+Left out on purpose: user losses by import path (a loss is a registry entry in `learner.losses`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from base.adapter import LoraSpec
 from base.config import StrictConfig
+from learner.advantages import ADVANTAGE_ESTIMATORS, GrpoAdvantageConfig
+from learner.losses import POLICY_LOSSES, PpoTisLossConfig
 
-CLIP_DEFAULTS: dict[str, tuple[float, float]] = {
-    "ppo": (0.2, 0.28),  # token-level PPO clip with DAPO's clip-higher (Yu et al. 2025)
-    # GSPO clips the length-normalised sequence ratio: Zheng et al. 2025, "Group Sequence Policy Optimization"
-    "gspo": (3e-4, 4e-4),
-}
-"""``(clip_low, clip_high)`` a loss gets when the config leaves them unset; losses not named use ``ppo``'s."""
 
-GSPO_MAX_CLIP = 0.01
-"""Largest clip GSPO accepts: its sequence ratio moves ~1e-4 per step, so a token-level 0.2 never clips."""
+def _variant(field: str, registry: dict, default: type[StrictConfig]) -> BeforeValidator:
+    """``field = "name"`` means that variant with its defaults; a table without ``type`` is the ``default``
+    variant (so ``learner.loss.clip_high=0.3`` alone tweaks the default loss). Raises ValueError (validation)
+    for a name ``registry`` does not hold."""
+    default_type = default.model_fields["type"].default
+
+    def tagged(value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in registry:
+                raise ValueError(f"learner.{field} = {value!r} is not registered; use one of {sorted(registry)}")
+            return {"type": value}
+        if isinstance(value, dict) and "type" not in value:
+            return {"type": default_type, **value}
+        return value
+
+    return BeforeValidator(tagged)
+
+
+LossConfig = Annotated[Union[tuple(e.config for e in POLICY_LOSSES.values())],  # noqa: UP007 (built from a tuple)
+                       Field(discriminator="type"), _variant("loss", POLICY_LOSSES, PpoTisLossConfig)]
+"""``learner.loss``: one policy loss's config, chosen by its ``type`` (`learner.losses.POLICY_LOSSES`)."""
+
+AdvantageConfig = Annotated[Union[tuple(e.config for e in ADVANTAGE_ESTIMATORS.values())],  # noqa: UP007
+                            Field(discriminator="type"), _variant("advantage", ADVANTAGE_ESTIMATORS, GrpoAdvantageConfig)]
+"""``learner.advantage``: one advantage estimator's config, chosen by its ``type``
+(`learner.advantages.ADVANTAGE_ESTIMATORS`)."""
 
 
 class LearnerConfig(StrictConfig):
@@ -36,18 +62,12 @@ class LearnerConfig(StrictConfig):
     max_tokens_per_microbatch: int = Field(
         0, ge=0, description="token budget of one forward/backward: as many samples as fit in this many forward "
         "tokens (shared prefix: each prompt once; padded: rows x longest); 0: micro_batch_size samples")
-    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp", "spo"] = Field(
-        "grpo", description="advantage estimator (learner.advantages.ADVANTAGE_ESTIMATORS)")
-    loss: Literal["ppo_tis", "ppo_seq_tis", "icepop", "seq_mask", "gspo", "topr", "ppo"] = Field(
-        "ppo_tis", description="policy loss / off-policy correction (learner.losses.POLICY_LOSSES); "
-        "'ppo' has no behaviour correction")
-    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="clip below 1 of the ratio; default per loss "
-                            "(CLIP_DEFAULTS: 0.2 token-level, 3e-4 for GSPO's sequence ratio)")
-    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="clip above 1 (clip-higher); default per loss "
-                             "(CLIP_DEFAULTS: 0.28 token-level, 4e-4 for GSPO's sequence ratio)")
-    tis_cap: float = Field(2.0, gt=0.0, description="truncated importance sampling cap C")
-    band_low: float = Field(0.5, gt=0.0, le=1.0, description="icepop/seq_mask: lowest kept pi_prox/pi_behav")
-    band_high: float = Field(2.0, ge=1.0, description="icepop/seq_mask: highest kept pi_prox/pi_behav")
+    advantage: AdvantageConfig = Field(
+        default_factory=GrpoAdvantageConfig, description="advantage estimator and its knobs, chosen by type "
+        "(learner.advantages.ADVANTAGE_ESTIMATORS); a bare name gives its defaults")
+    loss: LossConfig = Field(
+        default_factory=PpoTisLossConfig, description="policy loss / off-policy correction and its knobs, chosen by "
+        "type (learner.losses.POLICY_LOSSES; 'ppo' has no behaviour correction); a bare name gives its defaults")
     kl_coef: float = Field(0.0, ge=0.0, description="KL-to-reference weight (0: no reference model)")
     ppo_minibatches: int = Field(1, ge=1, le=1024, description="optimizer steps per batch (PPO minibatches)")
     prox_logprobs: Literal["recompute", "loglinear"] = Field(
@@ -104,11 +124,24 @@ class LearnerConfig(StrictConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _clip_defaults_per_loss(cls, data: Any) -> Any:
-        """Fill ``clip_low`` / ``clip_high`` the config leaves unset with the loss's own range."""
-        if isinstance(data, dict):
-            low, high = CLIP_DEFAULTS.get(data.get("loss", "ppo_tis"), CLIP_DEFAULTS["ppo"])
-            data = {"clip_low": low, "clip_high": high, **data}
+    def _knobs_moved_into_their_variant(cls, data: Any) -> Any:
+        """A loss or estimator knob at the top level (``learner.clip_low``, where it used to be): say where it
+        went, not just 'extra field'."""
+        if not isinstance(data, dict):
+            return data
+        for key in data:
+            if key in cls.model_fields or key == "type":
+                continue
+            for field, registry in (("loss", POLICY_LOSSES), ("advantage", ADVANTAGE_ESTIMATORS)):
+                takers = [name for name, e in registry.items() if key in e.config.model_fields]
+                if takers:
+                    chosen = data.get(field)
+                    chosen = chosen.get("type") if isinstance(chosen, dict) else getattr(chosen, "type", chosen)
+                    name = chosen if chosen in takers else takers[0]
+                    raise ValueError(f"learner.{key} is a knob of learner.{field} now: set learner.{field} = "
+                                     f'{{type = "{name}", {key} = ...}} '
+                                     f"(override: learner.{field}.{key}=...); the {field} types with it: "
+                                     f"{', '.join(takers)}")
         return data
 
     @model_validator(mode="after")
@@ -131,14 +164,4 @@ class LearnerConfig(StrictConfig):
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(f"learner.offload_params needs learner.zero_stage = 3 (parameters are partitioned "
                              f"only there), got {self.zero_stage}")
-        return self
-
-    @model_validator(mode="after")
-    def _gspo_clips_a_sequence_ratio(self) -> LearnerConfig:
-        """GSPO's ratio is a per-token geometric mean; a token-level range (0.2) would never clip it."""
-        if self.loss == "gspo" and max(self.clip_low, self.clip_high) > GSPO_MAX_CLIP:
-            raise ValueError(f"learner.loss = 'gspo' clips the length-normalised sequence ratio, whose range is "
-                             f"~1e-4 wide, but learner.clip_low / clip_high = {self.clip_low:g} / {self.clip_high:g}"
-                             f" (> {GSPO_MAX_CLIP:g}) would never clip; leave them unset (3e-4 / 4e-4, GSPO paper) "
-                             "or set values <= " f"{GSPO_MAX_CLIP:g}")
         return self

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from learner.config import LearnerConfig
+from learner.metrics import Metrics, merge
 from learner.worker import LearnerWorker
 
 if TYPE_CHECKING:
@@ -93,29 +94,33 @@ class LearnerGroup:
         return [r.train_step.remote(batch_ref, version) for r in self.ranks]
 
     @staticmethod
-    def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-        """Combine rank metrics: losses and token counts add up, rates are token-weighted means."""
-        out: dict[str, float] = {}
-        toks = [m.get("learner/tokens", 0.0) for m in per_rank]
-        tot = max(sum(toks), 1.0)
-        for key in per_rank[0]:
-            vals = [m.get(key, 0.0) for m in per_rank]
-            if key in ("learner/loss", "learner/tokens"):
-                out[key] = sum(vals)
-            elif key.startswith(("rollout/", "curation/", "learner/grad_norm", "learner/lr", "learner/zero_variance",
-                                 "learner/optimizer_steps", "learner/skipped_steps", "learner/samples",
-                                 "learner/skipped_sample_frac", "off_policy/sample_weight_mean")):
-                out[key] = vals[0]
-            elif key == "learner/seconds":
-                out[key] = max(vals)
-            else:
-                out[key] = sum(v * t for v, t in zip(vals, toks)) / tot
-        return out
+    def merge_metrics(per_rank: list[Metrics]) -> dict[str, float]:
+        """Combine the ranks' step metrics (`train_step_remote`'s results), each key as the rank declared it
+        (`learner.metrics.merge`: sum, mean, max, rank 0's, token-weighted mean).
+
+        Raises:
+            ValueError / TypeError: a metric without a declared reduction (`learner.metrics.merge`).
+        """
+        return merge(per_rank)
 
     def export_weights_remote(self, dtype: str, bucket_bytes: int):
         """Export full weights; returns ``(buckets_ref, metrics_ref)`` of rank 0."""
         refs = [r.export_weights.options(num_returns=2).remote(dtype, bucket_bytes) for r in self.ranks]
         return refs[0]
+
+    def master_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port on it, for a group it hosts (waits, bounded)."""
+        return self._get([self.ranks[0].master_address.remote()], "master_address", timeout=60)[0]
+
+    def join_weight_group_remote(self, backend: str, addr: str, port: int, world_size: int, timeout_s: float,
+                                 name: str) -> list:
+        """Rank 0 joins weight group ``name`` as its source (group rank 0); one ObjectRef."""
+        return [self.ranks[0].join_weight_group.remote(backend, addr, port, world_size, timeout_s, name)]
+
+    def broadcast_weights_remote(self, version: int, dtype: str, bucket_bytes: int) -> list:
+        """Every rank exports (ZeRO-3 gathers need all of them), rank 0 broadcasts ``version`` to its weight
+        group; one ObjectRef per rank, rank 0's holding the export and broadcast metrics."""
+        return [r.broadcast_weights.remote(version, dtype, bucket_bytes) for r in self.ranks]
 
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
         """Rank 0's logprobs of ``token_ids[prompt_len:]`` (every rank runs the forward: ZeRO-3 gathers)."""

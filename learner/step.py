@@ -25,10 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from learner.layout import ForwardLayout, padded_layout, shared_prefix_layout
+from learner.metrics import Metrics, Reduce
+
+if TYPE_CHECKING:
+    from learner.advantages import AdvantageConfigBase
 
 
 @dataclass
@@ -48,13 +53,15 @@ class StepAdvantages:
     metrics: dict[str, float]
 
 
-def step_advantages(batch: list[list], version: int, estimator: str, staleness_decay: float) -> StepAdvantages:
-    """Group advantages of ``batch`` (lists of `buffer.Sample`, one per group; sizes may differ),
-    scaled per sample by ``staleness_decay ** staleness`` at learner ``version``. Samples whose reward
-    function failed (status ``failed``) stay out of the group statistics and get advantage 0.
+def step_advantages(batch: list[list], version: int, estimator: AdvantageConfigBase | str, staleness_decay: float
+                    ) -> StepAdvantages:
+    """Group advantages of ``batch`` (lists of `buffer.Sample`, one per group; sizes may differ) by
+    ``estimator`` (``learner.advantage``, or a registered name for its defaults), scaled per sample by
+    ``staleness_decay ** staleness`` at learner ``version``. Samples whose reward function failed (status
+    ``failed``) stay out of the group statistics and get advantage 0.
 
     Raises:
-        ValueError: ``estimator == "spo"`` and a sample has no baseline, or what
+        ValueError: the estimator is ``spo`` and a sample has no baseline, or what
             `learner.advantages.batch_advantages` raises.
     """
     from learner.advantages import batch_advantages
@@ -62,7 +69,7 @@ def step_advantages(batch: list[list], version: int, estimator: str, staleness_d
 
     samples = [s for g in batch for s in g]
     baselines = None
-    if estimator == "spo":
+    if (estimator if isinstance(estimator, str) else estimator.type) == "spo":
         if any(s.baseline is None for s in samples):
             raise ValueError("learner.advantage = 'spo' needs per-prompt baselines: set buffer.value_tracker = true")
         baselines = [[s.baseline for s in g] for g in batch]
@@ -285,14 +292,16 @@ class TokenWeightedMeans:
         return {k: v / max(self.tokens[k], 1.0) for k, v in self.totals.items()}
 
 
-def batch_metrics(samples: list, prep: StepAdvantages, with_rollout: bool) -> dict[str, float]:
+def batch_metrics(samples: list, prep: StepAdvantages, with_rollout: bool) -> Metrics:
     """Metrics of the batch itself: sample count, mean staleness weight, the estimator's metrics and,
     ``with_rollout`` (rank 0), ``rollout/*`` means over samples (lengths in tokens) and
-    ``curation/effective_samples`` (samples with a non-zero advantage)."""
+    ``curation/effective_samples`` (samples with a non-zero advantage). Every rank sees the whole batch,
+    so each is `Reduce.FIRST` across ranks (the ``with_rollout`` ones only rank 0 reports)."""
     n = len(samples)
-    out = {"off_policy/sample_weight_mean": float(prep.weights.mean()), **prep.metrics, "learner/samples": float(n)}
+    out = Metrics().put(Reduce.FIRST, {"off_policy/sample_weight_mean": float(prep.weights.mean()), **prep.metrics,
+                                       "learner/samples": float(n)})
     if with_rollout:
-        out.update({"curation/effective_samples": float(prep.effective),
+        out.put(Reduce.FIRST, {"curation/effective_samples": float(prep.effective),
                     "rollout/reward_mean": sum(s.reward for s in samples) / n,
                     "rollout/correct_frac": sum(s.correct for s in samples) / n,
                     "rollout/response_len_mean": sum(len(s.response_ids) for s in samples) / n,

@@ -38,6 +38,7 @@ import time
 from typing import TYPE_CHECKING
 
 from learner.checkpointing import LearnerCheckpoints
+from learner.metrics import Metrics, Reduce
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class LearnerWorker(LearnerCheckpoints):
         return response_logprobs(model, samples, self.engine.device, self.temperature, self.cfg.shared_prefix,
                                  self.cfg.logit_chunk_tokens, with_entropy, self.cfg.max_tokens_per_microbatch)
 
-    def train_step(self, batch: list, version: int) -> dict[str, float]:
+    def train_step(self, batch: list, version: int) -> Metrics:
         """``learner.ppo_minibatches`` optimizer steps on ``batch`` (sample groups; every rank gets all).
 
         ``version`` is the learner's policy version before the step (the proximal policy). Group
@@ -163,9 +164,10 @@ class LearnerWorker(LearnerCheckpoints):
         (`learner.batching.restrict_plan`): their gradient is exactly 0, and their tokens still count in
         the normaliser, so the update is the same up to floating-point summation order.
 
-        Returns metrics (token-weighted means over this rank's micro-batches that ran;
-        ``learner/tokens``: loss tokens of this rank's share, skipped samples included;
-        ``learner/skipped_sample_frac``: samples of the batch not run).
+        Returns this rank's metrics, each with its cross-rank reduction (`learner.metrics.Metrics`):
+        token-weighted means over this rank's micro-batches that ran; ``learner/tokens``: loss tokens of
+        this rank's share, skipped samples included; ``learner/skipped_sample_frac``: samples of the batch
+        not run.
 
         Raises:
             ValueError: too few samples for ``ppo_minibatches``, or a sample longer than
@@ -206,8 +208,8 @@ class LearnerWorker(LearnerCheckpoints):
                 means.add(met, met.pop("learner/tokens"))
                 loss_total += loss / (self.gas * W * M)  # this rank's share of the mean over minibatches
         out = self._step_metrics(means, loss_total, skipped_before, t0, batch_metrics(samples, prep, self.rank == 0))
-        out["learner/tokens"] = float(my_tokens)  # the loss's tokens on this rank, skipped samples included
-        out["learner/skipped_sample_frac"] = 1.0 - sum(keep) / len(samples)
+        out.put(Reduce.SUM, {"learner/tokens": my_tokens})  # the loss's tokens on this rank, skipped samples included
+        out.put(Reduce.FIRST, {"learner/skipped_sample_frac": 1.0 - sum(keep) / len(samples)})  # same on every rank
         return out
 
     def _normalizers(self, plan: list, samples: list) -> list[float]:
@@ -234,7 +236,7 @@ class LearnerWorker(LearnerCheckpoints):
         (``learner/tokens``: trained tokens in ``mb``)."""
         import torch
 
-        from learner.losses import POLICY_LOSSES, PolicyLossInput, k3_kl_penalty
+        from learner.losses import PolicyLossInput, k3_kl_penalty, policy_loss
         from learner.step import later_minibatch_prox, padded_field
 
         c = self.cfg
@@ -248,8 +250,7 @@ class LearnerWorker(LearnerCheckpoints):
             prox, extra = later_minibatch_prox(logprobs.detach(), beh, versions, mask, version,
                                                k / c.ppo_minibatches, exact)
         inp = PolicyLossInput(logprobs, prox, beh, torch.tensor(adv, device=logprobs.device), mask, normalizer)
-        loss, met = POLICY_LOSSES[c.loss](inp, clip_low=c.clip_low, clip_high=c.clip_high, tis_cap=c.tis_cap,
-                                          band_low=c.band_low, band_high=c.band_high)
+        loss, met = policy_loss(inp, c.loss)
         met.update(extra)
         met["learner/entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1.0))
         if c.kl_coef > 0:
@@ -271,30 +272,35 @@ class LearnerWorker(LearnerCheckpoints):
         with self.engine.module.disable_adapter():
             return self._forward(self.engine.module, mb)[0]
 
-    def _step_metrics(self, means, loss_total: float, skipped_before: int, t0: float, batch_metrics: dict
-                      ) -> dict[str, float]:
-        """The step's metrics: token-weighted loss metrics (``means``, a `TokenWeightedMeans`), the
-        optimizer's (grad norm, LR, steps skipped since ``skipped_before``) and ``batch_metrics``.
+    def _step_metrics(self, means, loss_total: float, skipped_before: int, t0: float, batch_metrics: Metrics
+                      ) -> Metrics:
+        """The step's metrics, each with how it combines across ranks: token-weighted loss metrics (``means``,
+        a `TokenWeightedMeans`), the optimizer's (grad norm, LR, steps skipped since ``skipped_before``) and
+        ``batch_metrics``.
 
         Raises:
             RuntimeError: the gradient norm is non-finite and DeepSpeed applied the step anyway.
         """
-        c, out = self.cfg, means.means()
-        out["learner/loss"] = loss_total
+        c = self.cfg
+        # token means over this rank's micro-batches: token means over every rank's tokens when merged
+        out = Metrics().put(Reduce.TOKEN_MEAN, means.means())
+        out.put(Reduce.SUM, {"learner/loss": loss_total})  # this rank's share of the batch loss
         # DeepSpeed (bf16, ZeRO 1/2) skips an optimizer step whose gradients are non-finite and counts it
-        out["learner/skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
+        skipped = self.engine.skipped_steps - skipped_before
         grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
-        if not math.isfinite(grad_norm) and out["learner/skipped_steps"] == 0:
+        if not math.isfinite(grad_norm) and skipped == 0:
             raise RuntimeError(
                 f"learner rank {self.rank}: non-finite gradient norm ({grad_norm}) and the optimizer step was "
                 f"applied (learner.dtype={c.dtype}, zero_stage={c.zero_stage} do not check gradients); the "
                 "weights are no longer valid: resume from the last checkpoint")
-        out["learner/grad_norm"] = grad_norm if math.isfinite(grad_norm) else -1.0
-        out["learner/lr"] = float(self.engine.get_lr()[0])
-        out["learner/tokens"] = means.total_tokens
-        out["learner/seconds"] = time.perf_counter() - t0
-        out["learner/optimizer_steps"] = float(c.ppo_minibatches)
-        return {**out, **batch_metrics}
+        # the optimizer's state after a collective step is the same on every rank
+        out.put(Reduce.FIRST, {"learner/skipped_steps": skipped,
+                               "learner/grad_norm": grad_norm if math.isfinite(grad_norm) else -1.0,
+                               "learner/lr": self.engine.get_lr()[0]})
+        out.put(Reduce.SUM, {"learner/tokens": means.total_tokens})
+        out.put(Reduce.MAX, {"learner/seconds": time.perf_counter() - t0})  # the slowest rank
+        out.put(Reduce.FIRST, {"learner/optimizer_steps": c.ppo_minibatches})
+        return out.extend(batch_metrics)
 
     def peak_memory_bytes(self) -> int:
         """Peak memory of this rank so far, in bytes: allocated GPU memory on CUDA, else the process's peak

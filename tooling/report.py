@@ -168,8 +168,9 @@ def _config_line(config: dict) -> str | None:
     if not config:
         return None
     ro, lr = config.get("rollout", {}), config.get("learner", {})
+    variant = lambda v: v.get("type") if isinstance(v, dict) else v  # noqa: E731 (a table {type = ...} or a name)
     return (f"- config: model {config.get('model', {}).get('path')}, {config.get('num_steps')} steps x "
             f"{config.get('prompts_per_step')} prompts x {ro.get('group_size')} samples, "
             f"{ro.get('num_workers')} rollout worker(s), {lr.get('num_learners')} learner rank(s), "
-            f"advantage {lr.get('advantage')}, loss {lr.get('loss')}, lr {lr.get('lr')}, "
+            f"advantage {variant(lr.get('advantage'))}, loss {variant(lr.get('loss'))}, lr {lr.get('lr')}, "
             f"max staleness {config.get('buffer', {}).get('max_staleness')}")

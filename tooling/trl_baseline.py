@@ -6,7 +6,7 @@ The same TOML (and overrides) a ``relayrl train`` run takes sets the model, data
 reward, sampling and optimiser, so the comparison is like for like by construction:
 ``prompts_per_step x group_size`` completions per optimizer step (``num_generations = group_size``),
 ``micro_batch_size`` completions per forward/backward, AdamW with relayrl's lr / weight decay /
-grad clip / warmup and a constant schedule, PPO clip ``[1-clip_low, 1+clip_high]``, GRPO group
+grad clip / warmup and a constant schedule, PPO clip ``[1-clip_low, 1+clip_high]`` (``learner.loss``'s), GRPO group
 normalised advantages, token-mean loss over the batch (TRL's ``dapo`` loss type; ``loss_agg =
 constant`` maps to ``dr_grpo``), no KL unless ``kl_coef > 0``. TRL runs synchronously in one
 process (generate with HF ``generate``, then train) on every CPU core; that is how TRL runs without
@@ -49,10 +49,10 @@ def grpo_config_kwargs(cfg, out_dir: str, use_cpu: bool) -> dict:
     """
     rc, lc = cfg.rollout, cfg.learner
     batch = cfg.prompts_per_step * rc.group_size
-    if lc.advantage not in ("grpo", "drgrpo"):
-        raise ValueError(f"learner.advantage = {lc.advantage!r} has no TRL GRPOTrainer equivalent (grpo, drgrpo)")
-    if lc.loss not in ("ppo_tis", "ppo"):
-        raise ValueError(f"learner.loss = {lc.loss!r} has no TRL equivalent here (ppo_tis and ppo are the "
+    if lc.advantage.type not in ("grpo", "drgrpo"):
+        raise ValueError(f"learner.advantage = {lc.advantage.type!r} has no TRL GRPOTrainer equivalent (grpo, drgrpo)")
+    if lc.loss.type not in ("ppo_tis", "ppo"):
+        raise ValueError(f"learner.loss = {lc.loss.type!r} has no TRL equivalent here (ppo_tis and ppo are the "
                          "same PPO clip when training is on-policy, as TRL's is)")
     if lc.ppo_minibatches != 1:
         raise ValueError(f"learner.ppo_minibatches = {lc.ppo_minibatches}: the baseline maps one optimizer "
@@ -67,9 +67,9 @@ def grpo_config_kwargs(cfg, out_dir: str, use_cpu: bool) -> dict:
         gradient_accumulation_steps=batch // lc.micro_batch_size,
         num_generations=rc.group_size, max_completion_length=rc.max_tokens,
         temperature=rc.temperature, top_p=rc.top_p,
-        epsilon=lc.clip_low, epsilon_high=lc.clip_high, beta=lc.kl_coef, num_iterations=1,
+        epsilon=lc.loss.clip_low, epsilon_high=lc.loss.clip_high, beta=lc.kl_coef, num_iterations=1,
         loss_type="dapo" if lc.loss_agg == "token_mean" else "dr_grpo",
-        scale_rewards="group" if lc.advantage == "grpo" else "none",
+        scale_rewards="group" if lc.advantage.type == "grpo" else "none",
         logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0,
     )
 

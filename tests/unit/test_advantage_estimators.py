@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from learner.advantages import (ADVANTAGE_ESTIMATORS, batch_advantages, reinforce_pp_baseline_advantages,
-                                rloo_advantages, spo_advantages)
+from learner.advantages import (ADVANTAGE_ESTIMATORS, GrpoAdvantageConfig, batch_advantages,
+                                reinforce_pp_baseline_advantages, rloo_advantages, spo_advantages)
 
 
 def test_rloo_hand_computed():
@@ -61,3 +61,17 @@ def test_a_group_with_one_valid_sample_has_no_baseline(name):
     assert adv[:2] == [0.0, 0.0] and adv[2] > 0 > adv[3]
     with pytest.raises(ValueError, match="group of 1"):  # a real group of 1 is still a configuration error
         batch_advantages(name, [[1.0, 0.0], [1.0]], valid=[[True, True], [True]])
+
+
+# ---- each estimator's config ------------------------------------------------------------------------------
+
+def test_each_estimator_has_its_config_and_eps_reaches_the_formula():
+    for name, entry in ADVANTAGE_ESTIMATORS.items():
+        assert entry.config.model_fields["type"].default == name
+    # rewards [1, 0]: mean 0.5, unbiased std sqrt(0.5) -> A = +-0.5 / (sqrt(0.5) + eps)
+    adv, _ = batch_advantages(GrpoAdvantageConfig(eps=1.0), [[1.0, 0.0]])
+    assert adv == pytest.approx([0.5 / (0.5 ** 0.5 + 1.0), -0.5 / (0.5 ** 0.5 + 1.0)])
+    assert batch_advantages("grpo", [[1.0, 0.0]])[0] == pytest.approx([0.5 / (0.5 ** 0.5 + 1e-6),
+                                                                       -0.5 / (0.5 ** 0.5 + 1e-6)])
+    with pytest.raises(TypeError, match="RlooAdvantageConfig got a GrpoAdvantageConfig"):
+        ADVANTAGE_ESTIMATORS["rloo"](torch.ones(1, 2), cfg=GrpoAdvantageConfig())

@@ -87,16 +87,16 @@ def test_unsatisfiable_resources_fail_fast_naming_the_resource():
 def test_stale_data_without_correction_is_refused_with_a_reason():
     with pytest.raises(ConfigError, match="no off-policy correction"):
         load_config(None, ["buffer.max_staleness=2", "learner.loss=ppo"])
-    assert load_config(None, ["buffer.max_staleness=0", "learner.loss=ppo"]).learner.loss == "ppo"
+    assert load_config(None, ["buffer.max_staleness=0", "learner.loss=ppo"]).learner.loss.type == "ppo"
     cfg = load_config(None, ["buffer.max_staleness=2", "learner.loss=ppo", "allow_uncorrected_off_policy=true"])
     assert cfg.buffer.max_staleness == 2
 
 
 def test_presets_fill_fields_and_explicit_values_win():
     cfg = load_config(None, ["preset=async_topr"])
-    assert (cfg.learner.loss, cfg.learner.advantage, cfg.buffer.max_staleness) == ("topr", "rloo", 4)
+    assert (cfg.learner.loss.type, cfg.learner.advantage.type, cfg.buffer.max_staleness) == ("topr", "rloo", 4)
     cfg = load_config(None, ["preset=async_topr", "buffer.max_staleness=1"])
-    assert cfg.buffer.max_staleness == 1 and cfg.learner.loss == "topr"
+    assert cfg.buffer.max_staleness == 1 and cfg.learner.loss.type == "topr"
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(None, ["preset=fastest"])
 
@@ -106,8 +106,11 @@ def test_every_registered_variant_is_selectable():
     from learner.losses import POLICY_LOSSES
     from learner.config import LearnerConfig
 
-    assert set(LearnerConfig.model_fields["loss"].annotation.__args__) == set(POLICY_LOSSES)
-    assert set(LearnerConfig.model_fields["advantage"].annotation.__args__) == set(ADVANTAGE_ESTIMATORS)
+    def tags(field: str) -> set[str]:  # the type tags of the union's classes
+        return {c.model_fields["type"].default for c in LearnerConfig.model_fields[field].annotation.__args__}
+
+    assert tags("loss") == set(POLICY_LOSSES)
+    assert tags("advantage") == set(ADVANTAGE_ESTIMATORS)
 
 
 def test_knapsack_allocation_bounds_are_checked():
@@ -124,11 +127,12 @@ def test_knapsack_allocation_bounds_are_checked():
 
 def test_gspo_gets_its_sequence_level_clip_range_and_refuses_a_token_level_one():
     cfg = load_config(None, ["learner.loss=gspo"])
-    assert (cfg.learner.clip_low, cfg.learner.clip_high) == (3e-4, 4e-4)
-    assert (load_config(None, []).learner.clip_low, load_config(None, []).learner.clip_high) == (0.2, 0.28)
-    assert load_config(None, ["learner.loss=gspo", "learner.clip_high=1e-3"]).learner.clip_high == 1e-3
+    assert (cfg.learner.loss.clip_low, cfg.learner.loss.clip_high) == (3e-4, 4e-4)
+    default = load_config(None, []).learner.loss
+    assert (default.clip_low, default.clip_high) == (0.2, 0.28)
+    assert load_config(None, ["learner.loss=gspo", "learner.loss.clip_high=1e-3"]).learner.loss.clip_high == 1e-3
     with pytest.raises(ConfigError, match=r"learner.loss = 'gspo'.*0.2 / 0.28"):
-        load_config(None, ["learner.loss=gspo", "learner.clip_low=0.2", "learner.clip_high=0.28"])
+        load_config(None, ["learner.loss=gspo", "learner.loss.clip_low=0.2", "learner.loss.clip_high=0.28"])
 
 
 def test_top_p_below_one_is_refused_with_the_reason():

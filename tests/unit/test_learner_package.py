@@ -18,7 +18,8 @@ def test_every_exported_name_resolves():
 
 
 def test_import_learner_loads_no_heavy_module():
-    code = ("import sys, learner, learner.group, learner.worker, learner.batching; "
+    code = ("import sys, learner, learner.group, learner.worker, learner.batching, learner.config, learner.losses, "
+            "learner.advantages, learner.metrics; "
             "print(sorted(m for m in ('torch', 'deepspeed', 'ray', 'vllm', 'transformers') if m in sys.modules))")
     root = str(Path(learner.__file__).resolve().parents[1])  # this checkout, not an installed copy
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}

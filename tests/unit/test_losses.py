@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import pytest
@@ -5,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.losses import POLICY_LOSSES, PolicyLossInput, k3_kl_penalty, ppo_tis_loss
+from learner.losses import (POLICY_LOSSES, IcepopLossConfig, PolicyLossInput, PpoLossConfig, PpoSeqTisLossConfig,
+                            PpoTisLossConfig, SeqMaskLossConfig, k3_kl_penalty, policy_loss, ppo_tis_loss)
 
 
 def _inp(logprobs, prox, beh, adv, mask=None, normalizer=None):
@@ -17,7 +19,7 @@ def _inp(logprobs, prox, beh, adv, mask=None, normalizer=None):
 def test_token_tis_weights_and_loss_hand_computed():
     # pi_prox / pi_behav = 1, e^0.5, 4 (truncated to the cap 2); ratio pi_theta/pi_prox = 1
     inp = _inp([[-1.0, -2.0, -0.5]], [[-1.0, -2.0, -0.5]], [[-1.0, -2.5, -0.5 - math.log(4.0)]], [2.0])
-    loss, m = ppo_tis_loss(inp, tis_cap=2.0)
+    loss, m = ppo_tis_loss(inp, PpoTisLossConfig(tis_cap=2.0))
     w = [1.0, math.exp(0.5), 2.0]
     assert loss.item() == pytest.approx(-2.0 * sum(w) / 3, rel=1e-5)
     assert m["off_policy/is_weight_mean"] == pytest.approx(sum(w) / 3, rel=1e-5)
@@ -32,17 +34,17 @@ def test_token_tis_weights_and_loss_hand_computed():
 def test_sequence_tis_uses_one_weight_per_sequence():
     # per-token log ratios 0.5 and 0.25 -> sequence weight e^0.75 = 2.117, truncated to 2
     inp = _inp([[0.0, 0.0]], [[0.0, 0.0]], [[-0.5, -0.25]], [1.0])
-    loss, m = POLICY_LOSSES["ppo_seq_tis"](inp, tis_cap=2.0)
+    loss, m = POLICY_LOSSES["ppo_seq_tis"](inp, PpoSeqTisLossConfig(tis_cap=2.0))
     assert loss.item() == pytest.approx(-2.0, rel=1e-5)
     assert m["off_policy/is_truncated_frac"] == 1.0
-    loss2, _ = POLICY_LOSSES["ppo_seq_tis"](inp, tis_cap=5.0)
+    loss2, _ = POLICY_LOSSES["ppo_seq_tis"](inp, PpoSeqTisLossConfig(tis_cap=5.0))
     assert loss2.item() == pytest.approx(-math.exp(0.75), rel=1e-5)
 
 
 def test_ppo_clip_positive_and_negative_advantage():
     r = math.log(1.5)
     inp = _inp([[r], [r]], [[0.0], [0.0]], [[0.0], [0.0]], [1.0, -1.0])
-    loss, m = POLICY_LOSSES["ppo"](inp, clip_low=0.2, clip_high=0.2)
+    loss, m = POLICY_LOSSES["ppo"](inp, PpoLossConfig(clip_low=0.2, clip_high=0.2))
     # A=+1: max(-1.5, -1.2) = -1.2 (clipped, no grad); A=-1: max(1.5, 1.2) = 1.5 (unclipped)
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2, rel=1e-5)
     assert m["learner/pg_clipfrac"] == pytest.approx(0.5)
@@ -54,7 +56,7 @@ def test_ppo_clip_positive_and_negative_advantage():
 def test_icepop_masks_tokens_outside_the_band():
     # ratios pi_prox/pi_behav: 1 (kept), e^1 = 2.72 (masked), e^-1 = 0.37 (masked)
     inp = _inp([[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]], [[0.0, -1.0, 1.0]], [1.0])
-    loss, m = POLICY_LOSSES["icepop"](inp, band_low=0.5, band_high=2.0)
+    loss, m = POLICY_LOSSES["icepop"](inp, IcepopLossConfig(band_low=0.5, band_high=2.0))
     assert loss.item() == pytest.approx(-1.0 / 3, rel=1e-5)
     assert m["off_policy/masked_frac"] == pytest.approx(2 / 3)
 
@@ -62,7 +64,7 @@ def test_icepop_masks_tokens_outside_the_band():
 def test_seq_mask_drops_whole_sequences_by_geometric_mean():
     # seq 1 geo-mean exp((1 + 0.2)/2) = 1.82 (kept); seq 2 exp((1 + 1)/2) = 2.72 (dropped)
     inp = _inp([[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[-1.0, -0.2], [-1.0, -1.0]], [1.0, 1.0])
-    loss, m = POLICY_LOSSES["seq_mask"](inp, band_low=0.5, band_high=2.0)
+    loss, m = policy_loss(inp, SeqMaskLossConfig(band_low=0.5, band_high=2.0))
     assert loss.item() == pytest.approx(-2.0 / 4, rel=1e-5)
     assert m["off_policy/masked_frac"] == pytest.approx(0.5)
 
@@ -101,6 +103,16 @@ def test_masked_tokens_and_empty_responses_do_not_contribute():
         assert all(math.isfinite(v) for v in m.values()), name
 
 
+def test_every_loss_takes_its_own_config_and_nothing_else():
+    for name, entry in POLICY_LOSSES.items():
+        assert entry.config.model_fields["type"].default == name
+        assert list(inspect.signature(entry.fn).parameters) == ["inp", "cfg"], name
+        assert all(info.description for f, info in entry.config.model_fields.items() if f != "type"), name
+    inp = _inp([[0.0]], [[0.0]], [[0.0]], [1.0])
+    with pytest.raises(TypeError, match="gspo_loss takes a GspoLossConfig, got a PpoTisLossConfig"):
+        POLICY_LOSSES["gspo"](inp, PpoTisLossConfig())
+
+
 def test_kl_penalty_and_normalizer():
     lp = torch.zeros(1, 2)
     pen, mean = k3_kl_penalty(lp, torch.full((1, 2), math.log(2.0)), torch.ones(1, 2), loss_normalizer=4.0)
@@ -117,9 +129,9 @@ def test_bad_inputs_raise():
         PolicyLossInput(x, x, x, torch.zeros(2), x)
     inp = PolicyLossInput(x, x, x, torch.zeros(1), x)
     with pytest.raises(ValueError, match="tis_cap"):
-        ppo_tis_loss(inp, tis_cap=0.0)
+        ppo_tis_loss(inp, PpoTisLossConfig(tis_cap=0.0))
     with pytest.raises(ValueError, match="band"):
-        POLICY_LOSSES["icepop"](inp, band_low=1.5, band_high=2.0)
+        POLICY_LOSSES["icepop"](inp, IcepopLossConfig(band_low=1.5, band_high=2.0))
 
 
 _logp = st.lists(st.floats(-50, 0), min_size=3, max_size=3)
@@ -129,7 +141,8 @@ _logp = st.lists(st.floats(-50, 0), min_size=3, max_size=3)
 @given(_logp, _logp, st.floats(-10, 10), st.floats(0.1, 10), st.sampled_from(sorted(POLICY_LOSSES)))
 def test_bounds_hold_for_every_variant(prox, beh, adv, cap, name):
     inp = _inp([prox], [prox], [beh], [adv])
-    loss, m = POLICY_LOSSES[name](inp, tis_cap=cap)
+    entry = POLICY_LOSSES[name]
+    loss, m = entry(inp, entry.config(**({"tis_cap": cap} if "tis_cap" in entry.config.model_fields else {})))
     assert math.isfinite(loss.item())
     if name in ("ppo_tis", "ppo_seq_tis", "gspo"):
         assert 0.0 <= m["off_policy/is_weight_mean"] <= cap + 1e-5

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from buffer import Sample
+from learner.advantages import SpoAdvantageConfig
 from learner.batching import BatchShape, plan_microbatches, prox_schedule
 from learner.step import (TokenWeightedMeans, batch_metrics, later_minibatch_prox, recompute_prox, response_logprobs,
                           step_advantages)
@@ -35,6 +36,8 @@ def test_step_advantages_scale_by_staleness_and_count_effective_samples():
 def test_spo_without_baselines_is_refused():
     with pytest.raises(ValueError, match="value_tracker"):
         step_advantages([[_sample(1.0, [0]), _sample(0.0, [0])]], 0, "spo", 1.0)
+    with pytest.raises(ValueError, match="value_tracker"):  # the config object, as learner.advantage holds it
+        step_advantages([[_sample(1.0, [0]), _sample(0.0, [0])]], 0, SpoAdvantageConfig(), 1.0)
 
 
 def test_token_weighted_means_average_each_key_over_the_passes_that_report_it():

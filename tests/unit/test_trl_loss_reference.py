@@ -56,8 +56,8 @@ def _cfg(loss: str = "ppo", agg: str = "token_mean", advantage: str = "grpo", sk
         "model": {"path": "m"}, "prompts_per_step": len(REWARDS), "num_steps": 1, "seed": 0,
         "buffer": {"max_staleness": 0},
         "rollout": {"group_size": GROUP, "max_tokens": MAX_TOKENS, "temperature": TEMP},
-        "learner": {"micro_batch_size": MICRO, "dtype": "fp32", "loss": loss, "loss_agg": agg,
-                    "advantage": advantage, "tis_cap": TIS_CAP, "torch_threads": 1,
+        "learner": {"micro_batch_size": MICRO, "dtype": "fp32", "loss_agg": agg, "advantage": advantage,
+                    "loss": {"type": loss, **({"tis_cap": TIS_CAP} if loss == "ppo_tis" else {})}, "torch_threads": 1,
                     "skip_zero_advantage": skip}})
 
 
@@ -219,7 +219,7 @@ def test_ppo_clip_with_prox_not_current_matches_trl(tiny_model, tmp_path, agg):
     prox = (logprobs.detach() - (torch.rand(logprobs.shape, generator=g) - 0.5)) * mask
     normalizer = loss_normalizer(agg, float(mask.sum()), len(samples), MAX_TOKENS)
     inp = PolicyLossInput(logprobs, prox, prox, torch.tensor(adv), mask, normalizer)
-    loss, metrics = POLICY_LOSSES["ppo"](inp, clip_low=cfg.learner.clip_low, clip_high=cfg.learner.clip_high)
+    loss, metrics = POLICY_LOSSES["ppo"](inp, cfg.learner.loss)
     loss.backward()
     assert 0.05 < metrics["learner/pg_clipfrac"] < 0.95
     theirs, _, trl_grads = _trl(tiny_model, cfg, groups, str(tmp_path), advantages=adv, old_logprobs=prox)

@@ -12,7 +12,8 @@ from tooling.trl_baseline import grpo_config_kwargs
 def _cfg(**kw) -> RunConfig:
     base = {"model": {"path": "m"}, "prompts_per_step": 8, "num_steps": 15, "seed": 3,
             "rollout": {"group_size": 8, "max_tokens": 48, "temperature": 0.9},
-            "learner": {"lr": 2e-5, "micro_batch_size": 8, "clip_low": 0.2, "clip_high": 0.28, "grad_clip": 1.0}}
+            "learner": {"lr": 2e-5, "micro_batch_size": 8, "grad_clip": 1.0,
+                        "loss": {"type": "ppo_tis", "clip_low": 0.2, "clip_high": 0.28}}}
     for k, v in kw.items():
         section, _, field = k.partition("__")
         if field:
