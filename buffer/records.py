@@ -83,11 +83,7 @@ class RolloutResult:
         tokens: response tokens sampled (observation tokens of episodes excluded).
         reward_failures: samples whose reward function failed (never trained on).
         mixed_version_samples: samples whose tokens span several policy versions (in-flight updates).
-        correct: samples whose answer matched exactly.
-        seconds: wall clock of the request's episodes in seconds: generation, environment steps and reward
-            scoring (weight loads excluded).
         load_seconds: seconds spent loading staged weights during the request.
-        version: oldest policy version among the generated tokens.
         env_failures: episodes that failed in their environment (reset/step raised or timed out).
         tool_failures: tool calls that failed (crash, timeout, limit, malformed call) in those episodes.
         turns: assistant turns generated (equals ``samples`` for single-turn work).
@@ -100,10 +96,7 @@ class RolloutResult:
     tokens: int
     reward_failures: int
     mixed_version_samples: int
-    correct: int
-    seconds: float
     load_seconds: float
-    version: int
     env_failures: int = 0
     tool_failures: int = 0
     turns: int = 0

@@ -85,9 +85,6 @@ class ReplayBuffer:
                 kept.append(g[0].group_id)
         return {"kept": len(kept), "kept_ids": kept, "held": len(self._groups)}
 
-    def __len__(self) -> int:
-        return len(self._groups)
-
     def _drop(self, g: list[Sample]) -> None:
         self._dropped_groups += 1
         self._dropped_samples += len(g)
@@ -122,7 +119,8 @@ class ReplayBuffer:
                 "dropped": self._dropped_groups}
 
     def size(self) -> int:
-        """Number of groups held (callable through a Ray actor handle)."""
+        """Number of groups held. A method, not ``__len__``: callable through a Ray actor handle
+        (``buffer.size.remote()``), which has no ``len``."""
         return len(self._groups)
 
     def take_batch(self, num_groups: int, learner_version: int, min_version: int

@@ -33,8 +33,13 @@ class LearnerCheckpoints:
 
     def load_checkpoint(self, ckpt_dir: str) -> bool:
         """Restore what `save_checkpoint` wrote; every rank must call it. From an object store each rank
-        downloads the learner state itself into a node-local temporary dir (all of it: DeepSpeed's ZeRO
-        loader reads every rank's optimizer partition).
+        downloads the learner state itself into a node-local temporary dir. It downloads all of it, though
+        DeepSpeed's ``load_checkpoint`` reads only part: the model-states file (under ZeRO 0-2 the one
+        ``mp_rank_00_model_states.pt`` that data-parallel rank 0 wrote, which every rank loads; under ZeRO-3
+        this rank's own ``zero_pp_rank_<r>_...``) and, under ZeRO 1-3, this rank's own optimizer partition
+        (the other ranks' are read only with ZeRO's ``elastic_checkpoint``, which is off). Fetching the whole
+        prefix keeps DeepSpeed's file naming out of this code, at the cost of downloading the other ranks'
+        partitions.
 
         Raises:
             FileNotFoundError: the checkpoint lacks the DeepSpeed state or this rank's RNG file.

@@ -14,7 +14,9 @@ every object, which can itself be interrupted), so there the step's own prefix i
 until its marker exists: the marker object is the commit, and a marker-less prefix left by a crash is
 ignored and replaced by the next write of that step.
 
-Left out on purpose: what goes into the files (`orchestrator.loop.Trainer.state_dict` decides).
+`save` and `restore` are handed the parts they write and read (learner group, buffer actor, the driver's
+state or its loader, weight sync) and use their public methods only. Left out on purpose: what goes
+into the files (each part's `state_dict` decides; ``trainer.json`` is `orchestrator.loop.Trainer.state_dict`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from base import storage
+from learner.group import LearnerRankDied
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +75,13 @@ def latest_checkpoint(run: str | Path) -> str | None:
     return done[-1] if done else None
 
 
+def _marker(ckpt: str) -> dict[str, Any]:
+    """What `commit` wrote into the ``COMPLETE`` marker of ``ckpt`` (``step``, ``seconds``, ``time``)."""
+    return json.loads(storage.read_bytes(storage.join(ckpt, COMPLETE)))
+
+
 def _committed_at(ckpt: str) -> float:
-    return json.loads(storage.read_bytes(storage.join(ckpt, COMPLETE))).get("time", 0.0)
+    return _marker(ckpt).get("time", 0.0)
 
 
 def find_run_to_resume(output_dir: str | Path, name: str) -> str | None:
@@ -157,44 +167,44 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
 
 # ---- what a Trainer writes and reads ---------------------------------------------------------------
 
-def save(trainer) -> str:
-    """Write a complete checkpoint of ``trainer`` at its current policy version; returns its path.
+def save(run: str, step: int, keep: int, *, learner, buffer, trainer_state: dict,
+         sync_outputs: Callable[[], None]) -> str:
+    """Write a complete checkpoint of policy version ``step`` into ``run`` (a local path or URI), keeping
+    the newest ``keep``; returns its path.
 
-    Holds: learner (DeepSpeed model, optimizer, scheduler, RNG per rank; each rank writes its own part
-    to the run's storage), buffer contents and curation state (``buffer.pkl``) and
-    `Trainer.state_dict` (``trainer.json``: admission counters, rollout totals, prompt sampler, requests
-    in flight, the resolved config). The run's metrics copies are synced to storage before the marker,
-    so a complete checkpoint always has the metrics up to its step beside it.
+    Holds: ``learner``'s state (a `learner.LearnerGroup`: DeepSpeed model, optimizer, scheduler, RNG per
+    rank; each rank writes its own part to the run's storage), ``buffer``'s (the replay buffer actor's
+    `state_dict`: contents and curation state, ``buffer.pkl``) and ``trainer_state`` (`Trainer.state_dict`,
+    ``trainer.json``: admission counters, rollout totals, training clock, prompt sampler, requests in
+    flight, the resolved config). ``sync_outputs`` runs before the marker is written (it copies the run's
+    metrics to storage), so a complete checkpoint always has the metrics up to its step beside it.
 
     Raises:
         TimeoutError: the learner or the buffer did not answer in time.
         RuntimeError: a learner rank died while writing (names the last complete checkpoint).
     """
-    import pickle
-
     import ray
 
-    from learner.group import LearnerRankDied
-
-    tmp = begin(trainer.run_uri, trainer.version)
+    tmp = begin(run, step)
     t0 = time.perf_counter()
     try:
-        trainer.learner.save_checkpoint(storage.join(tmp, "learner"))
+        learner.save_checkpoint(storage.join(tmp, "learner"))
     except LearnerRankDied as e:
-        raise run_stops_for_dead_rank(trainer.run_uri, str(e)) from None
-    check_visible(storage.join(tmp, "learner"), [f"rng_rank{r}.pt" for r in range(len(trainer.learner.ranks))],
-                  "its checkpoint part", trainer.run_uri)
-    buffer_state = ray.get(trainer.buffer.state_dict.remote(), timeout=300)
+        raise run_stops_for_dead_rank(run, str(e)) from None
+    check_visible(storage.join(tmp, "learner"), [f"rng_rank{r}.pt" for r in range(len(learner.ranks))],
+                  "its checkpoint part", run)
+    buffer_state = ray.get(buffer.state_dict.remote(), timeout=300)
     storage.write_bytes(storage.join(tmp, "buffer.pkl"), pickle.dumps(buffer_state))
-    storage.write_bytes(storage.join(tmp, "trainer.json"), json.dumps(trainer.state_dict()).encode())
-    trainer.sync_outputs()
-    return commit(tmp, trainer.version, trainer.cfg.checkpoint.keep,
-                  {"step": trainer.version, "seconds": time.perf_counter() - t0})
+    storage.write_bytes(storage.join(tmp, "trainer.json"), json.dumps(trainer_state).encode())
+    sync_outputs()
+    return commit(tmp, step, keep, {"step": step, "seconds": time.perf_counter() - t0})
 
 
-def restore(trainer, ckpt: str | Path) -> dict[str, float]:
-    """Load ``ckpt`` (a local path or URI) into a freshly built ``trainer`` and bring every rollout
-    worker to its weights. Each learner rank fetches the learner state itself.
+def restore(ckpt: str | Path, config: dict, *, learner, buffer, trainer, weight_sync) -> dict[str, float]:
+    """Load ``ckpt`` (a local path or URI) into the freshly built parts of a run and bring every rollout
+    worker to its weights: ``learner`` (each rank fetches its state itself), ``buffer`` (the replay buffer
+    actor), ``trainer`` (`Trainer.load_state_dict`), then ``weight_sync`` pushes the restored policy.
+    ``config`` is the current run config (``model_dump(mode="json")``), checked against the checkpoint's.
 
     In-flight requests of the checkpoint are queued for re-issue minus the groups that had already
     reached the buffer or been trained, so none is lost or duplicated (`Trainer.load_state_dict`).
@@ -205,25 +215,24 @@ def restore(trainer, ckpt: str | Path) -> dict[str, float]:
         FileNotFoundError: the checkpoint is incomplete.
         TimeoutError: the learner, buffer or weight push did not answer in time.
     """
-    import pickle
-
     import ray
 
     t0 = time.perf_counter()
     ckpt = str(ckpt)
     if not storage.exists(storage.join(ckpt, COMPLETE)):
         raise FileNotFoundError(f"checkpoint {ckpt} is incomplete (no {COMPLETE} marker)")
+    step = int(_marker(ckpt)["step"])
     state = json.loads(storage.read_bytes(storage.join(ckpt, "trainer.json")))
-    bad = incompatible_fields(state["config"], trainer.cfg.model_dump(mode="json"))
+    bad = incompatible_fields(state["config"], config)
     if bad:
         raise ValueError(f"cannot resume from {ckpt}: the config changes fields the checkpoint depends on: "
                          + "; ".join(bad))
-    trainer.learner.load_checkpoint(storage.join(ckpt, "learner"))
+    learner.load_checkpoint(storage.join(ckpt, "learner"))
     buffer_state = pickle.loads(storage.read_bytes(storage.join(ckpt, "buffer.pkl")))
-    ray.get(trainer.buffer.load_state_dict.remote(buffer_state), timeout=300)
+    ray.get(buffer.load_state_dict.remote(buffer_state), timeout=300)
     done = {g[0].group_id for g in buffer_state["groups"]} | set(buffer_state["taken_ids"])
     reissued = trainer.load_state_dict(state, done)
-    trainer.weight_sync.push_everywhere(trainer.version)
-    logger.info("resumed from %s: policy version %d, %d in-flight groups to re-issue", ckpt, trainer.version, reissued)
-    return {"resume/step": float(trainer.version), "resume/reissued_groups": float(reissued),
+    weight_sync.push_everywhere(step)
+    logger.info("resumed from %s: policy version %d, %d in-flight groups to re-issue", ckpt, step, reissued)
+    return {"resume/step": float(step), "resume/reissued_groups": float(reissued),
             "resume/seconds": time.perf_counter() - t0}

