@@ -22,6 +22,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from base.config import StrictConfig
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
+from orchestrator.weights import WeightsConfig
+from orchestrator.weights.object_store import ObjectStoreWeights
 from rollout.config import DataConfig, RolloutConfig
 
 
@@ -58,13 +60,18 @@ class RayConfig(StrictConfig):
 
 PRESETS: dict[str, dict[str, Any]] = {
     # on-policy GRPO; TIS still corrects the bf16/fp32 rollout-learner mismatch
-    "sync_grpo": {"buffer": {"max_staleness": 0}, "learner": {"loss": "ppo_tis", "advantage": "grpo"}},
+    "sync_grpo": {"buffer": {"max_staleness": 0},
+                  "learner": {"loss": {"type": "ppo_tis"}, "advantage": {"type": "grpo"}}},
     # AReaL-style asynchronous decoupled PPO with token-level truncated IS
-    "async_decoupled_tis": {"buffer": {"max_staleness": 2}, "learner": {"loss": "ppo_tis", "advantage": "grpo"}},
+    "async_decoupled_tis": {"buffer": {"max_staleness": 2},
+                            "learner": {"loss": {"type": "ppo_tis"}, "advantage": {"type": "grpo"}}},
     # tapered off-policy REINFORCE with a leave-one-out baseline, tolerant of older data
-    "async_topr": {"buffer": {"max_staleness": 4}, "learner": {"loss": "topr", "advantage": "rloo"}},
+    "async_topr": {"buffer": {"max_staleness": 4},
+                   "learner": {"loss": {"type": "topr"}, "advantage": {"type": "rloo"}}},
 }
-"""Named presets: `RunConfig.preset` fills these fields unless the config sets them explicitly."""
+"""Named presets: `RunConfig.preset` fills these fields unless the config sets them explicitly. Losses and
+estimators are tables (``{"type": ...}``), so a config's own knob of the preset's loss (``learner.loss.tis_cap``)
+merges into it, while a config's own loss (a name or a table with another ``type``) replaces it."""
 
 
 class MetricsConfig(StrictConfig):
@@ -90,14 +97,23 @@ class RunConfig(StrictConfig):
     time_budget_s: float = Field(
         0.0, ge=0.0, description="stop after the first step that ends past this many seconds (0: none)")
     eval_max_tokens: int | None = Field(None, ge=1, description="eval max tokens (None: rollout's)")
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    buffer: BufferConfig = BufferConfig()
-    learner: LearnerConfig = LearnerConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    ray: RayConfig = RayConfig()
-    metrics: MetricsConfig = MetricsConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the policy model: where its weights come from")
+    data: DataConfig = Field(default_factory=DataConfig, description="prompts and reference answers: training and "
+                             "held-out problems")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="vLLM rollout workers: sampling, "
+                                   "resources, timeouts, scaling, episodes")
+    buffer: BufferConfig = Field(default_factory=BufferConfig, description="the data manager: staleness bound, "
+                                 "curation, prompt sampling")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="DeepSpeed learner ranks: optimiser, "
+                                   "advantage, policy loss, batching, memory, LoRA")
+    weights: WeightsConfig = Field(
+        default_factory=ObjectStoreWeights, description="weight push from learner to rollout workers: a transport "
+        "chosen by type (object_store, collective) with its own knobs (orchestrator.weights)")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints and resume")
+    ray: RayConfig = Field(default_factory=RayConfig, description="the Ray cluster to join or start, and how long "
+                           "to wait for its resources")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="metric sinks besides metrics.jsonl "
+                                   "and TensorBoard (Weights & Biases)")
 
     @field_validator("preset")
     @classmethod
@@ -108,7 +124,7 @@ class RunConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _off_policy_needs_correction(self) -> RunConfig:
-        if self.buffer.max_staleness > 0 and self.learner.loss == "ppo" and not self.allow_uncorrected_off_policy:
+        if self.buffer.max_staleness > 0 and self.learner.loss.type == "ppo" and not self.allow_uncorrected_off_policy:
             raise ValueError(
                 f"buffer.max_staleness = {self.buffer.max_staleness} trains on samples from older policies, "
                 "but learner.loss = 'ppo' has no off-policy correction: its ratio is anchored to the "
@@ -121,13 +137,13 @@ class RunConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _spo_needs_value_tracker(self) -> RunConfig:
-        if self.learner.advantage == "spo" and not self.buffer.value_tracker:
+        if self.learner.advantage.type == "spo" and not self.buffer.value_tracker:
             raise ValueError("learner.advantage = 'spo' needs buffer.value_tracker = true (it supplies the baselines)")
         return self
 
     @model_validator(mode="after")
     def _single_sample_groups(self) -> RunConfig:
-        n, adv = self.rollout.group_size, self.learner.advantage
+        n, adv = self.rollout.group_size, self.learner.advantage.type
         if n == 1 and adv != "spo":
             raise ValueError(f"rollout.group_size = 1 has no group baseline for learner.advantage = {adv!r}; "
                              "use 'spo' (per-prompt value tracker) or group_size >= 2")
@@ -137,7 +153,7 @@ class RunConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _knapsack_bounds(self) -> RunConfig:
-        bc, lc, n, adv = self.buffer, self.learner, self.rollout.group_size, self.learner.advantage
+        bc, lc, n, adv = self.buffer, self.learner, self.rollout.group_size, self.learner.advantage.type
         if bc.rollout_allocation != "knapsack":
             return self
         if not bc.allocation_min_n <= n <= bc.allocation_max_n:
@@ -234,6 +250,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         keys, value = _parse_override(item)
         node = data
         for k in keys[:-1]:
+            if isinstance(node.get(k), str):  # a variant given by name (learner.loss = "gspo"): a table of it
+                node[k] = {"type": node[k]}
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")

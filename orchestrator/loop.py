@@ -4,15 +4,15 @@
 composes the pieces that each own one concern: admission control (`buffer.StalenessManager`: no
 sample ever exceeds ``buffer.max_staleness``; ``0`` is the synchronous schedule through the same
 code), weight sync (`orchestrator.weight_sync`), scaling and worker recovery (`orchestrator.scaling`),
-rollout counters and the reward-failure budget (`orchestrator.tally`), checkpoints
-(`orchestrator.checkpoint`, through `Trainer.state_dict`), the run's outputs on a local path or a
-storage URI (`orchestrator.run_outputs`). Prompts come from a `buffer` prompt sampler
-fed with every group's rewards; with dynamic sampling the buffer drops zero-variance groups and
-admission control refills their slots.
+rollout counters and the reward-failure budget (`orchestrator.tally`), the training clock and totals
+(`orchestrator.clock`), checkpoints (`orchestrator.checkpoint`, handed each part's state), the run's
+outputs on a local path or a storage URI (`orchestrator.run_outputs`). Prompts come from a `buffer`
+prompt sampler fed with every group's rewards; with dynamic sampling the buffer drops zero-variance
+groups and admission control refills their slots.
 
 Every remote wait is bounded: each generate request by ``rollout.request_timeout_s`` (counted from
 when the weights it needs exist), each learner step by ``learner.step_timeout_s``, each weight push by
-``rollout.weight_push_timeout_s``.
+``weights.push_timeout_s``.
 
 Left out on purpose: recovery of learner ranks (a dead rank ends the run; resume from a checkpoint).
 """
@@ -26,14 +26,32 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from buffer import GenerateRequest
+from base import storage
+from base.adapter import check_target_modules
+from buffer import PROMPT_SAMPLERS, GenerateRequest, ReplayBuffer, StalenessManager
+from buffer.allocation import RolloutAllocator
+from learner import LearnerGroup, LearnerWorker
+from orchestrator import checkpoint
+from orchestrator.clock import RunClock
+from orchestrator.control import start_control
+from orchestrator.dispatch import Dispatcher
+from orchestrator.learner_step import LearnerStep, SkippedSteps
+from orchestrator.metrics import MetricsLogger, held_out_metrics
+from orchestrator.models import model_source, module_names
+from orchestrator.placement import (SlotPlacement, learner_bundle, on_driver_node, release, reserve, rollout_bundle,
+                                    scheduling, wait_for_resources)
+from orchestrator.progress import StepProgress
 from orchestrator.remote import wait_all
+from orchestrator.run_outputs import RunOutputs
+from orchestrator.scaling import Scaler
+from orchestrator.tally import RolloutTally
+from orchestrator.weight_sync import WeightSync
+from rollout import RolloutGroup, RolloutWorker
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
-    from orchestrator.learner_step import LearnerStep
 
 
 class Trainer:
@@ -51,23 +69,6 @@ class Trainer:
                  eval_problems: list, learner_worker_cls: type | None = None, rollout_worker_cls: type | None = None,
                  resume_from: str | Path | None = None) -> None:
         import ray
-
-        from buffer import PROMPT_SAMPLERS, ReplayBuffer, StalenessManager
-        from base.adapter import check_target_modules
-        from buffer.allocation import RolloutAllocator
-        from learner import LearnerGroup, LearnerWorker
-        from orchestrator.control import start_control
-        from orchestrator.dispatch import Dispatcher
-        from base import storage
-        from orchestrator.models import model_source, module_names
-        from orchestrator.learner_step import SkippedSteps
-        from orchestrator.placement import (SlotPlacement, learner_bundle, on_driver_node, reserve, rollout_bundle,
-                                            scheduling, wait_for_resources)
-        from orchestrator.scaling import Scaler
-        from orchestrator.run_outputs import RunOutputs
-        from orchestrator.tally import RolloutTally
-        from orchestrator.weight_sync import WeightSync
-        from rollout import RolloutGroup, RolloutWorker
 
         self.cfg, self.eval_problems = cfg, eval_problems
         self.eval_start: list[bool] | None = None  # the start policy's held-out results, for eval/gain
@@ -103,18 +104,17 @@ class Trainer:
         self.control = start_control(self.outputs.name, rc.num_workers)
         self.staleness = StalenessManager(bc.max_staleness, P, cfg.num_steps)
         self.tally = RolloutTally(rc.max_reward_failure_frac)
-        self.weight_sync = WeightSync(rc, self.learner, self.rollout, self.outputs.name, lc.num_gpus > 0)
+        self.weight_sync = WeightSync(cfg.weights, self.learner, self.rollout, rc.dtype, self.outputs.name,
+                                      lc.num_gpus > 0 and rc.num_gpus > 0)
         self.scaler = Scaler(rc, self.rollout, self.control, self.weight_sync)
         self.dispatcher = Dispatcher(cfg, self.rollout, self.buffer, self.staleness, self.tally, self.scaler,
                                      self.sampler, self.allocator)
         self.reissue: list[GenerateRequest] = []  # a resumed run's in-flight requests, sent first
-        self.train_seconds, self.trained_samples, self.skipped = 0.0, 0, SkippedSteps(lc.max_skipped_steps)
-        self.learner_wait, self.idle_since, self.t_step = 0.0, time.perf_counter(), time.perf_counter()
-        self.resume_metrics: dict[str, float] = {}
+        self.clock, self.skipped = RunClock(), SkippedSteps(lc.max_skipped_steps)
+        self.resume_metrics: dict[str, float] = {}  # logged with the first step after a resume
         if resume_from is not None:
-            from orchestrator import checkpoint
-
-            self.resume_metrics = checkpoint.restore(self, resume_from)
+            self.resume_metrics = checkpoint.restore(resume_from, cfg.model_dump(mode="json"), learner=self.learner,
+                                                     buffer=self.buffer, trainer=self, weight_sync=self.weight_sync)
         self.resumed = resume_from is not None
 
     @property
@@ -126,8 +126,6 @@ class Trainer:
         """Kill every actor of this run (buffer, learner ranks, rollout workers) and free their placement groups."""
         import ray
 
-        from orchestrator.placement import release
-
         for actor in [self.buffer, self.control, self.model_server, *self.learner.ranks]:
             ray.kill(actor)
         for slot in list(self.rollout.slots):
@@ -137,15 +135,13 @@ class Trainer:
     def evaluate(self, version: int) -> dict[str, float]:
         """Greedy held-out accuracy (strict exact match) with weights of ``version`` or newer, its standard
         error, and its paired gain over the start policy's eval (`metrics.held_out_metrics`)."""
-        from orchestrator.metrics import held_out_metrics
-
         if not self.eval_problems:
             return {}
         rc = self.cfg.rollout
         t0 = time.perf_counter()
         # one request per worker, which may first wait for the weights of `version`
         correct = self.rollout.evaluate(self.eval_problems, version, self.cfg.eval_max_tokens or rc.max_tokens,
-                                        rc.request_timeout_s + rc.weight_push_timeout_s)
+                                        rc.request_timeout_s + rc.weight_wait_timeout_s)
         m = held_out_metrics(correct, self.eval_start)
         if self.eval_start is None:
             self.eval_start = correct
@@ -158,8 +154,6 @@ class Trainer:
             TimeoutError: a generate request, learner step or weight push exceeded its timeout.
             RuntimeError: a learner rank died, or a failure budget was exceeded.
         """
-        from orchestrator.progress import StepProgress
-
         last = self._start_run()
         step: LearnerStep | None = None
         with StepProgress(self.cfg.num_steps, self.version, progress) as bar:
@@ -173,7 +167,7 @@ class Trainer:
                 if step is not None and step.done(self.run_uri):
                     last, out_of_time = self._end_step(step)
                     step = None
-                    bar.update(last, self.trained_samples / max(self.train_seconds, 1e-9))
+                    bar.update(last, self.clock.samples_per_s())
                     if out_of_time:
                         logger.info("time budget of %.0f s reached after %d steps", self.cfg.time_budget_s,
                                     self.version)
@@ -183,8 +177,6 @@ class Trainer:
     # ---- the loop's parts --------------------------------------------------------------------
     def _start_run(self) -> dict:
         """Open the metrics log, evaluate the start policy, re-send a resumed run's requests."""
-        from orchestrator.metrics import MetricsLogger
-
         cfg = self.cfg
         # a resumed run continues its own curves: records past the checkpoint are dropped
         self.metrics_log = MetricsLogger(self.run_dir, keep_steps_upto=self.version if self.resumed else None,
@@ -195,22 +187,18 @@ class Trainer:
         for req in self.reissue:
             self.dispatcher.send(req)
         self.reissue = []
-        self.t_step = self.idle_since = time.perf_counter()
+        self.clock.restart()
         return last
 
     def _finish_run(self, last: dict) -> dict:
         """Wait for the last weight push, save the final model, write ``summary.json``, copy the metrics
         files to the run's storage; returns the summary."""
-        from base import storage
-
-        self.weight_sync.drain(self.cfg.rollout.weight_push_timeout_s)
-        from orchestrator.checkpoint import check_visible
-
+        self.weight_sync.drain(self.cfg.weights.push_timeout_s)
         final_dir = self.learner.save_pretrained(storage.join(self.run_uri, "final_model"))
-        check_visible(final_dir, ["config.json"], "the final model", self.run_uri)
+        checkpoint.check_visible(final_dir, ["config.json"], "the final model", self.run_uri)
         stats = wait_all([w.stats.remote() for w in self.rollout.workers], 60, "rollout stats")
         summary = {**last, **self._audit_groups(), "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
-                   "perf/trained_samples_per_s": self.trained_samples / max(self.train_seconds, 1e-9),
+                   "perf/trained_samples_per_s": self.clock.samples_per_s(),
                    "final_model": final_dir}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics_log.close()
@@ -237,15 +225,13 @@ class Trainer:
         """Start a learner step when a full batch of fresh groups is held; else None."""
         import ray
 
-        from orchestrator.learner_step import LearnerStep
-
         P = self.cfg.prompts_per_step
         st = ray.get(self.buffer.drop_stale.remote(self.staleness.oldest_trainable()), timeout=60)
         self.staleness.buffer_dropped(st["dropped_ids"], st["fresh"])
         if self.staleness.ready < P:
             return None
         self.staleness.took_batch()
-        self.learner_wait += time.perf_counter() - self.idle_since
+        self.clock.learner_busy()
         return LearnerStep.start(self.buffer, self.learner, P, self.version, self.staleness.oldest_trainable(),
                                  self.cfg.learner.step_timeout_s)
 
@@ -256,17 +242,16 @@ class Trainer:
         """
         cfg = self.cfg
         # the budget counts training wall clock; held-out evals and checkpoint writes are excluded
-        out_of_time = bool(cfg.time_budget_s) and self.train_seconds + time.perf_counter() - self.t_step >= cfg.time_budget_s
+        out_of_time = self.clock.out_of_time(cfg.time_budget_s)
         m = self._step_metrics(step)
         if out_of_time or self.version == cfg.num_steps or (cfg.eval_every and self.version % cfg.eval_every == 0):
             m.update(self.evaluate(self.version))
         last = self.metrics_log.log(self.version, m)
         ck = cfg.checkpoint
         if ck.every and (self.version % ck.every == 0 or out_of_time or self.version == cfg.num_steps):
-            from orchestrator import checkpoint
-
-            checkpoint.save(self)
-        self.t_step = self.idle_since = time.perf_counter()
+            checkpoint.save(self.run_uri, self.version, ck.keep, learner=self.learner, buffer=self.buffer,
+                            trainer_state=self.state_dict(), sync_outputs=self.sync_outputs)
+        self.clock.restart()
         return last, out_of_time
 
     def _step_metrics(self, step: LearnerStep) -> dict[str, float]:
@@ -278,50 +263,57 @@ class Trainer:
         stats = ray.get(step.stats_ref, timeout=60)
         m.update(stats.metrics)
         self.metrics_log.audit(self.version + 1, list(stats.group_ids))
-        self.trained_samples += int(m["learner/samples"])
         self.staleness.advance()
         self.dispatcher.start_clocks()
         m.update(self.weight_sync.push(self.version))
         self.skipped.check(self.version, m)
-        now = time.perf_counter()
-        elapsed, self.train_seconds = now - self.t_step, self.train_seconds + now - self.t_step
-        m["perf/learner_wait_seconds"], self.learner_wait = self.learner_wait, 0.0
+        m.update(self.clock.end_step(int(m["learner/samples"])))
         m.update({
-            "perf/step_seconds": elapsed, "perf/train_seconds": self.train_seconds,
             "perf/learner_tokens_per_s": m["learner/tokens"] / max(m["learner/seconds"], 1e-9),
-            "perf/learner_wait_frac": m["perf/learner_wait_seconds"] / max(elapsed, 1e-9),
             "policy/version": float(self.version), "rollout/num_workers": float(len(self.rollout.active)),
-            **self.tally.step_metrics(elapsed, self.trained_samples), **self.staleness.metrics(),
+            **self.tally.step_metrics(m["perf/step_seconds"], self.clock.trained_samples), **self.staleness.metrics(),
             **self.sampler.metrics(), **self.allocator.metrics(), **self.resume_metrics,
         })
         self.scaler.autoscale(m["perf/learner_wait_frac"])
-        self.resumed, self.resume_metrics = self.resumed or bool(self.resume_metrics), {}  # logged once
+        self.resume_metrics = {}  # logged once
         return m
 
     # ---- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The driver's state (JSON-able): admission counters, rollout totals, prompt sampler and
-        allocator, clocks, the requests in flight (re-issued on resume), the start policy's held-out results
-        and the resolved config."""
+        allocator, training totals (`RunClock`), the requests in flight (re-issued on resume), the start
+        policy's held-out results and the resolved config."""
         return {"staleness": self.staleness.state_dict(), "tally": self.tally.state_dict(),
                 "sampler": self.sampler.state_dict(), "allocator": self.allocator.state_dict(),
-                "train_seconds": self.train_seconds, "trained_samples": self.trained_samples,
+                "clock": self.clock.state_dict(),
                 "inflight": [f.req.to_dict() for f in self.dispatcher.requests.values()],
                 "eval_start": self.eval_start,
                 "config": self.cfg.model_dump(mode="json")}
 
     def load_state_dict(self, state: dict, done: set[str]) -> int:
-        """Restore `state_dict` into this freshly built trainer; queue the in-flight requests minus the
-        groups in ``done`` (reached the buffer or trained) for re-issue. Returns the groups queued."""
+        """Restore `state_dict` (or an older layout, `upgrade_state`) into this freshly built trainer; queue
+        the in-flight requests minus the groups in ``done`` (reached the buffer or trained) for re-issue.
+        Returns the groups queued."""
+        state = upgrade_state(state)
         self.staleness.load_state_dict(state["staleness"])
         self.tally.load_state_dict(state["tally"])
         self.sampler.load_state_dict(state["sampler"])
         self.allocator.load_state_dict(state["allocator"])
-        self.train_seconds, self.trained_samples = state["train_seconds"], state["trained_samples"]
+        self.clock.load_state_dict(state["clock"])
         self.eval_start = state["eval_start"]
         todo = [self.dispatcher.remaining(GenerateRequest.from_dict(r), done) for r in state["inflight"]]
         self.reissue = [r for r in todo if r is not None]
         return sum(len(r.keys) for r in self.reissue)
+
+
+def upgrade_state(state: dict) -> dict:
+    """A `Trainer.state_dict` in the current layout, from any layout a checkpoint may hold: before
+    `RunClock`, ``trainer.json`` kept the training totals (``train_seconds``, ``trained_samples``) at its
+    top level instead of under ``clock``."""
+    if "clock" in state:
+        return state
+    old = ("train_seconds", "trained_samples")
+    return {**{k: v for k, v in state.items() if k not in old}, "clock": {k: state[k] for k in old}}
 
 
 def train(cfg: RunConfig, run_dir: str | Path, model_path: str, train_problems: list, eval_problems: list,

@@ -69,13 +69,14 @@ class RolloutConfig(StrictConfig):
     node_labels: dict[str, str] = Field(
         default_factory=dict, description="node labels a rollout worker's node must have (Ray label selector)")
     request_timeout_s: float = Field(600.0, gt=0, description="max seconds for one generate call")
-    weight_push_timeout_s: float = Field(300.0, gt=0, description="max seconds for one weight push")
+    weight_wait_timeout_s: float = Field(
+        300.0, gt=0, description="max seconds a request waits for the policy version it needs (min_version) to "
+        "arrive at its worker")
     max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts per rollout worker before it is replaced")
     reward_timeout_s: float = Field(10.0, gt=0, description="max seconds for one reward function call")
     max_reward_failure_frac: float = Field(
         0.1, ge=0.0, le=1.0, description="stop the run when more than this fraction of scored samples "
         "(after the first step) failed their reward function")
-    weight_bucket_bytes: int = Field(512 << 20, ge=1 << 20, description="max bytes per weight bucket")
     autoscale_max_workers: int = Field(
         0, ge=0, le=1024, description="automatic scaling: add rollout workers (up to this many) while the "
         "learner waits on data, remove them (down to num_workers) while it never waits; 0: off")
@@ -83,11 +84,6 @@ class RolloutConfig(StrictConfig):
         0.2, gt=0.0, lt=1.0, description="autoscale up when the learner waited more than this fraction of "
         "each of the last autoscale_patience steps")
     autoscale_patience: int = Field(2, ge=1, le=1000, description="steps in a row before autoscaling acts")
-    weight_transport: Literal["object_store", "collective"] = Field(
-        "object_store", description="weight push: buckets through Ray's object store, or broadcast from learner "
-        "rank 0 over a collective group (rollout.weight_transport)")
-    collective_backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="collective weight push backend; auto: nccl when learner and rollout have GPUs, else gloo")
     update_interval_tokens: int = Field(
         0, ge=0, le=131072, description="in-flight weight updates: apply newly pushed weights inside a "
         "running request every this many generated tokens (unfinished samples continue from their tokens so "
@@ -99,6 +95,18 @@ class RolloutConfig(StrictConfig):
     seed: int = Field(0, description="sampling seed")
     env: EnvConfig = Field(default_factory=EnvConfig, description="episodes: the environment and its limits "
                            "(single_turn: one answer per problem, scored by the reward function)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_knobs_moved(cls, data: Any) -> Any:
+        """The weight-push knobs moved to the ``[weights]`` section: say where, not just 'extra field'."""
+        moved = {"weight_transport": "weights.type", "collective_backend": "weights.backend (weights.type = "
+                 "'collective')", "weight_bucket_bytes": "weights.bucket_bytes",
+                 "weight_push_timeout_s": "weights.push_timeout_s"}
+        for old, new in moved.items():
+            if isinstance(data, dict) and old in data:
+                raise ValueError(f"rollout.{old} moved to the [weights] section: set {new} instead")
+        return data
 
     @model_validator(mode="after")
     def _episode_fits(self) -> RolloutConfig:

@@ -174,9 +174,25 @@ class RolloutGroup:
         """Mark one request of worker ``slot`` finished."""
         self.inflight[slot] -= 1
 
+    def members(self) -> tuple[tuple[int, int], ...]:
+        """``(slot, incarnation)`` of every live worker, in slot order: what a weight push reaches. A restarted
+        worker keeps its slot and gets a new incarnation."""
+        return tuple((slot, self.incarnation[slot]) for slot in sorted(self.slots))
+
+    def receive_weights_remote(self, slot: int, version: int, buckets_ref=None):
+        """Worker ``slot`` stages policy ``version``: the buckets behind ``buckets_ref`` (an ObjectRef of bucket
+        bytes), or with None one push read from its weight group. Returns an ObjectRef of its receipt
+        (``{"bytes", "applied", "load_seconds"}``)."""
+        return self.slots[slot].receive_weights.remote(version, buckets_ref)
+
+    def join_weight_group_remote(self, slot: int, backend: str, addr: str, port: int, rank: int, world_size: int,
+                                 timeout_s: float, name: str):
+        """Worker ``slot`` joins weight group ``name`` as ``rank`` (`base.weight_group.WeightGroup`); an ObjectRef."""
+        return self.slots[slot].join_weight_group.remote(backend, addr, port, rank, world_size, timeout_s, name)
+
     def push_weights_remote(self, version: int, buckets_ref) -> list:
         """Send one weight version (an ObjectRef of bucket bytes) to every worker; returns ObjectRefs."""
-        return [w.receive_weights.remote(version, buckets_ref) for w in self.workers]
+        return [self.receive_weights_remote(slot, version, buckets_ref) for slot in sorted(self.slots)]
 
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int, timeout_s: float) -> list[bool]:
         """Greedy held-out results (strict exact match), one per problem in ``problems``' order, split across

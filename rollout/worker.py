@@ -84,11 +84,30 @@ class RolloutWorker:
         self._check_environment()
 
     # ---- weights -------------------------------------------------------------------------
-    def receive_weights(self, version: int, buckets: list[bytes]) -> dict[str, float]:
-        """Stage weights of ``version``; apply now if the engine is idle, else before the next request.
+    def receive_weights(self, version: int, buckets: list[bytes] | None = None) -> dict[str, float]:
+        """Stage the weights of policy ``version``; apply them now if the engine is idle, else before the
+        next request (or token chunk). The one entry point of every weight transport.
 
-        Returns ``{"bytes": ..., "applied": 0/1, "load_seconds": ...}``.
+        Args:
+            version: the policy version pushed.
+            buckets: its weight buckets (`base.weight_buckets` format), or None: read one push from this
+                worker's weight group (`join_weight_group`), whose header must name ``version``.
+
+        Returns:
+            ``{"bytes": ..., "applied": 0/1, "load_seconds": ...}``.
+
+        Raises:
+            RuntimeError: no weight group, or it delivered another version than ``version``.
+            TimeoutError / RuntimeError: the group's receive timed out or lost its source (`WeightGroup.receive`).
         """
+        if buckets is None:
+            group = getattr(self, "weight_group", None)
+            if group is None:
+                raise RuntimeError(f"rollout worker {self.index} is in no weight group; join one before a broadcast")
+            got, buckets = group.receive()
+            if got != version:
+                raise RuntimeError(f"rollout worker {self.index} expected a broadcast of policy version {version}, "
+                                   f"got version {got}")
         with self._cond:
             if self._pending is None or version > self._pending[0]:
                 self._pending = (version, buckets)
@@ -105,16 +124,12 @@ class RolloutWorker:
 
     def join_weight_group(self, backend: str, addr: str, port: int, rank: int, world_size: int, timeout_s: float,
                           name: str) -> None:
-        """Join the weight-broadcast group ``name`` as ``rank`` (`base.weight_group.WeightGroup`)."""
+        """Join the weight-broadcast group ``name`` as ``rank`` (`base.weight_group.WeightGroup`); later
+        ``receive_weights(version)`` calls read from it."""
         from base.weight_group import WeightGroup
 
         self.weight_group = None  # the previous generation's group goes first
         self.weight_group = WeightGroup(backend, addr, port, rank, world_size, timeout_s, name)
-
-    def receive_broadcast(self) -> dict[str, float]:
-        """Receive one weight broadcast from learner rank 0 and stage it like `receive_weights`."""
-        version, buckets = self.weight_group.receive()
-        return self.receive_weights(version, buckets)
 
     def _apply_pending(self) -> bool:
         """Load staged weights (caller holds the engine lock). Returns whether it loaded any."""
@@ -187,8 +202,8 @@ class RolloutWorker:
                 environment (reward-function failures are counted apart, as ``reward_failures``); names it.
         """
         env_cfg = self.env_cfg
-        episodes, seconds, load_seconds = self._play(list(req.problems), list(req.sizes), req.min_version, req.seed,
-                                                     self.cfg.temperature, self.cfg.max_tokens)
+        episodes, load_seconds = self._play(list(req.problems), list(req.sizes), req.min_version, req.seed,
+                                            self.cfg.temperature, self.cfg.max_tokens)
         flat = [e for g in episodes for e in g]
         failed = [e for e in flat if e.status == "failed" and not e.reward_error]
         if len(failed) > env_cfg.max_failure_frac * len(flat):
@@ -204,21 +219,20 @@ class RolloutWorker:
             group_rewards=tuple((g[0].prompt_id, tuple(scored_rewards(g))) for g in groups),
             samples=len(flat), tokens=sum(sum(e.loss_mask) for e in flat),
             reward_failures=sum(bool(e.reward_error) for e in flat),
-            mixed_version_samples=sum(len(set(v)) > 1 for v in versions), correct=sum(e.correct for e in flat),
-            seconds=seconds, load_seconds=load_seconds,
-            version=min((v for vs in versions for v in vs), default=self.version),
+            mixed_version_samples=sum(len(set(v)) > 1 for v in versions), load_seconds=load_seconds,
             env_failures=len(failed), tool_failures=sum(e.tool_failures for e in flat),
             turns=sum(len(e.texts) for e in flat))
 
     def _play(self, problems: list[Problem], sizes: list[int], min_version: int, seed: int | None,
               temperature: float, max_tokens: int):
-        """Play ``sizes[i]`` episodes of ``problems[i]`` from one reset seed; returns ``(episodes, seconds,
-        load_seconds)``. Staged weights load between turns (and every ``update_interval_tokens`` inside one)."""
+        """Play ``sizes[i]`` episodes of ``problems[i]`` from one reset seed; returns ``(episodes,
+        seconds spent loading staged weights)``. Staged weights load between turns (and every
+        ``update_interval_tokens`` inside one)."""
         from rollout.envs import make_environment
         from rollout.episode import Episode, run_episodes
 
         c = self.cfg
-        self._wait_for_version(min_version, c.weight_push_timeout_s)
+        self._wait_for_version(min_version, c.weight_wait_timeout_s)
         calls = [0]
 
         def sample(prompts, n, budget):
@@ -238,13 +252,13 @@ class RolloutWorker:
             return outs, [[[self.version] * len(x.token_ids) for x in g] for g in outs]
 
         with self._engine_lock:
-            loaded_before, t0 = self._load_seconds, time.perf_counter()
+            loaded_before = self._load_seconds
             episodes = [[Episode(make_environment(self.env_cfg, p, self._score)) for _ in range(k)]
                         for p, k in zip(problems, sizes)]
             seeds = [zlib.crc32(p.prompt_id.encode()) for p in problems]  # one reset seed per group
             run_episodes(episodes, seeds, sample, self._encoder, self.env_cfg, max_tokens, c.max_model_len)
             load_seconds = self._load_seconds - loaded_before
-        return episodes, time.perf_counter() - t0 - load_seconds, load_seconds
+        return episodes, load_seconds
 
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
         """One greedy (temperature 0) episode per problem, at most ``max_tokens`` tokens per turn; returns
@@ -260,7 +274,7 @@ class RolloutWorker:
 
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int, min_version: int = 0) -> list[float]:
         """Engine logprobs of ``token_ids[prompt_len:]`` (temperature 1), after applying staged weights."""
-        self._wait_for_version(min_version, self.cfg.weight_push_timeout_s)
+        self._wait_for_version(min_version, self.cfg.weight_wait_timeout_s)
         with self._engine_lock:
             self._apply_pending()
             return self.engine.sequence_logprobs(token_ids, prompt_len)

@@ -178,9 +178,9 @@ def pushes(s: Session, extra: tuple[str, ...] = ()) -> list[dict[str, float]]:
         s.pushed_version += 1
         version = s.pushed_version
         t0 = time.perf_counter()
-        buckets_ref, export_ref = learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
-        export = ray.get(export_ref, timeout=rc.weight_push_timeout_s)
-        got = ray.get(rollout.push_weights_remote(version, buckets_ref), timeout=rc.weight_push_timeout_s)
+        buckets_ref, export_ref = learner.export_weights_remote(rc.dtype, s.cfg.weights.bucket_bytes)
+        export = ray.get(export_ref, timeout=s.cfg.weights.push_timeout_s)
+        got = ray.get(rollout.push_weights_remote(version, buckets_ref), timeout=s.cfg.weights.push_timeout_s)
         push_s = time.perf_counter() - t0
         # a busy engine stages the weights and reloads before its next request, which reports the time
         deferred = [ray.get(s.request(w, 1), timeout=rc.request_timeout_s).load_seconds

@@ -212,8 +212,8 @@ def test_collective_weight_group_is_rebuilt_for_a_restarted_worker(tiny_sums_mod
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     DiesOnceAfterTheFirstPush.marker = str(tmp_path / "died")
-    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=4", "rollout.weight_transport=collective",
-               "rollout.weight_push_timeout_s=40")
+    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=4", "weights.type=collective",
+               "weights.push_timeout_s=40", "rollout.weight_wait_timeout_s=40")
     t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
                 learner_worker_cls=PacedLearner, rollout_worker_cls=DiesOnceAfterTheFirstPush)
     try:
@@ -234,15 +234,15 @@ class BreaksMidBroadcast(RolloutWorker):
 
     marker, mode = "", "dies"
 
-    def receive_broadcast(self):
+    def receive_weights(self, version, buckets=None):
         import os
 
         import torch
         from torch._C._distributed_c10d import BroadcastOptions
 
         self.calls = getattr(self, "calls", 0) + 1
-        if self.index != 1 or self.calls < 2 or os.path.exists(self.marker):
-            return super().receive_broadcast()
+        if buckets is not None or self.index != 1 or self.calls < 2 or os.path.exists(self.marker):
+            return super().receive_weights(version, buckets)
         self.weight_group.pg.broadcast([torch.zeros(2, dtype=torch.int64)], BroadcastOptions()).wait()
         with open(self.marker, "w") as f:
             f.write(str(time.time()))
@@ -256,7 +256,7 @@ class BreaksMidBroadcast(RolloutWorker):
 def test_broken_broadcast_falls_back_and_learner_rank_0_keeps_training(tiny_sums_model, ray_local, tmp_path,
                                                                       caplog, mode):
     """A rollout worker dies or hangs in the middle of a gloo weight broadcast: the driver hears of it within
-    ``weight_push_timeout_s``, the push falls back to the object store, learner rank 0 (the sender) lives on
+    ``weights.push_timeout_s``, the push falls back to the object store, learner rank 0 (the sender) lives on
     and trains, the next push builds a new group and broadcasts again, and every worker ends on the
     learner's final policy."""
     import logging
@@ -265,9 +265,9 @@ def test_broken_broadcast_falls_back_and_learner_rank_0_keeps_training(tiny_sums
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     BreaksMidBroadcast.marker, BreaksMidBroadcast.mode = str(tmp_path / "broke"), mode
     timeout_s = 20
-    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=5", "rollout.weight_transport=collective",
+    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=5", "weights.type=collective",
                "rollout.num_workers=2", "rollout.num_cpus=1", "learner.num_cpus=1",
-               f"rollout.weight_push_timeout_s={timeout_s}")
+               f"weights.push_timeout_s={timeout_s}", f"rollout.weight_wait_timeout_s={timeout_s}")
     t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
                 rollout_worker_cls=BreaksMidBroadcast)
     caplog.set_level(logging.WARNING, logger="orchestrator.weight_sync")
@@ -316,7 +316,7 @@ def test_one_hung_request_times_out_while_others_finish(tiny_sums_model, ray_loc
 
 
 class FailsToLoadVersion2(RolloutWorker):
-    def receive_weights(self, version, buckets):
+    def receive_weights(self, version, buckets=None):
         if version == 2:
             raise ValueError("corrupt bucket")
         return super().receive_weights(version, buckets)
@@ -324,7 +324,11 @@ class FailsToLoadVersion2(RolloutWorker):
 
 @pytest.mark.timeout(600)
 def test_a_failed_weight_push_stops_the_run_naming_worker_and_version(tiny_sums_model, ray_local, tmp_path):
-    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=4", "rollout.weight_push_timeout_s=60")
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker class is defined here
+    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=4", "weights.push_timeout_s=60",
+               "rollout.weight_wait_timeout_s=60")
     t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
                 rollout_worker_cls=FailsToLoadVersion2)
     _run_expecting(t, RuntimeError, r"rollout worker 0 failed to load the weights of policy version 2")

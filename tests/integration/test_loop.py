@@ -24,7 +24,7 @@ def _cfg(model: str, tmp_path, zero_stage: int, steps: int, max_staleness: int, 
         "data.train_size=64", "data.eval_size=8", 'data.task_config={max_terms = 2, max_digits = 1}',
         "rollout.group_size=4", "rollout.max_tokens=12", "rollout.dtype=float32",
         "rollout.kv_cache_memory_bytes=67108864", "rollout.max_model_len=256", "rollout.prompts_per_request=2",
-        "rollout.request_timeout_s=300", "rollout.weight_push_timeout_s=120",
+        "rollout.request_timeout_s=300", "weights.push_timeout_s=120", "rollout.weight_wait_timeout_s=120",
         "learner.num_learners=2", f"learner.zero_stage={zero_stage}", "learner.dtype=fp32",
         "learner.micro_batch_size=4", "learner.num_cpus=0.5", "learner.step_timeout_s=300",
         # A random tiny model earns no reward (zero advantages, zero policy gradient): weight decay
@@ -59,7 +59,7 @@ def test_collective_weight_push_regroups_when_workers_leave(tiny_model, ray_loca
     import ray
     from tiny_run import PacedLearner  # steps of >= 3 s, so the run polls the scale request mid-run
 
-    cfg = _cfg(tiny_model, tmp_path, 2, 5, 1, "rollout.weight_transport=collective", "rollout.num_workers=2",
+    cfg = _cfg(tiny_model, tmp_path, 2, 5, 1, "weights.type=collective", "rollout.num_workers=2",
                "rollout.num_cpus=1")
     run_dir = tmp_path / "coll"
     trainer = Trainer(cfg, run_dir, tiny_model, load_problems(cfg.data, "train"), [], learner_worker_cls=PacedLearner)

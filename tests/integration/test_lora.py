@@ -41,7 +41,7 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
         tiny_sums_model, tmp_path, f"rollout.lora_serving={serving}", "learner.num_learners=2", "learner.zero_stage=3", "learner.micro_batch_size=4",
         "learner.num_cpus=0.5", "learner.lr=0.02", "learner.kl_coef=0.01", "checkpoint.every=3",
         # adapters over the collective transport, applied inside requests every 4 tokens
-        "rollout.weight_transport=collective", "rollout.update_interval_tokens=4",
+        "weights.type=collective", "rollout.update_interval_tokens=4",
         f"learner.lora={{rank = 8, alpha = 16.0, target_modules = {list(TARGETS)!r}}}".replace("'", '"'))
         for serving in ("adapter", "merge"))
     run_dir = tmp_path / "lora"

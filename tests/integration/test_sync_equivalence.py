@@ -40,7 +40,7 @@ def _sync_reference(trainer: Trainer) -> list[dict]:
         _wait(refs, 300, "reference generate")
         batch_ref, take_ref = trainer.buffer.take_batch.options(num_returns=2).remote(P, v, v)
         metrics = trainer.learner.merge_metrics(_wait(trainer.learner.train_step_remote(batch_ref, v), 300, "train"))
-        buckets_ref, _ = trainer.learner.export_weights_remote(rc.dtype, rc.weight_bucket_bytes)
+        buckets_ref, _ = trainer.learner.export_weights_remote(rc.dtype, cfg.weights.bucket_bytes)
         _wait(trainer.rollout.push_weights_remote(v + 1, buckets_ref), 300, "push")
         out.append(metrics)
     return out

@@ -31,7 +31,7 @@ def _pair(timeout_s: float) -> tuple[WeightGroup, WeightGroup]:
 
 
 def test_a_send_to_a_peer_that_stops_reading_raises_within_the_timeout_and_breaks_the_group():
-    sender, receiver = _pair(timeout_s=2.0)
+    sender, receiver = _pair(timeout_s=10.0)  # margins wide enough for a loaded 2-core machine
     got = {}
     th = threading.Thread(target=lambda: got.setdefault("push", receiver.receive()))
     th.start()
@@ -41,12 +41,12 @@ def test_a_send_to_a_peer_that_stops_reading_raises_within_the_timeout_and_break
     t0 = time.monotonic()  # the receiver never takes the next push
     with pytest.raises(RuntimeError, match="timed out"):
         sender.send(2, [b"a" * 1000], timeout_s=1.0)  # a tighter bound than the group's timeout
-    assert time.monotonic() - t0 < 1.9
+    assert time.monotonic() - t0 < 5.0  # the send's 1 s, not the group's 10 s
     assert sender.broken is not None
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"weight group test/\d+ is broken .*build a new one"):
         sender.send(3, [b"c"])
-    assert time.monotonic() - t0 < 0.5  # refused at once, no second wait
+    assert time.monotonic() - t0 < 5.0  # refused at once, no second 10 s wait
 
 
 def test_scoped_env_sets_then_restores_set_and_unset_variables(monkeypatch):
