@@ -11,40 +11,21 @@ Left out on purpose: user losses by import path (a loss is a registry entry in `
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import Field, model_validator
 
 from base.adapter import LoraSpec
-from base.config import StrictConfig
+from base.config import StrictConfig, tagged_union
 from learner.advantages import ADVANTAGE_ESTIMATORS, GrpoAdvantageConfig
 from learner.losses import POLICY_LOSSES, PpoTisLossConfig
 
 
-def _variant(field: str, registry: dict, default: type[StrictConfig]) -> BeforeValidator:
-    """``field = "name"`` means that variant with its defaults; a table without ``type`` is the ``default``
-    variant (so ``learner.loss.clip_high=0.3`` alone tweaks the default loss). Raises ValueError (validation)
-    for a name ``registry`` does not hold."""
-    default_type = default.model_fields["type"].default
-
-    def tagged(value: Any) -> Any:
-        if isinstance(value, str):
-            if value not in registry:
-                raise ValueError(f"learner.{field} = {value!r} is not registered; use one of {sorted(registry)}")
-            return {"type": value}
-        if isinstance(value, dict) and "type" not in value:
-            return {"type": default_type, **value}
-        return value
-
-    return BeforeValidator(tagged)
-
-
-LossConfig = Annotated[Union[tuple(e.config for e in POLICY_LOSSES.values())],  # noqa: UP007 (built from a tuple)
-                       Field(discriminator="type"), _variant("loss", POLICY_LOSSES, PpoTisLossConfig)]
+LossConfig = tagged_union("learner.loss", [e.config for e in POLICY_LOSSES.values()], PpoTisLossConfig)
 """``learner.loss``: one policy loss's config, chosen by its ``type`` (`learner.losses.POLICY_LOSSES`)."""
 
-AdvantageConfig = Annotated[Union[tuple(e.config for e in ADVANTAGE_ESTIMATORS.values())],  # noqa: UP007
-                            Field(discriminator="type"), _variant("advantage", ADVANTAGE_ESTIMATORS, GrpoAdvantageConfig)]
+AdvantageConfig = tagged_union("learner.advantage", [e.config for e in ADVANTAGE_ESTIMATORS.values()],
+                               GrpoAdvantageConfig)
 """``learner.advantage``: one advantage estimator's config, chosen by its ``type``
 (`learner.advantages.ADVANTAGE_ESTIMATORS`)."""
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Annotated, Any, Union
+from typing import Any
 
-from pydantic import BeforeValidator, Field
-
+from base.config import tagged_union
 from orchestrator.weights.base import Members, WeightsConfigBase, WeightTransport
+from orchestrator.weights.object_store import ObjectStoreWeights
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "base":
@@ -39,25 +39,8 @@ TRANSPORTS: dict[str, type[WeightTransport]] = _registered()
 """Weight transports by ``weights.type``."""
 
 
-DEFAULT_TRANSPORT = "object_store"
-"""The transport of a config that names none."""
-
-
-def _tagged(value: Any) -> Any:
-    """``weights = "collective"`` means that transport with its defaults; a ``[weights]`` table without
-    ``type`` means the default transport."""
-    if isinstance(value, str):
-        if value not in TRANSPORTS:
-            raise ValueError(f"weights = {value!r} is not a weight transport; use one of {sorted(TRANSPORTS)}")
-        return {"type": value}
-    if isinstance(value, dict) and "type" not in value:
-        return {"type": DEFAULT_TRANSPORT, **value}
-    return value
-
-
-WeightsConfig = Annotated[Union[tuple(t.config for t in TRANSPORTS.values())],  # noqa: UP007 (built from a tuple)
-                          Field(discriminator="type"), BeforeValidator(_tagged)]
-"""The ``[weights]`` section: one transport's config, chosen by its ``type``."""
+WeightsConfig = tagged_union("weights", [t.config for t in TRANSPORTS.values()], ObjectStoreWeights)
+"""The ``[weights]`` section: one transport's config, chosen by its ``type`` (default ``object_store``)."""
 
 
 def make_transport(cfg: WeightsConfigBase, *args: Any, **kwargs: Any) -> WeightTransport:
@@ -65,4 +48,4 @@ def make_transport(cfg: WeightsConfigBase, *args: Any, **kwargs: Any) -> WeightT
     return TRANSPORTS[cfg.type](cfg, *args, **kwargs)
 
 
-__all__ = ["DEFAULT_TRANSPORT", "TRANSPORTS", "Members", "WeightTransport", "WeightsConfig", "WeightsConfigBase", "make_transport"]
+__all__ = ["TRANSPORTS", "Members", "WeightTransport", "WeightsConfig", "WeightsConfigBase", "make_transport"]
