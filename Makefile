@@ -5,7 +5,7 @@ export VENV
 # A locally started Ray instance needs no token authentication; a cluster sets its own mode.
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-gpu train test test-unit clean
+.PHONY: install install-gpu train test test-fast test-unit clean
 
 install:
 	bash scripts/install.sh cpu
@@ -20,6 +20,10 @@ train: install
 ## Whole test suite (unit + integration on CPU; GPU tests skip without a GPU).
 test: install
 	$(VENV)/bin/python -m pytest tests -q -rs --durations=30
+
+## The edit loop: every test not marked slow (unit tests and the quick integration tests), a few minutes.
+test-fast: install
+	$(VENV)/bin/python -m pytest tests -q -rs -m "not slow" --durations=10
 
 test-unit: install
 	$(VENV)/bin/python -m pytest tests/unit -q
