@@ -11,7 +11,9 @@ share one encoding of it: one packed row per prompt, the prompt followed by all 
 a block attention mask and positions that restart after the prompt for each response, so every token
 sees what it would see in its own padded row (Prefix Grouper, Liu et al. 2025, arXiv 2506.05433:
 same outputs and gradients as the padded batch). The LM head runs only at the positions that predict
-response tokens, in chunks, inside the head module's own call.
+response tokens, in chunks, inside the head module's own call. What the model's forward does to the
+head's logits (scaling, soft-capping) the scoring head does itself, and sliding-window layers get their
+window in the block mask (`learner.model_support`, which also refuses at start what neither can reproduce).
 
 The layouts themselves are in `learner.layout`.
 
@@ -31,6 +33,8 @@ import torch
 
 from learner.layout import ForwardLayout, padded_layout, shared_prefix_layout
 from learner.metrics import Metrics, Reduce
+from learner.model_support import block_masks, logit_transform
+from learner.model_support import check as check_model
 
 if TYPE_CHECKING:
     from learner.advantages import AdvantageConfigBase
@@ -86,7 +90,8 @@ response could not see its prompt without seeing its siblings too: refused."""
 
 
 def token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
-                   temperature: float, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   temperature: float, chunk_tokens: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logprobs of ``targets`` and the policy's entropy at ``temperature``, the LM head applied in chunks.
 
     Args:
@@ -97,6 +102,8 @@ def token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
             recomputed in backward (activation checkpointing), so at most one chunk's ``[chunk, V]``
             logits are alive at a time; the ops are those of the unchunked computation, so the
             gradients are the same.
+        transform: what the model's forward does to the head's logits (`learner.model_support.logit_transform`:
+            scaling, soft-capping), applied before the temperature; None: nothing.
 
     Returns:
         ``(logprobs [N] float32, entropy [N] float32)``; the entropy (nats, of the tempered softmax) is detached.
@@ -104,7 +111,10 @@ def token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
     from torch.utils.checkpoint import checkpoint
 
     def score(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lp = torch.log_softmax(head(h).float() / temperature, dim=-1)
+        logits = head(h).float()
+        if transform is not None:
+            logits = transform(logits)
+        lp = torch.log_softmax(logits / temperature, dim=-1)
         with torch.no_grad():
             entropy = -(lp.exp() * lp).sum(-1)
         return lp.gather(1, t[:, None]).squeeze(1), entropy
@@ -119,27 +129,34 @@ def token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
 
 @contextmanager
 def _scoring_head(head: torch.nn.Module, layout: ForwardLayout, temperature: float, chunk_tokens: int,
+                  transform: Callable[[torch.Tensor], torch.Tensor] | None, scored: list[torch.Tensor],
                   entropy: list[torch.Tensor]):
     """Within the block, ``head``'s forward takes the model's ``[rows, L, H]`` hidden states and returns
-    the ``[N]`` logprobs of ``layout``'s scored tokens (their entropy appended to ``entropy``).
+    the ``[N]`` logprobs of ``layout``'s scored tokens (of the ``transform``-ed logits), which are also
+    appended to ``scored`` (their entropy to ``entropy``).
 
     The scoring runs inside the LM head module's own call, so whatever the model wrapper hooks into that
     call (DeepSpeed ZeRO-3 gathers the head's weights for forward and again for backward) covers it, and
-    the model forward stays one call per micro-batch whatever the number of chunks.
+    the model forward stays one call per micro-batch whatever the number of chunks. ``scored`` holds the
+    head's output as the module call returns it (after the wrapper's own forward hooks, which ZeRO-3 uses to
+    gather the head's weights in backward), not the model's output: a model that transforms its logits after
+    the head (`learner.model_support`) would transform the logprobs again.
     """
     inner, own = head.forward, head.__dict__.get("forward")  # an instance forward (accelerate hooks) is kept
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         dev = hidden.device
         lp, ent = token_logprobs(inner, hidden[layout.src_row.to(dev), layout.src_pos.to(dev)],
-                                 layout.targets.to(dev), temperature, chunk_tokens)
+                                 layout.targets.to(dev), temperature, chunk_tokens, transform)
         entropy.append(ent)
         return lp
 
     head.forward = forward
+    hook = head.register_forward_hook(lambda module, args, out: scored.append(out))
     try:
         yield
     finally:
+        hook.remove()
         if own is None:
             del head.forward
         else:
@@ -170,28 +187,37 @@ def response_logprobs(model, samples: list, device, temperature: float, shared_p
 
     Raises:
         ValueError: ``shared_prefix`` with an attention implementation not in `SHARED_PREFIX_ATTENTION`, a
-            model that transforms its logits after the LM head (final logit soft-capping), or an empty prompt.
+            model feature the scoring cannot reproduce (`learner.model_support.check`), or an empty prompt.
     """
     core = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     config = core.config
-    if getattr(config, "final_logit_softcapping", None):
-        raise ValueError(f"{type(core).__name__} soft-caps its logits after the LM head "
-                         "(final_logit_softcapping); learner.step scores tokens inside the head and cannot")
+    check_model(config, shared_prefix, config._attn_implementation)
     layout = shared_prefix_layout(samples, pack_tokens) if shared_prefix else padded_layout(samples)
-    attn = layout.attention_mask
+    attn = layout.attention_mask.to(device)
     if shared_prefix:
         impl = config._attn_implementation
         if impl not in SHARED_PREFIX_ATTENTION:
             raise ValueError(f"learner.shared_prefix needs an attention implementation that takes a 4D mask "
                              f"{SHARED_PREFIX_ATTENTION}, the model uses {impl!r}")
-        attn = attn[:, None]  # [rows, 1, L, L], one mask for every head
-        if impl == "eager":  # eager adds the mask to the scores
-            dtype = core.get_input_embeddings().weight.dtype
-            attn = torch.zeros(attn.shape, dtype=dtype).masked_fill(~attn, torch.finfo(dtype).min)
+        dtype = core.get_input_embeddings().weight.dtype
+
+        def four_d(m: torch.Tensor) -> torch.Tensor:
+            m = m[:, None]  # [rows, 1, L, L], one mask for every head
+            if impl == "eager":  # eager adds the mask to the scores
+                return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+            return m
+
+        masks = block_masks(config, attn, layout.position_ids.to(device))  # sliding layers get their window
+        attn = {k: four_d(m) for k, m in masks.items()} if isinstance(masks, dict) else four_d(masks)
     entropy: list[torch.Tensor] = []
-    with _scoring_head(core.get_output_embeddings(), layout, temperature, chunk_tokens, entropy):
-        lp = model(input_ids=layout.input_ids.to(device), attention_mask=attn.to(device),
-                   position_ids=layout.position_ids.to(device), use_cache=False).logits  # [N]
+    scored: list[torch.Tensor] = []
+    # MoE: no router logits, so no load-balancing loss (not part of the RL loss; it would also misread a 4D mask)
+    moe = {"output_router_logits": False} if hasattr(config, "output_router_logits") else {}
+    with _scoring_head(core.get_output_embeddings(), layout, temperature, chunk_tokens, logit_transform(config),
+                       scored, entropy):
+        model(input_ids=layout.input_ids.to(device), attention_mask=attn, position_ids=layout.position_ids.to(device),
+              use_cache=False, **moe)
+    lp = scored[0]  # [N]; the model's own output may be the head's output transformed again
     B, R = len(samples), max(max(len(s.response_ids) for s in samples), 1)
     rows, cols = layout.out_row.to(device), layout.out_col.to(device)
     out = torch.zeros(B, R, device=device)

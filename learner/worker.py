@@ -37,6 +37,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from learner import model_support
 from learner.checkpointing import LearnerCheckpoints
 from learner.metrics import Metrics, Reduce
 
@@ -95,8 +96,11 @@ class LearnerWorker(LearnerCheckpoints):
         """Join the process group and build the DeepSpeed engine; returns the trainable parameter count."""
         import deepspeed
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        # refuse, before anything starts, a model feature the learner's scoring would get wrong (one line naming it)
+        model_support.check(AutoConfig.from_pretrained(self.model_path), self.cfg.shared_prefix,
+                            self.cfg.attn_implementation)
         use_cuda = torch.cuda.is_available() and self.cfg.num_gpus > 0
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
