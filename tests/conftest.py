@@ -124,6 +124,10 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_gpu = False
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    integration = Path(__file__).parent / "integration"
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
+        # each starts Ray actors, vLLM engines or DeepSpeed ranks: 20 s to 2 min apiece on 2 cores
+        if integration in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)
