@@ -88,7 +88,7 @@ def _clock(cfg, wdir: Path, records: dict[int, dict]):
     import torch
     from transformers import TrainerCallback
 
-    from buffer import serialize_buckets
+    from base.weight_buckets import serialize_buckets
 
     class Clock(TrainerCallback):
         """Training clock without the policy writes; saves policies, stops at the time budget."""
