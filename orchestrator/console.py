@@ -33,7 +33,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-RELAYRL_LOGGERS = ("relayrl", "orchestrator", "rollout", "learner", "buffer")
+RELAYRL_LOGGERS = ("relayrl", "orchestrator", "rollout", "learner", "buffer", "base", "tooling")
 WORKER_SETUP_HOOK = "orchestrator.console.setup_worker_logging"
 RAY_PRINT_HANDLER = "ray_print_logs"  # the name Ray's connect() gives its printer in the dispatcher
 

@@ -260,5 +260,5 @@ def test_a_lost_node_is_replaced_and_its_rollout_worker_restarts_there(cluster, 
     # reach the driver: it dies with its node, whose log monitor streams the worker's file.)
     log = (logs_dir_of(run) / "RolloutWorker.log").read_text()
     copied = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
-              for m in re.finditer(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) INFO buffer\.model_source: copied model", log)]
+              for m in re.finditer(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) INFO base\.model_source: copied model", log)]
     assert any(t > killed_at for t in copied), log[-3000:]

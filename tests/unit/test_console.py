@@ -154,3 +154,15 @@ def test_error_raised_in_an_actor_is_one_line_naming_its_log(tmp_path, root_logg
     where = f"(raised in RolloutWorker.generate, pid=42); full log: {logs}/RolloutWorker.log"
     assert line == f"ValueError: bad reward {where}"
     assert "w.py" in (logs / "driver.log").read_text()  # the whole remote traceback is kept
+
+
+def test_every_package_of_the_project_logs_as_relayrl():
+    """A package added to pyproject's list (base/, tooling/, ...) has its warnings shown as relayrl's own."""
+    import tomllib
+    from pathlib import Path
+
+    from orchestrator.console import RELAYRL_LOGGERS
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= set(RELAYRL_LOGGERS), sorted(packages - set(RELAYRL_LOGGERS))
