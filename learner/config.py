@@ -87,6 +87,11 @@ class LearnerConfig(StrictConfig):
     shared_prefix: bool = Field(
         True, description="samples of a micro-batch with the same prompt share one encoding of it (one packed row "
         "per prompt with a block attention mask; same logprobs and gradients as one padded row per sample)")
+    shared_prefix_by_cost: bool = Field(
+        True, description="with shared_prefix, a micro-batch whose shared-prefix row is estimated dearer than one "
+        "padded row per sample (long responses after a short prompt: the block mask's attention grows with the "
+        "square of the row) runs as padded rows instead (learner.layout.shared_prefix_pays); false: always "
+        "shared prefix")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
         "sdpa", description="transformers attention implementation of the learner's model; shared_prefix needs "
         "sdpa or eager (flash-attention takes no custom mask)")

@@ -75,6 +75,71 @@ def padded_layout(samples: list) -> ForwardLayout:
     return _layout(ids, attn, pos, src_row, src_pos, targets, src_row, out_col)
 
 
+def _prompt_blocks(samples: list) -> dict[tuple[int, ...], list[int]]:
+    """Sample indices per distinct prompt, in order of each prompt's first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s.prompt_ids), []).append(i)
+    return groups
+
+
+def _pack_blocks(sizes: list[int], row_tokens: int) -> list[list[int]]:
+    """Block indices per row: blocks of ``sizes`` tokens fill a row in order until the next does not fit in
+    ``max(row_tokens, largest block)`` tokens, then a new row starts."""
+    cap = max(row_tokens, *sizes)
+    rows: list[list[int]] = []
+    used = 0
+    for b, n in enumerate(sizes):
+        if rows and used + n <= cap:
+            rows[-1].append(b)
+            used += n
+        else:
+            rows.append([b])
+            used = n
+    return rows
+
+
+def layout_shape(samples: list, shared_prefix: bool, row_tokens: int = 0) -> tuple[int, int]:
+    """``(rows, L)``: the ``input_ids`` shape `shared_prefix_layout` (``shared_prefix``) or `padded_layout` would
+    build for ``samples``, computed without building it (no ``[rows, L, L]`` mask)."""
+    if not shared_prefix:
+        return len(samples), max(s.num_tokens for s in samples)
+    sizes = [len(p) + sum(len(samples[i].response_ids) for i in idx) for p, idx in _prompt_blocks(samples).items()]
+    rows = _pack_blocks(sizes, row_tokens)
+    return len(rows), max(sum(sizes[b] for b in row) for row in rows)
+
+
+def attention_pair_weight(config) -> float:
+    """Forward FLOPs of one (query, key) attention pair relative to one token's dense projections and MLP,
+    from a transformers model config: ``4 * heads * head_dim / (2 * (d * (q + 2 kv + o widths) + 3 * d * d_ff))``
+    (``q k^T`` and ``p v`` against the q/k/v/o projections and a gated MLP; MoE counts the experts a token
+    runs, ``num_experts_per_tok`` x the expert width). Unitless; about 1e-4 for a 0.5B model."""
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    ff = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", None) or 4 * d
+    ff *= getattr(config, "num_experts_per_tok", None) or 1
+    linear = 2 * (d * head_dim * (2 * heads + 2 * kv) + 3 * d * ff)
+    return 4 * heads * head_dim / linear
+
+
+def forward_cost(rows: int, length: int, pair_weight: float) -> float:
+    """Estimated forward cost of a ``[rows, length]`` layout, in token-equivalents: ``rows * length`` tokens
+    through the dense layers plus ``rows * length**2`` attention pairs at ``pair_weight`` each (a dense 4D or
+    padding mask: every pair of a row is computed, masked or not)."""
+    return rows * length * (1.0 + pair_weight * length)
+
+
+def shared_prefix_pays(samples: list, pair_weight: float, row_tokens: int = 0) -> bool:
+    """Whether `shared_prefix_layout` is estimated no dearer than `padded_layout` for ``samples`` (`forward_cost`
+    of both shapes). Short responses after a long prompt: the prompt encoded once saves more than the block's
+    longer rows cost; long responses after a short prompt: one row of all of them costs ``k`` times the
+    attention of ``k`` padded rows, and padded rows win."""
+    shared = forward_cost(*layout_shape(samples, True, row_tokens), pair_weight)
+    return shared <= forward_cost(*layout_shape(samples, False), pair_weight)
+
+
 def shared_prefix_layout(samples: list, row_tokens: int = 0) -> ForwardLayout:
     """Each distinct prompt once, followed by every response to it (Prefix Grouper, Liu et al. 2025,
     arXiv 2506.05433), such blocks packed into rows of at most ``max(row_tokens, longest block)`` tokens.
@@ -93,20 +158,9 @@ def shared_prefix_layout(samples: list, row_tokens: int = 0) -> ForwardLayout:
         ValueError: a sample with a response has an empty prompt.
     """
     _check_prompts(samples)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(tuple(s.prompt_ids), []).append(i)
+    groups = _prompt_blocks(samples)
     sizes = [len(p) + sum(len(samples[i].response_ids) for i in idx) for p, idx in groups.items()]
-    cap = max(row_tokens, *sizes)
-    rows: list[list[int]] = []  # block indices per row
-    used = 0
-    for b, n in enumerate(sizes):
-        if rows and used + n <= cap:
-            rows[-1].append(b)
-            used += n
-        else:
-            rows.append([b])
-            used = n
+    rows = _pack_blocks(sizes, row_tokens)
     L = max(sum(sizes[b] for b in row) for row in rows)
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     pos = torch.zeros_like(ids)

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from learner.layout import ForwardLayout, padded_layout, shared_prefix_layout
+from learner.layout import (ForwardLayout, attention_pair_weight, padded_layout, shared_prefix_layout,
+                            shared_prefix_pays)
 from learner.metrics import Metrics, Reduce
 from learner.model_support import block_masks, logit_transform
 from learner.model_support import check as check_model
@@ -164,14 +165,17 @@ def _scoring_head(head: torch.nn.Module, layout: ForwardLayout, temperature: flo
 
 
 def response_logprobs(model, samples: list, device, temperature: float, shared_prefix: bool = True,
-                      chunk_tokens: int = 1024, with_entropy: bool = False, pack_tokens: int = 0):
+                      chunk_tokens: int = 1024, with_entropy: bool = False, pack_tokens: int = 0,
+                      by_cost: bool = False):
     """Per-token logprobs of each sample's response tokens at ``temperature`` and the loss mask.
 
     One model forward per call, whatever the samples (ZeRO-3 gathers parameters in every forward, so
     every rank must run as many). ``shared_prefix``: samples with identical ``prompt_ids`` share one
     encoding of the prompt, and prompt blocks share rows of up to ``pack_tokens`` tokens
     (`shared_prefix_layout`; needs an attention implementation in
-    `SHARED_PREFIX_ATTENTION`), else one right-padded row per sample (`padded_layout`). Either way the
+    `SHARED_PREFIX_ATTENTION`), else one right-padded row per sample (`padded_layout`); with ``by_cost`` as
+    well, the padded layout whenever `learner.layout.shared_prefix_pays` estimates it cheaper for these
+    samples (both give the same logprobs and gradients). Either way the
     LM head runs only at the positions that predict response tokens, in chunks of ``chunk_tokens``
     (`token_logprobs`), never on the prompt.
 
@@ -192,6 +196,8 @@ def response_logprobs(model, samples: list, device, temperature: float, shared_p
     core = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     config = core.config
     check_model(config, shared_prefix, config._attn_implementation)
+    if shared_prefix and by_cost:
+        shared_prefix = shared_prefix_pays(samples, attention_pair_weight(config), pack_tokens)
     layout = shared_prefix_layout(samples, pack_tokens) if shared_prefix else padded_layout(samples)
     attn = layout.attention_mask.to(device)
     if shared_prefix:

@@ -151,7 +151,8 @@ class LearnerWorker(LearnerCheckpoints):
         from learner.step import response_logprobs
 
         return response_logprobs(model, samples, self.engine.device, self.temperature, self.cfg.shared_prefix,
-                                 self.cfg.logit_chunk_tokens, with_entropy, self.cfg.max_tokens_per_microbatch)
+                                 self.cfg.logit_chunk_tokens, with_entropy, self.cfg.max_tokens_per_microbatch,
+                                 by_cost=self.cfg.shared_prefix_by_cost)
 
     def train_step(self, batch: list, version: int) -> Metrics:
         """``learner.ppo_minibatches`` optimizer steps on ``batch`` (sample groups; every rank gets all).
