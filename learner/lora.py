@@ -31,13 +31,13 @@ def with_lora(model, spec: LoraSpec):
 
 def save_merged(out_dir: str, model_path: str, spec: LoraSpec, adapter: dict) -> None:
     """Write ``adapter`` (PEFT names -> tensors) as the PEFT adapter dir ``out_dir/adapter`` and merged into a
-    fresh fp32 copy of the base model at ``model_path`` as the HF model dir ``out_dir``."""
-    import torch
+    fresh copy of the base model at ``model_path``, in the dtype of its checkpoint (the merged model is saved in
+    it: no fp32 copy of a bf16 base on rank 0's host), as the HF model dir ``out_dir``."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from base.adapter import write_adapter_dir
 
     adapter_dir = write_adapter_dir(os.path.join(out_dir, "adapter"), spec, ((n, t.float()) for n, t in adapter.items()))
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
     PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)

@@ -120,8 +120,10 @@ class LearnerWorker(LearnerCheckpoints):
             from transformers.integrations import HfDeepSpeedConfig
 
             zero3_init = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference while it is alive
-        # LoRA: frozen base weights in the compute dtype (no fp32 copy); the adapters get fp32 masters
-        base_dtype = torch.bfloat16 if c.lora is not None and c.dtype == "bf16" else torch.float32
+        # Loaded in the compute dtype: with bf16 DeepSpeed casts the module to bf16 before it builds the optimizer,
+        # so an fp32 load only doubled each rank's peak host memory; ZeRO makes the fp32 masters of its partition
+        # (LoRA: of the adapters only; the frozen base stays in the compute dtype)
+        base_dtype = torch.bfloat16 if c.dtype == "bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=base_dtype,
                                                      attn_implementation=c.attn_implementation)
         model.config.use_cache = False
@@ -320,13 +322,17 @@ class LearnerWorker(LearnerCheckpoints):
 
     # ---- weights ---------------------------------------------------------------------------
     def _gathered_named_params(self, adapters_only: bool = False):
-        """Yield ``(name, full tensor on CPU)``; under ZeRO-3 every rank must call this.
+        """Yield ``(name, full tensor on CPU)`` on rank 0; under ZeRO-3 every rank must call this, and ranks > 0
+        take part in each gather but get ``(name, None)`` (no full copy on their host); under ZeRO-1/2 ranks > 0
+        get nothing.
 
         Names are HF names, or with LoRA PEFT's (``base_model.model.<hf name>``). ``adapters_only``: the
         LoRA adapter tensors only, named as in PEFT's adapter files (the adapter name dropped).
         """
         import deepspeed
 
+        if self.rank != 0 and self.cfg.zero_stage != 3:
+            return
         module = self.engine.module
         for name, p in module.named_parameters():
             if adapters_only:
@@ -335,7 +341,7 @@ class LearnerWorker(LearnerCheckpoints):
                 name = name.replace(".default.", ".")  # PEFT's adapter-file naming (get_peft_model_state_dict)
             if self.cfg.zero_stage == 3:
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    yield name, p.detach().to("cpu", copy=True)
+                    yield name, (p.detach().to("cpu", copy=True) if self.rank == 0 else None)
             else:
                 yield name, p.detach().to("cpu")
 
@@ -388,11 +394,12 @@ class LearnerWorker(LearnerCheckpoints):
 
         t0 = time.perf_counter()
         dt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
-        named = ((n, t.to(dt)) for n, t in self._gathered_named_params(adapters_only=self.cfg.lora is not None))
+        named = self._gathered_named_params(adapters_only=self.cfg.lora is not None)
         if self.rank != 0:
             for _ in named:  # take part in ZeRO-3 gathers
                 pass
             return None, {}
+        named = ((n, t.to(dt)) for n, t in named)
         buckets = serialize_buckets(named, bucket_bytes)
         return buckets, {"weights/export_seconds": time.perf_counter() - t0,
                          "weights/bytes": float(sum(len(b) for b in buckets)),
