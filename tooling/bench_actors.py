@@ -1,10 +1,12 @@
-"""Actors `relayrl bench` runs besides the real ones: raw vLLM, SLOWED FAKE rollout workers, a tiny model copy.
+"""Actors `relayrl bench` runs besides the real ones: raw vLLM, SLOWED FAKE rollout workers, idle stand-in
+rollout workers, a tiny model copy.
 
 `RawVLLM` is the baseline of the ``wrapper`` benchmark: the very `vllm.LLM` a `VLLMEngine` builds,
 called directly. `FakeRolloutWorker` (``scaling``) is the real `RolloutWorker` (reward scoring,
 `Sample` s, buffer writes, weight staging and version waits) around an engine that sleeps a fixed
 time per group and answers with synthetic text: generation costs no CPU, so the number of workers,
-not the cores, sets the rate.
+not the cores, sets the rate. `IdleRolloutWorker` fills the rollout side of a learner-only rig
+(``learner_paths``): it starts nothing and is never asked to generate.
 
 Left out on purpose: any resemblance to vLLM's throughput; benchmarks that report these figures must
 label them as fake.
@@ -68,6 +70,10 @@ class _FakeEngine:
         ids = [[self.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in g] for g in texts]
         return [[Completion(i, [-1.0] * len(i), t, "stop") for i, t in zip(gi, gt)] for gi, gt in zip(ids, texts)]
 
+    def warm_up(self) -> float:
+        """Nothing to warm up (`RolloutWorker` times its engine's first sampling call)."""
+        return 0.0
+
     def load_weights(self, buckets: list[bytes]) -> int:
         return sum(len(b) for b in buckets)
 
@@ -83,6 +89,18 @@ class FakeRolloutWorker(RolloutWorker):
             super().__init__(cfg, data_cfg, model_path, worker_index, buffer)
         finally:
             engine.VLLMEngine = real
+
+
+class IdleRolloutWorker:
+    """A stand-in rollout worker for a rig whose rollout side is never used (a learner-only benchmark): no
+    engine, no model load; it only answers the start-up probe of `RolloutGroup`. Cheap to start (no vLLM
+    import), so a learner-only rig costs a learner start, not a learner plus an engine start."""
+
+    def __init__(self, cfg, data_cfg, model, worker_index: int, buffer, lora=None) -> None:
+        self.version = 0
+
+    def get_version(self) -> int:
+        return self.version
 
 
 def tiny_copy(model_path: str, dest: Path) -> str:

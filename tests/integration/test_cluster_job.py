@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ports import free_port
-from ray_nodes import agent_ports, stop_node
+from ray_nodes import NO_DRAIN, agent_ports, stop_node
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_ray_job_submit_runs_a_tiny_job_on_a_started_cluster(tiny_model, tmp_path):
     bin_dir = Path(sys.executable).parent
     # Ray's token authentication must be configured the same way for `ray start`, the CLI and the driver
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, **NO_DRAIN, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
     # Ray's unix socket paths live under the temp dir and must stay short (pytest's tmp_path is too long)
