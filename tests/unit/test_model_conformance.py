@@ -30,38 +30,9 @@ from learner.batching import BatchShape, plan_microbatches
 from learner.layout import shared_prefix_layout
 from learner.model_support import check
 from learner.step import response_logprobs
+from tooling.model_matrix import ARCHS, BASE
 
 TEMP = 0.7
-BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, initializer_range=0.1,
-            tie_word_embeddings=False, pad_token_id=0)
-MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, output_router_logits=True,
-           router_aux_loss_coef=0.5)
-ARCHS = {  # name -> (model_type, config overrides)
-    "llama": ("llama", {}),
-    "qwen2": ("qwen2", {}),
-    "qwen2_sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),  # layer 1 slides
-    "qwen3": ("qwen3", {}),
-    "qwen3_moe": ("qwen3_moe", dict(MOE, decoder_sparse_step=1, mlp_only_layers=[])),
-    "olmoe": ("olmoe", dict(MOE)),
-    "mistral_sliding": ("mistral", dict(sliding_window=4)),
-    "gemma2": ("gemma2", dict(sliding_window=4, final_logit_softcapping=0.5, attn_logit_softcapping=5.0,
-                              query_pre_attn_scalar=16)),
-    "gemma3": ("gemma3_text", dict(sliding_window=4, sliding_window_pattern=2, final_logit_softcapping=0.5,
-                                   query_pre_attn_scalar=16)),
-    "phi3": ("phi3", dict(sliding_window=5)),
-    "granite": ("granite", dict(logits_scaling=8.0, embedding_multiplier=2.0, residual_multiplier=0.5,
-                                attention_multiplier=0.25)),
-    "hyperclovax": ("hyperclovax", dict(logits_scaling=0.25)),  # multiplies by logits_scaling, Granite divides
-    "cohere": ("cohere", dict(logit_scale=0.25)),
-    "cohere2": ("cohere2", dict(logit_scale=0.25, sliding_window=4, sliding_window_pattern=2)),
-    "olmo2": ("olmo2", {}),
-    "smollm3": ("smollm3", dict(use_sliding_window=True, sliding_window=4, no_rope_layer_interval=2)),
-    "gpt_oss": ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
-                                output_router_logits=True)),
-    "falcon_h1": ("falcon_h1", dict(lm_head_multiplier=0.5, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
-                                    mamba_d_state=16, mamba_chunk_size=8)),
-}
 ROUTERS = {"qwen3_moe": "model.layers.0.mlp.gate.weight", "olmoe": "model.layers.0.mlp.gate.weight",
            "gpt_oss": "model.layers.0.mlp.router.weight"}
 """MoE architectures -> a router weight, whose gradient the matrix checks too."""
