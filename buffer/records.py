@@ -87,6 +87,8 @@ class RolloutResult:
         env_failures: episodes that failed in their environment (reset/step raised or timed out).
         tool_failures: tool calls that failed (crash, timeout, limit, malformed call) in those episodes.
         turns: assistant turns generated (equals ``samples`` for single-turn work).
+        reward_terms: per reward function of the run (``rollout.rewards``), ``(name, sum of its unweighted
+            values, samples it applied to (returned a value, not None), samples it failed)``.
     """
 
     worker: int
@@ -100,6 +102,7 @@ class RolloutResult:
     env_failures: int = 0
     tool_failures: int = 0
     turns: int = 0
+    reward_terms: tuple[tuple[str, float, int, int], ...] = ()
 
 
 @dataclass(frozen=True)

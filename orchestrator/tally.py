@@ -26,6 +26,7 @@ class RolloutTally:
         self.tokens, self.load_seconds = 0, 0.0  # response tokens generated, seconds loading weights
         self.env_failures = self.tool_failures = self.turns = 0  # episodes (multi-turn rollout.env)
         self.worker_samples: dict[int, int] = {}  # samples per rollout worker since the last step
+        self.reward_terms: dict[str, list] = {}  # reward name -> [sum, samples applied, samples failed] since then
         # since the start of the run
         self.samples_total = self.reward_failures = self.retried_groups = self.worker_restarts = 0
 
@@ -43,6 +44,9 @@ class RolloutTally:
         self.turns += result.turns
         self.load_seconds += result.load_seconds
         self.worker_samples[result.worker] = self.worker_samples.get(result.worker, 0) + result.samples
+        for name, total, applied, failed in result.reward_terms:
+            t = self.reward_terms.setdefault(name, [0.0, 0, 0])
+            t[0], t[1], t[2] = t[0] + total, t[1] + applied, t[2] + failed
 
     def check_reward_failures(self, version: int) -> None:
         """Stop the run when too many samples failed their reward function.
@@ -58,7 +62,11 @@ class RolloutTally:
                 f"rollout.max_reward_failure_frac = {limit:g}); the rollout worker logs name each failure")
 
     def step_metrics(self, elapsed_s: float, trained_samples_total: int) -> dict[str, float]:
-        """Metrics of the step that took ``elapsed_s`` seconds; resets the per-step counters."""
+        """Metrics of the step that took ``elapsed_s`` seconds; resets the per-step counters.
+
+        Per reward function ``<name>`` of ``rollout.rewards``: ``rollout/reward/<name>``, the mean of its
+        unweighted values over the step's generated samples it applied to, across workers (sum / count; NaN
+        when it applied to none), and ``rollout/reward_failures/<name>``, the samples it failed (sum)."""
         m = {
             "perf/rollout_tokens_per_s": self.tokens / max(elapsed_s, 1e-9),
             "weights/load_seconds": self.load_seconds,
@@ -74,10 +82,14 @@ class RolloutTally:
             "curation/rollouts_per_trained_sample": self.samples_total / max(trained_samples_total, 1),
             **{f"rollout/worker_{w}_samples_per_s": n / max(elapsed_s, 1e-9)
                for w, n in sorted(self.worker_samples.items())},
+            **{f"rollout/reward/{name}": total / applied if applied else float("nan")
+               for name, (total, applied, _) in sorted(self.reward_terms.items())},
+            **{f"rollout/reward_failures/{name}": float(failed)
+               for name, (_, _, failed) in sorted(self.reward_terms.items())},
         }
         self.groups = self.zero_variance = self.samples = self.mixed_version = self.tokens = 0
         self.env_failures = self.tool_failures = self.turns = 0
-        self.load_seconds, self.worker_samples = 0.0, {}
+        self.load_seconds, self.worker_samples, self.reward_terms = 0.0, {}, {}
         return m
 
     def state_dict(self) -> dict:

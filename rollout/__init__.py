@@ -1,19 +1,20 @@
 """Generation: vLLM engines in Ray actors that turn prompts into scored sample groups.
 
 `RolloutGroup` holds N `RolloutWorker` actors (elastic: add, drain, recover) with least-loaded
-routing; each worker wraps a `VLLMEngine`, scores responses with a reward function
-(`rollout.rewards`), writes `buffer.Sample` groups straight into the replay buffer and returns a
-`buffer.RolloutResult`. Prompts come from `rollout.tasks` (reasoning-gym tasks or jsonl/parquet
-files); `rollout.config` holds `DataConfig` and `RolloutConfig`. Depends on buffer/ only.
+routing; each worker wraps a `VLLMEngine`, scores responses with the run's reward functions
+(`rollout.rewards`: built-in, or the user's own by import path with TRL's signature), writes `buffer.Sample`
+groups straight into the replay buffer and returns a `buffer.RolloutResult`. Prompts come from
+`rollout.tasks` (reasoning-gym tasks or jsonl/parquet files); `rollout.config` holds `DataConfig`,
+`RolloutConfig` and `RewardConfig`. Depends on buffer/ (and base/) only.
 
 Importing this package is light: vLLM, torch and Ray load inside the functions that need them.
 """
 
-from rollout.config import DataConfig, RolloutConfig
+from rollout.config import DataConfig, RewardConfig, RolloutConfig
 from rollout.group import RolloutGroup
-from rollout.rewards import score_response, score_safely
+from rollout.rewards import REWARDS, RewardSet, register_reward, score_response, score_safely
 from rollout.tasks import encode_prompt, load_problems
 from rollout.worker import RolloutWorker
 
-__all__ = ["DataConfig", "RolloutConfig", "RolloutGroup", "RolloutWorker", "encode_prompt", "load_problems",
-           "score_response", "score_safely"]
+__all__ = ["REWARDS", "DataConfig", "RewardConfig", "RewardSet", "RolloutConfig", "RolloutGroup", "RolloutWorker",
+           "encode_prompt", "load_problems", "register_reward", "score_response", "score_safely"]

@@ -1,10 +1,12 @@
-"""Config of the rollout side: the prompt data (`DataConfig`) and the rollout workers (`RolloutConfig`).
+"""Config of the rollout side: the prompt data (`DataConfig`), the rollout workers (`RolloutConfig`) and
+the reward functions they score with (`RewardConfig`, ``[[rollout.rewards]]``).
 
 Composed by `orchestrator.config.RunConfig`; each worker receives these two sections only.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -44,6 +46,39 @@ class DataConfig(StrictConfig):
         return self
 
 
+class RewardConfig(StrictConfig):
+    """One reward function of the run (``[[rollout.rewards]]``); resolved and its signature checked when the
+    config loads (`rollout.rewards.resolve_reward`)."""
+
+    fn: str = Field(description="the reward function: a built-in name (exact_match: 1.0 for the strict 'Answer:' "
+                    "match) or an import path 'pkg.module:function' with TRL's reward_funcs signature "
+                    "fn(prompts, completions, **columns) -> list[float | None] (None: not applicable); async too")
+    name: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.-]*$",
+                      description="its metrics' name, rollout/reward/<name> (default: the function's name)")
+    weight: float = Field(1.0, ge=-1e6, le=1e6, allow_inf_nan=False,
+                          description="its weight in a sample's reward, sum(weight * value) over the functions "
+                          "that returned a value")
+    format: Literal["standard", "conversational"] = Field(
+        "standard", description="how it gets prompts and completions, as TRL names its dataset formats: standard "
+        "(strings: the question, the answer's text) or conversational (message lists: [{role: user, content: "
+        "question}], [{role: assistant, content: text}]; what trl.rewards functions read)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_fn(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name") and isinstance(data.get("fn"), str):
+            data = {**data, "name": re.split(r"[:.]", data["fn"])[-1]}
+        return data
+
+    @field_validator("fn")
+    @classmethod
+    def _resolves(cls, fn: str) -> str:
+        from rollout.rewards import check_reward_signature, resolve_reward
+
+        check_reward_signature(resolve_reward(fn), fn, None)
+        return fn
+
+
 class RolloutConfig(StrictConfig):
     num_workers: int = Field(1, ge=1, le=1024, description="vLLM rollout worker actors")
     group_size: int = Field(8, ge=1, le=1024, description="samples per prompt (n; 1 only with advantage 'spo')")
@@ -73,7 +108,12 @@ class RolloutConfig(StrictConfig):
         300.0, gt=0, description="max seconds a request waits for the policy version it needs (min_version) to "
         "arrive at its worker")
     max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts per rollout worker before it is replaced")
-    reward_timeout_s: float = Field(10.0, gt=0, description="max seconds for one reward function call")
+    rewards: list[RewardConfig] = Field(
+        default_factory=lambda: [RewardConfig(fn="exact_match")], min_length=1, max_length=64,
+        description="the reward functions ([[rollout.rewards]]: fn, name, weight); a sample's reward is "
+        "sum(weight * value) over those that returned a value, and a sample fails (never trained on) when one fails")
+    reward_timeout_s: float = Field(10.0, gt=0, description="max seconds for one reward function call (from "
+                                    "when a reward thread takes it up)")
     max_reward_failure_frac: float = Field(
         0.1, ge=0.0, le=1.0, description="stop the run when more than this fraction of scored samples "
         "(after the first step) failed their reward function")
@@ -107,6 +147,15 @@ class RolloutConfig(StrictConfig):
             if isinstance(data, dict) and old in data:
                 raise ValueError(f"rollout.{old} moved to the [weights] section: set {new} instead")
         return data
+
+    @model_validator(mode="after")
+    def _reward_names_differ(self) -> RolloutConfig:
+        names = [r.name for r in self.rewards]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"rollout.rewards: name(s) {twice} given to more than one reward; set a distinct "
+                             "name = '...' on each (it names the rollout/reward/<name> metric)")
+        return self
 
     @model_validator(mode="after")
     def _episode_fits(self) -> RolloutConfig:

@@ -111,6 +111,8 @@ class Episode:
     finish_reason: str = ""  # of the last sampled turn: "stop", "length", ...
     correct: bool = False
     tool_failures: int = 0
+    reward_terms: dict[str, float | None] = field(default_factory=dict)  # per reward function, summed over turns
+    reward_failed: set[str] = field(default_factory=set)  # reward functions that failed on this episode
 
     @property
     def reward(self) -> float:
@@ -207,6 +209,10 @@ def _apply_step(e: Episode, res, encoder: TurnEncoder, cfg: EnvConfig, last_turn
     e.turn_rewards.append(float(res.reward))
     e.correct = bool(res.info.get("correct", e.correct))
     e.tool_failures += int(res.info.get("tool_failures", 0))
+    for name, value in res.info.get("reward_terms", {}).items():  # None (not applicable) adds nothing
+        old = e.reward_terms.get(name)
+        e.reward_terms[name] = value if old is None else old + (value or 0.0)
+    e.reward_failed.update(res.info.get("reward_failed", ()))
     if res.info.get("reward_error"):
         e.reward_error = str(res.info["reward_error"])
         _end([e], "failed", f"reward function failed: {e.reward_error}")

@@ -9,15 +9,23 @@ Placement is decided by the caller and handed down: ``placement.strategy(slot)``
 scheduling strategy of a slot's actor (the orchestrator reserves a one-bundle placement group per
 slot) and ``placement.release(slot)`` frees it when the slot is retired.
 
+User code the run names by import path (reward functions, an environment class) is checked here on the
+driver before any actor starts (`rollout.rewards.RewardSet` with the data's columns), and the dirs the driver
+imported it from go on the workers' ``PYTHONPATH`` (`base.user_code.code_roots`): on one machine that is all
+an actor needs; other nodes get the code from the job's runtime_env (``working_dir`` / ``py_modules``).
+
 Left out on purpose: an in-process mode (tests use real actors).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
+from base.user_code import code_roots
 from buffer import GenerateRequest, Problem
+from rollout.rewards import RewardSet, reward_columns
 from rollout.worker import RolloutWorker
 
 logger = logging.getLogger(__name__)
@@ -46,18 +54,24 @@ class RolloutGroup:
 
     Raises:
         RuntimeError: a worker could not be placed or failed to start within ``startup_timeout_s``.
+        ValueError: a reward function that cannot be called with the data's columns (one line naming it).
     """
 
     def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model: ModelSource | str, buffer: str, placement,
-                 startup_timeout_s: float = 600.0, worker_cls: type = RolloutWorker, lora: LoraSpec | None = None
-                 ) -> None:
+                 startup_timeout_s: float = 600.0, worker_cls: type = RolloutWorker, lora: LoraSpec | None = None,
+                 wait: bool = True) -> None:
         import ray
 
         self.cfg, self.data_cfg, self.model, self.buffer = cfg, data_cfg, model, buffer
         self.placement, self.startup_timeout_s, self.lora = placement, startup_timeout_s, lora
         self.incarnation: dict[int, int] = {}  # slot -> times its actor was (re)started
+        RewardSet(cfg.rewards, cfg.reward_timeout_s, reward_columns(data_cfg), check=worker_cls.reward_fn)
         # the engine sets vLLM's own environment for the platform it finds (rollout.engine_args.engine_env)
         env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
+        roots = code_roots([r.fn for r in cfg.rewards] + [cfg.env.type])
+        if roots:  # Ray ships the driver's working dir itself; a user module found elsewhere needs its dir
+            env["env_vars"]["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [os.environ.get("PYTHONPATH")])])
+            logger.info("rollout workers import user code from %s", roots)
         # Ray restarts a dead worker (re-running __init__); its failed calls raise to the driver, which
         # re-issues them (no automatic task retry, so nothing runs twice behind the driver's back)
         self._actor = ray.remote(worker_cls)
@@ -67,6 +81,17 @@ class RolloutGroup:
         self.inflight = {i: 0 for i in self.slots}
         self.draining: set[int] = set()
         self._next_slot = cfg.num_workers
+        if wait:
+            self.wait_up()
+
+    def wait_up(self) -> None:
+        """Wait until every worker has started (its engine up), at most ``startup_timeout_s``; with
+        ``wait=False`` the constructor returns as soon as the actors are created, so their start-up (vLLM's
+        import and engine, ~10 s on 2 cores) overlaps the caller's other work, e.g. the learner's.
+
+        Raises:
+            RuntimeError: a worker did not start within ``startup_timeout_s``.
+        """
         self._wait_up(list(self.slots))
 
     def _new(self, slot: int):

@@ -1,16 +1,50 @@
-"""Verifiable rewards for math answers.
+"""Reward functions: the registry of the run's rewards (``rollout.rewards``), the built-in strict math
+reward, and the time-bounded calls that keep a failing reward function from stopping a rollout worker.
 
-The response must end its work with a line ``Answer: <value>`` (strict parse). The reward is 1.0
-when the parsed value equals the reference (numerically when both parse as numbers, else as
-normalised strings, else by math-verify), 0.0 otherwise. Held-out accuracy uses the same strict
-exact match, never partial credit.
+A reward function has TRL's ``reward_funcs`` signature, unchanged: ``fn(prompts, completions, **columns)
+-> list[float | None]``, one value per completion (None: not applicable to that sample), called with
+keywords only; ``async def`` functions too. relayrl calls it once per finished sample (lists of one) with
+``prompts`` = the problem's question (the dataset's prompt text, before relayrl's instruction and chat
+template), ``completions`` = the answer the environment scores, both as plain text (TRL's standard format)
+or, with ``format = "conversational"``, as TRL's conversational message lists (``[{"role": "user", "content":
+question}]`` and ``[{"role": "assistant", "content": text}]``, what the functions of ``trl.rewards`` read),
+and the reference answer as ``answer`` (and also under ``data.answer_field`` when a data file names it
+otherwise, e.g. ``solution``). TRL's other keywords (``completion_ids``, ``trainer_state``, ``log_extra``,
+``log_metric``) are not passed.
 
-Left out on purpose: partial-credit shaping, format rewards, LLM judges.
+The built-in ``exact_match``: the response must end its work with a line ``Answer: <value>`` (strict
+parse); 1.0 when the parsed value equals the reference (numerically when both parse as numbers, else as
+normalised strings, else by math-verify), 0.0 otherwise. ``correct`` (held-out accuracy, the
+``rollout/correct_frac`` metric) is always that strict exact match, whatever rewards the run trains on.
+
+Isolation: each call runs in a thread of this process, bounded by ``rollout.reward_timeout_s`` from the moment
+a thread takes it up. A function that raises, times out, returns a non-finite value or the wrong number of
+values fails that sample (kept, counted, never trained on); the worker goes on. A function that never returns
+cannot be stopped: its thread stays busy for the worker's life (`hung_reward_calls` counts them; once all
+``REWARD_THREADS`` hang, every later call fails as not started in time). An ``async`` function stuck at an
+``await`` is cancelled at the deadline and frees its thread. A function that crashes or exits the interpreter
+(a segfault in a C extension, ``os._exit``) takes the worker with it: Ray restarts the worker and the driver
+re-issues its requests; no subprocess isolates rewards yet.
+
+Left out on purpose: reward models and LLM judges as actors of their own, batching a request's samples into
+one call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
+import inspect
+import math
 import re
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from base.user_code import import_object, is_import_path
+
+if TYPE_CHECKING:
+    from rollout.config import RewardConfig
 
 _ANSWER_RE = re.compile(r"answer\s*[:：]\s*(.+)", re.IGNORECASE)
 
@@ -56,7 +90,152 @@ def score_response(text: str, reference: str) -> tuple[float, bool]:
     return (1.0 if correct else 0.0), correct
 
 
-_POOL = None
+# ---- the registry ------------------------------------------------------------------------------------------
+RewardFn = Callable[..., Any]  # fn(prompts, completions, **columns) -> list[float | None] (or an awaitable of it)
+REWARDS: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Function decorator: make ``fn`` the reward of ``rollout.rewards[].fn = name``.
+
+    Raises:
+        ValueError: ``name`` is registered already, or looks like an import path (has a ':').
+    """
+    def add(fn: RewardFn) -> RewardFn:
+        if name in REWARDS or is_import_path(name):
+            raise ValueError(f"reward name {name!r} is registered already or has a ':' (import paths name user code)")
+        REWARDS[name] = fn
+        return fn
+    return add
+
+
+@register_reward("exact_match")
+def exact_match(prompts: list[str], completions: list[str], answer: list[str], **kwargs: Any) -> list[float]:
+    """1.0 for a completion whose last ``Answer:`` line matches its reference ``answer`` (`score_response`),
+    else 0.0. A rollout worker does not call it: it reuses the strict check behind ``correct``
+    (`RolloutWorker.reward_fn`), computed once per sample."""
+    return [score_response(c, a)[0] for c, a in zip(completions, answer)]
+
+
+def resolve_reward(fn: str, field: str = "rollout.rewards.fn") -> RewardFn:
+    """The reward function ``fn`` names: a built-in (`REWARDS`) or user code ``"pkg.module:function"``.
+
+    Raises:
+        ValueError: one line naming ``fn``: unknown name, import failure, not a function.
+    """
+    if is_import_path(fn):
+        obj = import_object(fn, field)
+    elif fn in REWARDS:
+        obj = REWARDS[fn]
+    else:
+        raise ValueError(f"{field} = {fn!r} is neither a built-in reward ({', '.join(sorted(REWARDS))}) nor an "
+                         "import path 'pkg.module:function'")
+    if isinstance(obj, type) or not callable(obj):
+        raise ValueError(f"{field} = {fn!r} is a {type(obj).__name__}, not a function; name a function (or a "
+                         "callable object) fn(prompts, completions, **kwargs) -> list[float | None]")
+    return obj
+
+
+def check_reward_signature(obj: RewardFn, fn: str, columns: Sequence[str] | None,
+                           field: str = "rollout.rewards.fn") -> None:
+    """Check that ``obj`` can be called as ``obj(prompts=..., completions=..., **columns)``.
+
+    Args:
+        columns: the column keywords it will get; None: not known yet (config load), so any further
+            required parameter is taken for a column the data will hold.
+
+    Raises:
+        ValueError: one line naming ``fn``: no ``**kwargs`` (relayrl, like TRL, passes every column and may
+            pass more), positional-only parameters, or a required parameter no column fills.
+    """
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):  # a C function without a signature: its first call tells
+        return
+    params = list(sig.parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise ValueError(f"{field} = {fn!r}: its signature {sig} has no **kwargs; reward functions are called as "
+                         "fn(prompts=..., completions=..., **columns) with every dataset column as a keyword (TRL's "
+                         "reward_funcs signature): add **kwargs")
+    positional = [p.name for p in params if p.kind is p.POSITIONAL_ONLY]
+    if positional:
+        raise ValueError(f"{field} = {fn!r}: its parameters {', '.join(positional)} are positional-only (signature "
+                         f"{sig}); reward functions get every argument by keyword, as TRL calls them: drop the '/'")
+    given = {"prompts", "completions", *(columns or ())}
+    if columns is None:  # required parameters besides these are taken for columns the data will hold
+        given |= {p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                   p.KEYWORD_ONLY)}
+    try:
+        sig.bind(**{k: [] for k in given})
+    except TypeError as e:
+        raise ValueError(f"{field} = {fn!r}: cannot be called as fn(prompts=..., completions=..., "
+                         f"{''.join(f'{c}=..., ' for c in columns or ())}**other columns): {e} (its signature: "
+                         f"{sig}); give that parameter a default, or name a column the data has "
+                         "(data.answer_field)") from None
+
+
+# ---- time-bounded calls ------------------------------------------------------------------------------------
+REWARD_THREADS = 16  # threads of this process that run reward calls
+_POOL: cf.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_ABANDONED: list[cf.Future] = []  # calls past their deadline, still running (their threads cannot be killed)
+
+
+class _AsyncTimeout(Exception):
+    """An async reward function's ``await`` outlived the budget (cancelled in its thread)."""
+
+
+def _pool() -> cf.ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = cf.ThreadPoolExecutor(max_workers=REWARD_THREADS, thread_name_prefix="reward")
+        return _POOL
+
+
+def hung_reward_calls() -> int:
+    """Reward calls of this process abandoned at their deadline and still running."""
+    with _POOL_LOCK:
+        _ABANDONED[:] = [f for f in _ABANDONED if not f.done()]
+        return len(_ABANDONED)
+
+
+class _Call:
+    """One reward call submitted to the reward threads; `result` waits for it within its budget."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout_s: float) -> None:
+        self.timeout_s, self.started = timeout_s, threading.Event()
+
+        async def bounded(awaitable):
+            try:
+                return await asyncio.wait_for(awaitable, timeout_s)
+            except asyncio.TimeoutError:
+                raise _AsyncTimeout from None
+
+        def job():
+            self.started.set()
+            out = fn(*args, **kwargs)
+            return asyncio.run(bounded(out)) if inspect.isawaitable(out) else out
+
+        self.future = _pool().submit(job)
+
+    def result(self) -> tuple[Any, str]:
+        """``(value, "")``, or ``(None, why)`` when the call raised, timed out or never started."""
+        t = self.timeout_s
+        if not self.started.wait(t) and self.future.cancel():
+            return None, (f"not started within {t:g} s: all {REWARD_THREADS} reward threads busy "
+                          f"({hung_reward_calls()} hung reward calls in this worker)")
+        self.started.wait()  # it started just as the wait ended
+        try:
+            return self.future.result(timeout=t), ""
+        except cf.TimeoutError:
+            with _POOL_LOCK:
+                _ABANDONED.append(self.future)
+            return None, f"timed out after {t:g} s"
+        except _AsyncTimeout:
+            return None, f"timed out after {t:g} s"
+        except Exception as e:  # any failure of user reward code is recorded, not raised
+            return None, f"raised {type(e).__name__}: {e}"[:300]
 
 
 def score_safely(fn, text: str, reference: str, timeout_s: float) -> tuple[float, bool, str]:
@@ -64,22 +243,146 @@ def score_safely(fn, text: str, reference: str, timeout_s: float) -> tuple[float
 
     Returns ``(reward, correct, error)``; ``error`` is ``""`` on success, else the reason
     (``"raised ValueError: ..."`` or ``"timed out after 2.0 s"``) with reward 0.0 and correct False.
-    A reward function that never returns keeps one pool thread busy; the caller moves on. A
+    A reward function that never returns keeps one reward thread busy; the caller moves on. A
     non-finite reward counts as an error too.
     """
-    import concurrent.futures as cf
-    import math
-
-    global _POOL
-    if _POOL is None:
-        _POOL = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
-    fut = _POOL.submit(fn, text, reference)
-    try:
-        reward, correct = fut.result(timeout=timeout_s)
-    except cf.TimeoutError:
-        return 0.0, False, f"timed out after {timeout_s:g} s"
-    except Exception as e:  # any failure of user reward code is recorded, not raised
-        return 0.0, False, f"raised {type(e).__name__}: {e}"[:300]
+    out, error = _Call(fn, (text, reference), {}, timeout_s).result()
+    if error:
+        return 0.0, False, error
+    reward, correct = out
     if not math.isfinite(float(reward)):
         return 0.0, False, f"returned a non-finite reward {reward!r}"
     return float(reward), bool(correct), ""
+
+
+# ---- the run's rewards -------------------------------------------------------------------------------------
+class Score(tuple):
+    """What a `rollout.envs.base.Scorer` returns, the tuple ``(reward, correct, error)``, with each reward
+    function's part beside it (environments unpack the three; `rollout.envs.builtin.answer_step` forwards the
+    parts as ``StepResult.info["reward_terms"]`` / ``["reward_failed"]``).
+
+    Attributes:
+        terms: ``{reward name: value}`` of the functions that returned, unweighted; None: not applicable.
+        failed: names of the functions that failed (raised, timed out, returned a bad value).
+    """
+
+    terms: dict[str, float | None]
+    failed: tuple[str, ...]
+
+    def __new__(cls, reward: float, correct: bool, error: str, terms: dict[str, float | None] | None = None,
+                failed: Sequence[str] = ()) -> Score:
+        self = super().__new__(cls, (reward, correct, error))
+        self.terms, self.failed = dict(terms or {}), tuple(failed)
+        return self
+
+    def __getnewargs__(self) -> tuple:
+        return (*self, self.terms, self.failed)
+
+    reward = property(lambda self: self[0], doc="the weighted total (0.0 when a function failed)")
+    correct = property(lambda self: self[1], doc="the strict exact match")
+    error = property(lambda self: self[2], doc='why the sample failed; "" when it did not')
+
+
+def _one_value(out: Any) -> float | None:
+    """The single value of a reward function's output for one completion; raises ValueError if it is not one
+    finite number or None."""
+    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
+        raise ValueError(f"returned {type(out).__name__}, not a list with one value per completion")
+    values = list(out)
+    if len(values) != 1:
+        raise ValueError(f"returned {len(values)} values for 1 completion")
+    v = values[0]
+    if v is None:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"returned {values[0]!r}, not a number or None") from None
+    if not math.isfinite(v):
+        raise ValueError(f"returned a non-finite reward {v!r} (return None for 'not applicable')")
+    return v
+
+
+def reward_columns(data_cfg: Any) -> tuple[str, ...]:
+    """The column keywords reward functions get besides ``prompts`` and ``completions``: ``answer`` and, for a
+    data file whose reference column has another name (``data.answer_field``), that name too."""
+    field = getattr(data_cfg, "answer_field", "answer")
+    return ("answer",) if getattr(data_cfg, "type", "") != "jsonl" or field == "answer" else ("answer", field)
+
+
+class RewardSet:
+    """The run's reward functions (``rollout.rewards``), scoring one completion at a time.
+
+    The sample's reward is ``sum(weight_i * r_i)`` over the functions that returned a value; a function
+    returning None (not applicable) adds nothing, as TRL's nansum over reward functions (0.0 when none
+    applies). When any function fails, the sample fails (`Score` error set, reward 0.0): kept and counted,
+    never trained on. ``correct`` is the strict check ``check`` (the built-in exact match), run for every
+    sample; the ``exact_match`` entries reuse its value instead of calling the function again.
+
+    Args:
+        rewards: the `RewardConfig` entries.
+        timeout_s: budget of each call (``rollout.reward_timeout_s``).
+        columns: column keywords the functions get (`reward_columns`); the reference answer fills each.
+        check: ``(text, reference) -> (reward, correct)``, the strict check (`RolloutWorker.reward_fn`).
+
+    Raises:
+        ValueError: a function that cannot be resolved or cannot be called with these columns (one line).
+    """
+
+    def __init__(self, rewards: Sequence[RewardConfig], timeout_s: float, columns: Sequence[str] = ("answer",),
+                 check: Callable[[str, str], tuple[float, bool]] = score_response) -> None:
+        self.timeout_s, self.columns, self.check = timeout_s, tuple(columns), check
+        # (name, fn or None: the check's value, weight, conversational)
+        self.entries: list[tuple[str, RewardFn | None, float, bool]] = []
+        for i, r in enumerate(rewards):
+            field = f"rollout.rewards[{i}].fn"
+            fn = resolve_reward(r.fn, field)
+            if fn is not exact_match:
+                check_reward_signature(fn, r.fn, self.columns, field)
+            self.entries.append((r.name, None if fn is exact_match else fn, r.weight, r.format == "conversational"))
+
+    def score(self, prompt: str, completion: str, reference: str) -> Score:
+        """Score one completion of ``prompt`` against ``reference``: every function runs concurrently, each
+        within ``timeout_s`` of its start; never raises."""
+        columns = {c: [reference] for c in self.columns}
+        standard = {"prompts": [prompt], "completions": [completion], **columns}
+        conversational = {"prompts": [[{"role": "user", "content": prompt}]],
+                          "completions": [[{"role": "assistant", "content": completion}]], **columns}
+        checked = _Call(self.check, (completion, reference), {}, self.timeout_s)
+        calls = {name: _Call(fn, (), conversational if chat else standard, self.timeout_s)
+                 for name, fn, _, chat in self.entries if fn is not None}
+        (value, correct), check_error = self._check(checked)
+        terms: dict[str, float | None] = {}
+        errors: dict[str, str] = {}  # user functions that failed -> why
+        for name, fn, _, _ in self.entries:
+            if fn is None:  # exact_match: the check's value
+                if not check_error:
+                    terms[name] = value
+                continue
+            out, error = calls[name].result()
+            if not error:
+                try:
+                    terms[name] = _one_value(out)
+                except ValueError as e:
+                    error = str(e)
+            if error:
+                errors[name] = error
+        if check_error or errors:
+            failed = [n for n, fn, _, _ in self.entries if (fn is None and check_error) or n in errors]
+            why = "; ".join([check_error] * bool(check_error) + [f"reward {n!r} {e}" for n, e in errors.items()])
+            return Score(0.0, False, why[:500], terms, failed)
+        total = sum(w * terms[n] for n, _, w, _ in self.entries if terms[n] is not None)
+        return Score(float(total), correct, "", terms, ())
+
+    @staticmethod
+    def _check(call: _Call) -> tuple[tuple[float, bool], str]:
+        out, error = call.result()
+        if error:
+            return (0.0, False), error
+        try:
+            reward, correct = out
+            if not math.isfinite(float(reward)):
+                return (0.0, False), f"returned a non-finite reward {reward!r}"
+        except (TypeError, ValueError) as e:
+            return (0.0, False), f"returned {out!r}: {e}"[:300]
+        return (float(reward), bool(correct)), ""

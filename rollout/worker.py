@@ -20,7 +20,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from buffer import GenerateRequest, Problem, RolloutResult, Sample, scored_rewards
-from rollout.rewards import score_response, score_safely
+from rollout.rewards import RewardSet, Score, reward_columns, score_response
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 class RolloutWorker:
     """Generates groups with a vLLM engine; receives weights; serves eval and logprob checks.
 
-    ``reward_fn(text, reference) -> (reward, correct)`` is a class attribute (subclasses swap it);
-    each call runs under ``rollout.reward_timeout_s`` and a failure marks that sample ``failed``.
+    Answers are scored by the run's reward functions (``rollout.rewards``, a `rollout.rewards.RewardSet`).
+    ``reward_fn(text, reference) -> (reward, correct)`` is the strict check behind ``correct`` and the built-in
+    ``exact_match`` reward, a class attribute (subclasses swap it). Each call runs under
+    ``rollout.reward_timeout_s`` and a failure marks that sample ``failed``.
 
     Args:
         cfg: `RolloutConfig`.
@@ -49,7 +51,8 @@ class RolloutWorker:
 
     Raises:
         FileNotFoundError: the model is not on this node and cannot be copied here.
-        ValueError: no Ray actor has the name ``buffer``.
+        ValueError: no Ray actor has the name ``buffer``; a reward function or environment that cannot be
+            imported on this node (one line naming it).
     """
 
     reward_fn = staticmethod(score_response)
@@ -58,6 +61,8 @@ class RolloutWorker:
                  buffer: Any, lora: LoraSpec | None = None) -> None:
         import torch
 
+        # user code first: an import that fails on this node fails before the engine's slow start
+        self.rewards = RewardSet(cfg.rewards, cfg.reward_timeout_s, reward_columns(data_cfg), check=self.reward_fn)
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         from base.model_source import local_model_dir
         from rollout.engine import VLLMEngine
@@ -164,29 +169,26 @@ class RolloutWorker:
 
     # ---- generation ----------------------------------------------------------------------
     def _check_environment(self) -> None:
-        """Build the episode settings and the turn encoder; fail at start-up on bad environment options, a
-        template without incremental turns, or a sandbox that cannot run tools here."""
-        from rollout.envs import make_environment
-        from rollout.envs.sandbox import check_sandbox
+        """Build the episode settings (the environment's `Environment.worker_config`) and the turn encoder; fail
+        at start-up on bad environment options, a template without incremental turns, or what the environment's
+        `Environment.check_worker` finds missing on this node."""
+        from rollout.envs import environment_class, make_environment
         from rollout.episode import TurnEncoder
 
-        c, d = self.cfg, self.data_cfg
-        env = c.env
-        if env.type == "single_turn":  # the data section's prompt format; one answer of up to max_tokens,
-            # scored within reward_timeout_s (a slow reward is a reward failure, not an environment one)
-            env = env.model_copy(update={
-                "options": {"instruction": d.instruction, "one_shot": d.one_shot, **env.options},
-                "max_episode_tokens": max(env.max_episode_tokens, c.max_tokens),
-                "step_timeout_s": max(env.step_timeout_s, c.reward_timeout_s + 5.0)})
-        self.env_cfg = env
+        cls = environment_class(self.cfg.env.type)
+        self.env_cfg = env = cls.worker_config(self.cfg.env, self.cfg, self.data_cfg)
         make_environment(env, Problem("check/0", "1 + 1", "2")).close()
         self._encoder = TurnEncoder(self.engine.tokenizer)
-        if env.type == "tool_math":
-            logger.info("tool sandbox isolation: %s", check_sandbox(env.sandbox))
+        line = cls.check_worker(env)
+        if line:
+            logger.info("%s", line)
 
-    def _score(self, text: str, reference: str) -> tuple[float, bool, str]:
-        """`reward_fn` under ``rollout.reward_timeout_s`` (`rollout.rewards.score_safely`)."""
-        return score_safely(self.reward_fn, text, reference, self.cfg.reward_timeout_s)
+    def _scorer(self, problem: Problem):
+        """The `rollout.envs.base.Scorer` of episodes about ``problem``: the run's reward functions
+        (`RewardSet.score`) with the problem's question as the prompt."""
+        def score(text: str, reference: str) -> Score:
+            return self.rewards.score(problem.question, text, reference)
+        return score
 
     def generate(self, req: GenerateRequest) -> RolloutResult:
         """Roll out ``req.sizes[i]`` episodes of problem ``i`` (a GRPO group) from one reset seed, played by
@@ -221,7 +223,7 @@ class RolloutWorker:
             reward_failures=sum(bool(e.reward_error) for e in flat),
             mixed_version_samples=sum(len(set(v)) > 1 for v in versions), load_seconds=load_seconds,
             env_failures=len(failed), tool_failures=sum(e.tool_failures for e in flat),
-            turns=sum(len(e.texts) for e in flat))
+            turns=sum(len(e.texts) for e in flat), reward_terms=_reward_terms(flat))
 
     def _play(self, problems: list[Problem], sizes: list[int], min_version: int, seed: int | None,
               temperature: float, max_tokens: int):
@@ -253,7 +255,7 @@ class RolloutWorker:
 
         with self._engine_lock:
             loaded_before = self._load_seconds
-            episodes = [[Episode(make_environment(self.env_cfg, p, self._score)) for _ in range(k)]
+            episodes = [[Episode(make_environment(self.env_cfg, p, self._scorer(p))) for _ in range(k)]
                         for p, k in zip(problems, sizes)]
             seeds = [zlib.crc32(p.prompt_id.encode()) for p in problems]  # one reset seed per group
             run_episodes(episodes, seeds, sample, self._encoder, self.env_cfg, max_tokens, c.max_model_len)
@@ -283,6 +285,20 @@ class RolloutWorker:
         """Seconds spent loading weights, requests served, version."""
         return {"load_seconds": self._load_seconds, "requests": float(self._requests),
                 "version": float(self.version)}
+
+
+def _reward_terms(episodes) -> tuple[tuple[str, float, int, int], ...]:
+    """Per reward function over ``episodes``: ``(name, sum of its values, samples it applied to, samples it
+    failed)`` (`buffer.RolloutResult.reward_terms`)."""
+    terms: dict[str, list] = {}
+    for e in episodes:
+        for name, value in e.reward_terms.items():
+            t = terms.setdefault(name, [0.0, 0, 0])
+            if value is not None:
+                t[0], t[1] = t[0] + value, t[1] + 1
+        for name in e.reward_failed:
+            terms.setdefault(name, [0.0, 0, 0])[2] += 1
+    return tuple((name, float(s), n, f) for name, (s, n, f) in sorted(terms.items()))
 
 
 def _call(method, *args):

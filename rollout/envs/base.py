@@ -1,4 +1,5 @@
-"""The `Environment` protocol and its registry (keyed by ``rollout.env.type``).
+"""The `Environment` protocol and its registry (keyed by ``rollout.env.type``: a registered name, or a user's
+own subclass by import path ``"pkg.module:Class"``, `environment_class`).
 
 An episode: ``reset(seed)`` returns the opening chat messages; then, turn by turn, the assistant's
 text goes to ``step(action)``, which returns the next observation messages, a reward for that turn
@@ -16,8 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from base.user_code import import_object, is_import_path
+
 if TYPE_CHECKING:
     from buffer import Problem
+    from rollout.config import DataConfig, RolloutConfig
     from rollout.envs.config import EnvConfig
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant" | ..., "content": str}
@@ -89,6 +93,23 @@ class Environment(ABC):
     def close(self) -> None:
         """Release what the episode held (subprocesses, files). Called once, also after a failure."""
 
+    @classmethod
+    def worker_config(cls, cfg: EnvConfig, rollout: RolloutConfig, data: DataConfig) -> EnvConfig:
+        """The `EnvConfig` a rollout worker runs this environment with (default: ``cfg`` as given); an
+        environment that takes settings from other sections (``single_turn``: the data section's prompt
+        format) fills them in here. Called once per worker, at start."""
+        return cfg
+
+    @classmethod
+    def check_worker(cls, cfg: EnvConfig) -> str:
+        """Check, on the rollout worker's node at start, what episodes will need there (``tool_math``: that the
+        sandbox runs tools); returns a line for the worker's log ("" for none).
+
+        Raises:
+            RuntimeError: what is missing, named (the worker then fails to start).
+        """
+        return ""
+
 
 ENVIRONMENTS: dict[str, type[Environment]] = {}
 
@@ -107,21 +128,45 @@ def register_environment(name: str):
     return add
 
 
-def make_environment(cfg: EnvConfig, problem: Problem, score: Scorer | None = None) -> Environment:
-    """A fresh environment of type ``cfg.type`` for one episode about ``problem``, scoring answers with
-    ``score`` (None: `plain_score`).
+def _register_builtins() -> None:
+    import rollout.envs.builtin  # noqa: F401 - registers the built-in environments
+    import rollout.envs.openenv_env  # noqa: F401 - registers openenv (its package loads per environment)
+    import rollout.envs.textarena_env  # noqa: F401 - registers textarena (likewise)
+
+
+def environment_class(type_: str, field: str = "rollout.env.type") -> type[Environment]:
+    """The environment class of ``rollout.env.type = type_``: a registered name (`ENVIRONMENTS`, the built-ins
+    included), or a user's `Environment` subclass by import path ``"pkg.module:Class"``.
 
     Raises:
-        ValueError: ``cfg.type`` has no registered environment, or its options are bad.
+        ValueError: one line naming ``type_``: an unknown name, an import path that cannot be imported, or an
+            object that is not an `Environment` subclass.
     """
-    import rollout.envs.builtin  # noqa: F401 - registers the built-in environments
-    import rollout.envs.textarena_env  # noqa: F401 - registers textarena (its package loads per environment)
-    import rollout.envs.openenv_env  # noqa: F401 - registers openenv (likewise)
+    if not is_import_path(type_):
+        _register_builtins()
+        if type_ not in ENVIRONMENTS:
+            raise ValueError(f"{field} = {type_!r} has no registered environment (registered: "
+                             f"{', '.join(sorted(ENVIRONMENTS))}; or an import path 'pkg.module:Class' of an "
+                             "Environment subclass)")
+        return ENVIRONMENTS[type_]
+    cls = import_object(type_, field)
+    if not (isinstance(cls, type) and issubclass(cls, Environment)) or cls is Environment:
+        raise ValueError(f"{field} = {type_!r} is {cls!r}, not a subclass of rollout.envs.Environment; subclass it "
+                         "(reset(seed) -> messages, step(action) -> StepResult)")
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        raise ValueError(f"{field} = {type_!r}: {cls.__name__} leaves {', '.join(missing)} abstract; define them")
+    return cls
 
-    if cfg.type not in ENVIRONMENTS:
-        raise ValueError(f"rollout.env.type = {cfg.type!r} has no registered environment "
-                         f"(registered: {sorted(ENVIRONMENTS)})")
-    env = ENVIRONMENTS[cfg.type](problem, dict(cfg.options), cfg)
+
+def make_environment(cfg: EnvConfig, problem: Problem, score: Scorer | None = None) -> Environment:
+    """A fresh environment of type ``cfg.type`` (`environment_class`) for one episode about ``problem``,
+    scoring answers with ``score`` (None: `plain_score`).
+
+    Raises:
+        ValueError: ``cfg.type`` names no environment, or its options are bad.
+    """
+    env = environment_class(cfg.type)(problem, dict(cfg.options), cfg)
     if score is not None:
         env.score = score
     return env

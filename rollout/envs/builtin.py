@@ -16,9 +16,14 @@ ANSWER_FORMAT = "Give the final line as 'Answer: <number>'."
 
 def answer_step(env: Environment, action: str) -> StepResult:
     """The last step of an answer-checked episode: ``action`` scored by ``env.score`` against the problem's
-    answer; a failed reward function is reported as ``info["reward_error"]``."""
-    reward, correct, error = env.score(action, env.problem.answer)
-    return StepResult([], reward, True, {"correct": correct, **({"reward_error": error} if error else {})})
+    answer; a failed reward function is reported as ``info["reward_error"]``, and the run's reward functions'
+    parts (a `rollout.rewards.Score`) as ``info["reward_terms"]`` and ``info["reward_failed"]``."""
+    score = env.score(action, env.problem.answer)
+    reward, correct, error = score
+    info: dict[str, Any] = {"correct": correct, **({"reward_error": error} if error else {})}
+    if getattr(score, "terms", None) or getattr(score, "failed", None):
+        info.update(reward_terms=dict(score.terms), reward_failed=list(score.failed))
+    return StepResult([], reward, True, info)
 
 
 @register_environment("single_turn")
@@ -36,6 +41,16 @@ class SingleTurn(Environment):
         super().__init__(problem, options, cfg)
         d = DataConfig()
         self.opts = check_options("single_turn", options, {"instruction": d.instruction, "one_shot": d.one_shot})
+
+    @classmethod
+    def worker_config(cls, cfg, rollout, data):
+        """The data section's prompt format (unless set in options); one answer of up to ``rollout.max_tokens``,
+        scored by reward calls that may wait ``rollout.reward_timeout_s`` for a thread and run as long (a slow
+        reward is a reward failure, not an environment one)."""
+        return cfg.model_copy(update={
+            "options": {"instruction": data.instruction, "one_shot": data.one_shot, **cfg.options},
+            "max_episode_tokens": max(cfg.max_episode_tokens, rollout.max_tokens),
+            "step_timeout_s": max(cfg.step_timeout_s, 2 * rollout.reward_timeout_s + 5.0)})
 
     def reset(self, seed: int) -> list[Message]:
         from rollout.tasks import build_messages
@@ -70,6 +85,13 @@ class ToolMath(Environment):
             raise ValueError(f"rollout.env.options.max_calls_per_turn = {self.opts['max_calls_per_turn']!r}: "
                              "must be >= 1")
         self.tools = tuple(self.opts["tools"])
+
+    @classmethod
+    def check_worker(cls, cfg) -> str:
+        """That the sandbox runs tools on this node (`rollout.envs.sandbox.check_sandbox`)."""
+        from rollout.envs.sandbox import check_sandbox
+
+        return f"tool sandbox isolation: {check_sandbox(cfg.sandbox)}"
 
     def reset(self, seed: int) -> list[Message]:
         return [{"role": "system", "content": tool_prompt(self.tools)},

@@ -7,13 +7,11 @@ itself (each registry entry documents its keys), so adding an environment adds n
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from base.config import StrictConfig
-
-EnvType = Literal["single_turn", "tool_math", "textarena", "openenv"]
 
 
 class SandboxConfig(StrictConfig):
@@ -34,11 +32,12 @@ class SandboxConfig(StrictConfig):
 
 
 class EnvConfig(StrictConfig):
-    type: EnvType = Field(
+    type: str = Field(
         "single_turn", description="environment (rollout.envs registry): single_turn (the data section's "
         "problems, one answer each), tool_math (the problem solved with python/calculator tool calls), textarena "
         "(a textarena single-player game, e.g. GuessTheNumber-v0; the problems only name the episodes), openenv (a "
-        "session with a running OpenEnv server per episode)")
+        "session with a running OpenEnv server per episode), or a user's Environment subclass by import path "
+        "'pkg.module:Class'")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the chosen environment "
                                     "(see its class docstring)")
     max_turns: int = Field(1, ge=1, le=1000, description="assistant turns per episode, max")
@@ -55,6 +54,14 @@ class EnvConfig(StrictConfig):
         "threads cannot be killed) before its next request stops the run with an error naming the environment")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="the subprocess sandbox that runs "
                                    "tool calls (tool_math): isolation and limits")
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, type_: str) -> str:
+        from rollout.envs.base import environment_class
+
+        environment_class(type_)
+        return type_
 
     @model_validator(mode="after")
     def _single_turn_is_one_turn(self) -> EnvConfig:

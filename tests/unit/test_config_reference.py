@@ -37,8 +37,11 @@ def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, An
         dotted = f"{prefix}{name}"
         subs = _models(info.annotation)
         out.append((dotted, name, info, bool(subs)))
+        tp = info.annotation
+        origin = typing.get_origin(tp)  # the page names list items ``name[]`` and dict values ``name.<name>``
+        section = f"{dotted}[]" if origin is list else f"{dotted}.<name>" if origin is dict else dotted
         for sub in subs:
-            out += _fields(sub, dotted + ".")
+            out += _fields(sub, section + ".")
     return out
 
 

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import typing
-
 import pytest
 from pydantic import ValidationError
 
 from buffer import Problem
 from rollout.config import RolloutConfig
 from rollout.envs import ENVIRONMENTS, EnvConfig, make_environment
-from rollout.envs.config import EnvType
 
 PROBLEM = Problem("train/0", "What is 123 * 45?", "5535")
 
 
-def test_every_config_type_has_an_environment():
+def test_the_registry_is_the_one_list_of_environment_types():
     make_environment(EnvConfig(), PROBLEM)  # loads the built-ins
-    assert sorted(typing.get_args(EnvType)) == sorted(ENVIRONMENTS)
+    assert {"single_turn", "tool_math", "textarena", "openenv"} <= set(ENVIRONMENTS)
+    for name in ENVIRONMENTS:  # every registered name is a valid rollout.env.type, and nothing else is
+        EnvConfig(type=name, max_turns=2 if name != "single_turn" else 1)
+    with pytest.raises(ValidationError, match="'chess' has no registered environment .*single_turn.*import path"):
+        EnvConfig(type="chess")
 
 
 def test_bad_settings_name_the_value_and_the_fix():
