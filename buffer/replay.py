@@ -118,6 +118,12 @@ class ReplayBuffer:
         return {"held": held, "taken": taken, "filtered": f["seen"] - f["kept"] if f else 0,
                 "dropped": self._dropped_groups}
 
+    def peek_groups(self, group_ids: list[str]) -> list[list[Sample]]:
+        """The held groups among ``group_ids``, in buffer order, left where they are (the run-time sentinel
+        reads a few just sampled before they are trained)."""
+        want = set(group_ids)
+        return [g for g in self._groups if g[0].group_id in want]
+
     def size(self) -> int:
         """Number of groups held. A method, not ``__len__``: callable through a Ray actor handle
         (``buffer.size.remote()``), which has no ``len``."""

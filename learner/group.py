@@ -122,6 +122,12 @@ class LearnerGroup:
         group; one ObjectRef per rank, rank 0's holding the export and broadcast metrics."""
         return [r.broadcast_weights.remote(version, dtype, bucket_bytes) for r in self.ranks]
 
+    def probe_remote(self, groups_ref, version: int, num_samples: int) -> list:
+        """Start the sentinel's forward (`LearnerWorker.probe`) on every rank; one ObjectRef per rank, rank 0's
+        holding the gap. Submitted before a step, it runs before that step on every rank (actor calls run in
+        order), so it scores with the weights of ``version``."""
+        return [r.probe.remote(groups_ref, version, num_samples) for r in self.ranks]
+
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
         """Rank 0's logprobs of ``token_ids[prompt_len:]`` (every rank runs the forward: ZeRO-3 gathers)."""
         return self._get([r.sequence_logprobs.remote(token_ids, prompt_len) for r in self.ranks],

@@ -405,6 +405,34 @@ class LearnerWorker(LearnerCheckpoints):
                          "weights/bytes": float(sum(len(b) for b in buckets)),
                          "weights/buckets": float(len(buckets))}
 
+    def probe(self, groups: list, version: int, num_samples: int) -> dict[str, float]:
+        """The sentinel's forward: score up to ``num_samples`` samples of ``groups`` (`learner.sentinel.probe_samples`)
+        at the rollout temperature, with no gradient and the training forward's layout, and compare them with
+        their behaviour logprobs on the trained tokens sampled at policy ``version``, which must be this rank's
+        own version (`learner.sentinel.logprob_gap`). Every rank runs the forward under ZeRO-3 (its gathers),
+        rank 0 alone otherwise.
+
+        Returns rank 0's gap (``tokens``, ``mean_abs_logprob_diff``, ``max_abs_logprob_diff``, ``mismatch_kl``;
+        ``tokens`` alone, 0, when no sample qualifies) plus ``seconds``; other ranks return ``{}``.
+        """
+        import torch
+
+        from learner.sentinel import logprob_gap, probe_samples
+        from learner.step import padded_field
+
+        if self.rank != 0 and self.cfg.zero_stage != 3:
+            return {}
+        t0 = time.perf_counter()
+        samples = probe_samples(groups, version, num_samples)
+        if not samples:  # every response failed, or none has a trained token of this version
+            return {"tokens": 0.0, "seconds": time.perf_counter() - t0}
+        with torch.no_grad():
+            lp, mask = self._forward(self.engine, samples)
+        behaviour = padded_field(samples, "behaviour_logprobs", lp, 0.0)
+        versions = padded_field(samples, "policy_versions", lp, -1.0)
+        gap = logprob_gap(lp.float(), behaviour.float(), mask * (versions == version))
+        return {**gap, "seconds": time.perf_counter() - t0} if self.rank == 0 else {}
+
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
         """Learner logprobs of ``token_ids[prompt_len:]`` at temperature 1 (for push checks)."""
         import torch

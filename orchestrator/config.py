@@ -58,6 +58,20 @@ class RayConfig(StrictConfig):
         "provide the run's total resources, logging what is missing every 30 s; 0: fail at once")
 
 
+class SentinelConfig(StrictConfig):
+    every_steps: int = Field(
+        10, ge=0, le=10_000_000, description="check that the learner and a rollout engine agree at step 0 and every "
+        "N steps: the learner scores a few responses the engine has just sampled with the same weights "
+        "(orchestrator.sentinel); 0: never")
+    num_samples: int = Field(8, ge=1, le=4096, description="sampled responses the learner scores per check")
+    max_mean_abs_logprob_diff: float = Field(
+        0.15, gt=0.0, le=100.0, description="stop the run when the mean |learner - engine logprob| over the checked "
+        "tokens exceeds this, in nats per token (normal: 0.04 with bf16 on both sides for SmolLM2-135M, 1e-5 in fp32)")
+    max_mismatch_kl: float = Field(
+        0.01, gt=0.0, le=100.0, description="stop the run when the k3 estimate of KL(engine || learner) over the "
+        "checked tokens exceeds this, in nats per token (normal: 0.002 with bf16 on both sides for SmolLM2-135M)")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # on-policy GRPO; TIS still corrects the bf16/fp32 rollout-learner mismatch
     "sync_grpo": {"buffer": {"max_staleness": 0},
@@ -109,6 +123,8 @@ class RunConfig(StrictConfig):
     weights: WeightsConfig = Field(
         default_factory=ObjectStoreWeights, description="weight push from learner to rollout workers: a transport "
         "chosen by type (object_store, collective) with its own knobs (orchestrator.weights)")
+    sentinel: SentinelConfig = Field(default_factory=SentinelConfig, description="run-time check that the "
+                                     "learner and the rollout engines compute the same logprobs")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints and resume")
     ray: RayConfig = Field(default_factory=RayConfig, description="the Ray cluster to join or start, and how long "
                            "to wait for its resources")

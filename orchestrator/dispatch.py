@@ -48,10 +48,12 @@ class Dispatcher:
         buffer: the replay buffer actor.
         staleness, tally, scaler: the run's `StalenessManager`, `RolloutTally`, `Scaler`.
         sampler, allocator: the prompt sampler and the `RolloutAllocator`.
+        sentinel: the run's `orchestrator.sentinel.Sentinel`, shown every collected result; None: none.
     """
 
-    def __init__(self, cfg: RunConfig, rollout, buffer, staleness, tally, scaler, sampler, allocator) -> None:
-        self.cfg, self.rollout, self.buffer = cfg, rollout, buffer
+    def __init__(self, cfg: RunConfig, rollout, buffer, staleness, tally, scaler, sampler, allocator,
+                 sentinel=None) -> None:
+        self.cfg, self.rollout, self.buffer, self.sentinel = cfg, rollout, buffer, sentinel
         self.staleness, self.tally, self.scaler, self.sampler, self.allocator = staleness, tally, scaler, sampler, allocator
         self.requests: dict = {}  # ObjectRef of a RolloutResult -> InFlight
 
@@ -131,6 +133,8 @@ class Dispatcher:
                 continue
             for key in result.kept_keys:
                 self.staleness.kept_group(key)
+            if self.sentinel is not None:
+                self.sentinel.saw(f.req.min_version, result)
             for prompt_id, rewards in result.group_rewards:
                 self.sampler.update(prompt_id, list(rewards))
             self.tally.add(result)

@@ -15,12 +15,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class LearnerStep:
     """One step on every rank: ``refs`` (one metrics ref per rank), the buffer's `BatchStats` ref,
-    its ``deadline`` (monotonic seconds) and the policy ``version`` it starts from."""
+    its ``deadline`` (monotonic seconds), the policy ``version`` it starts from, and the sentinel's check
+    that runs before it (`orchestrator.sentinel.Probe`), if any."""
 
     refs: list
     stats_ref: object
     deadline: float
     version: int
+    probe: object | None = None
 
     @classmethod
     def start(cls, buffer, learner, num_groups: int, version: int, min_version: int, timeout_s: float) -> LearnerStep:

@@ -6,7 +6,9 @@ sample ever exceeds ``buffer.max_staleness``; ``0`` is the synchronous schedule 
 code), weight sync (`orchestrator.weight_sync`), scaling and worker recovery (`orchestrator.scaling`),
 rollout counters and the reward-failure budget (`orchestrator.tally`), the training clock and totals
 (`orchestrator.clock`), checkpoints (`orchestrator.checkpoint`, handed each part's state), the run's
-outputs on a local path or a storage URI (`orchestrator.run_outputs`). Prompts come from a `buffer`
+outputs on a local path or a storage URI (`orchestrator.run_outputs`), the run-time check that the learner
+and the engines agree (`orchestrator.sentinel`: at its versions the next step waits for responses sampled
+with the learner's weights). Prompts come from a `buffer`
 prompt sampler fed with every group's rewards; with dynamic sampling the buffer drops zero-variance
 groups and admission control refills their slots.
 
@@ -44,6 +46,7 @@ from orchestrator.progress import StepProgress
 from orchestrator.remote import wait_all
 from orchestrator.run_outputs import RunOutputs
 from orchestrator.scaling import Scaler
+from orchestrator.sentinel import Sentinel
 from orchestrator.tally import RolloutTally
 from orchestrator.weight_sync import WeightSync
 from rollout import RolloutGroup, RolloutWorker
@@ -91,12 +94,20 @@ class Trainer:
         # the model by content, so actors on nodes that cannot see model_path get a copy of their own
         self.model, self.model_server = model_source(model_path,
                                                      uri=cfg.model.path if storage.is_remote(cfg.model.path) else None)
-        self.learner = LearnerGroup(lc, self.model, [scheduling(self.learner_pg, r) for r in range(lc.num_learners)],
-                                    cfg.samples_per_step, rc.max_tokens, rc.temperature, cfg.seed,
-                                    worker_cls=learner_worker_cls or LearnerWorker)
+        # the rollout workers start (vLLM import, engine) while the learner ranks start (torch, DeepSpeed):
+        # the two start-ups overlap instead of adding up
         placement = SlotPlacement(rollout_bundle(cfg), rc.node_labels, cfg.ray.placement_timeout_s)
         self.rollout = RolloutGroup(rc, cfg.data, self.model, buffer_name, placement,
-                                    worker_cls=rollout_worker_cls or RolloutWorker, lora=lc.lora)
+                                    worker_cls=rollout_worker_cls or RolloutWorker, lora=lc.lora, wait=False)
+        try:
+            self.learner = LearnerGroup(lc, self.model, [scheduling(self.learner_pg, r) for r in range(lc.num_learners)],
+                                        cfg.samples_per_step, rc.max_tokens, rc.temperature, cfg.seed,
+                                        worker_cls=learner_worker_cls or LearnerWorker)
+        except BaseException:  # no rollout worker outlives a learner that failed to start
+            for slot in list(self.rollout.slots):
+                self.rollout.release(slot)
+            raise
+        self.rollout.wait_up()
         self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=rc.group_size,
                                                            floor=bc.sampler_floor)
         self.allocator = RolloutAllocator(bc.rollout_allocation, rc.group_size, P, bc.allocation_min_n,
@@ -107,8 +118,9 @@ class Trainer:
         self.weight_sync = WeightSync(cfg.weights, self.learner, self.rollout, rc.dtype, self.outputs.name,
                                       lc.num_gpus > 0 and rc.num_gpus > 0)
         self.scaler = Scaler(rc, self.rollout, self.control, self.weight_sync)
+        self.sentinel = Sentinel(cfg.sentinel, bc.max_staleness, cfg.num_steps)
         self.dispatcher = Dispatcher(cfg, self.rollout, self.buffer, self.staleness, self.tally, self.scaler,
-                                     self.sampler, self.allocator)
+                                     self.sampler, self.allocator, self.sentinel)
         self.reissue: list[GenerateRequest] = []  # a resumed run's in-flight requests, sent first
         self.clock, self.skipped = RunClock(), SkippedSteps(lc.max_skipped_steps)
         self.resume_metrics: dict[str, float] = {}  # logged with the first step after a resume
@@ -116,6 +128,7 @@ class Trainer:
             self.resume_metrics = checkpoint.restore(resume_from, cfg.model_dump(mode="json"), learner=self.learner,
                                                      buffer=self.buffer, trainer=self, weight_sync=self.weight_sync)
         self.resumed = resume_from is not None
+        self.sentinel.start_at(self.version)  # a resumed run checks its restored weights at once
 
     @property
     def version(self) -> int:
@@ -153,6 +166,8 @@ class Trainer:
         Raises:
             TimeoutError: a generate request, learner step or weight push exceeded its timeout.
             RuntimeError: a learner rank died, or a failure budget was exceeded.
+            SentinelError (a RuntimeError): the learner and a rollout engine disagree on the logprobs of tokens
+                sampled with the same weights (`orchestrator.sentinel`).
         """
         last = self._start_run()
         step: LearnerStep | None = None
@@ -228,12 +243,15 @@ class Trainer:
         P = self.cfg.prompts_per_step
         st = ray.get(self.buffer.drop_stale.remote(self.staleness.oldest_trainable()), timeout=60)
         self.staleness.buffer_dropped(st["dropped_ids"], st["fresh"])
-        if self.staleness.ready < P:
+        if self.staleness.ready < P or self.sentinel.holds(self.version):
             return None
+        probe = self.sentinel.start(self.buffer, self.learner, self.version)  # runs before the step on every rank
         self.staleness.took_batch()
         self.clock.learner_busy()
-        return LearnerStep.start(self.buffer, self.learner, P, self.version, self.staleness.oldest_trainable(),
+        step = LearnerStep.start(self.buffer, self.learner, P, self.version, self.staleness.oldest_trainable(),
                                  self.cfg.learner.step_timeout_s)
+        step.probe = probe
+        return step
 
     def _end_step(self, step: LearnerStep) -> tuple[dict, bool]:
         """Finish a learner step: new version, weight push, metrics, evals, checkpoint.
@@ -260,6 +278,8 @@ class Trainer:
 
         cfg = self.cfg
         m = self.learner.merge_metrics(wait_all(step.refs, cfg.learner.step_timeout_s, "learner step"))
+        if step.probe is not None:  # a gap stops the run before this step's weights reach the workers
+            m.update(self.sentinel.finish(step.probe, cfg.learner.step_timeout_s))
         stats = ray.get(step.stats_ref, timeout=60)
         m.update(stats.metrics)
         self.metrics_log.audit(self.version + 1, list(stats.group_ids))

@@ -6,6 +6,8 @@
 - `report`: ``relayrl report``, plots and a one-page summary of a run dir.
 - `trl_baseline`: ``relayrl trl-baseline``, TRL's GRPOTrainer on a relayrl run config.
 - `config_reference`: ``relayrl config-reference``, docs/config.md generated from the config models.
+- `sentinel_gap`: ``python -m tooling.sentinel_gap``, the learner-engine logprob gap the sentinel bounds,
+  measured outside a run (where ``sentinel.*`` defaults come from).
 
 Each is a module of its own, imported where it is used (`orchestrator.cli` imports them inside its
 subcommand functions): they pull in Ray, vLLM, matplotlib or TRL, so this package imports none of
@@ -15,5 +17,5 @@ contract (pyproject.toml) keeps the core from importing tooling.
 
 __all__ = [
     "bench", "bench_actors", "bench_math", "bench_session", "bench_training", "config_reference", "experiment", "report",
-    "trl_baseline",
+    "sentinel_gap", "trl_baseline",
 ]
