@@ -18,6 +18,7 @@ import random
 import time
 from pathlib import Path
 
+from rollout.rewards import score_response
 from rollout.worker import RolloutWorker
 
 FAKE_GROUP_SECONDS = 6.0  # sleep of a fake engine per group (prompt), seconds; slow enough that 4 fake
@@ -95,6 +96,8 @@ class IdleRolloutWorker:
     """A stand-in rollout worker for a rig whose rollout side is never used (a learner-only benchmark): no
     engine, no model load; it only answers the start-up probe of `RolloutGroup`. Cheap to start (no vLLM
     import), so a learner-only rig costs a learner start, not a learner plus an engine start."""
+
+    reward_fn = staticmethod(score_response)  # what `RolloutGroup` checks the reward config against; never called
 
     def __init__(self, cfg, data_cfg, model, worker_index: int, buffer, lora=None) -> None:
         self.version = 0
