@@ -121,6 +121,15 @@ def _ppo_clip(inp: PolicyLossInput, clip_low: float, clip_high: float) -> tuple[
     return torch.maximum(pg1, pg2), (pg2 > pg1).to(ratio.dtype)
 
 
+def k3_kl_per_token(log_ratio: torch.Tensor) -> torch.Tensor:
+    """The k3 estimate of KL(behaviour || policy) per token (Schulman, "Approximating KL divergence", 2020):
+    ``r - 1 - log r`` with ``log_ratio = log r = log pi - log mu`` (``[B, T]``, nats); unbiased and >= 0 for
+    tokens sampled from ``mu``. Used for ``off_policy/mismatch_kl`` and the sentinel's gap."""
+    import torch
+
+    return torch.exp(log_ratio) - 1 - log_ratio
+
+
 def _finish(inp: PolicyLossInput, per_token: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor,
             extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Masked, normalised loss and the common ``off_policy/*`` metrics (``weight``/``kept`` are ``[B, T]``)."""
@@ -136,7 +145,7 @@ def _finish(inp: PolicyLossInput, per_token: torch.Tensor, weight: torch.Tensor,
         metrics = {
             "off_policy/is_weight_mean": float((weight * mask).sum() / denom),
             "off_policy/masked_frac": float(((1 - kept) * mask).sum() / denom),
-            "off_policy/mismatch_kl": float(((torch.exp(log_w) - 1 - log_w) * mask).sum() / denom),
+            "off_policy/mismatch_kl": float((k3_kl_per_token(log_w) * mask).sum() / denom),
             "learner/tokens": float(n_tok),
         }
         metrics.update({k: float((v * mask).sum() / denom) for k, v in extra.items()})

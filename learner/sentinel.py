@@ -52,6 +52,8 @@ def logprob_gap(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: 
     """
     import torch
 
+    from learner.losses import k3_kl_per_token
+
     if not logprobs.shape == behaviour_logprobs.shape == mask.shape:
         raise ValueError(f"logprob_gap: shapes differ: logprobs {tuple(logprobs.shape)}, behaviour "
                          f"{tuple(behaviour_logprobs.shape)}, mask {tuple(mask.shape)}")
@@ -62,4 +64,4 @@ def logprob_gap(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: 
     log_r = (logprobs.to(torch.float64) - behaviour_logprobs.to(torch.float64)) * m
     return {"tokens": n, "mean_abs_logprob_diff": float(log_r.abs().sum() / n),
             "max_abs_logprob_diff": float(log_r.abs().max()),
-            "mismatch_kl": float(((torch.exp(log_r) - 1 - log_r) * m).sum() / n)}
+            "mismatch_kl": float((k3_kl_per_token(log_r) * m).sum() / n)}
