@@ -266,7 +266,11 @@ def run_experiment(spec_path: str, out_md: str | None, only: list[str] | None = 
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; the spec has {names}")
-    out_root = Path("runs") / "experiments" / f"{Path(spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = Path("runs") / "experiments" / f"{Path(spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_root, n = stamp, 1
+    while out_root.exists():  # a second call within the same second
+        n += 1
+        out_root = stamp.with_name(f"{stamp.name}-{n}")
     out_root.mkdir(parents=True)
     raw_path = Path(out_md).with_suffix(".json") if out_md else None
     # with --only, rows of the other variants come from the earlier runs recorded next to the table

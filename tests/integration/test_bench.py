@@ -1,5 +1,8 @@
-"""`relayrl bench`: the wrapper, weight-push, LoRA and learner-path benchmarks end to end on the tiny config
-(real Ray, vLLM, DeepSpeed; the tiny random model stands in for SmolLM2 to keep this to about a minute)."""
+"""`relayrl bench`: the wrapper, weight-push and learner-path benchmarks end to end on the tiny config
+(real Ray, vLLM, DeepSpeed; the tiny random model stands in for SmolLM2 to keep this to about a minute).
+
+The `lora` benchmark (two more learner + engine rigs, ~1 minute here) is left out of the suite; what it
+reports rests on what tests/integration/test_lora.py checks in a real run (adapter-only pushes)."""
 
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(800)
-def test_bench_wrapper_weight_push_lora_and_learner_paths_write_table_and_json(tiny_model, tmp_path):
+def test_bench_wrapper_weight_push_and_learner_paths_write_table_and_json(tiny_model, tmp_path):
     out = tmp_path / "b.md"
     cmd = [sys.executable, "-m", "orchestrator.cli", "bench", "deploy/examples/tiny_cpu.toml", "--only", "wrapper",
-           "--only", "weight_push", "--only", "lora", "--only", "learner_paths", "--out", str(out),
+           "--only", "weight_push", "--only", "learner_paths", "--out", str(out),
            f"model.path={tiny_model}", f"output_dir={tmp_path / 'runs'}",
            "learner.dtype=fp32", "rollout.kv_cache_memory_bytes=67108864", "rollout.max_model_len=256",
            "ray.num_cpus=2"]
@@ -32,7 +35,7 @@ def test_bench_wrapper_weight_push_lora_and_learner_paths_write_table_and_json(t
     assert f"`{raw['command']}`" in md  # reproducible
     assert "deploy/experiments/time_to_accuracy.toml" in md  # time to accuracy: where it is measured
     rows = {(r["benchmark"], r["metric"]): r for r in raw["rows"]}
-    assert {b for b, _ in rows} == {"wrapper", "weight_push", "lora", "learner_paths"}
+    assert {b for b, _ in rows} == {"wrapper", "weight_push", "learner_paths"}
     rates = [r for r in raw["rows"] if r["unit"] in ("tokens/s", "GB/s")]
     assert {r["unit"] for r in rates} == {"tokens/s", "GB/s"} and len(rates) == 7  # 4 of them learner_paths
     for r in rates:
@@ -41,17 +44,6 @@ def test_bench_wrapper_weight_push_lora_and_learner_paths_write_table_and_json(t
     overhead = [r for r in raw["rows"] if r["metric"].startswith("overhead")]
     assert len(overhead) == 1 and overhead[0]["target"] == "<= 5" and isinstance(overhead[0]["met"], bool)
     assert math.isfinite(rows[("weight_push", "push / learner step")]["value"])
-    # LoRA against full fine-tuning, side by side: the pushes carry the adapters only
-    names = ("full fine-tuning", "LoRA, merged on the worker", "LoRA, vLLM adapter")
-    full, merged, adapter = (raw["raw"]["lora"][k] for k in names)
-    full_bytes, *lora_bytes = (rows[("lora", f"{k}: push bytes")]["value"] for k in names)
-    assert merged["trainable_params"] == adapter["trainable_params"] < full["trainable_params"]
-    for b in lora_bytes:
-        assert 0 < b < full_bytes
-        assert b * 1e6 == pytest.approx(merged["trainable_params"] * 2, rel=0.2)  # bf16 adapters + headers
-    for k in names:
-        for metric in ("push, export to reloaded", "learner step", "peak learner memory", "generation after a push"):
-            assert math.isfinite(rows[("lora", f"{k}: {metric}")]["value"]) and rows[("lora", f"{k}: {metric}")]["value"] > 0
     # the learner step with one padded row per sample and with shared prefixes, on the same batch: same first loss
     paths = raw["raw"]["learner_paths"]
     assert paths["padded"]["trained_tokens"] == paths["shared prefix"]["trained_tokens"] > 0

@@ -1,16 +1,28 @@
 """Kill the driver with SIGKILL mid-run (the whole process group: driver, Ray, actors), resume from the
 latest complete checkpoint, and check nothing was lost, duplicated, or changed.
 
-Each run is a real ``relayrl train`` subprocess with its own local Ray instance.
+The asynchronous run lives on an object store: ``output_dir = "s3://..."`` against a real S3-compatible
+server (moto on loopback), two learner ranks that each upload their own checkpoint shards, the local
+staging dir deleted after the kill, and ``--resume`` finding and finishing the run from the bucket alone;
+the final model on S3 loads in transformers, and the storage credentials appear in no file the run wrote.
+
+Each run is a real ``relayrl train`` subprocess with its own local Ray instance; the credentials and
+endpoint reach it (and its actors) through the environment only.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 
+from base import storage
+from orchestrator.checkpoint import find_run_to_resume, latest_checkpoint
+from orchestrator.run_outputs import staging_dir
 from tiny_run import tiny_run_toml, train_cli
 
 pytestmark = pytest.mark.integration
@@ -71,35 +83,61 @@ def test_sync_resume_after_sigkill_equals_uninterrupted_run(tiny_sums_model, tmp
     assert len(list((res / "checkpoints").glob("step_*"))) == 2  # keep = 2
 
 
-def _groups_to_reissue(run: Path) -> tuple[float, float]:
-    """``(step, groups)`` of the latest checkpoint: its in-flight groups that are neither held by the
-    saved buffer nor already trained, i.e. what a resume must re-issue."""
-    import pickle
-
-    from orchestrator.checkpoint import latest_checkpoint
-
-    ckpt = Path(latest_checkpoint(run))
-    state = json.loads((ckpt / "trainer.json").read_text())
-    with open(ckpt / "buffer.pkl", "rb") as f:
-        buf = pickle.load(f)
+def _groups_to_reissue(run: str) -> tuple[float, float]:
+    """``(step, groups)`` of the latest checkpoint of ``run`` (a path or URI): its in-flight groups that are
+    neither held by the saved buffer nor already trained, i.e. what a resume must re-issue."""
+    ckpt = latest_checkpoint(run)
+    state = json.loads(storage.read_bytes(storage.join(ckpt, "trainer.json")))
+    buf = pickle.loads(storage.read_bytes(storage.join(ckpt, "buffer.pkl")))
     done = {g[0].group_id for g in buf["groups"]} | set(buf["taken_ids"])
     keys = {k for r in state["inflight"] for k in r["keys"]}
     return float(state["staleness"]["version"]), float(len(keys - done))
 
 
+def _jsonl(uri: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
+
+
 @pytest.mark.timeout(900)
-def test_async_resume_loses_and_duplicates_no_prompt(tiny_sums_model, tmp_path):
-    cfg = _config(tmp_path, tiny_sums_model, "async", 1)
-    _train(cfg, kill_after_checkpoint=2)
-    run = _run_dir(tmp_path, "async")
+def test_async_run_on_s3_resumes_from_the_bucket_alone_losing_and_duplicating_nothing(tiny_sums_model, s3_bucket,
+                                                                                     tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = storage.join(s3_bucket, "runs")
+    cfg = tiny_run_toml(tmp_path / "s3run.toml", tiny_sums_model, output, "name=s3run", f"num_steps={STEPS}",
+                        f"prompts_per_step={P}", "seed=5", "buffer.max_staleness=1", "learner.num_learners=2",
+                        "learner.num_cpus=0.5", "learner.micro_batch_size=4", "checkpoint.every=1",
+                        "checkpoint.keep=2", "ray.num_cpus=2")
+
+    def checkpointed() -> bool:  # a complete checkpoint of a step in 2..STEPS-1 (see `_train`)
+        run = find_run_to_resume(output, "s3run")
+        return run is not None and 2 <= int(storage.basename(latest_checkpoint(run))[len("step_"):]) < STEPS
+
+    train_cli(cfg, kill_when=checkpointed, timeout=400)
+    run = find_run_to_resume(output, "s3run")
     expected = _groups_to_reissue(run)  # read from the checkpoint the resume will use, before it is pruned
-    _train(cfg, "--resume")  # auto: the newest run of this name with a complete checkpoint
-    resumed = [r for r in _records(run, "metrics.jsonl") if "resume/step" in r]
-    assert len(resumed) == 1 and resumed[0]["resume/step"] == expected[0] >= 2
-    assert resumed[0]["resume/reissued_groups"] == expected[1]
-    trained = [g for r in _records(run, "trained_groups.jsonl") for g in r["groups"]]
-    assert len(trained) == STEPS * P and len(set(trained)) == len(trained)  # nothing trained twice
-    s = json.loads((run / "summary.json").read_text())
+    ckpts = storage.join(run, "checkpoints")
+    first = storage.join(ckpts, storage.children(ckpts)[0])
+    learner_files = storage.children(storage.join(first, "learner", "deepspeed"))
+    # each rank uploaded its own part: its optimizer partition and its RNG state
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
+        learner_files), learner_files
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(storage.children(storage.join(first, "learner")))
+    assert not storage.exists(storage.join(run, "final_model"))
+    local = staging_dir(run)
+    assert (local / "metrics.jsonl").is_file()
+    shutil.rmtree(local)  # a fresh machine: nothing of the run is left locally
+
+    train_cli(cfg, "--resume", timeout=400)  # auto: finds the run on S3 by its complete checkpoint
+    steps = _jsonl(storage.join(run, "metrics.jsonl"))
+    assert [r["step"] for r in steps if r["step"] > 0] == list(range(1, STEPS + 1))  # the curve continues
+    (resumed,) = [r for r in steps if "resume/step" in r]
+    assert resumed["step"] == resumed["resume/step"] + 1 and resumed["resume/step"] == expected[0] >= 2
+    assert resumed["resume/reissued_groups"] == expected[1]
+    trained = [g for r in _jsonl(storage.join(run, "trained_groups.jsonl")) for g in r["groups"]]
+    assert len(trained) == STEPS * P and len(set(trained)) == len(trained)  # nothing lost, nothing trained twice
+    s = json.loads(storage.read_bytes(storage.join(run, "summary.json")))
     # every dispatched group is accounted for: trained, still buffered, in flight, filtered or dropped
     parts = ("data/trained_groups", "data/groups_in_buffer", "data/groups_in_flight", "data/groups_filtered",
              "data/groups_dropped_stale")
@@ -107,3 +145,22 @@ def test_async_resume_loses_and_duplicates_no_prompt(tiny_sums_model, tmp_path):
     assert s["data/trained_groups"] == len(trained) and s["data/groups_dropped_stale"] == 0
     # dispatch keys are g0..g(D-1): the trained ones all come from that range
     assert {int(g[1:]) for g in trained} <= set(range(int(s["data/dispatched_groups"])))
+    assert s["final_model"] == storage.join(run, "final_model") and s["step"] == STEPS
+    assert storage.children(ckpts) == [f"step_{k:06d}" for k in (STEPS - 1, STEPS)]  # keep = 2, all complete
+
+    with storage.local_copy(storage.join(run, "final_model")) as model_dir:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        base = AutoModelForCausalLM.from_pretrained(tiny_sums_model)
+        ids = torch.tensor([tok("2 + 3 =")["input_ids"]])
+        with torch.no_grad():
+            logits, base_logits = model(ids).logits, base(ids).logits
+        assert torch.isfinite(logits).all() and not torch.allclose(logits, base_logits)  # the trained policy
+
+    # the credentials came from the environment and went nowhere: not on S3, not in the staging dir
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    fs, root = storage.filesystem(s3_bucket)
+    objects = fs.find(root)
+    assert len(objects) > 20
+    assert not [o for o in objects if secret in fs.cat_file(o)]
+    assert not [p for p in local.rglob("*") if p.is_file() and secret in p.read_bytes()]

@@ -37,3 +37,39 @@ def test_render_puts_the_across_seeds_table_first():
     md = render(SPEC, [("async, seed 1", ["2", "10 s @ step 1", "-"])], "relayrl experiment s.toml",
                 seed_rows=[("async", ["2 (2-2)", "25 s (10-40), 2 of 3 reached", "-"])])
     assert "seeds 1, 2" in md and md.index("Across seeds") < md.index("Each run:") < md.index("| async, seed 1 |")
+
+
+def test_only_reruns_one_row_and_rebuilds_the_others_from_the_recorded_json(tmp_path, monkeypatch):
+    """``--only``: the named variant runs again, the other rows come from the records kept in the ``.json``
+    (the real subprocess runs are covered by tests/integration/test_experiment.py)."""
+    import json
+
+    import tooling.experiment as experiment
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text('title = "t"\nconfig = "c.toml"\ncolumns = [["acc", "curve:eval/accuracy"]]\n'
+                    '[[variants]]\nname = "a"\n[[variants]]\nname = "b"\n')
+    calls: list[str] = []
+
+    def fake_run(spec_, v, out_root, timeout_s, label, extra):  # a finished run dir, as `relayrl train` leaves
+        calls.append(label)
+        d = out_root / f"{label}-{len(calls)}"
+        d.mkdir(parents=True)
+        acc = 0.1 * len(calls)
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval/accuracy": acc + s}) + "\n"
+                                                 for s in (0, 1)))
+        (d / "summary.json").write_text(json.dumps({"step": 1}))
+        return d
+
+    monkeypatch.setattr(experiment, "run_variant", fake_run)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "docs" / "table.md"
+    md = experiment.run_experiment(str(spec), str(out))
+    assert calls == ["a", "b"] and "| a | 0.100@0, 1.100@1 |" in md and "| b | 0.200@0, 1.200@1 |" in md
+    raw = json.loads(out.with_suffix(".json").read_text())
+    md2 = experiment.run_experiment(str(spec), str(out), only=["a"])
+    assert calls == ["a", "b", "a"]  # only the named variant ran again
+    assert "| a | 0.300@0, 1.300@1 |" in md2 and "| b | 0.200@0, 1.200@1 |" in md2  # b rebuilt from the json
+    assert "rerun afterwards with `--only`" in md2 and "`a`" in md2 and out.read_text() == md2
+    raw2 = json.loads(out.with_suffix(".json").read_text())
+    assert raw2["b"] == raw["b"] and raw2["a"]["run_dir"] != raw["a"]["run_dir"]
