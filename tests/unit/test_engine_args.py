@@ -16,7 +16,8 @@ def test_cpu_keeps_its_workarounds():
     assert args["kv_cache_memory_bytes"] == 64 << 20 and "gpu_memory_utilization" not in args
     assert args["tensor_parallel_size"] == 1 and "distributed_executor_backend" not in args
     assert args["logprobs_mode"] == "processed_logprobs" and args["model"] == "/m" and args["seed"] == 3
-    assert engine_env("cpu") == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine in-process
+    # the engine in-process; no TorchDynamo tracing of vLLM's sampler ops on the first request
+    assert engine_env("cpu") == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1"}
 
 
 def test_cuda_uses_graphs_chunked_prefill_and_a_memory_fraction():
@@ -26,6 +27,7 @@ def test_cuda_uses_graphs_chunked_prefill_and_a_memory_fraction():
     assert args["logprobs_mode"] == "processed_logprobs" and args["enable_prefix_caching"] is True
     env = engine_env("cuda")
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env  # the engine core keeps its own process
+    assert "TORCHDYNAMO_DISABLE" not in env  # CUDA graphs and compiled sampler ops stay
     assert env["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"  # so collective_rpc may send the reload function
 
 
