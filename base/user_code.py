@@ -4,8 +4,11 @@ environment class): resolved on the driver when the config loads, and again in e
 Resolution follows Ray's own rule for a local run: the driver's working dir is on the import path (Ray puts
 the driver's working dir on every local worker's path too), so a ``rewards.py`` beside the run config works
 as ``"rewards:fn"``. A module found elsewhere (``PYTHONPATH``, a path a test added) is reached by the actors
-through `code_roots`, which the actor groups add to their workers' ``PYTHONPATH``. On a cluster a module must
-also exist on the other nodes: ship it with ``ray job submit --working-dir`` or runtime_env ``py_modules``.
+through `code_roots`, which the actor groups add to their workers' ``PYTHONPATH``. Other nodes, which may not
+have the driver's files, get every user module the driver imported through the job's runtime_env ``py_modules``
+(`ship_user_code`, called by ``relayrl train`` when it starts or joins Ray): Ray uploads each module's file or
+package dir once and every node's workers import it from their copy. A module that imports a sibling module of
+its own dir must name it too (or be a package): only the modules imported by an import path are shipped.
 
 Left out on purpose: file paths (``/x/rewards.py:fn``; a module name only) and installing packages.
 """
@@ -13,12 +16,16 @@ Left out on purpose: file paths (``/x/rewards.py:fn``; a module name only) and i
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import os
 import site
 import sys
 import sysconfig
 from typing import Any
 
+logger = logging.getLogger(__name__)
+_IMPORTED: dict[str, None] = {}  # top-level module names `import_object` imported in this process, in order
 
 def is_import_path(value: str) -> bool:
     """Whether ``value`` names user code (``"pkg.module:name"``) rather than a built-in registry name."""
@@ -62,6 +69,7 @@ def import_object(path: str, field: str) -> Any:
     except Exception as e:  # noqa: BLE001 - any error in the user's module is reported as this field's error
         raise ValueError(f"{field} = {path!r}: importing {module_name!r} raised {type(e).__name__}: {e}"
                          .replace("\n", " ")) from None
+    _IMPORTED[module_name.split(".")[0]] = None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -77,27 +85,61 @@ def _installed_dirs() -> set[str]:
     return {os.path.realpath(d) for d in dirs}
 
 
+def _origin(top_name: str) -> tuple[str, str] | None:
+    """``(sys.path root, module file or package dir)`` of imported top-level module ``top_name``, or None for
+    one not imported, installed (the interpreter's or site-packages: every worker has it) or without a file."""
+    top = sys.modules.get(top_name)
+    if top is None:
+        return None
+    file = getattr(top, "__file__", None)
+    if file:  # a package's __init__.py sits one level below its root, a plain module at the root
+        source = os.path.dirname(file) if os.path.basename(file).startswith("__init__.") else file
+    else:  # a namespace package
+        locations = list(getattr(top, "__path__", []))
+        source = locations[0] if locations else ""
+    if not source:
+        return None
+    source = os.path.realpath(source)
+    root = os.path.dirname(source)
+    return None if root in _installed_dirs() else (root, source)
+
+
 def code_roots(paths: list[str]) -> list[str]:
     """The ``sys.path`` dirs the driver imported the modules of these import paths from, leaving out the
     interpreter's own and installed packages' dirs (every worker has those): what an actor started from
     another working dir needs on its ``PYTHONPATH``. Paths that are built-in names are skipped; the modules
     must have been imported already (`import_object`)."""
     roots: list[str] = []
-    installed = _installed_dirs()
     for path in paths:
         if not is_import_path(path):
             continue
-        top = sys.modules.get(path.partition(":")[0].split(".")[0])
-        if top is None:
-            continue
-        file = getattr(top, "__file__", None)
-        if file:  # a package's __init__.py sits one level below its root, a plain module at the root
-            root = os.path.dirname(os.path.dirname(file) if os.path.basename(file).startswith("__init__.")
-                                   else file)
-        else:  # a namespace package
-            locations = list(getattr(top, "__path__", []))
-            root = os.path.dirname(locations[0]) if locations else ""
-        root = os.path.realpath(root) if root else ""
-        if root and root not in installed and root not in roots:
-            roots.append(root)
+        origin = _origin(path.partition(":")[0].split(".")[0])
+        if origin is not None and origin[0] not in roots:
+            roots.append(origin[0])
     return roots
+
+
+def user_modules() -> list[str]:
+    """The files (a module) and dirs (a package) of the top-level user modules `import_object` imported in
+    this process, installed ones left out: what runtime_env ``py_modules`` carries to every node."""
+    found = [_origin(name) for name in _IMPORTED]
+    return list(dict.fromkeys(origin[1] for origin in found if origin is not None))
+
+
+def ship_user_code(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """``runtime_env`` (the job's, before ``ray.init``) with `user_modules` added as ``py_modules``, so actors
+    on every node import the user code the run config names, also where the driver's files are not.
+
+    A job submitted with ``py_modules`` of its own (``ray job submit --runtime-env-json``) is left as it is:
+    Ray refuses to merge the same field from the submission and from ``ray.init``, and the submitter's list is
+    then the one that must hold the user's modules (logged).
+    """
+    modules = user_modules()
+    if not modules:
+        return runtime_env
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    if "py_modules" in submitted or "py_modules" in runtime_env:
+        logger.info("user code %s: not added to py_modules, which the job sets itself", modules)
+        return runtime_env
+    logger.info("shipping user code to every node (runtime_env py_modules): %s", modules)
+    return {**runtime_env, "py_modules": modules}

@@ -47,13 +47,15 @@ def _init_ray(cfg, logs_dir: Path | None = None, verbose: bool = False) -> None:
     console shows only relayrl's warnings and errors from the actors (`orchestrator.console`)."""
     import ray
 
+    from base.user_code import ship_user_code
     from orchestrator import console
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if not verbose:
         console.quiet_ray_logger()
-    # every actor process formats its logging like the driver, so relayrl's own lines are recognised
-    runtime_env = {"worker_process_setup_hook": console.WORKER_SETUP_HOOK}
+    # every actor process formats its logging like the driver, so relayrl's own lines are recognised; the user
+    # code the config named (imported when it loaded) goes to every node
+    runtime_env = ship_user_code({"worker_process_setup_hook": console.WORKER_SETUP_HOOK})
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
@@ -208,8 +210,8 @@ def _add_bench(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=1")
     p.add_argument("--out", help="Markdown file to write (a .json with the raw measurements goes next to it)")
     p.add_argument("--only", action="append",
-                   help="run only this benchmark (repeatable): wrapper, weight_push, lora, learner_paths, overlap, "
-                   "speedup, scaling")
+                   help="run only this benchmark (repeatable): wrapper, weight_push, lora, learner_paths, "
+                   "learner_layouts, learner_memory, overlap, speedup, scaling")
     p.add_argument("--steps", type=int, default=4, help="learner steps of each real run (step 1 is not counted)")
     p.set_defaults(fn=cmd_bench)
 

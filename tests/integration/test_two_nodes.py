@@ -6,7 +6,8 @@ node 2 see it empty. Each case runs ``relayrl train`` against the cluster, SIGKI
 checkpoint, resumes, and checks that every trained group was trained once:
 
 - the rollout worker on node 2, run outputs on the driver's disk: the worker gets its own copy of the
-  model from the driver's node (and reuses it after the resume);
+  model from the driver's node (and reuses it after the resume), and scores with a user's reward function
+  whose module only the driver has (Ray's runtime_env ``py_modules`` ships it: `base.user_code.ship_user_code`);
 - a learner rank on node 2, model and run outputs on an S3 server (moto on loopback): that rank reads
   the model from the bucket itself and uploads its own checkpoint shards.
 
@@ -144,14 +145,33 @@ def _trained_groups(run: str) -> list:
     return [g for r in rows if r.strip() for g in json.loads(r)["groups"]]
 
 
+# A user's reward function: 0.25 where it runs from a shipped copy of its module on a node that cannot see the
+# driver's files (node 2), 0.75 anywhere else. Weight 0: the run's reward stays the exact match.
+WHERE_AM_I = """import os
+HIDDEN = {hidden!r}
+def where_am_i(prompts, completions, **columns):
+    shipped = not os.path.realpath(__file__).startswith(HIDDEN)
+    on_node2 = not os.path.exists(os.path.join(HIDDEN, "rollout.toml"))
+    return [0.25 if shipped and on_node2 else 0.75] * len(completions)
+"""
+
+
 @pytest.mark.timeout(1200)
-def test_rollout_worker_on_a_node_without_the_drivers_files(cluster, tiny_sums_model):
-    hidden, env = cluster.hidden, cluster.env
+def test_rollout_worker_on_a_node_without_the_drivers_files(cluster, tiny_sums_model, monkeypatch):
+    hidden = cluster.hidden
     model = hidden / "model_rollout"
     shutil.copytree(tiny_sums_model, model)
+    # the user's module exists only in a dir of the driver's (node 2 has a tmpfs over hidden)
+    user_dir, module = hidden / "user_code", f"relayrl_user_rewards_{uuid.uuid4().hex[:8]}"
+    user_dir.mkdir()
+    (user_dir / f"{module}.py").write_text(WHERE_AM_I.format(hidden=str(hidden.resolve())))
+    monkeypatch.syspath_prepend(str(user_dir))  # tiny_run_toml loads the config here too
+    env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(user_dir),
+                                                                      cluster.env.get("PYTHONPATH")]))}
     output = str(hidden / "runs")
     cfg = _config(hidden / "rollout.toml", str(model), output, cluster, "rollout.resources={node2 = 1}",
-                  "learner.resources={head = 1}")
+                  "learner.resources={head = 1}",
+                  f'rollout.rewards=[{{fn = "exact_match"}}, {{fn = "{module}:where_am_i", weight = 0.0}}]')
     run = _train_twice(cfg, env, output)
 
     trained = _trained_groups(run)
@@ -164,6 +184,11 @@ def test_rollout_worker_on_a_node_without_the_drivers_files(cluster, tiny_sums_m
     # distinct lines: both raylets share one session dir on this machine, so both log monitors stream each line
     copies = {ln for ln in log.splitlines() if "copied model" in ln}
     assert len(copies) == 1 and "from the driver's node" in copies.pop(), log[-3000:]
+    # the user's reward ran on node 2, from the copy of its module that Ray shipped there, on every step
+    rows = [json.loads(r) for r in storage.read_bytes(storage.join(run, "metrics.jsonl")).decode().splitlines()
+            if r.strip()]
+    where = [r["rollout/reward/where_am_i"] for r in rows if "rollout/reward/where_am_i" in r]
+    assert len(where) >= STEPS and set(where) == {0.25}, where
 
 
 @pytest.mark.timeout(1200)
