@@ -33,6 +33,7 @@ Left out on purpose: the attention kernels themselves (``learner.attn_implementa
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -158,12 +159,43 @@ def sliding_window(config) -> tuple[int | None, bool]:
     return int(window), "full_attention" in layer_types
 
 
-def block_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Scoring:
+    """What the learner's scoring applies to one model on every forward, decided once by `scoring`.
+
+    Attributes:
+        transform: the model's post-head logit transform (`logit_transform`), or None.
+        window: the sliding window of its sliding layers, in tokens (None: no layer slides).
+        mixed: full-attention layers sit beside the sliding ones (the model takes a mask per layer type).
+    """
+
+    transform: Callable[[torch.Tensor], torch.Tensor] | None
+    window: int | None
+    mixed: bool
+
+
+def scoring(config, shared_prefix: bool, attn_implementation: str | None = None) -> Scoring:
+    """`check` the model, then what its scoring applies on every forward (`Scoring`).
+
+    Args: as `check`.
+
+    Raises:
+        ValueError: what `check` refuses (one line naming the feature and the setting to change).
+    """
+    check(config, shared_prefix, attn_implementation)
+    window, mixed = sliding_window(config)
+    return Scoring(logit_transform(config), window, mixed)
+
+
+def block_masks(allowed: torch.Tensor, position_ids: torch.Tensor, window: int | None, mixed: bool
+                ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The shared-prefix block mask as the model's layers need it.
 
     Args:
         allowed: ``[rows, L, L]`` bool, True where a query (dim 1) may attend to a key (dim 2).
         position_ids: ``[rows, L]`` each token's position in its own sample.
+        window, mixed: the model's sliding window and whether full layers sit beside sliding ones
+            (`sliding_window`, `Scoring`).
 
     Returns:
         ``allowed``, or with sliding-window layers ``allowed`` narrowed to keys fewer than ``window``
@@ -172,7 +204,6 @@ def block_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor) -> to
         layer are present. Within a block a query sees only its own sample's tokens, whose positions are
         those of its padded row, so the window is the one the model applies there.
     """
-    window, mixed = sliding_window(config)
     if window is None:
         return allowed
     windowed = allowed & ((position_ids[:, :, None] - position_ids[:, None, :]) < window)

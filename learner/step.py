@@ -34,8 +34,8 @@ import torch
 from learner.layout import (ForwardLayout, attention_pair_weight, padded_layout, shared_prefix_layout,
                             shared_prefix_pays)
 from learner.metrics import Metrics, Reduce
-from learner.model_support import block_masks, logit_transform
-from learner.model_support import check as check_model
+from learner.model_support import Scoring, block_masks
+from learner.model_support import scoring as model_scoring
 
 if TYPE_CHECKING:
     from learner.advantages import AdvantageConfigBase
@@ -166,7 +166,7 @@ def _scoring_head(head: torch.nn.Module, layout: ForwardLayout, temperature: flo
 
 def response_logprobs(model, samples: list, device, temperature: float, shared_prefix: bool = True,
                       chunk_tokens: int = 1024, with_entropy: bool = False, pack_tokens: int = 0,
-                      by_cost: bool = False):
+                      by_cost: bool = False, scoring: Scoring | None = None):
     """Per-token logprobs of each sample's response tokens at ``temperature`` and the loss mask.
 
     One model forward per call, whatever the samples (ZeRO-3 gathers parameters in every forward, so
@@ -182,6 +182,8 @@ def response_logprobs(model, samples: list, device, temperature: float, shared_p
     Args:
         model: a causal LM (transformers, optionally PEFT-wrapped) or a DeepSpeed engine around one.
         samples: `buffer.Sample`s of one micro-batch, ``B`` of them.
+        scoring: what `learner.model_support.scoring` decided for this model at start (a learner rank passes
+            the result of its setup-time check); None: check the model's config now, on this call.
 
     Returns:
         ``(logprobs [B, R_max], loss_mask [B, R_max])`` in the samples' order, zero beyond each response
@@ -191,51 +193,79 @@ def response_logprobs(model, samples: list, device, temperature: float, shared_p
 
     Raises:
         ValueError: ``shared_prefix`` with an attention implementation not in `SHARED_PREFIX_ATTENTION`, a
-            model feature the scoring cannot reproduce (`learner.model_support.check`), or an empty prompt.
+            model feature the scoring cannot reproduce (`learner.model_support.check`, when ``scoring`` is
+            None), or an empty prompt.
     """
     core = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     config = core.config
-    check_model(config, shared_prefix, config._attn_implementation)
-    if shared_prefix and by_cost:
-        shared_prefix = shared_prefix_pays(samples, attention_pair_weight(config), pack_tokens)
-    layout = shared_prefix_layout(samples, pack_tokens) if shared_prefix else padded_layout(samples)
-    attn = layout.attention_mask.to(device)
-    if shared_prefix:
-        impl = config._attn_implementation
-        if impl not in SHARED_PREFIX_ATTENTION:
-            raise ValueError(f"learner.shared_prefix needs an attention implementation that takes a 4D mask "
-                             f"{SHARED_PREFIX_ATTENTION}, the model uses {impl!r}")
-        dtype = core.get_input_embeddings().weight.dtype
-
-        def four_d(m: torch.Tensor) -> torch.Tensor:
-            m = m[:, None]  # [rows, 1, L, L], one mask for every head
-            if impl == "eager":  # eager adds the mask to the scores
-                return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
-            return m
-
-        masks = block_masks(config, attn, layout.position_ids.to(device))  # sliding layers get their window
-        attn = {k: four_d(m) for k, m in masks.items()} if isinstance(masks, dict) else four_d(masks)
+    if scoring is None:
+        scoring = model_scoring(config, shared_prefix, config._attn_implementation)
+    layout, shared_prefix = _choose_layout(samples, config, shared_prefix, by_cost, pack_tokens)
+    attn = _attention_mask(core, layout, shared_prefix, scoring, device)
     entropy: list[torch.Tensor] = []
     scored: list[torch.Tensor] = []
     # MoE: no router logits, so no load-balancing loss (not part of the RL loss; it would also misread a 4D mask)
     moe = {"output_router_logits": False} if hasattr(config, "output_router_logits") else {}
-    with _scoring_head(core.get_output_embeddings(), layout, temperature, chunk_tokens, logit_transform(config),
+    with _scoring_head(core.get_output_embeddings(), layout, temperature, chunk_tokens, scoring.transform,
                        scored, entropy):
         model(input_ids=layout.input_ids.to(device), attention_mask=attn, position_ids=layout.position_ids.to(device),
               use_cache=False, **moe)
-    lp = scored[0]  # [N]; the model's own output may be the head's output transformed again
+    # scored[0], not the model's output: the model may transform the head's output again
     B, R = len(samples), max(max(len(s.response_ids) for s in samples), 1)
-    rows, cols = layout.out_row.to(device), layout.out_col.to(device)
+    out = _per_sample(scored[0], layout, B, R, device)
+    mask = loss_masks(samples, R, device)
+    return (out, mask, _per_sample(entropy[0], layout, B, R, device)) if with_entropy else (out, mask)
+
+
+def _choose_layout(samples: list, config, shared_prefix: bool, by_cost: bool, pack_tokens: int
+                   ) -> tuple[ForwardLayout, bool]:
+    """The micro-batch's layout and whether it is the shared-prefix one: shared prefix when asked for (and,
+    with ``by_cost``, when `shared_prefix_pays` for these samples), else one padded row per sample."""
+    if shared_prefix and by_cost:
+        shared_prefix = shared_prefix_pays(samples, attention_pair_weight(config), pack_tokens)
+    return (shared_prefix_layout(samples, pack_tokens) if shared_prefix else padded_layout(samples)), shared_prefix
+
+
+def _attention_mask(core, layout: ForwardLayout, shared_prefix: bool, scoring: Scoring, device):
+    """The ``attention_mask`` argument of the model's forward: the layout's ``[rows, L]`` padding mask, or with
+    ``shared_prefix`` its block mask as ``[rows, 1, L, L]`` (bool for sdpa, additive in the embeddings' dtype for
+    eager), one per layer type when sliding and full layers mix (`learner.model_support.block_masks`).
+
+    Raises:
+        ValueError: ``shared_prefix`` with an attention implementation not in `SHARED_PREFIX_ATTENTION`.
+    """
+    attn = layout.attention_mask.to(device)
+    if not shared_prefix:
+        return attn
+    impl = core.config._attn_implementation
+    if impl not in SHARED_PREFIX_ATTENTION:
+        raise ValueError(f"learner.shared_prefix needs an attention implementation that takes a 4D mask "
+                         f"{SHARED_PREFIX_ATTENTION}, the model uses {impl!r}")
+    dtype = core.get_input_embeddings().weight.dtype
+
+    def four_d(m: torch.Tensor) -> torch.Tensor:
+        m = m[:, None]  # [rows, 1, L, L], one mask for every head
+        if impl == "eager":  # eager adds the mask to the scores
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+        return m
+
+    masks = block_masks(attn, layout.position_ids.to(device), scoring.window, scoring.mixed)  # windows per layer
+    return {k: four_d(m) for k, m in masks.items()} if isinstance(masks, dict) else four_d(masks)
+
+
+def _per_sample(values: torch.Tensor, layout: ForwardLayout, B: int, R: int, device) -> torch.Tensor:
+    """``[N]`` values of the layout's scored tokens as ``[B, R]`` rows, one per sample, zero elsewhere."""
     out = torch.zeros(B, R, device=device)
-    out[rows, cols] = lp
-    mask = torch.zeros(B, R, device=device)
+    out[layout.out_row.to(device), layout.out_col.to(device)] = values
+    return out
+
+
+def loss_masks(samples: list, R: int, device) -> torch.Tensor:
+    """``[B, R]`` float loss masks of ``samples`` (each its ``loss_mask``, zero-padded to ``R`` columns)."""
+    mask = torch.zeros(len(samples), R, device=device)
     for i, s in enumerate(samples):
         mask[i, : len(s.loss_mask)] = torch.tensor(s.loss_mask, dtype=torch.float32, device=device)
-    if not with_entropy:
-        return out, mask
-    ent = torch.zeros(B, R, device=device)
-    ent[rows, cols] = entropy[0]
-    return out, mask, ent
+    return mask
 
 
 def padded_field(samples: list, attr: str, like: torch.Tensor, pad: float) -> torch.Tensor:

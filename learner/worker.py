@@ -6,8 +6,9 @@ groups, balanced by tokens (`learner.batching`), with gradient accumulation over
 ``micro_batch_size`` samples or ``max_tokens_per_microbatch`` tokens. The loss is a token mean over the
 global batch, so the update does not depend on how samples fall into ranks and micro-batches.
 
-Weight export gathers full parameters (ZeRO-3: every rank must enter the gather) and rank 0 packs
-them into a few safetensors buckets for the rollout workers.
+Weight export (`learner.weight_export`) gathers full parameters (ZeRO-3: every rank must enter the gather)
+and rank 0 packs them into a few safetensors buckets for the rollout workers; the model's config is checked
+once, at setup (`learner.model_support.scoring`), and every forward applies what that check decided.
 
 Several optimizer steps per batch (``learner.ppo_minibatches``) make pi_prox differ from the current
 policy after the first one; it is then recomputed by a forward pass before training or approximated
@@ -37,7 +38,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from learner import model_support
+from learner import model_support, weight_export
 from learner.checkpointing import LearnerCheckpoints
 from learner.metrics import Metrics, Reduce
 
@@ -85,6 +86,7 @@ class LearnerWorker(LearnerCheckpoints):
         self.gas = samples_per_step // (world_size * cfg.ppo_minibatches * cfg.micro_batch_size)
         self.samples_per_step = samples_per_step
         self.engine = None
+        self.scoring: model_support.Scoring | None = None  # set by setup(): the model checked once, at start
 
     def master_address(self) -> tuple[str, int]:
         """Address and a free port for the rendezvous (called on rank 0)."""
@@ -98,9 +100,10 @@ class LearnerWorker(LearnerCheckpoints):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        # refuse, before anything starts, a model feature the learner's scoring would get wrong (one line naming it)
-        model_support.check(AutoConfig.from_pretrained(self.model_path), self.cfg.shared_prefix,
-                            self.cfg.attn_implementation)
+        # refuse, before anything starts, a model feature the learner's scoring would get wrong (one line naming it);
+        # every forward then applies what this one check decided (logit transform, sliding window)
+        self.scoring = model_support.scoring(AutoConfig.from_pretrained(self.model_path), self.cfg.shared_prefix,
+                                             self.cfg.attn_implementation)
         use_cuda = torch.cuda.is_available() and self.cfg.num_gpus > 0
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
@@ -154,7 +157,7 @@ class LearnerWorker(LearnerCheckpoints):
 
         return response_logprobs(model, samples, self.engine.device, self.temperature, self.cfg.shared_prefix,
                                  self.cfg.logit_chunk_tokens, with_entropy, self.cfg.max_tokens_per_microbatch,
-                                 by_cost=self.cfg.shared_prefix_by_cost)
+                                 by_cost=self.cfg.shared_prefix_by_cost, scoring=self.scoring)
 
     def train_step(self, batch: list, version: int) -> Metrics:
         """``learner.ppo_minibatches`` optimizer steps on ``batch`` (sample groups; every rank gets all).
@@ -320,30 +323,11 @@ class LearnerWorker(LearnerCheckpoints):
             return int(torch.cuda.max_memory_allocated(self.engine.device))
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
-    # ---- weights ---------------------------------------------------------------------------
+    # ---- weights (`learner.weight_export`) -----------------------------------------------------
     def _gathered_named_params(self, adapters_only: bool = False):
-        """Yield ``(name, full tensor on CPU)`` on rank 0; under ZeRO-3 every rank must call this, and ranks > 0
-        take part in each gather but get ``(name, None)`` (no full copy on their host); under ZeRO-1/2 ranks > 0
-        get nothing.
-
-        Names are HF names, or with LoRA PEFT's (``base_model.model.<hf name>``). ``adapters_only``: the
-        LoRA adapter tensors only, named as in PEFT's adapter files (the adapter name dropped).
-        """
-        import deepspeed
-
-        if self.rank != 0 and self.cfg.zero_stage != 3:
-            return
-        module = self.engine.module
-        for name, p in module.named_parameters():
-            if adapters_only:
-                if ".lora_" not in name:
-                    continue
-                name = name.replace(".default.", ".")  # PEFT's adapter-file naming (get_peft_model_state_dict)
-            if self.cfg.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    yield name, (p.detach().to("cpu", copy=True) if self.rank == 0 else None)
-            else:
-                yield name, p.detach().to("cpu")
+        """Full CPU tensors by name on rank 0; ZeRO-3 ranks > 0 join each gather and get None, ZeRO-1/2 ranks > 0
+        nothing (`learner.weight_export.gathered_named_params`). Under ZeRO-3 every rank must iterate it."""
+        return weight_export.gathered_named_params(self.engine.module, self.rank, self.cfg.zero_stage, adapters_only)
 
     def join_weight_group(self, backend: str, addr: str, port: int, world_size: int, timeout_s: float,
                           name: str) -> None:
@@ -355,12 +339,12 @@ class LearnerWorker(LearnerCheckpoints):
             self.weight_group = WeightGroup(backend, addr, port, 0, world_size, timeout_s, name)
 
     def broadcast_weights(self, version: int, dtype: str, bucket_bytes: int) -> dict:
-        """Export the weights (every rank: ZeRO-3 gathers) and broadcast them from rank 0 to the
-        rollout workers of the weight group; returns export and broadcast metrics (rank 0).
+        """Export the weights (every rank: ZeRO-3 gathers) and broadcast them from rank 0 to the rollout workers
+        of the weight group (`learner.weight_export.broadcast`); returns export and broadcast metrics (rank 0).
 
-        Export and broadcast together take at most the group's timeout (s). A broadcast that fails
-        discards the group (it is never used again; the orchestrator builds a new one) and raises; this
-        process and its DeepSpeed group are unaffected.
+        Export and broadcast together take at most the group's timeout (s). A broadcast that fails discards the
+        group (it is never used again; the orchestrator builds a new one) and raises; this process and its
+        DeepSpeed group are unaffected.
 
         Raises:
             RuntimeError: rank 0 has no weight group (none joined, or the last one failed).
@@ -370,40 +354,18 @@ class LearnerWorker(LearnerCheckpoints):
         buckets, m = self.export_weights(dtype, bucket_bytes)
         if self.rank != 0:
             return {}
-        group = getattr(self, "weight_group", None)
-        if group is None:
-            raise RuntimeError("learner rank 0 is in no weight group (none joined, or its last broadcast failed)")
-        t1 = time.perf_counter()
         try:
-            group.send(version, buckets, timeout_s=max(1.0, group.timeout_s - (time.monotonic() - t0)))
+            return weight_export.broadcast(getattr(self, "weight_group", None), version, buckets, m, t0)
         except (RuntimeError, TimeoutError):
             self.weight_group = None
             raise
-        return {**m, "weights/broadcast_seconds": time.perf_counter() - t1}
 
     def export_weights(self, dtype: str, bucket_bytes: int) -> tuple[list[bytes] | None, dict]:
-        """Full weights (with LoRA: the adapter tensors only) as safetensors buckets (rank 0; other ranks
-        return None) and export metrics.
-
-        Tied parameters appear once (``named_parameters`` de-duplicates), which is what vLLM's
-        loader expects for tied embeddings.
-        """
-        import torch
-
-        from base.weight_buckets import serialize_buckets  # the format the engine loads
-
-        t0 = time.perf_counter()
-        dt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+        """Full weights (with LoRA: the adapter tensors only) as safetensors buckets in the rollout ``dtype``
+        (rank 0; other ranks return None) and export metrics (`learner.weight_export.export_buckets`); every
+        rank must call it under ZeRO-3."""
         named = self._gathered_named_params(adapters_only=self.cfg.lora is not None)
-        if self.rank != 0:
-            for _ in named:  # take part in ZeRO-3 gathers
-                pass
-            return None, {}
-        named = ((n, t.to(dt)) for n, t in named)
-        buckets = serialize_buckets(named, bucket_bytes)
-        return buckets, {"weights/export_seconds": time.perf_counter() - t0,
-                         "weights/bytes": float(sum(len(b) for b in buckets)),
-                         "weights/buckets": float(len(buckets))}
+        return weight_export.export_buckets(named, self.rank, dtype, bucket_bytes)
 
     def probe(self, groups: list, version: int, num_samples: int) -> dict[str, float]:
         """The sentinel's forward: score up to ``num_samples`` samples of ``groups`` (`learner.sentinel.probe_samples`)
@@ -444,5 +406,5 @@ class LearnerWorker(LearnerCheckpoints):
                    [0.0] * (len(token_ids) - prompt_len), [0] * (len(token_ids) - prompt_len))
         with torch.no_grad():
             lp, _ = response_logprobs(self.engine, [s], self.engine.device, 1.0, self.cfg.shared_prefix,
-                                      self.cfg.logit_chunk_tokens)
+                                      self.cfg.logit_chunk_tokens, scoring=self.scoring)
         return lp[0, : len(token_ids) - prompt_len].tolist()
