@@ -11,6 +11,8 @@ Benchmarks (``--only`` picks some), run one after the other in one invocation, n
   sample) and on (one packed row per prompt): seconds, trained tokens/s, peak learner memory.
 - ``learner_layouts``: one micro-batch's forward + backward as padded rows, as a shared-prefix row and as the
   default picks by cost, for short and long responses (`tooling.bench_layouts`; no Ray).
+- ``learner_memory``: peak host memory of each of 2 learner ranks under ZeRO-1, 2 and 3, at start, during a train
+  step and during a weight export (`tooling.bench_memory`; idle rollout workers).
 - ``overlap`` / ``speedup``: stand-alone generation (G) and training (T) throughput against real runs,
   async (A, ``buffer.max_staleness=1``) and sync (S, ``max_staleness=0``).
 - ``scaling``: a real run with 1, 2, 4 SLOWED FAKE rollout workers (a sleep per group, synthetic
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tooling import bench_layouts, bench_training
+from tooling import bench_layouts, bench_memory, bench_training
 from tooling.bench_actors import FAKE_GROUP_SECONDS, FakeRolloutWorker, RawVLLM, tiny_copy
 from tooling.bench_math import (Row, ideal_speedup, overlap_efficiency, paired_overhead_pct, rate, render,
                                            row, to_json)
@@ -61,6 +63,7 @@ NOTES = {
     f"the mean of {TRAIN_REPEATS} `train_step` s on one real batch of `samples_per_step` generated samples.",
     **bench_training.NOTES,
     "learner_layouts": bench_layouts.NOTE,
+    "learner_memory": bench_memory.NOTE,
     "overlap": "`overlap`: G = samples/s of the rollout workers generating with the learner idle; T = samples/s "
     "of learner steps repeated on one fixed batch; A = samples/s of a real run (`Trainer`, "
     "`buffer.max_staleness=1`, no eval) from its `perf/step_seconds`, step 1 excluded.",
@@ -175,7 +178,7 @@ def bench_scaling(s: Session) -> dict[str, Row]:
 BENCHMARKS: dict[str, Callable[[Session], dict[str, Row]]] = {
     "wrapper": bench_wrapper, "weight_push": bench_weight_push, "lora": bench_training.bench_lora,
     "learner_paths": bench_training.bench_learner_paths, "learner_layouts": bench_layouts.bench_learner_layouts,
-    "overlap": bench_overlap,
+    "learner_memory": bench_memory.bench_learner_memory, "overlap": bench_overlap,
     "speedup": bench_speedup, "scaling": bench_scaling}
 
 

@@ -1,12 +1,13 @@
 """Actors `relayrl bench` runs besides the real ones: raw vLLM, SLOWED FAKE rollout workers, idle stand-in
-rollout workers, a tiny model copy.
+rollout workers, a learner rank that reports its host memory, a tiny model copy.
 
 `RawVLLM` is the baseline of the ``wrapper`` benchmark: the very `vllm.LLM` a `VLLMEngine` builds,
 called directly. `FakeRolloutWorker` (``scaling``) is the real `RolloutWorker` (reward scoring,
 `Sample` s, buffer writes, weight staging and version waits) around an engine that sleeps a fixed
 time per group and answers with synthetic text: generation costs no CPU, so the number of workers,
 not the cores, sets the rate. `IdleRolloutWorker` fills the rollout side of a learner-only rig
-(``learner_paths``): it starts nothing and is never asked to generate.
+(``learner_paths``): it starts nothing and is never asked to generate. `MemoryProbeLearner` is the real
+`LearnerWorker` plus a read (and reset) of its process's peak resident set (``learner_memory``).
 
 Left out on purpose: any resemblance to vLLM's throughput; benchmarks that report these figures must
 label them as fake.
@@ -18,7 +19,9 @@ import random
 import time
 from pathlib import Path
 
+from learner.worker import LearnerWorker
 from rollout.rewards import score_response
+from tooling.bench_math import proc_status_bytes
 from rollout.worker import RolloutWorker
 
 FAKE_GROUP_SECONDS = 6.0  # sleep of a fake engine per group (prompt), seconds; slow enough that 4 fake
@@ -104,6 +107,27 @@ class IdleRolloutWorker:
 
     def get_version(self) -> int:
         return self.version
+
+
+class MemoryProbeLearner(LearnerWorker):
+    """A real `LearnerWorker` that reports its process's host memory, for per-phase peaks."""
+
+    def host_memory(self, reset_peak: bool = False) -> dict[str, int]:
+        """``{"VmHWM", "VmRSS"}`` of this rank's process in bytes (`tooling.bench_math.proc_status_bytes`); with
+        ``reset_peak``, then reset the peak to the current resident set (``echo 5 > /proc/self/clear_refs``,
+        Linux >= 4.0, proc(5)), so the next reading's peak is that of what ran in between. The reset also lowers
+        ``ru_maxrss`` (`LearnerWorker.peak_memory_bytes`) of this process.
+
+        Raises:
+            ValueError: no ``/proc/self/status`` memory lines (not Linux).
+            OSError: the kernel refused the reset.
+        """
+        with open("/proc/self/status") as f:
+            out = proc_status_bytes(f.read())
+        if reset_peak:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return out
 
 
 def tiny_copy(model_path: str, dest: Path) -> str:

@@ -98,6 +98,46 @@ def learner_busy_frac(records: list[dict]) -> float:
     return statistics.fmean(r["learner/seconds"] for r in recs) / statistics.fmean(r["perf/step_seconds"] for r in recs)
 
 
+def proc_status_bytes(status: str) -> dict[str, int]:
+    """``{"VmHWM": peak resident set, "VmRSS": resident set now}`` in bytes, from the text of a Linux
+    ``/proc/<pid>/status`` (which gives them in kB, meaning KiB: proc(5)).
+
+    Raises:
+        ValueError: either line is missing (not Linux, or a kernel thread).
+    """
+    out = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            number, unit = value.split()
+            if unit != "kB":
+                raise ValueError(f"/proc status line {line!r}: expected a value in kB")
+            out[key] = int(number) * 1024
+    missing = sorted({"VmHWM", "VmRSS"} - set(out))
+    if missing:
+        raise ValueError(f"/proc status has no {missing} line(s): peak host memory needs Linux's /proc/<pid>/status")
+    return out
+
+
+def phase_memory(readings: list[tuple[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    """Per phase of one process: its peak resident set, the resident set after it, and how far the peak rose
+    above the resident set the phase started from, in bytes.
+
+    Args:
+        readings: ``(phase, proc_status_bytes(...))`` taken at the end of each phase, in order, the peak
+            (``VmHWM``) reset to the current resident set right after each reading; the first phase starts at
+            process start (resident set 0).
+
+    Returns:
+        ``phase -> {"peak": VmHWM, "rss": VmRSS, "rise": VmHWM - VmRSS of the previous reading}``.
+    """
+    out, before = {}, 0
+    for phase, r in readings:
+        out[phase] = {"peak": r["VmHWM"], "rss": r["VmRSS"], "rise": r["VmHWM"] - before}
+        before = r["VmRSS"]
+    return out
+
+
 def fmt(value: float) -> str:
     """Compact number for the table: 3 significant figures, integers without decimals."""
     if not math.isfinite(value):
