@@ -41,7 +41,8 @@ from typing import Any
 
 from base.adapter import LoraSpec, write_adapter_dir
 from base.weight_buckets import iter_buckets
-from rollout.engine_args import checkpoint_files, engine_args, engine_env, needs_cast_load
+from rollout.engine_args import (check_window_convention, checkpoint_files, engine_args, engine_env,
+                                 needs_cast_load)
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ class VLLMEngine:
 
     Raises:
         FileNotFoundError: ``model_path`` does not exist.
-        ValueError: vLLM runs on a platform other than CPU or CUDA.
+        ValueError: vLLM runs on a platform other than CPU or CUDA, or vLLM and the learner would window the
+            model's sliding-window layers differently (`rollout.engine_args.check_window_convention`).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class VLLMEngine:
     ) -> None:
         if not os.path.isdir(model_path):
             raise FileNotFoundError(f"rollout model dir {model_path!r} does not exist")
+        check_window_convention(model_path, max_model_len)  # before vLLM starts: a one-line refusal
         from vllm.platforms import current_platform  # reads no engine settings: the environment can follow
 
         platform = current_platform.device_type

@@ -73,6 +73,37 @@ def needs_cast_load(model_path: str, dtype: str) -> bool:
     return found != {want}
 
 
+WINDOW_PLUS_ONE = ("cohere2", "cohere2_moe")
+"""Model types whose vLLM model lets a sliding-window layer attend to ``sliding_window + 1`` tokens (``q - k <=
+W``: vLLM's ``commandr.py`` / ``cohere2_moe.py`` add 1 "to match the training convention"), where transformers,
+and so the learner, attends to ``W`` (``q - k < W``, as for every other model). Measured on a tiny Cohere 2
+(docs/engine_conformance.md)."""
+
+
+def check_window_convention(model_path: str, max_model_len: int) -> None:
+    """Refuse a model whose sliding-window layers vLLM and the learner window differently (`WINDOW_PLUS_ONE`)
+    when a sequence can be longer than the window; up to ``sliding_window`` tokens both see the same keys.
+
+    Raises:
+        ValueError: one line naming the model type, its window and the setting to change.
+    """
+    path = os.path.join(model_path, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        config = json.load(f)
+    config = config.get("text_config") or config  # a multimodal model's language model (Cohere 2 Vision)
+    window, kind = config.get("sliding_window"), config.get("model_type")
+    layer_types = config.get("layer_types")
+    slides = ("sliding_attention" in layer_types) if layer_types is not None else \
+        config.get("sliding_window_pattern", 4) != 1  # transformers' Cohere2Config builds layer_types from it
+    if kind in WINDOW_PLUS_ONE and window and slides and max_model_len > window:
+        raise ValueError(f"model type {kind!r} has sliding_window = {window}: vLLM's sliding-window layers attend "
+                         f"to {window + 1} tokens and the learner's (transformers') to {window}, so in sequences "
+                         f"longer than {window} tokens the engine and the learner compute other logprobs; set "
+                         f"rollout.max_model_len <= {window} (it is {max_model_len})")
+
+
 def _check_platform(platform: str) -> None:
     if platform not in PLATFORMS:
         raise ValueError(f"vLLM platform {platform!r} is not supported by relayrl's rollout engine; "
