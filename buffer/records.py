@@ -11,15 +11,30 @@ Left out on purpose: the samples themselves travel as `Sample` lists, never insi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Problem:
-    """A prompt with its reference answer; ``prompt_id`` is stable across runs (``split/index``)."""
+    """A prompt with its reference answer; ``prompt_id`` is stable across runs (``split/index``).
+
+    Attributes:
+        question: the prompt text (a conversational prompt: its last user message's content).
+        answer: the reference answer as text ("" when the data has none).
+        messages: a conversational prompt's own chat messages (``{"role", "content"}`` dicts), rendered with
+            the model's chat template as given; () for a text prompt, which relayrl's prompt builder renders.
+        columns: the data row's other columns (JSON values: checkpoints store in-flight problems as JSON),
+            handed to reward functions as keywords and to environments as ``problem.columns``.
+    """
 
     prompt_id: str
     question: str
     answer: str
+    messages: tuple[dict[str, str], ...] = field(default=(), hash=False)
+    columns: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))  # JSON gives lists
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ _STEP = re.compile(r"step_\d+")
 RESUME_INVARIANT_FIELDS = (
     "seed", "prompts_per_step", "model.path", "data.type", "data.task", "data.task_config", "data.path",
     "data.train_size", "data.train_seed", "data.prompt_field", "data.answer_field", "data.one_shot",
-    "data.instruction", "rollout.group_size", "learner.num_learners", "learner.zero_stage", "learner.dtype",
+    "data.instruction", "data.split", "data.eval_fraction", "data.eval_seed", "data.system_prompt", "data.template",
+    "rollout.group_size", "learner.num_learners", "learner.zero_stage", "learner.dtype",
     "learner.lora",
     "buffer.prompt_sampler", "buffer.dynamic_sampling", "buffer.value_tracker", "buffer.rollout_allocation",
 )
@@ -160,9 +161,15 @@ def _get(d: dict, dotted: str) -> Any:
 
 
 def incompatible_fields(saved: dict, current: dict) -> list[str]:
-    """``"field: saved -> current"`` for each `RESUME_INVARIANT_FIELDS` entry that differs."""
+    """``"field: saved -> current"`` for each `RESUME_INVARIANT_FIELDS` entry that differs; a field the saved
+    config lacks (written before the field existed) is not compared."""
+    def saved_has(dotted: str) -> bool:
+        *parents, last = dotted.split(".")
+        d = _get(saved, ".".join(parents)) if parents else saved
+        return isinstance(d, dict) and last in d
+
     return [f"{k}: {_get(saved, k)!r} -> {_get(current, k)!r}"
-            for k in RESUME_INVARIANT_FIELDS if _get(saved, k) != _get(current, k)]
+            for k in RESUME_INVARIANT_FIELDS if saved_has(k) and _get(saved, k) != _get(current, k)]
 
 
 # ---- what a Trainer writes and reads ---------------------------------------------------------------

@@ -25,6 +25,7 @@ from learner.config import LearnerConfig
 from orchestrator.weights import WeightsConfig
 from orchestrator.weights.object_store import ObjectStoreWeights
 from rollout.config import DataConfig, RolloutConfig
+from rollout.reward_models import RewardModelConfig, check_reward_models
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,10 @@ class RunConfig(StrictConfig):
                              "held-out problems")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="vLLM rollout workers: sampling, "
                                    "resources, timeouts, scaling, episodes")
+    reward_models: list[RewardModelConfig] = Field(
+        default_factory=list, max_length=16, description="reward-model pools ([[reward_models]]: a classifier or a "
+        "generative judge, each with its own workers and resources), called by rollout.rewards fn = "
+        "'reward_model:<name>' or from user code (rollout.reward_models.reward_model)")
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="the data manager: staleness bound, "
                                  "curation, prompt sampling")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="DeepSpeed learner ranks: optimiser, "
@@ -149,6 +154,11 @@ class RunConfig(StrictConfig):
                 "'async_decoupled_tis'), set buffer.max_staleness = 0, or set "
                 "allow_uncorrected_off_policy = true"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _reward_models_named(self) -> RunConfig:
+        check_reward_models(self.reward_models, self.rollout.rewards, self.rollout.reward_timeout_s)
         return self
 
     @model_validator(mode="after")

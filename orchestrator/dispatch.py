@@ -10,7 +10,13 @@ are re-issued, so none is lost or duplicated.
 Each request's clock starts once the weights it needs (``min_version``) exist, and it must finish
 within ``rollout.request_timeout_s`` of that, whatever else finishes meanwhile.
 
-Left out on purpose: retrying a request that timed out (the run stops and names it).
+A hung worker costs that worker, not the run: a request past its timeout, or one its worker refused with
+`rollout.episode.HungWorkerError` (too many environment calls abandoned past ``rollout.env.step_timeout_s``),
+gets the worker killed and replaced by a new actor in its slot, given the current weights, and its requests
+re-issued as for a dead worker (``rollout/worker_restarts`` and ``rollout/worker_restarts_hung``). A slot may
+be restarted so ``rollout.max_restarts`` times; one more hang stops the run naming the worker and the cause.
+
+Left out on purpose: waiting for a hung worker to come back by itself (its request is lost time either way).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from buffer import GenerateRequest, RolloutResult
+from rollout import HungWorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,7 @@ class Dispatcher:
         self.cfg, self.rollout, self.buffer, self.sentinel = cfg, rollout, buffer, sentinel
         self.staleness, self.tally, self.scaler, self.sampler, self.allocator = staleness, tally, scaler, sampler, allocator
         self.requests: dict = {}  # ObjectRef of a RolloutResult -> InFlight
+        self.hung_restarts: dict[int, int] = {}  # slot -> times its worker was restarted because it hung
 
     def dispatch(self) -> None:
         """Send prompts while admission control allows (at most 2 requests per worker in flight)."""
@@ -78,9 +86,11 @@ class Dispatcher:
         """Wait until a generate request or the learner step (``step_refs``) finishes, bounded by the
         requests' deadlines and ``step_deadline`` (monotonic seconds).
 
+        A request past ``rollout.request_timeout_s`` gets its worker restarted and is re-issued (`restart_hung`).
+
         Raises:
-            TimeoutError: a request ran past ``rollout.request_timeout_s`` (named) or the learner step
-                past its deadline; nothing to wait for at all (a bug).
+            TimeoutError: the learner step ran past its deadline; nothing to wait for at all (a bug).
+            RuntimeError: a timed-out request's worker has no restart left (`restart_hung`).
         """
         import ray
 
@@ -94,12 +104,13 @@ class Dispatcher:
                                f"{self.rollout.active}); this is a bug, please report it")
         ray.wait(refs, num_returns=1, timeout=max(0.0, min(deadlines) - now))
         now = time.monotonic()
-        for ref, f in self.requests.items():
-            if f.started is not None and now > f.started + rc.request_timeout_s and not ray.wait([ref], timeout=0)[0]:
-                raise TimeoutError(
-                    f"generate request {f.req.keys[0]}..{f.req.keys[-1]} ({len(f.req.keys)} groups) on rollout worker "
-                    f"{f.worker} did not finish within rollout.request_timeout_s = {rc.request_timeout_s:g} s while "
-                    "other work went on; check that worker's log, or raise the timeout")
+        for ref, f in list(self.requests.items()):
+            if ref in self.requests and f.started is not None and now > f.started + rc.request_timeout_s \
+                    and not ray.wait([ref], timeout=0)[0]:
+                self._finished(ref)
+                self.restart_hung(f, TimeoutError(
+                    f"generate request {f.req.keys[0]}..{f.req.keys[-1]} ({len(f.req.keys)} groups) did not finish "
+                    f"within rollout.request_timeout_s = {rc.request_timeout_s:g} s"))
         if step_deadline is not None and now > step_deadline and \
                 ray.wait(step_refs, num_returns=len(step_refs), timeout=0)[1]:
             raise TimeoutError(f"learner step {self.staleness.version + 1} did not finish within "
@@ -115,7 +126,8 @@ class Dispatcher:
         """Account finished generate requests; recover a worker that died; feed rewards to the sampler.
 
         Raises:
-            RuntimeError: the reward-failure budget or the dynamic-sampling refill limit was exceeded.
+            RuntimeError: the reward-failure budget or the dynamic-sampling refill limit was exceeded; a hung
+                worker has no restart left (`restart_hung`).
         """
         import ray
 
@@ -123,13 +135,16 @@ class Dispatcher:
             return
         finished, _ = ray.wait(list(self.requests), num_returns=len(self.requests), timeout=0)
         for ref in finished:
-            f = self.requests.pop(ref)
-            self.rollout.done(f.worker)
-            self.staleness.returned(len(f.req.keys))
+            if ref not in self.requests:  # re-issued by a restart earlier in this loop
+                continue
+            f = self._finished(ref)
             try:
                 result: RolloutResult = ray.get(ref)  # re-raises a worker's error here, in the main loop
             except ray.exceptions.RayActorError as e:  # the worker process died: recover it, retry the prompts
                 self._recover(f, e)
+                continue
+            except HungWorkerError as e:  # the worker holds too many hung environment calls: restart it
+                self.restart_hung(f, getattr(e, "cause", None) or e)
                 continue
             for key in result.kept_keys:
                 self.staleness.kept_group(key)
@@ -156,8 +171,38 @@ class Dispatcher:
                 "prompts are all solved or all failed by this policy. Change the data, or raise "
                 f"buffer.max_refill_factor (now {bc.max_refill_factor:g})")
 
-    def _recover(self, f: InFlight, err: Exception) -> None:
-        """Bring back the dead worker of ``f`` and re-issue its groups that never reached the buffer.
+    def _finished(self, ref) -> InFlight:
+        """Forget request ``ref`` (finished, failed or given up); returns it."""
+        f = self.requests.pop(ref)
+        self.rollout.done(f.worker)
+        self.staleness.returned(len(f.req.keys))
+        return f
+
+    def restart_hung(self, f: InFlight, cause: Exception) -> None:
+        """The worker of ``f`` hung (``cause``: a request past its timeout, or `HungWorkerError`): replace it with a
+        new actor in its slot, give it the current weights and re-issue ``f``'s groups (its other requests fail and
+        are re-issued as they are collected). Counted in ``rollout/worker_restarts_hung``. Nothing happens when
+        that worker was restarted since ``f`` was sent (``f`` is then re-issued as a dead worker's request).
+
+        Raises:
+            RuntimeError: the slot was already restarted ``rollout.max_restarts`` times for hangs; names the worker
+                and the cause.
+        """
+        slot, limit = f.worker, self.cfg.rollout.max_restarts
+        if self.rollout.incarnation.get(slot) == f.incarnation:
+            n = self.hung_restarts.get(slot, 0)
+            if n >= limit:
+                raise RuntimeError(f"rollout worker {slot} hung: {cause} (it was restarted for hangs {n} times, "
+                                   f"rollout.max_restarts = {limit}); find what hangs in its log, or raise the "
+                                   "timeout or rollout.max_restarts")
+            self.hung_restarts[slot] = n + 1
+            self.tally.worker_restarts_hung += 1
+            logger.warning("rollout worker %d hung: %s; restarting it", slot, cause)
+        self._recover(f, cause, replace=True)
+
+    def _recover(self, f: InFlight, err: Exception, replace: bool = False) -> None:
+        """Bring back the dead (or, with ``replace``, hung) worker of ``f`` and re-issue its groups that never
+        reached the buffer.
 
         A worker dies with every request it held: the first failure recovers it, the others (sent to
         the same, earlier incarnation) are only re-issued.
@@ -165,7 +210,7 @@ class Dispatcher:
         import ray
 
         if self.rollout.incarnation.get(f.worker) == f.incarnation:
-            how = self.scaler.recover(f.worker, self.staleness.version, err)
+            how = self.scaler.recover(f.worker, self.staleness.version, err, replace=replace)
             self.tally.worker_restarts += 1
         else:
             how = "already recovered"

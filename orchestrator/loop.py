@@ -1,7 +1,7 @@
 """The training loop: generation and training run at the same time, bounded in staleness.
 
-`Trainer` owns the actors of one run (replay buffer, learner group, rollout group, control actor) and
-composes the pieces that each own one concern: admission control (`buffer.StalenessManager`: no
+`Trainer` owns the actors of one run (replay buffer, learner group, rollout group, reward-model pools, control
+actor) and composes the pieces that each own one concern: admission control (`buffer.StalenessManager`: no
 sample ever exceeds ``buffer.max_staleness``; ``0`` is the synchronous schedule through the same
 code), weight sync (`orchestrator.weight_sync`), scaling and worker recovery (`orchestrator.scaling`),
 rollout counters and the reward-failure budget (`orchestrator.tally`), the training clock and totals
@@ -39,9 +39,9 @@ from orchestrator.control import start_control
 from orchestrator.dispatch import Dispatcher
 from orchestrator.learner_step import LearnerStep, SkippedSteps
 from orchestrator.metrics import MetricsLogger, held_out_metrics
-from orchestrator.models import model_source, module_names
-from orchestrator.placement import (SlotPlacement, learner_bundle, on_driver_node, release, reserve, rollout_bundle,
-                                    scheduling, wait_for_resources)
+from orchestrator.models import model_source, module_names, resolve_model_path
+from orchestrator.placement import (SlotPlacement, learner_bundle, on_driver_node, release, reserve,
+                                    reward_model_bundle, rollout_bundle, scheduling, wait_for_resources)
 from orchestrator.progress import StepProgress
 from orchestrator.remote import wait_all
 from orchestrator.run_outputs import RunOutputs
@@ -49,7 +49,7 @@ from orchestrator.scaling import Scaler
 from orchestrator.sentinel import Sentinel
 from orchestrator.tally import RolloutTally
 from orchestrator.weight_sync import WeightSync
-from rollout import RolloutGroup, RolloutWorker
+from rollout import RewardModelPool, RolloutGroup, RolloutWorker, reward_models_env
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,11 @@ class Trainer:
                                                      uri=cfg.model.path if storage.is_remote(cfg.model.path) else None)
         # the rollout workers start (vLLM import, engine) while the learner ranks start (torch, DeepSpeed):
         # the two start-ups overlap instead of adding up
+        self.reward_models = self._start_reward_models()  # the workers reach them through their environment
         placement = SlotPlacement(rollout_bundle(cfg), rc.node_labels, cfg.ray.placement_timeout_s)
         self.rollout = RolloutGroup(rc, cfg.data, self.model, buffer_name, placement,
-                                    worker_cls=rollout_worker_cls or RolloutWorker, lora=lc.lora, wait=False)
+                                    worker_cls=rollout_worker_cls or RolloutWorker, lora=lc.lora, wait=False,
+                                    env_vars=reward_models_env(self.reward_models))
         try:
             self.learner = LearnerGroup(lc, self.model, [scheduling(self.learner_pg, r) for r in range(lc.num_learners)],
                                         cfg.samples_per_step, rc.max_tokens, rc.temperature, cfg.seed,
@@ -106,8 +108,12 @@ class Trainer:
         except BaseException:  # no rollout worker outlives a learner that failed to start
             for slot in list(self.rollout.slots):
                 self.rollout.release(slot)
+            for pool in self.reward_models:
+                pool.shutdown()
             raise
         self.rollout.wait_up()
+        for pool in self.reward_models:
+            pool.wait_up()
         self.sampler = PROMPT_SAMPLERS[bc.prompt_sampler](train_problems, cfg.seed, group_size=rc.group_size,
                                                            floor=bc.sampler_floor)
         self.allocator = RolloutAllocator(bc.rollout_allocation, rc.group_size, P, bc.allocation_min_n,
@@ -139,11 +145,26 @@ class Trainer:
         """Kill every actor of this run (buffer, learner ranks, rollout workers) and free their placement groups."""
         import ray
 
-        for actor in [self.buffer, self.control, self.model_server, *self.learner.ranks]:
+        for actor in [self.buffer, self.control, self.model_server, *self.reward_model_servers, *self.learner.ranks]:
             ray.kill(actor)
         for slot in list(self.rollout.slots):
             self.rollout.release(slot)
+        for pool in self.reward_models:
+            pool.shutdown()
         release(self.learner_pg)
+
+    def _start_reward_models(self) -> list[RewardModelPool]:
+        """Start one `RewardModelPool` per ``[[reward_models]]`` entry (not waited for here); each model is served
+        to nodes that cannot see it, as the policy's is."""
+        pools, self.reward_model_servers = [], []
+        for r in self.cfg.reward_models:
+            uri = r.model if storage.is_remote(r.model) else None
+            source, server = model_source(resolve_model_path(r.model), uri=uri)
+            self.reward_model_servers.append(server)
+            placement = SlotPlacement(reward_model_bundle(r), r.node_labels, self.cfg.ray.placement_timeout_s,
+                                      f"reward model {r.name!r} server")
+            pools.append(RewardModelPool(r, source, placement, wait=False))
+        return pools
 
     def evaluate(self, version: int) -> dict[str, float]:
         """Greedy held-out accuracy (strict exact match) with weights of ``version`` or newer, its standard
@@ -164,8 +185,9 @@ class Trainer:
         """Train ``cfg.num_steps`` steps (or until ``time_budget_s``); returns the summary.
 
         Raises:
-            TimeoutError: a generate request, learner step or weight push exceeded its timeout.
-            RuntimeError: a learner rank died, or a failure budget was exceeded.
+            TimeoutError: a learner step or weight push exceeded its timeout.
+            RuntimeError: a learner rank died, or a failure budget was exceeded (e.g. a rollout worker hung once
+                more than ``rollout.max_restarts`` allows: a request past ``rollout.request_timeout_s``).
             SentinelError (a RuntimeError): the learner and a rollout engine disagree on the logprobs of tokens
                 sampled with the same weights (`orchestrator.sentinel`).
         """
@@ -294,6 +316,8 @@ class Trainer:
             **self.tally.step_metrics(m["perf/step_seconds"], self.clock.trained_samples), **self.staleness.metrics(),
             **self.sampler.metrics(), **self.allocator.metrics(), **self.resume_metrics,
         })
+        for pool in self.reward_models:  # reward_model/<name>/*: items scored and failed during the step
+            m.update(pool.metrics())
         self.scaler.autoscale(m["perf/learner_wait_frac"])
         self.resume_metrics = {}  # logged once
         return m

@@ -1,11 +1,13 @@
-"""Placement of learner ranks and rollout workers: resource bundles reserved as Ray placement groups.
+"""Placement of learner ranks, rollout workers and reward-model servers: resource bundles reserved as Ray
+placement groups.
 
 Each actor kind has its own resource spec in the run config (CPUs, GPUs, custom resources, node
 labels), and the orchestrator reserves it here and hands the result down: rollout/ and learner/ never
 import this module. The learner ranks share one placement group (``learner.placement_strategy``: PACK keeps them
 on as few nodes as possible for fast collectives, SPREAD spreads them); each rollout worker gets a
 one-bundle group of its own (``rollout.num_gpus * rollout.tensor_parallel_size`` GPUs: one engine with
-all its tensor-parallel ranks), so workers can be added and removed while a run goes on. Before anything
+all its tensor-parallel ranks), so workers can be added and removed while a run goes on; so does each server
+of a ``[[reward_models]]`` pool. Before anything
 is reserved, `wait_for_resources` checks that the cluster's totals cover the run (waiting up to
 ``ray.wait_for_resources_s`` for an autoscaler to add nodes, asking it for the run's bundles). A
 reservation that the cluster cannot satisfy fails after ``ray.placement_timeout_s`` with a message
@@ -57,9 +59,16 @@ def rollout_bundle(cfg: RunConfig) -> dict[str, float]:
     return bundle(rc.num_cpus, rc.num_gpus * rc.tensor_parallel_size, rc.resources)
 
 
+def reward_model_bundle(rm) -> dict[str, float]:
+    """One server's bundle of a ``[[reward_models]]`` pool (`rollout.reward_models`)."""
+    return bundle(rm.num_cpus, rm.num_gpus, rm.resources)
+
+
 def run_bundles(cfg: RunConfig) -> list[dict[str, float]]:
-    """Every bundle the run reserves at start: one per learner rank, then one per rollout worker."""
-    return [learner_bundle(cfg)] * cfg.learner.num_learners + [rollout_bundle(cfg)] * cfg.rollout.num_workers
+    """Every bundle the run reserves at start: one per learner rank, then one per rollout worker, then one per
+    reward-model server."""
+    return ([learner_bundle(cfg)] * cfg.learner.num_learners + [rollout_bundle(cfg)] * cfg.rollout.num_workers
+            + [reward_model_bundle(r) for r in cfg.reward_models for _ in range(r.num_workers)])
 
 
 def shortfall(cfg: RunConfig, cluster: dict[str, float]) -> list[str]:
@@ -74,13 +83,16 @@ def shortfall(cfg: RunConfig, cluster: dict[str, float]) -> list[str]:
     """
     lc, rc = cfg.learner, cfg.rollout
     per_rank, per_worker = learner_bundle(cfg), rollout_bundle(cfg)
+    pools = [(r.name, r.num_workers, reward_model_bundle(r)) for r in cfg.reward_models]
     missing = []
-    for res in sorted(set(per_rank) | set(per_worker)):
+    for res in sorted(set(per_rank) | set(per_worker) | {k for _, _, b in pools for k in b}):
         a, b = per_rank.get(res, 0.0), per_worker.get(res, 0.0)
-        amount = lc.num_learners * a + rc.num_workers * b
+        amount = lc.num_learners * a + rc.num_workers * b + sum(n * p.get(res, 0.0) for _, n, p in pools)
         if amount > cluster.get(res, 0.0) + 1e-9:
+            rms = "".join(f", reward model {name}: {n} x {p.get(res, 0.0):g}" for name, n, p in pools
+                          if p.get(res, 0.0))
             missing.append(f"{amount:g} {res} (learner: {lc.num_learners} x {a:g}, rollout: {rc.num_workers} x "
-                           f"{b:g}) but the Ray cluster has {cluster.get(res, 0.0):g}")
+                           f"{b:g}{rms}) but the Ray cluster has {cluster.get(res, 0.0):g}")
     return missing
 
 
@@ -129,7 +141,8 @@ def wait_for_resources(cfg: RunConfig, timeout_s: float, poll_s: float = 2.0, re
     from ray.autoscaler.sdk import request_resources
 
     lc, rc = cfg.learner, cfg.rollout
-    labels = [lc.node_labels] * lc.num_learners + [rc.node_labels] * rc.num_workers
+    labels = ([lc.node_labels] * lc.num_learners + [rc.node_labels] * rc.num_workers
+              + [r.node_labels for r in cfg.reward_models for _ in range(r.num_workers)])
     request_resources(bundles=run_bundles(cfg), bundle_label_selectors=labels if any(labels) else None)
     t0 = time.monotonic()
     next_report = t0
@@ -215,14 +228,15 @@ class SlotPlacement:
         RuntimeError: from `strategy`, the bundle was not placed in time (see `reserve`).
     """
 
-    def __init__(self, bundle_: dict[str, float], labels: dict[str, str], timeout_s: float) -> None:
-        self.bundle, self.labels, self.timeout_s = bundle_, labels, timeout_s
+    def __init__(self, bundle_: dict[str, float], labels: dict[str, str], timeout_s: float,
+                 what: str = "rollout worker") -> None:
+        self.bundle, self.labels, self.timeout_s, self.what = bundle_, labels, timeout_s, what
         self.pgs: dict = {}  # slot -> its placement group
 
     def strategy(self, slot: int):
         """Scheduling strategy of the actor of ``slot``."""
         if slot not in self.pgs:
-            self.pgs[slot] = reserve([self.bundle], "PACK", self.labels, self.timeout_s, f"rollout worker {slot}")
+            self.pgs[slot] = reserve([self.bundle], "PACK", self.labels, self.timeout_s, f"{self.what} {slot}")
         return scheduling(self.pgs[slot], 0)
 
     def release(self, slot: int) -> None:

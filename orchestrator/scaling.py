@@ -101,15 +101,17 @@ class Scaler:
         ray.get(self.control.request_scale.remote(want), timeout=30)
         self.wait_history, self.next_poll = [], 0.0  # judge the new size afresh; apply it now
 
-    def recover(self, slot: int, version: int, err: Exception) -> str:
-        """Bring dead worker ``slot`` back and give it the weights of ``version``; returns
-        ``"restarted"`` or ``"replaced"``.
+    def recover(self, slot: int, version: int, err: Exception, replace: bool = False) -> str:
+        """Bring dead worker ``slot`` back (with ``replace``: kill the hung worker and start a new one in its slot,
+        `RolloutGroup.replace`) and give it the weights of ``version``; returns ``"restarted"`` or ``"replaced"``.
 
         Raises:
-            RuntimeError: it did not come back within ``rollout.request_timeout_s``.
+            RuntimeError: it did not come back within ``rollout.request_timeout_s`` (a replacement: within the
+                group's start-up timeout).
             TimeoutError: the weight push to it did not finish in time.
         """
-        logger.warning("rollout worker %d died (%s); recovering it", slot, type(err).__name__)
-        how = self.rollout.recover(slot, self.cfg.request_timeout_s)
+        logger.warning("rollout worker %d %s (%s); recovering it", slot, "hung" if replace else "died",
+                       type(err).__name__)
+        how = self.rollout.replace(slot) if replace else self.rollout.recover(slot, self.cfg.request_timeout_s)
         self.weight_sync.bring_to_current(slot, version, f"recovered rollout worker {slot}")
         return how

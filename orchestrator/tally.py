@@ -29,6 +29,7 @@ class RolloutTally:
         self.reward_terms: dict[str, list] = {}  # reward name -> [sum, samples applied, samples failed] since then
         # since the start of the run
         self.samples_total = self.reward_failures = self.retried_groups = self.worker_restarts = 0
+        self.worker_restarts_hung = 0  # of worker_restarts, those of a hung worker (orchestrator.dispatch)
 
     def add(self, result: RolloutResult) -> None:
         """Count one finished generate request."""
@@ -72,7 +73,8 @@ class RolloutTally:
             "weights/load_seconds": self.load_seconds,
             "rollout/reward_failed_frac": self.reward_failures / max(self.samples_total, 1),
             "rollout/retried_groups": float(self.retried_groups),
-            "rollout/worker_restarts": float(self.worker_restarts),
+            "rollout/worker_restarts": float(self.worker_restarts),  # run totals, over all workers (sum)
+            "rollout/worker_restarts_hung": float(self.worker_restarts_hung),
             "rollout/mixed_version_frac": self.mixed_version / max(self.samples, 1),
             "rollout/env_failed_frac": self.env_failures / max(self.samples, 1),
             "rollout/tool_failures": float(self.tool_failures),
@@ -95,9 +97,11 @@ class RolloutTally:
     def state_dict(self) -> dict:
         """Run totals (the per-step counters start afresh after a resume)."""
         return {"samples_total": self.samples_total, "reward_failures": self.reward_failures,
-                "retried_groups": self.retried_groups, "worker_restarts": self.worker_restarts}
+                "retried_groups": self.retried_groups, "worker_restarts": self.worker_restarts,
+                "worker_restarts_hung": self.worker_restarts_hung}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state_dict`."""
         self.samples_total, self.reward_failures = int(state["samples_total"]), int(state["reward_failures"])
         self.retried_groups, self.worker_restarts = int(state["retried_groups"]), int(state["worker_restarts"])
+        self.worker_restarts_hung = int(state.get("worker_restarts_hung", 0))  # absent from older checkpoints

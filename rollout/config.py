@@ -16,28 +16,72 @@ from rollout.envs.config import EnvConfig
 
 
 class DataConfig(StrictConfig):
-    type: Literal["reasoning_gym", "jsonl"] = Field("reasoning_gym", description="prompt source")
+    """Where the prompts and reference answers come from (`rollout.tasks.load_problems`) and how a prompt is
+    rendered: reasoning-gym tasks (the default), or a dataset read with `datasets` in TRL's formats."""
+
+    type: Literal["reasoning_gym", "dataset", "jsonl"] = Field(
+        "reasoning_gym", description="prompt source: reasoning_gym (procedural tasks), dataset (data.path: a dir "
+        "saved with datasets' save_to_disk, a .jsonl/.json/.parquet/.csv file or a hub dataset name); jsonl is the "
+        "old name of dataset")
     task: str = Field("basic_arithmetic", description="reasoning-gym task name (type=reasoning_gym)")
     task_config: dict[str, Any] = Field(default_factory=dict, description="reasoning-gym task kwargs")
-    path: str | None = Field(None, description="train jsonl/parquet file (type=jsonl)")
-    eval_path: str | None = Field(None, description="held-out jsonl/parquet file (type=jsonl)")
-    prompt_field: str = Field("question", description="field holding the prompt text (type=jsonl)")
-    answer_field: str = Field("answer", description="field holding the reference answer (type=jsonl)")
-    train_size: int = Field(2000, ge=1, le=10_000_000, description="training problems generated")
+    path: str | None = Field(None, description="training data (type=dataset): a save_to_disk dir, a .jsonl, .json, "
+                             ".parquet or .csv file, or a hub dataset name (needs network or the hub cache)")
+    split: str = Field("train", min_length=1, description="split read from data.path when it holds several (a "
+                       "saved DatasetDict, a hub dataset); a file is one split")
+    eval_path: str | None = Field(None, description="held-out data (type=dataset), same kinds as data.path; unset "
+                                  "with data.eval_fraction = 0: no held-out eval")
+    eval_split: str = Field("test", min_length=1, description="split read from data.eval_path when it holds several")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="type=dataset: hold out this fraction of "
+                                 "data.path's rows (rounded up, seeded by data.eval_seed, disjoint from the training "
+                                 "rows) instead of reading data.eval_path")
+    prompt_field: str = Field("prompt", description="column holding the prompt (type=dataset): text (TRL's standard "
+                              "format) or a list of {role, content} messages (conversational: rendered with the "
+                              "model's chat template as given, no instruction or one-shot demo)")
+    answer_field: str = Field("answer", description="column holding the reference answer (type=dataset; a "
+                              "conversational completion's last message counts); '' for data without one")
+    train_size: int = Field(2000, ge=1, le=10_000_000, description="training problems generated (reasoning_gym) "
+                            "or read, at most (dataset)")
     train_seed: int = Field(1, description="seed of the training problems")
     eval_size: int = Field(100, ge=0, le=100_000, description="held-out problems (0: no eval)")
-    eval_seed: int = Field(12345, description="seed of the held-out problems (must differ from train)")
-    one_shot: bool = Field(True, description="prepend one worked example of the answer format")
+    eval_seed: int = Field(12345, description="seed of the held-out problems (must differ from train) and of "
+                           "data.eval_fraction's split")
+    one_shot: bool = Field(True, description="prepend one worked example of the answer format (text prompts)")
     instruction: str = Field(
         "Solve the problem. Show brief work, then give the final line as 'Answer: <number>'.",
-        description="text appended to every question",
+        description="text appended to every text prompt on a line of its own ('': none)",
     )
+    system_prompt: str = Field("", description="a system message opening every prompt ('': none; a conversational "
+                               "prompt that has its own system message keeps it)")
+    template: str = Field("", description="the prompt text as a format string over the row's columns, e.g. "
+                          "'Solve: {question}' (replaces the data.prompt_field text; '': that text as is)")
 
     @model_validator(mode="after")
-    def _jsonl_needs_path(self) -> DataConfig:
-        if self.type == "jsonl" and not self.path:
-            raise ValueError("data.path is required when data.type = 'jsonl'")
+    def _dataset_needs_path(self) -> DataConfig:
+        if self.type != "reasoning_gym" and not self.path:
+            raise ValueError(f"data.path is required when data.type = {self.type!r}")
+        if self.type != "reasoning_gym" and self.eval_path and self.eval_fraction:
+            raise ValueError(f"data.eval_path ({self.eval_path!r}) and data.eval_fraction ({self.eval_fraction:g}) are "
+                             "both set: choose one held-out source (unset the other)")
+        if self.type == "reasoning_gym" and (self.eval_path or self.eval_fraction):
+            raise ValueError("data.eval_path / data.eval_fraction apply to data.type = 'dataset'; reasoning-gym "
+                             "held-out problems come from data.eval_seed")
         return self
+
+    @field_validator("template")
+    @classmethod
+    def _template_names_columns(cls, template: str) -> str:
+        import string
+
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        except ValueError as e:
+            raise ValueError(f"data.template {template!r} is not a format string ({e}): write columns as "
+                             "{column}, braces as {{ }}") from None
+        if any(not n or n.isdigit() for n in names):
+            raise ValueError(f"data.template {template!r} has a positional field '{{}}': name a column, "
+                             "e.g. {question}")
+        return template
 
     @model_validator(mode="after")
     def _eval_seed_differs(self) -> DataConfig:
@@ -103,11 +147,16 @@ class RolloutConfig(StrictConfig):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rollout worker")
     node_labels: dict[str, str] = Field(
         default_factory=dict, description="node labels a rollout worker's node must have (Ray label selector)")
-    request_timeout_s: float = Field(600.0, gt=0, description="max seconds for one generate call")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="max seconds for one generate call (from when the weights it needs exist); past "
+        "it the worker is restarted and its requests re-issued")
     weight_wait_timeout_s: float = Field(
         300.0, gt=0, description="max seconds a request waits for the policy version it needs (min_version) to "
         "arrive at its worker")
-    max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts per rollout worker before it is replaced")
+    max_restarts: int = Field(
+        3, ge=0, le=1000, description="Ray restarts per rollout worker before it is replaced; also the restarts "
+        "of a hung worker (a request past request_timeout_s, more than env.max_hung_steps hung environment calls) "
+        "per worker slot before a further hang stops the run")
     rewards: list[RewardConfig] = Field(
         default_factory=lambda: [RewardConfig(fn="exact_match")], min_length=1, max_length=64,
         description="the reward functions ([[rollout.rewards]]: fn, name, weight); a sample's reward is "

@@ -15,16 +15,21 @@ did or when the last turn was cut at its token budget, ``failed`` when the envir
 failed (kept, never trained on: loss mask all zero). A single-turn task is the one-turn case (``single_turn``
 environment): the rollout worker has no other generation path.
 
+Environment calls run in a `CallPool`: each call may run ``rollout.env.step_timeout_s`` from the moment a thread
+takes it up (not from when the turn queued it), so episodes queued behind busy threads get their whole budget. A
+call past its budget fails its episode and is abandoned (a Python thread cannot be killed); once more than
+``rollout.env.max_hung_steps`` of them still run in one worker, its next request raises `HungWorkerError` and the
+orchestrator restarts that worker (`orchestrator.dispatch`).
+
 Left out on purpose: the OpenAI-messages path (an episode whose text is re-rendered by a server).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 _PLACEHOLDER = "\u2063relayrl-assistant-turn\u2063"
 
+ENV_THREADS = 32  # environment calls of one request that run at once, max
 # (prompts, samples per prompt, max new tokens) -> (completions per prompt, policy version per token)
 SampleFn = Callable[[list[list[int]], list[int], int], "tuple[list[list[Completion]], list[list[list[int]]]]"]
 
@@ -130,6 +136,12 @@ class Episode:
                       correct=self.correct, error=self.error, turn_rewards=list(self.turn_rewards))
 
 
+class HungWorkerError(RuntimeError):
+    """A rollout worker holds more than ``rollout.env.max_hung_steps`` environment calls abandoned past
+    ``rollout.env.step_timeout_s`` that still run (their threads cannot be killed). Raised by `run_episodes` before
+    it plays anything; the orchestrator restarts the worker and re-issues the request (`orchestrator.dispatch`)."""
+
+
 def run_episodes(episodes: list[list[Episode]], seeds: list[int], sample: SampleFn, encoder: TurnEncoder,
                  cfg: EnvConfig, max_tokens: int, max_model_len: int) -> None:
     """Play every episode to its end, in place. ``episodes[g]`` share the reset seed ``seeds[g]`` (a GRPO group).
@@ -137,9 +149,10 @@ def run_episodes(episodes: list[list[Episode]], seeds: list[int], sample: Sample
     Each turn samples all live episodes in as few engine calls as possible (episodes with equal ids so far
     share one request with ``n`` samples, so a group's first turn is one request). Episodes end when the
     environment says done (``completed``), at ``cfg.max_turns``, ``cfg.max_episode_tokens``, ``max_model_len`` or
-    ``cfg.episode_timeout_s`` (``truncated``), or when ``reset``/``step`` raises or outlasts
-    ``cfg.step_timeout_s`` (``failed``, ``error`` says why; a call that outlasts it is abandoned, its thread
-    left running, and ``close`` is still called). Never raises for one episode's failure.
+    ``cfg.episode_timeout_s`` (``truncated``), or when ``reset``/``step`` raises or runs longer than
+    ``cfg.step_timeout_s`` from when a thread took it up (``failed``, ``error`` says why; a call past it is
+    abandoned, its thread left running, and ``close`` is still called). At most `ENV_THREADS` calls run at once.
+    Never raises for one episode's failure.
 
     Args:
         sample: ``(prompts, n per prompt, max new tokens) -> (completions, per-token policy versions)``.
@@ -147,20 +160,20 @@ def run_episodes(episodes: list[list[Episode]], seeds: list[int], sample: Sample
         max_model_len: prompt + response tokens the engine accepts.
 
     Raises:
-        RuntimeError: more than ``cfg.max_hung_steps`` abandoned calls of earlier episodes still run in this
-            process (threads cannot be killed; each may hold the environment's resources); names the environment.
+        HungWorkerError: more than ``cfg.max_hung_steps`` abandoned calls of earlier episodes still run in this
+            process (each may hold the environment's resources); names the environment. Nothing was played.
     """
     hung = hung_steps()
     if hung > cfg.max_hung_steps:
-        raise RuntimeError(f"environment {cfg.type!r}: {hung} reset/step calls abandoned after rollout.env.step_timeout_s "
-                           f"= {cfg.step_timeout_s:g} s still run in this worker (more than rollout.env.max_hung_steps = "
-                           f"{cfg.max_hung_steps}); make its step return or raise within the timeout")
+        raise HungWorkerError(f"environment {cfg.type!r}: {hung} reset/step calls abandoned after "
+                              f"rollout.env.step_timeout_s = {cfg.step_timeout_s:g} s still run in this worker (more "
+                              f"than rollout.env.max_hung_steps = {cfg.max_hung_steps})")
     live = [e for group in episodes for e in group]
-    pool = ThreadPoolExecutor(max_workers=max(1, min(32, len(live))), thread_name_prefix="env")
+    pool = CallPool(max(1, min(ENV_THREADS, len(live))), cfg.step_timeout_s, "env")
     try:
         deadline = time.monotonic() + cfg.episode_timeout_s
         jobs = [(e, pool.submit(e.env.reset, seed)) for g, seed in zip(episodes, seeds) for e in g]
-        for e, opening in _collect(jobs, cfg, "reset"):
+        for e, opening in _collect(pool, jobs, cfg, "reset"):
             if opening is not None:
                 e.prompt_ids = encoder.prompt_ids(opening)
         for turn in range(cfg.max_turns):
@@ -172,12 +185,12 @@ def run_episodes(episodes: list[list[Episode]], seeds: list[int], sample: Sample
                 break
             _sample_turn(live, sample, cfg, max_tokens, max_model_len)
             stepped = [e for e in live if e.status == "running"]
-            results = _collect([(e, pool.submit(e.env.step, e.texts[-1])) for e in stepped], cfg, "step")
+            results = _collect(pool, [(e, pool.submit(e.env.step, e.texts[-1])) for e in stepped], cfg, "step")
             for e, res in results:
                 if res is not None:
                     _apply_step(e, res, encoder, cfg, last_turn=turn == cfg.max_turns - 1)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # a hung step's thread is abandoned, not joined
+        pool.shutdown()  # a hung call's thread is abandoned, not joined
         for e in (e for group in episodes for e in group):
             _close(e)
 
@@ -237,30 +250,112 @@ def _apply_step(e: Episode, res, encoder: TurnEncoder, cfg: EnvConfig, last_turn
     e.loss_mask += [0] * len(obs)
 
 
-def _collect(jobs: list, cfg: EnvConfig, what: str) -> list[tuple[Episode, Any]]:
-    """Wait for each ``(episode, future)``; a raise or a timeout fails that episode and yields None."""
-    out, deadline = [], time.monotonic() + cfg.step_timeout_s
-    for e, fut in jobs:
-        try:
-            out.append((e, fut.result(timeout=max(0.0, deadline - time.monotonic()))))
-        except FutureTimeout:
-            _ABANDONED.append(fut)
-            _end([e], "failed", f"environment {cfg.type!r}: {what} took longer than rollout.env.step_timeout_s = "
-                 f"{cfg.step_timeout_s:g} s")
-            out.append((e, None))
-        except Exception as err:  # noqa: BLE001 - any error of environment code fails that episode only
-            _end([e], "failed", f"environment {cfg.type!r}: {what} raised {type(err).__name__}: {err}"[:500])
-            out.append((e, None))
+def _collect(pool: CallPool, jobs: list[tuple[Episode, Call]], cfg: EnvConfig,
+             what: str) -> list[tuple[Episode, Any]]:
+    """Wait for each ``(episode, call)``; a raise, a timeout or a call that cannot start fails that episode and
+    yields None."""
+    out = []
+    for (e, call), (kind, value) in zip(jobs, pool.wait([c for _, c in jobs])):
+        if kind == "ok":
+            out.append((e, value))
+            continue
+        if kind == "timed_out":
+            _ABANDONED.append(call.future)
+            why = f"{what} took longer than rollout.env.step_timeout_s = {cfg.step_timeout_s:g} s"
+        elif kind == "not_started":
+            why = (f"{what} never started: all {pool.threads} environment threads of this request hold calls past "
+                   f"rollout.env.step_timeout_s = {cfg.step_timeout_s:g} s")
+        else:
+            why = f"{what} raised {type(value).__name__}: {value}"
+        _end([e], "failed", f"environment {cfg.type!r}: {why}"[:500])
+        out.append((e, None))
     return out
 
 
-_ABANDONED: list = []  # futures of reset/step calls that outlived step_timeout_s (their threads run on)
+_ABANDONED: list[cf.Future] = []  # futures of reset/step calls that outlived step_timeout_s (their threads run on)
 
 
 def hung_steps() -> int:
     """Environment calls of this process abandoned after ``step_timeout_s`` and still running."""
     _ABANDONED[:] = [f for f in _ABANDONED if not f.done()]
     return len(_ABANDONED)
+
+
+class Call:
+    """One call submitted to a `CallPool`: its future and when a thread took it up (``started``, monotonic
+    seconds; None while it waits for a thread)."""
+
+    def __init__(self, pool: cf.ThreadPoolExecutor, fn: Callable[..., Any], args: tuple) -> None:
+        self.started: float | None = None
+
+        def job():
+            self.started = time.monotonic()
+            return fn(*args)
+
+        self.future = pool.submit(job)
+
+
+class CallPool:
+    """Threads that run calls, each bounded by ``timeout_s`` from the moment a thread takes it up, not from when it
+    was submitted: with more calls than threads, the later ones start as earlier ones finish and still get their
+    whole budget. A call past its budget is abandoned (a Python thread cannot be killed: it keeps its thread), so a
+    call queued behind ``threads`` abandoned calls can never start; `wait` reports it as such at once instead of
+    waiting for ever.
+
+    Args:
+        threads: calls that run at once, max (>= 1).
+        timeout_s: seconds each call may run, from its start.
+        name: thread name prefix.
+    """
+
+    def __init__(self, threads: int, timeout_s: float, name: str = "call") -> None:
+        self.threads, self.timeout_s = threads, timeout_s
+        self._pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self.abandoned: list[cf.Future] = []  # calls of this pool past their budget (done or not)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Call:
+        """Queue ``fn(*args)``; returns its `Call`."""
+        return Call(self._pool, fn, args)
+
+    def wait(self, calls: list[Call], poll_s: float = 0.05) -> list[tuple[str, Any]]:
+        """Wait for ``calls`` (of this pool), each within ``timeout_s`` of its start. Returns, per call in order,
+        ``("ok", value)``, ``("raised", exception)``, ``("timed_out", None)`` (abandoned, still running) or
+        ``("not_started", None)`` (cancelled: every thread of the pool holds an abandoned call). Never raises
+        the calls' errors. ``poll_s``: how often queued calls are looked at for having started."""
+        out: list[tuple[str, Any] | None] = [None] * len(calls)
+        pending = dict(enumerate(calls))
+        while pending:
+            now = time.monotonic()
+            for i, c in list(pending.items()):
+                if c.future.done():
+                    err = c.future.exception()
+                    out[i] = ("raised", err) if err is not None else ("ok", c.future.result())
+                    del pending[i]
+                elif c.started is not None and now >= c.started + self.timeout_s:
+                    self.abandoned.append(c.future)
+                    out[i] = ("timed_out", None)
+                    del pending[i]
+            queued = [i for i, c in pending.items() if c.started is None]
+            if queued and len(queued) == len(pending) and self.stuck():
+                for i in queued:
+                    if pending[i].future.cancel():  # False: a thread took it up just now
+                        out[i] = ("not_started", None)
+                        del pending[i]
+                continue
+            deadlines = [c.started + self.timeout_s for c in pending.values() if c.started is not None]
+            wait_s = min(deadlines, default=now + poll_s) - now
+            if queued:  # a queued call starts when a thread frees, which may be an abandoned call's
+                wait_s = min(wait_s, poll_s)
+            cf.wait([c.future for c in pending.values()], timeout=max(0.0, wait_s), return_when=cf.FIRST_COMPLETED)
+        return out  # type: ignore[return-value]
+
+    def stuck(self) -> bool:
+        """Whether every thread of the pool holds an abandoned call that still runs."""
+        return sum(not f.done() for f in self.abandoned) >= self.threads
+
+    def shutdown(self) -> None:
+        """Cancel queued calls and return at once (running ones, abandoned or not, keep their threads)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _end(es: list[Episode], status: str, error: str) -> None:

@@ -51,6 +51,8 @@ class RolloutGroup:
         startup_timeout_s: seconds an engine may take to come up.
         worker_cls: `RolloutWorker` or a subclass.
         lora: the workers serve LoRA adapters of this spec (`base.adapter`); None: full weights.
+        env_vars: further environment variables of the workers, e.g. how they reach the run's reward-model pools
+            (`rollout.reward_models.reward_models_env`).
 
     Raises:
         RuntimeError: a worker could not be placed or failed to start within ``startup_timeout_s``.
@@ -59,7 +61,7 @@ class RolloutGroup:
 
     def __init__(self, cfg: RolloutConfig, data_cfg: DataConfig, model: ModelSource | str, buffer: str, placement,
                  startup_timeout_s: float = 600.0, worker_cls: type = RolloutWorker, lora: LoraSpec | None = None,
-                 wait: bool = True) -> None:
+                 wait: bool = True, env_vars: dict[str, str] | None = None) -> None:
         import ray
 
         self.cfg, self.data_cfg, self.model, self.buffer = cfg, data_cfg, model, buffer
@@ -67,7 +69,8 @@ class RolloutGroup:
         self.incarnation: dict[int, int] = {}  # slot -> times its actor was (re)started
         RewardSet(cfg.rewards, cfg.reward_timeout_s, reward_columns(data_cfg), check=worker_cls.reward_fn)
         # the engine sets vLLM's own environment for the platform it finds (rollout.engine_args.engine_env)
-        env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus)))}}
+        env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus))),
+                            **(env_vars or {})}}
         roots = code_roots([r.fn for r in cfg.rewards] + [cfg.env.type])
         if roots:  # Ray ships the driver's working dir itself; a user module found elsewhere needs its dir
             env["env_vars"]["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -181,6 +184,27 @@ class RolloutGroup:
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
                 raise RuntimeError(f"replacement of rollout worker {slot} failed to start: {e}") from None
             return "replaced"
+
+    def replace(self, slot: int) -> str:
+        """Kill worker ``slot`` for good (a hung worker: alive, so Ray would not restart it, and a Ray restart
+        after a kill could race with calls still reaching the old process) and start a new actor in its slot;
+        wait (``startup_timeout_s``) until it serves; returns ``"replaced"``. It holds the base model weights
+        (version 0) afterwards; the caller pushes the current ones. Its earlier actor's calls fail with
+        ``RayActorError``.
+
+        Raises:
+            RuntimeError: the new actor did not start within ``startup_timeout_s``.
+        """
+        import ray
+
+        ray.kill(self.slots[slot], no_restart=True)
+        self.slots[slot] = self._new(slot)
+        try:
+            ray.get(self.slots[slot].get_version.remote(), timeout=self.startup_timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+            raise RuntimeError(f"replacement of rollout worker {slot} failed to start within "
+                               f"{self.startup_timeout_s:.0f} s: {type(e).__name__}") from None
+        return "replaced"
 
     def has_capacity(self, per_worker: int = 2) -> bool:
         """Whether some active worker has fewer than ``per_worker`` requests in flight."""

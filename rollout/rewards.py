@@ -7,10 +7,11 @@ keywords only; ``async def`` functions too. relayrl calls it once per finished s
 ``prompts`` = the problem's question (the dataset's prompt text, before relayrl's instruction and chat
 template), ``completions`` = the answer the environment scores, both as plain text (TRL's standard format)
 or, with ``format = "conversational"``, as TRL's conversational message lists (``[{"role": "user", "content":
-question}]`` and ``[{"role": "assistant", "content": text}]``, what the functions of ``trl.rewards`` read),
-and the reference answer as ``answer`` (and also under ``data.answer_field`` when a data file names it
-otherwise, e.g. ``solution``). TRL's other keywords (``completion_ids``, ``trainer_state``, ``log_extra``,
-``log_metric``) are not passed.
+question}]``, or a conversational dataset's own prompt messages, and ``[{"role": "assistant", "content":
+text}]``, what the functions of ``trl.rewards`` read), the reference answer as ``answer``, and every other
+column of the problem's data row under its own name (``solution``, ``difficulty``, ...;
+`buffer.Problem.columns`; a data column named ``answer`` wins over the reference). TRL's other keywords
+(``completion_ids``, ``trainer_state``, ``log_extra``, ``log_metric``) are not passed.
 
 The built-in ``exact_match``: the response must end its work with a line ``Answer: <value>`` (strict
 parse); 1.0 when the parsed value equals the reference (numerically when both parse as numbers, else as
@@ -26,8 +27,12 @@ cannot be stopped: its thread stays busy for the worker's life (`hung_reward_cal
 (a segfault in a C extension, ``os._exit``) takes the worker with it: Ray restarts the worker and the driver
 re-issues its requests; no subprocess isolates rewards yet.
 
-Left out on purpose: reward models and LLM judges as actors of their own, batching a request's samples into
-one call.
+Reward models and LLM judges run as actors of their own (`rollout.reward_models`): ``fn =
+"reward_model:<name>"`` scores with the ``[[reward_models]]`` pool ``<name>``, and user functions call a pool
+with ``rollout.reward_models.reward_model(name).score(...)``.
+
+Left out on purpose: batching a request's samples into one reward-function call (the pools batch concurrent
+calls themselves).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import inspect
 import math
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from base.user_code import import_object, is_import_path
@@ -118,11 +123,16 @@ def exact_match(prompts: list[str], completions: list[str], answer: list[str], *
 
 
 def resolve_reward(fn: str, field: str = "rollout.rewards.fn") -> RewardFn:
-    """The reward function ``fn`` names: a built-in (`REWARDS`) or user code ``"pkg.module:function"``.
+    """The reward function ``fn`` names: a built-in (`REWARDS`), a reward-model pool ``"reward_model:<name>"``
+    (`rollout.reward_models.reward_model_reward`) or user code ``"pkg.module:function"``.
 
     Raises:
         ValueError: one line naming ``fn``: unknown name, import failure, not a function.
     """
+    if fn.startswith("reward_model:"):  # a [[reward_models]] pool (rollout.reward_models), reached at call time
+        from rollout.reward_models import reward_model_reward
+
+        return reward_model_reward(fn.partition(":")[2])
     if is_import_path(fn):
         obj = import_object(fn, field)
     elif fn in REWARDS:
@@ -305,9 +315,10 @@ def _one_value(out: Any) -> float | None:
 
 def reward_columns(data_cfg: Any) -> tuple[str, ...]:
     """The column keywords reward functions get besides ``prompts`` and ``completions``: ``answer`` and, for a
-    data file whose reference column has another name (``data.answer_field``), that name too."""
-    field = getattr(data_cfg, "answer_field", "answer")
-    return ("answer",) if getattr(data_cfg, "type", "") != "jsonl" or field == "answer" else ("answer", field)
+    dataset, every column of its rows but the prompt (`rollout.tasks.data_columns`, read on the driver)."""
+    from rollout.tasks import data_columns
+
+    return data_columns(data_cfg)
 
 
 class RewardSet:
@@ -322,16 +333,20 @@ class RewardSet:
     Args:
         rewards: the `RewardConfig` entries.
         timeout_s: budget of each call (``rollout.reward_timeout_s``).
-        columns: column keywords the functions get (`reward_columns`); the reference answer fills each.
+        columns: column keywords the functions' signatures are checked against (`reward_columns`); None: not
+            known here (a rollout worker, which never reads the data: the driver checked them), so any required
+            parameter is taken for a column. `score` fills them from the problem's row.
         check: ``(text, reference) -> (reward, correct)``, the strict check (`RolloutWorker.reward_fn`).
 
     Raises:
         ValueError: a function that cannot be resolved or cannot be called with these columns (one line).
     """
 
-    def __init__(self, rewards: Sequence[RewardConfig], timeout_s: float, columns: Sequence[str] = ("answer",),
+    def __init__(self, rewards: Sequence[RewardConfig], timeout_s: float,
+                 columns: Sequence[str] | None = ("answer",),
                  check: Callable[[str, str], tuple[float, bool]] = score_response) -> None:
-        self.timeout_s, self.columns, self.check = timeout_s, tuple(columns), check
+        self.timeout_s, self.check = timeout_s, check
+        self.columns = None if columns is None else tuple(columns)
         # (name, fn or None: the check's value, weight, conversational)
         self.entries: list[tuple[str, RewardFn | None, float, bool]] = []
         for i, r in enumerate(rewards):
@@ -341,12 +356,22 @@ class RewardSet:
                 check_reward_signature(fn, r.fn, self.columns, field)
             self.entries.append((r.name, None if fn is exact_match else fn, r.weight, r.format == "conversational"))
 
-    def score(self, prompt: str, completion: str, reference: str) -> Score:
+    def score(self, prompt: str, completion: str, reference: str, columns: Mapping[str, Any] | None = None,
+              messages: Sequence[Mapping[str, str]] = ()) -> Score:
         """Score one completion of ``prompt`` against ``reference``: every function runs concurrently, each
-        within ``timeout_s`` of its start; never raises."""
-        columns = {c: [reference] for c in self.columns}
+        within ``timeout_s`` of its start; never raises.
+
+        Args:
+            columns: the problem's data row but its prompt (`buffer.Problem.columns`), each column a keyword (a
+                list of one, as TRL passes them); ``answer`` (and the checked columns the row lacks) get
+                ``reference``; a row column of that name wins, as in TRL.
+            messages: a conversational prompt's messages (`buffer.Problem.messages`): the ``prompts`` of
+                conversational-format functions (default: ``prompt`` as one user message).
+        """
+        columns = {**{c: [reference] for c in self.columns or ("answer",)},
+                   **{c: [v] for c, v in (columns or {}).items()}}
         standard = {"prompts": [prompt], "completions": [completion], **columns}
-        conversational = {"prompts": [[{"role": "user", "content": prompt}]],
+        conversational = {"prompts": [[dict(m) for m in messages] or [{"role": "user", "content": prompt}]],
                           "completions": [[{"role": "assistant", "content": completion}]], **columns}
         checked = _Call(self.check, (completion, reference), {}, self.timeout_s)
         calls = {name: _Call(fn, (), conversational if chat else standard, self.timeout_s)

@@ -20,7 +20,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from buffer import GenerateRequest, Problem, RolloutResult, Sample, scored_rewards
-from rollout.rewards import RewardSet, Score, reward_columns, score_response
+from rollout.rewards import RewardSet, Score, score_response
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ class RolloutWorker:
                  buffer: Any, lora: LoraSpec | None = None) -> None:
         import torch
 
-        # user code first: an import that fails on this node fails before the engine's slow start
-        self.rewards = RewardSet(cfg.rewards, cfg.reward_timeout_s, reward_columns(data_cfg), check=self.reward_fn)
+        # user code first: an import that fails on this node fails before the engine's slow start; the worker never
+        # reads the data, so its columns are not known here (the driver checked the signatures against them)
+        self.rewards = RewardSet(cfg.rewards, cfg.reward_timeout_s, None, check=self.reward_fn)
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         from base.model_source import local_model_dir
         from rollout.engine import VLLMEngine
@@ -185,9 +186,10 @@ class RolloutWorker:
 
     def _scorer(self, problem: Problem):
         """The `rollout.envs.base.Scorer` of episodes about ``problem``: the run's reward functions
-        (`RewardSet.score`) with the problem's question as the prompt."""
+        (`RewardSet.score`) with the problem's question (or its messages) as the prompt and its data row's
+        columns as keywords."""
         def score(text: str, reference: str) -> Score:
-            return self.rewards.score(problem.question, text, reference)
+            return self.rewards.score(problem.question, text, reference, problem.columns, problem.messages)
         return score
 
     def generate(self, req: GenerateRequest) -> RolloutResult:
@@ -202,6 +204,8 @@ class RolloutWorker:
             TimeoutError: weights of ``req.min_version`` did not arrive in time.
             RuntimeError: more than ``rollout.env.max_failure_frac`` of the request's episodes failed in the
                 environment (reward-function failures are counted apart, as ``reward_failures``); names it.
+            rollout.episode.HungWorkerError: this worker holds more than ``rollout.env.max_hung_steps`` environment
+                calls abandoned past ``rollout.env.step_timeout_s``; nothing was played (the driver restarts it).
         """
         env_cfg = self.env_cfg
         episodes, load_seconds = self._play(list(req.problems), list(req.sizes), req.min_version, req.seed,

@@ -146,3 +146,19 @@ def vllm_logprobs(model_dir: str, seq: list[int], prompt_len: int):
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("LOGPROBS "))
     return torch.tensor(json.loads(line.split(" ", 1)[1]))
+
+
+def build_tiny_reward_model(dest: Path, num_labels: int = 1, seed: int = 0) -> str:
+    """A tiny random Llama sequence-classification model (``num_labels`` logits; label names ``bad``/``good``
+    for two) with the tiny model's tokenizer and chat template, written to ``dest``; returns its path."""
+    import torch
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    build_tiny_model(dest, seed)
+    config = AutoConfig.from_pretrained(dest)
+    config.num_labels = num_labels
+    if num_labels == 2:
+        config.id2label, config.label2id = {0: "bad", 1: "good"}, {"bad": 0, "good": 1}
+    torch.manual_seed(seed + 1)
+    LlamaForSequenceClassification(config).save_pretrained(dest, safe_serialization=True)
+    return str(dest)

@@ -63,7 +63,9 @@ class Environment(ABC):
 
     Args:
         problem: the dispatched problem (question, reference answer) the episode is about; an environment
-            with its own content (a game) may ignore it and use the reset seed instead.
+            with its own content (a game) may ignore it and use the reset seed instead. ``problem.columns``
+            holds the rest of its data row (e.g. ``{"difficulty": 3, "tests": [...]}``), ``problem.messages`` a
+            conversational prompt's messages (`buffer.Problem`).
         options: ``rollout.env.options``: keys the subclass documents; unknown keys raise.
         cfg: the whole `EnvConfig` (sandbox limits for tools, timeouts).
 

@@ -31,8 +31,10 @@ class SingleTurn(Environment):
     """The problem as one user message; the first answer ends the episode, reward = ``score`` (the run's
     reward function). Every single-turn task of the ``data`` section is this one-step episode.
 
-    Options: ``instruction`` (str, appended to the question), ``one_shot`` (bool, prepend a worked example);
-    the rollout worker fills both from the ``data`` section unless set here.
+    Options: ``instruction`` (str, appended to the question), ``one_shot`` (bool, prepend a worked example),
+    ``system_prompt`` (str, a system message first; "" for none); the rollout worker fills them from the ``data``
+    section unless set here. A conversational problem (``problem.messages``) opens with its own messages
+    (`rollout.tasks.prompt_messages`).
     """
 
     def __init__(self, problem, options: dict[str, Any], cfg) -> None:
@@ -40,7 +42,8 @@ class SingleTurn(Environment):
 
         super().__init__(problem, options, cfg)
         d = DataConfig()
-        self.opts = check_options("single_turn", options, {"instruction": d.instruction, "one_shot": d.one_shot})
+        self.opts = check_options("single_turn", options, {"instruction": d.instruction, "one_shot": d.one_shot,
+                                                           "system_prompt": d.system_prompt})
 
     @classmethod
     def worker_config(cls, cfg, rollout, data):
@@ -48,14 +51,16 @@ class SingleTurn(Environment):
         scored by reward calls that may wait ``rollout.reward_timeout_s`` for a thread and run as long (a slow
         reward is a reward failure, not an environment one)."""
         return cfg.model_copy(update={
-            "options": {"instruction": data.instruction, "one_shot": data.one_shot, **cfg.options},
+            "options": {"instruction": data.instruction, "one_shot": data.one_shot,
+                        "system_prompt": data.system_prompt, **cfg.options},
             "max_episode_tokens": max(cfg.max_episode_tokens, rollout.max_tokens),
             "step_timeout_s": max(cfg.step_timeout_s, 2 * rollout.reward_timeout_s + 5.0)})
 
     def reset(self, seed: int) -> list[Message]:
-        from rollout.tasks import build_messages
+        from rollout.tasks import prompt_messages
 
-        return build_messages(self.problem.question, self.opts["instruction"], self.opts["one_shot"])
+        o = self.opts
+        return prompt_messages(self.problem, o["instruction"], o["one_shot"], o["system_prompt"])
 
     def step(self, action: str) -> StepResult:
         return answer_step(self, action)

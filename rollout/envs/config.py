@@ -59,7 +59,8 @@ class EnvConfig(StrictConfig):
     max_turns: int = Field(1, ge=1, le=1000, description="assistant turns per episode, max")
     max_episode_tokens: int = Field(
         1024, ge=1, le=131072, description="sampled + observation tokens per episode, max (the prompt excluded)")
-    step_timeout_s: float = Field(30.0, gt=0, description="seconds one Environment.step may take")
+    step_timeout_s: float = Field(30.0, gt=0, description="seconds one Environment.reset/step may take, from when "
+                                  "a thread takes it up")
     episode_timeout_s: float = Field(600.0, gt=0, description="wall-clock seconds of one episode, generation "
                                      "included; past it the episode ends, status truncated")
     max_failure_frac: float = Field(
@@ -67,7 +68,8 @@ class EnvConfig(StrictConfig):
         "failed in the environment (step raised or timed out)")
     max_hung_steps: int = Field(
         8, ge=1, le=10000, description="reset/step calls past step_timeout_s still running in a worker (their "
-        "threads cannot be killed) before its next request stops the run with an error naming the environment")
+        "threads cannot be killed) before its next request is refused and the worker restarted (counted against "
+        "rollout.max_restarts)")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="the subprocess sandbox that runs "
                                    "tool calls (tool_math): isolation and limits")
 

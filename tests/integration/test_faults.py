@@ -1,4 +1,4 @@
-"""Faults injected on purpose into a real run: a rollout worker killed mid-run, a reward function that
+"""Faults injected on purpose into a real run: a rollout worker killed mid-run or hung, a reward function that
 raises, non-finite gradients. Each run is bounded in time; none may hang or lose a prompt."""
 
 from __future__ import annotations
@@ -295,24 +295,94 @@ def test_broken_broadcast_falls_back_and_learner_rank_0_keeps_training(tiny_sums
 
 
 class HangsOnce(RolloutWorker):
-    """Worker 1's first request never finishes; every other request is served normally."""
+    """Worker 1's first request never finishes (a hung engine call); every other request is served normally.
+    Once per test: ``marker`` survives the restart, so the new worker in the slot does not hang."""
+
+    marker = ""
 
     def generate(self, req):
-        if self.index == 1 and not getattr(self, "_hung", False):
-            self._hung = True
+        import os
+
+        if self.index == 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
             time.sleep(3600)
         return super().generate(req)
 
 
 @pytest.mark.timeout(600)
-def test_one_hung_request_times_out_while_others_finish(tiny_sums_model, ray_local, tmp_path):
-    cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=20", "rollout.num_workers=2", "rollout.request_timeout_s=20",
+def test_one_hung_request_restarts_its_worker_and_the_run_goes_on(tiny_sums_model, ray_local, tmp_path, caplog):
+    """A request past rollout.request_timeout_s: its worker is restarted (counted), its groups re-issued, the other
+    worker goes on, and the run trains every step with no group lost or trained twice."""
+    import logging
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    HangsOnce.marker = str(tmp_path / "hung")
+    cfg = _cfg(tiny_sums_model, tmp_path, "rollout.num_workers=2", "rollout.request_timeout_s=6",
                "learner.num_cpus=0.5", "rollout.num_cpus=1")
     t = Trainer(cfg, tmp_path / "run", tiny_sums_model, load_problems(cfg.data, "train"), [],
                 rollout_worker_cls=HangsOnce)
+    caplog.set_level(logging.WARNING, logger="orchestrator.dispatch")
     t0 = time.monotonic()
-    _run_expecting(t, TimeoutError, r"on rollout worker 1 did not finish within rollout.request_timeout_s = 20")
+    try:
+        summary = t.run(progress=False)
+    finally:
+        t.shutdown()
     assert time.monotonic() - t0 < 200
+    hung = [r.getMessage() for r in caplog.records if " hung: " in r.getMessage()]
+    assert hung and hung[0].startswith("rollout worker 1 hung: generate request g") \
+        and "rollout.request_timeout_s = 6 s" in hung[0], hung
+    assert summary["rollout/worker_restarts_hung"] >= 1 and summary["rollout/worker_restarts"] >= 1, summary
+    assert summary["rollout/retried_groups"] >= 2, summary  # the hung request's 2 groups were re-issued
+    trained = [g for x in (tmp_path / "run" / "trained_groups.jsonl").read_text().splitlines()
+               for g in json.loads(x)["groups"]]
+    assert len(trained) == 3 * 4 and len(set(trained)) == len(trained)  # nothing lost, nothing trained twice
+    _audit(summary)
+
+
+@ray.remote(num_cpus=0)
+class _HungEnvWorker:
+    """Refuses a request as a rollout worker holding too many hung environment calls does."""
+
+    def generate(self, req):
+        from rollout.episode import HungWorkerError
+
+        raise HungWorkerError("environment 'x': 2 reset/step calls abandoned after rollout.env.step_timeout_s = 1 s "
+                              "still run in this worker (more than rollout.env.max_hung_steps = 1)")
+
+
+def test_a_worker_refusing_a_request_for_hung_env_calls_is_restarted(ray_local):
+    """`rollout.episode.HungWorkerError` raised in a worker process reaches the driver's `Dispatcher.collect` through
+    Ray, which counts it and hands the request to the restart path (`Dispatcher.restart_hung`: replace the worker,
+    re-issue the request; that path runs for real in the test above) instead of stopping the run; one more hang
+    than ``rollout.max_restarts`` allows stops it naming the worker and the cause."""
+    from buffer import GenerateRequest, Problem
+    from orchestrator.dispatch import Dispatcher, InFlight
+    from orchestrator.tally import RolloutTally
+
+    actor = _HungEnvWorker.remote()
+    rollout = SimpleNamespace(incarnation={0: 0}, done=lambda slot: None)
+    staleness = SimpleNamespace(returned=lambda n: None, version=0, ready=0)
+    cfg = SimpleNamespace(rollout=SimpleNamespace(max_restarts=1), buffer=SimpleNamespace(dynamic_sampling=False),
+                          prompts_per_step=4)
+    d = Dispatcher(cfg, rollout, None, staleness, RolloutTally(0.1), None, None, None)
+    restarted = []
+
+    def recover(f, err, replace=False):  # stands in for a new actor in the slot (tested with a Trainer above)
+        restarted.append((f.worker, replace, str(err)))
+        rollout.incarnation[f.worker] += 1
+    d._recover = recover
+    req = GenerateRequest((Problem("train/0", "1 + 1", "2"),), ("g0",), (4,), 0, 0)
+    d.requests[actor.generate.remote(req)] = InFlight(req, 0, 0, time.monotonic())
+    ray.wait(list(d.requests), timeout=60)
+    d.collect()  # restarted, not raised
+    d.requests[actor.generate.remote(req)] = InFlight(req, 0, 1, time.monotonic())  # the new worker hangs too
+    ray.wait(list(d.requests), timeout=60)
+    with pytest.raises(RuntimeError, match=r"^rollout worker 0 hung: environment 'x': 2 reset/step calls "
+                                           r".*max_hung_steps = 1\) \(it was restarted for hangs 1 times"):
+        d.collect()
+    assert restarted == [(0, True, restarted[0][2])] and "max_hung_steps = 1" in restarted[0][2]
+    assert d.tally.worker_restarts_hung == 1 and not d.requests
 
 
 class FailsToLoadVersion2(RolloutWorker):

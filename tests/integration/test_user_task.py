@@ -1,6 +1,8 @@
-"""A user's own reward functions in a real run (Ray + vLLM + DeepSpeed on the tiny random model): a module that
-lives only in the test's tmp dir, outside the driver's working dir Ray ships to its workers, reaches the rollout
-actors; each function's mean is a metric beside the total, and the total is the weighted sum."""
+"""A user's own reward functions and dataset in a real run (Ray + vLLM + DeepSpeed on the tiny random model): a
+module that lives only in the test's tmp dir, outside the driver's working dir Ray ships to its workers, reaches
+the rollout actors; the data is a conversational jsonl (TRL's format) whose extra column and messages reach the
+reward functions in the actors; each function's mean is a metric beside the total, and the total is the weighted
+sum."""
 
 from __future__ import annotations
 
@@ -24,18 +26,32 @@ def digit_frac(completions, **kwargs):
 async def short(prompts, completions, answer, **kwargs):
     """Async, with the reference column: 1.0 for a completion of at most 20 characters."""
     return [float(len(c) <= 20) for c in completions]
+
+def row_tag(prompts, completions, tag, **kwargs):
+    """An extra column of the data row, as TRL hands it: every row's tag is 0.25."""
+    return [float(t) for t in tag]
+
+def saw_system(prompts, completions, **kwargs):
+    """Conversational format: the prompts are the row's own messages, which open with a system message."""
+    return [float(p[0] == {"role": "system", "content": "You add."}) for p in prompts]
 '''
+ROWS = [{"prompt": [{"role": "system", "content": "You add."}, {"role": "user", "content": f"Calculate {a} + {b}."}],
+         "answer": str(a + b), "tag": 0.25} for a in range(4) for b in range(5)]
 
 
 @pytest.mark.timeout(300)
 def test_user_reward_functions_train_and_report_per_reward_metrics(tiny_model, ray_local, tmp_path, monkeypatch):
     (tmp_path / "user_task_rewards.py").write_text(textwrap.dedent(USER_REWARDS))
     monkeypatch.syspath_prepend(str(tmp_path))  # the driver's path only: the actors get it from RolloutGroup
-    weights = {"exact_match": 1.0, "digit_frac": 2.0, "short": 0.5}
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    weights = {"exact_match": 1.0, "digit_frac": 2.0, "short": 0.5, "row_tag": 1.0, "saw_system": 0.5}
+    conversational = ', format = "conversational"'
     rewards = ", ".join(f'{{fn = "{fn}", weight = {w}}}' if fn == "exact_match" else
-                        f'{{fn = "user_task_rewards:{fn}", weight = {w}}}' for fn, w in weights.items())
+                        f'{{fn = "user_task_rewards:{fn}", weight = {w}{conversational * (fn == "saw_system")}}}'
+                        for fn, w in weights.items())
     cfg = tiny_run_config(tiny_model, tmp_path, "num_steps=2", "buffer.max_staleness=0", "rollout.max_tokens=12",
-                          f"rollout.rewards=[{rewards}]")
+                          f"rollout.rewards=[{rewards}]", "data.type=dataset", f"data.path={data}")
     t = Trainer(cfg, tmp_path / "run", tiny_model, load_problems(cfg.data, "train"), [])
     try:
         summary = t.run(progress=False)
@@ -48,6 +64,7 @@ def test_user_reward_functions_train_and_report_per_reward_metrics(tiny_model, r
         per = {name: m[f"rollout/reward/{name}"] for name in weights}
         assert all(m[f"rollout/reward_failures/{name}"] == 0.0 for name in weights), m
         assert 0.0 <= per["digit_frac"] <= 1.0 and 0.0 <= per["short"] <= 1.0 and not math.isnan(per["short"])
+        assert per["row_tag"] == 0.25 and per["saw_system"] == 1.0  # the row's column and messages in the actors
         # the exact_match entry is the strict check behind `correct` (computed by the learner from the samples)
         assert per["exact_match"] == pytest.approx(m["rollout/correct_frac"])
         # sync run: the step trains exactly the samples generated for it, so the learner's mean of the samples'

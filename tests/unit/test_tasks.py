@@ -23,7 +23,7 @@ def test_jsonl_source_and_errors(tmp_path):
     probs = load_problems(cfg, "train")
     assert [p.answer for p in probs] == ["1", "2", "3", "4", "5"]
     assert load_problems(cfg, "eval") == []
-    with pytest.raises(ValueError, match="no field 'question'"):
+    with pytest.raises(ValueError, match="no column 'prompt'.*data.prompt_field"):
         load_problems(DataConfig(type="jsonl", path=str(path)), "train")
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         load_problems(DataConfig(type="jsonl", path=str(tmp_path / "missing.jsonl")), "train")

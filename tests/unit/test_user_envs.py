@@ -142,7 +142,7 @@ def test_builtin_environments_carry_their_own_worker_settings():
     """What `RolloutWorker` used to special-case by name now sits in the environments' hooks."""
     rc, data = RolloutConfig(max_tokens=300, reward_timeout_s=40.0), DataConfig(instruction="Go.", one_shot=False)
     st = SingleTurn.worker_config(EnvConfig(), rc, data)
-    assert st.options == {"instruction": "Go.", "one_shot": False}
+    assert st.options == {"instruction": "Go.", "one_shot": False, "system_prompt": ""}
     assert st.max_episode_tokens == max(EnvConfig().max_episode_tokens, 300) and st.step_timeout_s == 85.0
     own = SingleTurn.worker_config(EnvConfig(options={"instruction": "Mine."}), rc, data)
     assert own.options["instruction"] == "Mine."  # the environment's own options win over the data section
