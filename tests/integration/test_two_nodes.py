@@ -184,11 +184,15 @@ def test_rollout_worker_on_a_node_without_the_drivers_files(cluster, tiny_sums_m
     # distinct lines: both raylets share one session dir on this machine, so both log monitors stream each line
     copies = {ln for ln in log.splitlines() if "copied model" in ln}
     assert len(copies) == 1 and "from the driver's node" in copies.pop(), log[-3000:]
-    # the user's reward ran on node 2, from the copy of its module that Ray shipped there, on every step
+    # the user's reward ran on node 2, from the copy of its module that Ray shipped there, wherever it ran: a
+    # step's row has the key only when the step generated groups (a resumed run's first step may train on
+    # groups restored with the buffer), so the count of rows is not asserted, only that every one says node 2
+    # and that no sample failed the function
     rows = [json.loads(r) for r in storage.read_bytes(storage.join(run, "metrics.jsonl")).decode().splitlines()
             if r.strip()]
     where = [r["rollout/reward/where_am_i"] for r in rows if "rollout/reward/where_am_i" in r]
-    assert len(where) >= STEPS and set(where) == {0.25}, where
+    assert where and set(where) == {0.25}, where
+    assert all(r.get("rollout/reward_failures/where_am_i", 0.0) == 0.0 for r in rows), rows
 
 
 @pytest.mark.timeout(1200)
