@@ -5,15 +5,14 @@ a tmpfs over the folder that holds the model, the run outputs and the model cach
 node 2 see it empty. Each case runs ``relayrl train`` against the cluster, SIGKILLs the driver after a
 checkpoint, resumes, and checks that every trained group was trained once:
 
-- the rollout worker on node 2, run outputs on the driver's disk: the worker gets its own copy of the
-  model from the driver's node (and reuses it after the resume), and scores with a user's reward function
-  whose module only the driver has (Ray's runtime_env ``py_modules`` ships it: `base.user_code.ship_user_code`);
-- a learner rank on node 2, model and run outputs on an S3 server (moto on loopback): that rank reads
-  the model from the bucket itself and uploads its own checkpoint shards.
+- the rollout worker and learner rank 1 on node 2, rank 0 on the head, model and run outputs on an S3
+  server (moto on loopback): each node copies the model from the bucket once (and reuses it after the
+  resume), each rank uploads its own checkpoint shards, and the worker scores with a user's reward function
+  whose module only the driver has (Ray's runtime_env ``py_modules`` ships it: `base.user_code.ship_user_code`).
 
-Two more cases: a learner rank on node 2 with a local run dir is a one-line error at the first
-checkpoint; and node 2 lost mid-run (SIGKILL of all its processes) is replaced by a new node whose
-rollout worker copies the model and finishes the run.
+Two more cases: a learner rank on node 2 with a local run dir is a one-line error; and node 2 lost mid-run
+(SIGKILL of all its processes) is replaced by a new node whose rollout worker copies the model from the
+driver's node and finishes the run.
 """
 
 from __future__ import annotations
@@ -127,17 +126,19 @@ def _config(path: Path, model: str, output, cluster: Cluster, *extra: str) -> Pa
                          "rollout.num_cpus=1", "learner.num_cpus=0.5", f"ray.address={cluster.address}", *extra)
 
 
-def _train_twice(cfg: Path, env: dict, output: str) -> str:
-    """Train, SIGKILL the driver after its first checkpoint, resume; returns the run's URI."""
+def _train_twice(cfg: Path, env: dict, output: str) -> tuple[str, datetime.datetime]:
+    """Train, SIGKILL the driver after its first checkpoint, resume; returns the run's URI and the local time
+    the resume started."""
     old = dict(os.environ)
     os.environ.update(env)  # train_cli's driver inherits this process's environment
     try:
         train_cli(cfg, kill_when=lambda: find_run_to_resume(output, "twonode") is not None, timeout=420)
+        resumed_at = datetime.datetime.now()
         train_cli(cfg, "--resume", timeout=420)
     finally:
         os.environ.clear()
         os.environ.update(old)
-    return find_run_to_resume(output, "twonode")
+    return find_run_to_resume(output, "twonode"), resumed_at
 
 
 def _trained_groups(run: str) -> list:
@@ -157,10 +158,20 @@ def where_am_i(prompts, completions, **columns):
 
 
 @pytest.mark.timeout(1200)
-def test_rollout_worker_on_a_node_without_the_drivers_files(cluster, tiny_sums_model, monkeypatch):
+def test_rollout_worker_and_a_learner_rank_on_a_node_without_the_drivers_files(cluster, tiny_sums_model, monkeypatch):
+    """The rollout worker and learner rank 1 on node 2, rank 0 on the head; model and run outputs on S3."""
+    import boto3
+
     hidden = cluster.hidden
-    model = hidden / "model_rollout"
-    shutil.copytree(tiny_sums_model, model)
+    bucket = f"relayrl-{uuid.uuid4().hex[:12]}"
+    s3 = boto3.client("s3", endpoint_url=cluster.env["AWS_ENDPOINT_URL"], region_name="eu-west-1",
+                      aws_access_key_id=cluster.env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=cluster.env["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    for f in Path(tiny_sums_model).iterdir():
+        s3.upload_file(str(f), bucket, f"models/tiny/{f.name}")
+    # content of its own: neither node may find another test's copy of the same model in its cache
+    s3.put_object(Bucket=bucket, Key="models/tiny/README.md", Body=bucket.encode())
     # the user's module exists only in a dir of the driver's (node 2 has a tmpfs over hidden)
     user_dir, module = hidden / "user_code", f"relayrl_user_rewards_{uuid.uuid4().hex[:8]}"
     user_dir.mkdir()
@@ -168,60 +179,42 @@ def test_rollout_worker_on_a_node_without_the_drivers_files(cluster, tiny_sums_m
     monkeypatch.syspath_prepend(str(user_dir))  # tiny_run_toml loads the config here too
     env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(user_dir),
                                                                       cluster.env.get("PYTHONPATH")]))}
-    output = str(hidden / "runs")
-    cfg = _config(hidden / "rollout.toml", str(model), output, cluster, "rollout.resources={node2 = 1}",
-                  "learner.resources={head = 1}",
+    output = f"s3://{bucket}/runs"
+    # one learner slot per node: rank 0 on the head, rank 1 on node 2 with the rollout worker
+    cfg = _config(hidden / "node2.toml", f"s3://{bucket}/models/tiny", output, cluster, "learner.num_learners=2",
+                  "learner.resources={learner_slot = 1}", "rollout.resources={node2 = 1}",
                   f'rollout.rewards=[{{fn = "exact_match"}}, {{fn = "{module}:where_am_i", weight = 0.0}}]')
-    run = _train_twice(cfg, env, output)
+    run, resumed_at = _train_twice(cfg, env, output)
 
     trained = _trained_groups(run)
     assert len(trained) == STEPS * P and len(set(trained)) == len(trained)  # nothing lost, nothing twice
     summary = json.loads(storage.read_bytes(storage.join(run, "summary.json")))
-    assert summary["step"] == STEPS
-    # the worker on node 2 copied the model from the driver's node once; the resumed run's worker, on the
-    # same node, found that copy (by content) and copied nothing
-    log = (logs_dir_of(run) / "RolloutWorker.log").read_text()
-    # distinct lines: both raylets share one session dir on this machine, so both log monitors stream each line
-    copies = {ln for ln in log.splitlines() if "copied model" in ln}
-    assert len(copies) == 1 and "from the driver's node" in copies.pop(), log[-3000:]
+    assert summary["step"] == STEPS and storage.exists(storage.join(run, "final_model", "config.json"))
+    # each rank uploaded its own part of the checkpoint
+    first = storage.join(run, "checkpoints", storage.children(storage.join(run, "checkpoints"))[0])
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(storage.children(storage.join(first, "learner")))
+    # each node copied the model from the bucket once, into its own cache (a file lock makes the actors of one
+    # node share a copy); the resumed run's actors found those copies by content and copied nothing. Distinct
+    # lines: both raylets share one session dir on this machine, so both log monitors stream each line
+    logs = logs_dir_of(run)
+    copies = {ln for name in ("RolloutWorker.log", "LearnerWorker.log") for ln in (logs / name).read_text().splitlines()
+              if "copied model" in ln}
+    assert 1 <= len(copies) <= 2 and all(f"from s3://{bucket}/models/tiny" in ln for ln in copies), copies
+    stamps = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+              for m in (re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", ln) for ln in copies) if m]
+    assert len(stamps) == len(copies) and max(stamps) < resumed_at, (copies, resumed_at)
     # the user's reward ran on node 2, from the copy of its module that Ray shipped there, wherever it ran: a
     # step's row has the key only when the step generated groups (a resumed run's first step may train on
     # groups restored with the buffer), so the count of rows is not asserted, only that every one says node 2
     # and that no sample failed the function
-    rows = [json.loads(r) for r in storage.read_bytes(storage.join(run, "metrics.jsonl")).decode().splitlines()
-            if r.strip()]
+    rows = _jsonl(storage.join(run, "metrics.jsonl"))
     where = [r["rollout/reward/where_am_i"] for r in rows if "rollout/reward/where_am_i" in r]
     assert where and set(where) == {0.25}, where
     assert all(r.get("rollout/reward_failures/where_am_i", 0.0) == 0.0 for r in rows), rows
 
 
-@pytest.mark.timeout(1200)
-def test_learner_rank_on_a_node_without_the_drivers_files(cluster, tiny_sums_model):
-    import boto3
-
-    hidden, env = cluster.hidden, cluster.env
-    bucket = f"relayrl-{uuid.uuid4().hex[:12]}"
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="eu-west-1",
-                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
-    for f in Path(tiny_sums_model).iterdir():
-        s3.upload_file(str(f), bucket, f"models/tiny/{f.name}")
-    # content of its own: node 2 must not find the first test's copy of the same model in its cache
-    s3.put_object(Bucket=bucket, Key="models/tiny/README.md", Body=bucket.encode())
-    output = f"s3://{bucket}/runs"
-    # one learner slot per node: rank 0 on one node, rank 1 on the other
-    cfg = _config(hidden / "learner.toml", f"s3://{bucket}/models/tiny", output, cluster,
-                  "learner.num_learners=2", "learner.resources={learner_slot = 1}", "rollout.resources={head = 1}")
-    run = _train_twice(cfg, env, output)
-
-    trained = _trained_groups(run)
-    assert len(trained) == STEPS * P and len(set(trained)) == len(trained)
-    first = storage.join(run, "checkpoints", storage.children(storage.join(run, "checkpoints"))[0])
-    assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(storage.children(storage.join(first, "learner")))
-    log = (logs_dir_of(run) / "LearnerWorker.log").read_text()
-    assert "copied model" in log and f"from s3://{bucket}/models/tiny" in log, log[-3000:]
-    summary = json.loads(storage.read_bytes(storage.join(run, "summary.json")))
-    assert summary["step"] == STEPS and storage.exists(storage.join(run, "final_model", "config.json"))
+def _jsonl(uri: str) -> list[dict]:
+    return [json.loads(r) for r in storage.read_bytes(uri).decode().splitlines() if r.strip()]
 
 
 @pytest.mark.timeout(600)
