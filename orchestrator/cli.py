@@ -112,9 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({k: summary.get(k) for k in ("step", "eval/accuracy", "eval/gain", "eval/gain_se",
                                                   "time/elapsed_s", "final_model")}))
     if summary.get("eval/gain") is not None:
-        acc, gain, se = summary["eval/accuracy"], summary["eval/gain"], summary["eval/gain_se"]
-        print(f"held-out accuracy {acc - gain:.3f} -> {acc:.3f}: {100 * gain:+.1f} points, "
-              f"{gain / se if se else float('nan'):.1f} standard errors (paired, {len(eval_problems)} problems)")
+        from orchestrator.metrics import gain_line
+
+        print(gain_line(summary["eval/accuracy"], summary["eval/gain"], summary.get("eval/gain_se"),
+                        len(eval_problems)))
     print(f"run dir: {run}")
     return 0
 

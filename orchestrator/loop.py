@@ -193,7 +193,7 @@ class Trainer:
         """
         last = self._start_run()
         step: LearnerStep | None = None
-        with StepProgress(self.cfg.num_steps, self.version, progress) as bar:
+        with StepProgress(self.cfg.num_steps, self.version, progress, start=last) as bar:
             while self.version < self.cfg.num_steps:
                 self.scaler.apply(self.version)
                 self.dispatcher.dispatch()

@@ -54,6 +54,27 @@ def held_out_metrics(correct: list[bool], start: list[bool] | None) -> dict[str,
     return out
 
 
+def gain_line(accuracy: float, gain: float, gain_se: float | None, n: int) -> str:
+    """The line a run ends with: held-out accuracy start -> end, the gain in points and in paired standard
+    errors (`held_out_metrics`), e.g. ``held-out accuracy 0.455 -> 0.580: +12.5 points, 3.9 standard errors
+    (paired, 200 problems)``. Never prints ``nan``: a standard error of 0 (every paired difference the same,
+    e.g. no problem changed) or an undefined one (fewer than 2 problems, not recorded) is said in words.
+
+    Args:
+        accuracy: the last held-out accuracy (0-1); gain: its change since the start eval (0-1);
+        gain_se: the gain's paired standard error (0-1), None if not recorded; n: held-out problems.
+    """
+    gain = gain + 0.0  # -0.0 -> 0.0: no "-0.0 points"
+    head = f"held-out accuracy {accuracy - gain:.3f} -> {accuracy:.3f}: {100 * gain:+.1f} points"
+    problems = f"{n} problem" + ("" if n == 1 else "s")
+    if n < 2 or gain_se is None or not math.isfinite(gain_se):
+        return f"{head}, standard error undefined (paired, {problems})"
+    if gain_se == 0:
+        why = "no problem changed" if gain == 0 else "every problem changed the same way"
+        return f"{head}, standard error 0: {why} (paired, {problems})"
+    return f"{head}, {gain / gain_se:.1f} standard errors (paired, {problems})"
+
+
 class MetricsLogger:
     """Writes ``metrics.jsonl``, TensorBoard events and ``trained_groups.jsonl`` under ``run_dir``.
 

@@ -5,7 +5,9 @@ Reads ``metrics.jsonl``, ``config.json`` and (when the run finished) ``summary.j
 (a running job on an object store uploads its metrics at each checkpoint: its report ends there). It
 writes, under ``RUN/report/`` (or ``--out``): ``reward_accuracy.png`` (batch reward and held-out accuracy
 vs step and vs wall clock), ``staleness.png`` (per-step staleness histogram), ``throughput.png`` (rollout
-and learner tokens/s per step), ``weight_push.png`` (export and load seconds per step) and ``summary.md``.
+and learner tokens/s per step), ``weight_push.png`` (export and load seconds per step), ``entropy.png`` (the
+policy's mean entropy on trained tokens per step, ``learner/entropy``: a collapse towards 0 can explain a stalled
+reward) and ``summary.md``.
 
 Left out on purpose: interactive dashboards (TensorBoard reads the same run dir), Weights & Biases.
 """
@@ -96,7 +98,8 @@ def _render(run: str, recs: list[dict], steps: list[dict], out: Path) -> list[st
     ax.set_xlabel("step")
     ax.set_ylabel("fraction of trained samples")
     ax.set_title("staleness (policy lag) of trained samples")
-    ax.legend()
+    if lags:  # a run that recorded no staleness histogram: no legend to draw
+        ax.legend()
     written.append(_save(fig, out / "staleness.png"))
 
     written.append(_lines(steps, [("perf/rollout_tokens_per_s", "rollout (generated tokens/s)"),
@@ -105,6 +108,8 @@ def _render(run: str, recs: list[dict], steps: list[dict], out: Path) -> list[st
     written.append(_lines(steps, [("weights/export_seconds", "export (learner)"),
                                   ("weights/load_seconds", "load (rollout workers)")],
                           "seconds", "weight push", out / "weight_push.png"))
+    written.append(_lines(steps, [("learner/entropy", "policy entropy on trained tokens")],
+                          "nats per token", "policy entropy", out / "entropy.png"))
     written.append(_summary(run, recs, steps, out / "summary.md"))
     return [p.name for p in written]
 
@@ -156,11 +161,23 @@ def _summary(run: str, recs: list[dict], steps: list[dict], path: Path) -> Path:
         f"- staleness mean {mean('off_policy/staleness_mean')}, mismatch KL {mean('off_policy/mismatch_kl')}, "
         f"dropped samples {sum(r.get('off_policy/dropped_samples') or 0 for r in steps):.0f}",
         f"- weight push: export {mean('weights/export_seconds')} s, load {mean('weights/load_seconds')} s per step",
+        _entropy_line(steps),
         "", "![reward and accuracy](reward_accuracy.png)", "![staleness](staleness.png)",
-        "![throughput](throughput.png)", "![weight push](weight_push.png)", "",
+        "![throughput](throughput.png)", "![weight push](weight_push.png)", "![policy entropy](entropy.png)", "",
     ]
     path.write_text("\n".join(line for line in lines if line is not None))
     return path
+
+
+def _entropy_line(steps: list[dict]) -> str:
+    """The policy's entropy on trained tokens (``learner/entropy``, nats per token) at the first and last step
+    that recorded it, and its lowest; ``-`` if no step did."""
+    xs, ys = _series(steps, "learner/entropy")
+    if not xs:
+        return "- policy entropy on trained tokens (nats): -"
+    low = min(range(len(ys)), key=ys.__getitem__)
+    return (f"- policy entropy on trained tokens (nats): first {ys[0]:.3f} @ step {xs[0]}, "
+            f"last {ys[-1]:.3f} @ step {xs[-1]}, lowest {ys[low]:.3f} @ step {xs[low]}")
 
 
 def _config_line(config: dict) -> str | None:

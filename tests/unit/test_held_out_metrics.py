@@ -44,3 +44,28 @@ def test_a_resumed_logger_starts_from_the_checkpoints_last_record(tmp_path):
     resumed = MetricsLogger(tmp_path, keep_steps_upto=2)
     assert resumed.last["step"] == 2 and resumed.last["eval/accuracy"] == 0.2
     assert MetricsLogger(tmp_path / "fresh").last == {}
+
+
+def test_the_gain_line_says_a_paired_gain_in_standard_errors():
+    from orchestrator.metrics import gain_line
+
+    assert gain_line(0.58, 0.125, 0.032, 200) == ("held-out accuracy 0.455 -> 0.580: +12.5 points, "
+                                                  "3.9 standard errors (paired, 200 problems)")
+
+
+def test_the_gain_line_of_a_zero_or_undefined_standard_error_has_no_nan():
+    from orchestrator.metrics import gain_line
+
+    same = [True] * 97 + [False] * 103
+    m = held_out_metrics(same, same)  # no problem changed: gain 0, paired standard error 0
+    assert m["eval/gain"] == 0 and m["eval/gain_se"] == 0
+    assert gain_line(m["eval/accuracy"], m["eval/gain"], m["eval/gain_se"], 200) == (
+        "held-out accuracy 0.485 -> 0.485: +0.0 points, standard error 0: no problem changed (paired, 200 problems)")
+    m = held_out_metrics([True] * 4, [False] * 4)  # every problem flipped to right: every difference is 1
+    assert gain_line(m["eval/accuracy"], m["eval/gain"], m["eval/gain_se"], 4) == (
+        "held-out accuracy 0.000 -> 1.000: +100.0 points, standard error 0: every problem changed the same way "
+        "(paired, 4 problems)")
+    assert gain_line(0.5, -0.0, None, 200).endswith("+0.0 points, standard error undefined (paired, 200 problems)")
+    assert gain_line(1.0, 1.0, 0.0, 1).endswith("standard error undefined (paired, 1 problem)")
+    for args in [(0.485, 0.0, 0.0, 200), (0.4, 0.0, 0.01, 200), (0.4, 0.1, float("nan"), 200), (1.0, 1.0, 0.0, 1)]:
+        assert "nan" not in gain_line(*args), args

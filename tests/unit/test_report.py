@@ -12,7 +12,7 @@ from pathlib import Path
 from base import storage
 from orchestrator.cli import main
 
-FILES = ("reward_accuracy.png", "staleness.png", "throughput.png", "weight_push.png", "summary.md")
+FILES = ("reward_accuracy.png", "staleness.png", "throughput.png", "weight_push.png", "entropy.png", "summary.md")
 
 
 def _check_plots(report_dir: Path) -> None:
@@ -73,3 +73,33 @@ def test_report_of_a_uri_without_a_run_is_one_line_naming_it(s3_finished_run, s3
     assert main(["report", "nosuch://bucket/runs/x"]) == 2  # a scheme fsspec does not know
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "storage 'nosuch://bucket/runs/x/metrics.jsonl' cannot be opened" in err
+
+
+def test_report_has_the_policy_entropy_curve_and_its_summary_line(tmp_path, capsys):
+    """A run dir holding only a small ``metrics.jsonl``: the start eval, four steps whose ``learner/entropy``
+    falls (one step recorded none: every sample skipped)."""
+    import json
+
+    import matplotlib.image
+
+    run = tmp_path / "entropy-20260101-000000"
+    run.mkdir()
+    recs = [{"step": 0, "time/elapsed_s": 5.0, "eval/accuracy": 0.4}]
+    for step, ent in [(1, 1.25), (2, 0.5), (3, None), (4, 0.75)]:
+        recs.append({"step": step, "time/elapsed_s": 5.0 + 10 * step, "rollout/reward_mean": 0.1 * step,
+                     "learner/entropy": ent})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.split() == [str(run / "report" / f) for f in FILES]
+    md = (run / "report" / "summary.md").read_text()
+    assert ("- policy entropy on trained tokens (nats): first 1.250 @ step 1, last 0.750 @ step 4, "
+            "lowest 0.500 @ step 2") in md.splitlines()
+    assert "![policy entropy](entropy.png)" in md
+    img = matplotlib.image.imread(run / "report" / "entropy.png")
+    assert img[..., :3].std() > 0.01
+
+    for r in recs:  # a run that never recorded the entropy: a dash, not a crash
+        r.pop("learner/entropy", None)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["report", str(run)]) == 0
+    assert "- policy entropy on trained tokens (nats): -" in (run / "report" / "summary.md").read_text().splitlines()
