@@ -106,6 +106,22 @@ class RewardConfig(StrictConfig):
         "standard", description="how it gets prompts and completions, as TRL names its dataset formats: standard "
         "(strings: the question, the answer's text) or conversational (message lists: [{role: user, content: "
         "question}], [{role: assistant, content: text}]; what trl.rewards functions read)")
+    isolate: bool = Field(False, description="run it in worker processes of its own (rollout.reward_isolation): a "
+                          "call that crashes its interpreter, or hangs past rollout.reward_timeout_s (then killed), "
+                          "fails its sample and never the rollout worker; adds a fraction of a millisecond per call "
+                          "(measured in docs/bring_your_own_task.md)")
+    processes: int = Field(2, ge=1, le=64, description="isolate = true: processes per rollout worker that run its "
+                           "calls, one call each at a time")
+    memory_limit_bytes: int = Field(4 << 30, ge=0, description="isolate = true: heap cap of each of its processes "
+                                    "(RLIMIT_DATA; past it the call raises MemoryError); 0: none")
+
+    @model_validator(mode="after")
+    def _isolate_user_functions(self) -> RewardConfig:
+        if self.isolate and (self.fn == "exact_match" or self.fn.startswith("reward_model:")):
+            raise ValueError(f"rollout.rewards: isolate = true on fn = {self.fn!r}, which relayrl runs itself (the "
+                             "strict check in the rollout worker, or a [[reward_models]] pool's own actors): drop "
+                             "isolate on this entry")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -159,7 +175,7 @@ class RolloutConfig(StrictConfig):
         "per worker slot before a further hang stops the run")
     rewards: list[RewardConfig] = Field(
         default_factory=lambda: [RewardConfig(fn="exact_match")], min_length=1, max_length=64,
-        description="the reward functions ([[rollout.rewards]]: fn, name, weight); a sample's reward is "
+        description="the reward functions ([[rollout.rewards]]: fn, name, weight, isolate); a sample's reward is "
         "sum(weight * value) over those that returned a value, and a sample fails (never trained on) when one fails")
     reward_timeout_s: float = Field(10.0, gt=0, description="max seconds for one reward function call (from "
                                     "when a reward thread takes it up)")

@@ -24,8 +24,10 @@ values fails that sample (kept, counted, never trained on); the worker goes on. 
 cannot be stopped: its thread stays busy for the worker's life (`hung_reward_calls` counts them; once all
 ``REWARD_THREADS`` hang, every later call fails as not started in time). An ``async`` function stuck at an
 ``await`` is cancelled at the deadline and frees its thread. A function that crashes or exits the interpreter
-(a segfault in a C extension, ``os._exit``) takes the worker with it: Ray restarts the worker and the driver
-re-issues its requests; no subprocess isolates rewards yet.
+(a segfault in a C extension, ``os._exit``) takes the worker with it (Ray restarts the worker and the driver
+re-issues its requests), unless its entry sets ``isolate = true``: it then runs in worker processes of its own
+(`rollout.reward_isolation`), where a crash or a call past its budget (killed) fails that sample only and the
+process is replaced.
 
 Reward models and LLM judges run as actors of their own (`rollout.reward_models`): ``fn =
 "reward_model:<name>"`` scores with the ``[[reward_models]]`` pool ``<name>``, and user functions call a pool
@@ -43,10 +45,12 @@ import inspect
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from base.user_code import import_object, is_import_path
+from rollout.reward_isolation import PROCESS_START_TIMEOUT_S, RewardCallFailed, RewardProcesses
 
 if TYPE_CHECKING:
     from rollout.config import RewardConfig
@@ -211,10 +215,18 @@ def hung_reward_calls() -> int:
 
 
 class _Call:
-    """One reward call submitted to the reward threads; `result` waits for it within its budget."""
+    """One reward call submitted to the reward threads; `result` waits for it within its budget.
 
-    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout_s: float) -> None:
+    ``fn`` may be a `RewardProcesses` pool (an isolated function): the reward thread then hands the call to a free
+    process of it, by the same start deadline, and the pool bounds the call itself (it kills a call past its
+    budget), so the thread always comes back.
+    """
+
+    def __init__(self, fn: Callable[..., Any] | RewardProcesses, args: tuple, kwargs: dict,
+                 timeout_s: float) -> None:
         self.timeout_s, self.started = timeout_s, threading.Event()
+        self.start_by = time.monotonic() + timeout_s
+        self.isolated = isinstance(fn, RewardProcesses)
 
         async def bounded(awaitable):
             try:
@@ -224,6 +236,8 @@ class _Call:
 
         def job():
             self.started.set()
+            if self.isolated:
+                return fn.call(kwargs, timeout_s, self.start_by)
             out = fn(*args, **kwargs)
             return asyncio.run(bounded(out)) if inspect.isawaitable(out) else out
 
@@ -236,8 +250,12 @@ class _Call:
             return None, (f"not started within {t:g} s: all {REWARD_THREADS} reward threads busy "
                           f"({hung_reward_calls()} hung reward calls in this worker)")
         self.started.wait()  # it started just as the wait ended
+        # an isolated call bounds itself (start deadline, a new process's start, its budget): wait that out
+        wait = max(0.0, self.start_by - time.monotonic()) + PROCESS_START_TIMEOUT_S + t + 5.0 if self.isolated else t
         try:
-            return self.future.result(timeout=t), ""
+            return self.future.result(timeout=wait), ""
+        except RewardCallFailed as e:
+            return None, str(e)
         except cf.TimeoutError:
             with _POOL_LOCK:
                 _ABANDONED.append(self.future)
@@ -328,7 +346,8 @@ class RewardSet:
     returning None (not applicable) adds nothing, as TRL's nansum over reward functions (0.0 when none
     applies). When any function fails, the sample fails (`Score` error set, reward 0.0): kept and counted,
     never trained on. ``correct`` is the strict check ``check`` (the built-in exact match), run for every
-    sample; the ``exact_match`` entries reuse its value instead of calling the function again.
+    sample; the ``exact_match`` entries reuse its value instead of calling the function again. An entry with
+    ``isolate = true`` runs in its own `RewardProcesses` pool (started on first use; `close` ends them).
 
     Args:
         rewards: the `RewardConfig` entries.
@@ -347,14 +366,22 @@ class RewardSet:
                  check: Callable[[str, str], tuple[float, bool]] = score_response) -> None:
         self.timeout_s, self.check = timeout_s, check
         self.columns = None if columns is None else tuple(columns)
-        # (name, fn or None: the check's value, weight, conversational)
-        self.entries: list[tuple[str, RewardFn | None, float, bool]] = []
+        # (name, fn or None: the check's value, or its process pool (isolate), weight, conversational)
+        self.entries: list[tuple[str, RewardFn | RewardProcesses | None, float, bool]] = []
         for i, r in enumerate(rewards):
             field = f"rollout.rewards[{i}].fn"
-            fn = resolve_reward(r.fn, field)
+            fn = resolve_reward(r.fn, field)  # imported here too: its errors are one line, its signature checked
             if fn is not exact_match:
                 check_reward_signature(fn, r.fn, self.columns, field)
+            if r.isolate:
+                fn = RewardProcesses(r.fn, r.processes, r.memory_limit_bytes)
             self.entries.append((r.name, None if fn is exact_match else fn, r.weight, r.format == "conversational"))
+
+    def close(self) -> None:
+        """End the processes of the isolated functions (a later `score` starts new ones)."""
+        for _, fn, _, _ in self.entries:
+            if isinstance(fn, RewardProcesses):
+                fn.close()
 
     def score(self, prompt: str, completion: str, reference: str, columns: Mapping[str, Any] | None = None,
               messages: Sequence[Mapping[str, str]] = ()) -> Score:
