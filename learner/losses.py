@@ -4,10 +4,11 @@ Every variant is a pydantic config (its ``type`` tag and its own knobs, with def
 description each) and a function ``fn(inp, cfg) -> (loss, metrics)`` taking a `PolicyLossInput`
 (shapes: B sequences, T right-padded response positions) and that config. `POLICY_LOSSES` maps each
 ``type`` to both; ``learner.loss`` in the run config is the tagged union of the config classes
-(`learner.config.LossConfig`), so a new loss is one config class, one function and one registry entry,
-here. The loss is ``sum(mask * per_token) / loss_normalizer``, so micro-batches and ranks combine into one
-token mean; every metric a loss returns is a token mean over its micro-batch (the learner combines them
-across micro-batches and ranks weighted by tokens).
+(`learner.config.LossConfig`), so a new loss is one config class, one function and one registry entry
+(the function and its config here or in a module of its own, like `learner.entropy_losses`; the shared input,
+config base and helpers are in `learner.loss_core`). The loss is ``sum(mask * per_token) / loss_normalizer``,
+so micro-batches and ranks combine into one token mean; every metric a loss returns is a token mean over its
+micro-batch (the learner combines them across micro-batches and ranks weighted by tokens).
 
 Three policies appear: pi_theta (the learner, with grad), pi_prox (the proximal policy: the learner
 before this optimizer step) and pi_behav (the rollout engine that sampled the tokens). "Decoupled PPO"
@@ -15,7 +16,8 @@ before this optimizer step) and pi_behav (the rollout engine that sampled the to
 pi_theta/pi_prox and corrects pi_prox/pi_behav separately, which is what each variant below does in its
 own way.
 
-`k3_kl_penalty` is the optional KL-to-reference term the learner adds to any variant.
+`k3_kl_penalty` is the optional KL-to-reference term the learner adds to any variant. Every variant also takes
+``token_selection_rho`` (train on the top-rho tokens by entropy, `learner.loss_core.high_entropy_selection`).
 
 torch is imported inside the functions, so the config classes load with the run config without it.
 
@@ -25,144 +27,32 @@ Left out on purpose: value-function losses.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
-from base.config import StrictConfig
+from learner.entropy_losses import (BapoLossConfig, ClipCovLossConfig, KlCovLossConfig, bapo_loss, clip_cov_loss,
+                                    kl_cov_loss)
+from learner.loss_core import (LOG_CLAMP, BandLoss, ClippedLoss, LossConfigBase, PolicyLossInput, TruncatedLoss,
+                               finish_loss, ppo_clip_surrogate)
+from learner.loss_core import k3_kl_per_token  # noqa: F401  (re-exported: learner.sentinel uses it from here)
 
 if TYPE_CHECKING:
     import torch
 
-_LOG_CLAMP = 20.0
-
-
-@dataclass
-class PolicyLossInput:
-    """Inputs of every policy loss.
-
-    Attributes:
-        logprobs: ``[B, T]`` log pi_theta of the sampled tokens (with grad).
-        prox_logprobs: ``[B, T]`` log pi_prox (no grad).
-        behaviour_logprobs: ``[B, T]`` log pi_behav reported by the rollout engine.
-        advantages: ``[B]`` sequence advantages.
-        mask: ``[B, T]`` 1 on trained tokens.
-        loss_normalizer: token count the masked sum is divided by (default: ``mask.sum()``).
-
-    Raises:
-        ValueError: the ``[B, T]`` tensors differ in shape or ``advantages`` is not ``[B]``.
-    """
-
-    logprobs: torch.Tensor
-    prox_logprobs: torch.Tensor
-    behaviour_logprobs: torch.Tensor
-    advantages: torch.Tensor
-    mask: torch.Tensor
-    loss_normalizer: float | None = None
-
-    def __post_init__(self) -> None:
-        shapes = {tuple(t.shape) for t in (self.logprobs, self.prox_logprobs, self.behaviour_logprobs, self.mask)}
-        if len(shapes) != 1 or self.logprobs.dim() != 2:
-            raise ValueError(f"PolicyLossInput: [B, T] tensors must share one shape, got {sorted(shapes)}")
-        if tuple(self.advantages.shape) != tuple(self.logprobs.shape[:1]):
-            raise ValueError(f"advantages must be [B]={tuple(self.logprobs.shape[:1])}, got {tuple(self.advantages.shape)}")
-        self.mask = self.mask.to(self.logprobs.dtype)
-
-    @property
-    def prox_vs_behav(self) -> torch.Tensor:
-        """``[B, T]`` log(pi_prox / pi_behav), clamped to +-20, zero on masked tokens."""
-        return ((self.prox_logprobs - self.behaviour_logprobs) * self.mask).clamp(-_LOG_CLAMP, _LOG_CLAMP)
-
-    def seq_log_ratio(self, mean: bool) -> torch.Tensor:
-        """``[B]`` sum (or mean) over trained tokens of log(pi_prox / pi_behav)."""
-        s = self.prox_vs_behav.sum(1)
-        return s / self.mask.sum(1).clamp(min=1.0) if mean else s.clamp(-_LOG_CLAMP, _LOG_CLAMP)
-
-
-# ---- knobs shared by several variants -------------------------------------------------------------------
-
-class LossConfigBase(StrictConfig):
-    """Base of every policy loss's config: its ``type`` (the `POLICY_LOSSES` key) comes first, its knobs after."""
-
-    type: str
-
-
-class _Clipped(LossConfigBase):
-    """A loss that PPO-clips the ratio pi_theta/pi_prox to ``[1 - clip_low, 1 + clip_high]``."""
-
-    clip_low: float = Field(0.2, ge=0.0, le=1.0, description="clip below 1 of the ratio pi_theta/pi_prox")
-    clip_high: float = Field(0.28, ge=0.0, le=10.0, description="clip above 1 of the ratio (DAPO's clip-higher, "
-                             "Yu et al. 2025)")
-
-
-class _Truncated(LossConfigBase):
-    """A loss that weights by a truncated importance ratio ``min(pi_prox/pi_behav, tis_cap)``."""
-
-    tis_cap: float = Field(2.0, gt=0.0, description="truncated importance sampling cap C on pi_prox/pi_behav")
-
-
-class _Band(LossConfigBase):
-    """A loss that masks what lies outside a band of pi_prox/pi_behav (never empty: it contains 1)."""
-
-    band_low: float = Field(0.5, gt=0.0, le=1.0, description="lowest kept pi_prox/pi_behav")
-    band_high: float = Field(2.0, ge=1.0, description="highest kept pi_prox/pi_behav")
-
-
-# ---- shared pieces of the math ----------------------------------------------------------------------------
-
-def _ppo_clip(inp: PolicyLossInput, clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO-clip surrogate on pi_theta/pi_prox and the clipped-token indicator, ``[B, T]``."""
-    import torch
-
-    ratio = torch.exp((inp.logprobs - inp.prox_logprobs).clamp(-_LOG_CLAMP, _LOG_CLAMP))
-    adv = inp.advantages.to(ratio.dtype).unsqueeze(1)
-    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    return torch.maximum(pg1, pg2), (pg2 > pg1).to(ratio.dtype)
-
-
-def k3_kl_per_token(log_ratio: torch.Tensor) -> torch.Tensor:
-    """The k3 estimate of KL(behaviour || policy) per token (Schulman, "Approximating KL divergence", 2020):
-    ``r - 1 - log r`` with ``log_ratio = log r = log pi - log mu`` (``[B, T]``, nats); unbiased and >= 0 for
-    tokens sampled from ``mu``. Used for ``off_policy/mismatch_kl`` and the sentinel's gap."""
-    import torch
-
-    return torch.exp(log_ratio) - 1 - log_ratio
-
-
-def _finish(inp: PolicyLossInput, per_token: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor,
-            extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Masked, normalised loss and the common ``off_policy/*`` metrics (``weight``/``kept`` are ``[B, T]``)."""
-    import torch
-
-    mask = inp.mask
-    n_tok = mask.sum()
-    normalizer = float(inp.loss_normalizer) if inp.loss_normalizer is not None else n_tok.clamp(min=1.0)
-    loss = (per_token * weight * kept * mask).sum() / normalizer
-    with torch.no_grad():
-        denom = n_tok.clamp(min=1.0)
-        log_w = inp.prox_vs_behav
-        metrics = {
-            "off_policy/is_weight_mean": float((weight * mask).sum() / denom),
-            "off_policy/masked_frac": float(((1 - kept) * mask).sum() / denom),
-            "off_policy/mismatch_kl": float((k3_kl_per_token(log_w) * mask).sum() / denom),
-            "learner/tokens": float(n_tok),
-        }
-        metrics.update({k: float((v * mask).sum() / denom) for k, v in extra.items()})
-    return loss, metrics
-
+# ---- shared pieces of this family's math ------------------------------------------------------------------
 
 def _tis(inp: PolicyLossInput, cfg: PpoTisLossConfig | PpoSeqTisLossConfig, per_sequence: bool
          ) -> tuple[torch.Tensor, dict[str, float]]:
     """Decoupled PPO-clip times ``min(w, tis_cap)``, ``w`` per token or (``per_sequence``) per sequence."""
     import torch
 
-    pg, clipped = _ppo_clip(inp, cfg.clip_low, cfg.clip_high)
+    pg, clipped = ppo_clip_surrogate(inp, cfg.clip_low, cfg.clip_high)
     with torch.no_grad():
         raw = torch.exp(inp.seq_log_ratio(mean=False)[:, None].expand_as(pg) if per_sequence else inp.prox_vs_behav)
         w = raw.clamp(max=cfg.tis_cap)
-    return _finish(inp, pg, w, torch.ones_like(pg),
-                   {"learner/pg_clipfrac": clipped, "off_policy/is_truncated_frac": (raw > cfg.tis_cap).to(pg.dtype)})
+    return finish_loss(inp, cfg, pg, w, torch.ones_like(pg),
+                       {"learner/pg_clipfrac": clipped, "off_policy/is_truncated_frac": (raw > cfg.tis_cap).to(pg.dtype)})
 
 
 def _in_band_ppo(inp: PolicyLossInput, cfg: IcepopLossConfig | SeqMaskLossConfig, log_ratio: torch.Tensor
@@ -170,16 +60,16 @@ def _in_band_ppo(inp: PolicyLossInput, cfg: IcepopLossConfig | SeqMaskLossConfig
     """PPO-clip on tokens where ``exp(log_ratio)`` (``[B, T]`` or ``[B, 1]``) is within the band; others masked."""
     import torch
 
-    pg, clipped = _ppo_clip(inp, cfg.clip_low, cfg.clip_high)
+    pg, clipped = ppo_clip_surrogate(inp, cfg.clip_low, cfg.clip_high)
     with torch.no_grad():
         r = torch.exp(log_ratio).expand_as(pg)
         kept = ((r >= cfg.band_low) & (r <= cfg.band_high)).to(pg.dtype)
-    return _finish(inp, pg, torch.ones_like(pg), kept, {"learner/pg_clipfrac": clipped})
+    return finish_loss(inp, cfg, pg, torch.ones_like(pg), kept, {"learner/pg_clipfrac": clipped})
 
 
 # ---- the variants: each a config class and a function -----------------------------------------------------
 
-class PpoTisLossConfig(_Truncated, _Clipped):
+class PpoTisLossConfig(TruncatedLoss, ClippedLoss):
     """Decoupled PPO with token-level truncated importance sampling (`ppo_tis_loss`)."""
 
     type: Literal["ppo_tis"] = "ppo_tis"
@@ -199,7 +89,7 @@ def ppo_tis_loss(inp: PolicyLossInput, cfg: PpoTisLossConfig) -> tuple[torch.Ten
     return _tis(inp, cfg, per_sequence=False)
 
 
-class PpoSeqTisLossConfig(_Truncated, _Clipped):
+class PpoSeqTisLossConfig(TruncatedLoss, ClippedLoss):
     """Decoupled PPO with one truncated importance weight per sequence (`ppo_seq_tis_loss`)."""
 
     type: Literal["ppo_seq_tis"] = "ppo_seq_tis"
@@ -211,7 +101,7 @@ def ppo_seq_tis_loss(inp: PolicyLossInput, cfg: PpoSeqTisLossConfig) -> tuple[to
     return _tis(inp, cfg, per_sequence=True)
 
 
-class PpoLossConfig(_Clipped):
+class PpoLossConfig(ClippedLoss):
     """PPO-clip with no behaviour correction (`ppo_uncorrected_loss`): only sound on-policy."""
 
     type: Literal["ppo"] = "ppo"
@@ -225,12 +115,12 @@ def ppo_uncorrected_loss(inp: PolicyLossInput, cfg: PpoLossConfig) -> tuple[torc
     """
     import torch
 
-    pg, clipped = _ppo_clip(inp, cfg.clip_low, cfg.clip_high)
+    pg, clipped = ppo_clip_surrogate(inp, cfg.clip_low, cfg.clip_high)
     one = torch.ones_like(pg)
-    return _finish(inp, pg, one, one, {"learner/pg_clipfrac": clipped})
+    return finish_loss(inp, cfg, pg, one, one, {"learner/pg_clipfrac": clipped})
 
 
-class IcepopLossConfig(_Band, _Clipped):
+class IcepopLossConfig(BandLoss, ClippedLoss):
     """IcePop: PPO-clip on the tokens whose pi_prox/pi_behav is in a band, the others masked (`icepop_loss`)."""
 
     type: Literal["icepop"] = "icepop"
@@ -246,7 +136,7 @@ def icepop_loss(inp: PolicyLossInput, cfg: IcepopLossConfig) -> tuple[torch.Tens
     return _in_band_ppo(inp, cfg, inp.prox_vs_behav)
 
 
-class SeqMaskLossConfig(_Band, _Clipped):
+class SeqMaskLossConfig(BandLoss, ClippedLoss):
     """Sequence-level geometric-mean masking with PPO-clip on the kept sequences (`seq_mask_loss`)."""
 
     type: Literal["seq_mask"] = "seq_mask"
@@ -263,7 +153,7 @@ def seq_mask_loss(inp: PolicyLossInput, cfg: SeqMaskLossConfig) -> tuple[torch.T
     return _in_band_ppo(inp, cfg, inp.seq_log_ratio(mean=True)[:, None])
 
 
-class GspoLossConfig(_Truncated):
+class GspoLossConfig(TruncatedLoss):
     """GSPO: PPO-clip of the length-normalised sequence ratio, whose clip range is ~1e-4 wide (`gspo_loss`).
 
     Raises (validation):
@@ -301,7 +191,7 @@ def gspo_loss(inp: PolicyLossInput, cfg: GspoLossConfig) -> tuple[torch.Tensor, 
     mask = inp.mask
     n = mask.sum(1).clamp(min=1.0)
     seq_log = ((inp.logprobs - inp.prox_logprobs) * mask).sum(1) / n
-    s = torch.exp(seq_log.clamp(-_LOG_CLAMP, _LOG_CLAMP)).detach()[:, None]
+    s = torch.exp(seq_log.clamp(-LOG_CLAMP, LOG_CLAMP)).detach()[:, None]
     s_tok = s * torch.exp(inp.logprobs - inp.logprobs.detach())
     adv = inp.advantages.to(s_tok.dtype).unsqueeze(1)
     pg1, pg2 = -adv * s_tok, -adv * s_tok.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
@@ -309,13 +199,13 @@ def gspo_loss(inp: PolicyLossInput, cfg: GspoLossConfig) -> tuple[torch.Tensor, 
     with torch.no_grad():
         raw = torch.exp(inp.seq_log_ratio(mean=False))[:, None].expand_as(pg)
         w = raw.clamp(max=cfg.tis_cap)
-    return _finish(inp, pg, w, torch.ones_like(pg),
-                   {"learner/pg_clipfrac": (pg2 > pg1).to(pg.dtype),
-                    "off_policy/is_truncated_frac": (raw > cfg.tis_cap).to(pg.dtype)})
+    return finish_loss(inp, cfg, pg, w, torch.ones_like(pg),
+                       {"learner/pg_clipfrac": (pg2 > pg1).to(pg.dtype),
+                        "off_policy/is_truncated_frac": (raw > cfg.tis_cap).to(pg.dtype)})
 
 
 class ToprLossConfig(LossConfigBase):
-    """TOPR, tapered off-policy REINFORCE (`topr_loss`); no knobs."""
+    """TOPR, tapered off-policy REINFORCE (`topr_loss`); no knobs of its own."""
 
     type: Literal["topr"] = "topr"
 
@@ -332,7 +222,7 @@ def topr_loss(inp: PolicyLossInput, cfg: ToprLossConfig) -> tuple[torch.Tensor, 
         w = torch.where(inp.advantages >= 0, torch.ones_like(seq_w), seq_w)[:, None].expand_as(inp.logprobs)
     adv = inp.advantages.to(inp.logprobs.dtype).unsqueeze(1)
     pg = -adv * inp.logprobs
-    return _finish(inp, pg, w.to(pg.dtype), torch.ones_like(pg), {})
+    return finish_loss(inp, cfg, pg, w.to(pg.dtype), torch.ones_like(pg), {})
 
 
 # ---- the registry -----------------------------------------------------------------------------------------
@@ -368,6 +258,9 @@ POLICY_LOSSES: dict[str, RegisteredLoss] = _by_type(
     RegisteredLoss(SeqMaskLossConfig, seq_mask_loss),
     RegisteredLoss(GspoLossConfig, gspo_loss),
     RegisteredLoss(ToprLossConfig, topr_loss),
+    RegisteredLoss(ClipCovLossConfig, clip_cov_loss),
+    RegisteredLoss(KlCovLossConfig, kl_cov_loss),
+    RegisteredLoss(BapoLossConfig, bapo_loss),
 )
 """Every policy loss by its ``type`` (``learner.loss.type``): the one list of them. ``ppo`` is the only variant
 with no off-policy correction."""
@@ -400,7 +293,7 @@ def k3_kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torc
         raise ValueError(f"k3_kl_penalty: shapes differ: {tuple(logprobs.shape)}, {tuple(ref_logprobs.shape)}, "
                          f"{tuple(mask.shape)}")
     mask = mask.to(logprobs.dtype)
-    d = (ref_logprobs - logprobs).clamp(-_LOG_CLAMP, _LOG_CLAMP)
+    d = (ref_logprobs - logprobs).clamp(-LOG_CLAMP, LOG_CLAMP)
     per_token = (torch.exp(d) - d - 1.0) * mask
     n = mask.sum().clamp(min=1.0)
     normalizer = float(loss_normalizer) if loss_normalizer is not None else n

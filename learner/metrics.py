@@ -3,7 +3,8 @@
 Each learner rank returns its step's metrics as a `Metrics`: a plain ``{key: value}`` dict to read, which
 also holds, for every key, the `Reduce` its producer declared (``Metrics.put(Reduce.SUM, {...})``).
 `merge` combines the ranks' metrics into one dict by those declarations alone, with no table of keys, so a
-new learner metric is declared in the one place that computes it.
+new learner metric is declared in the one place that computes it. `token_quantiles` gives quantiles of a
+per-token value over the trained tokens (the policy's entropy by quantile).
 
 Left out on purpose: reductions within a rank (micro-batch metrics are token-weighted by
 `learner.step.TokenWeightedMeans` before they become a rank's metrics) and metrics of the other
@@ -13,7 +14,11 @@ components (rollout, buffer, weights), which are not produced per learner rank.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENS = "learner/tokens"
 """The key holding a rank's loss tokens in its share of the batch: the weight of `Reduce.TOKEN_MEAN`."""
@@ -112,3 +117,34 @@ def merge(per_rank: list[Metrics]) -> dict[str, float]:
         else:
             out[key] = sum(v * t for v, t in zip(vals, tokens)) / total_tokens
     return out
+
+
+def token_quantiles(values: torch.Tensor, mask: torch.Tensor, name: str,
+                    quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> dict[str, float]:
+    """Quantiles of ``values`` over the tokens where ``mask`` is 1: ``{f"{name}_p10": ..., ...}`` (no grad).
+
+    Args:
+        values, mask: ``[B, T]``; e.g. the policy's entropy (nats) and the loss mask of one micro-batch.
+        name: key prefix (``learner/entropy``); quantiles: in ``[0, 1]``, linear interpolation
+            (``torch.quantile``'s default, numpy's ``percentile``).
+
+    Returns 0 for each key when no token is masked in. The learner reports them per micro-batch as token means
+    (`Reduce.TOKEN_MEAN`), so the merged value is the token-weighted mean of micro-batch quantiles: a cheap
+    stand-in for the batch's quantile, exact with one micro-batch.
+
+    Raises:
+        ValueError: shapes differ or a quantile is outside ``[0, 1]``.
+    """
+    import torch
+
+    if values.shape != mask.shape:
+        raise ValueError(f"token_quantiles: values {tuple(values.shape)} and mask {tuple(mask.shape)} differ in shape")
+    if not all(0.0 <= q <= 1.0 for q in quantiles):
+        raise ValueError(f"token_quantiles: quantiles {list(quantiles)} must lie in [0, 1] (0.5: the median)")
+    keys = [f"{name}_p{round(q * 100):02d}" for q in quantiles]
+    with torch.no_grad():
+        v = values.detach()[mask > 0].float()
+        if v.numel() == 0:
+            return dict.fromkeys(keys, 0.0)
+        q = torch.quantile(v, torch.tensor(list(quantiles), dtype=v.dtype, device=v.device))
+        return dict(zip(keys, map(float, q)))

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from learner import model_support, weight_export
 from learner.checkpointing import LearnerCheckpoints
-from learner.metrics import Metrics, Reduce
+from learner.metrics import Metrics, Reduce, token_quantiles
 
 logger = logging.getLogger(__name__)
 
@@ -259,10 +259,12 @@ class LearnerWorker(LearnerCheckpoints):
             versions = padded_field(mb, "policy_versions", logprobs, float(version))
             prox, extra = later_minibatch_prox(logprobs.detach(), beh, versions, mask, version,
                                                k / c.ppo_minibatches, exact)
-        inp = PolicyLossInput(logprobs, prox, beh, torch.tensor(adv, device=logprobs.device), mask, normalizer)
+        inp = PolicyLossInput(logprobs, prox, beh, torch.tensor(adv, device=logprobs.device), mask, normalizer,
+                              entropy=entropy)
         loss, met = policy_loss(inp, c.loss)
         met.update(extra)
         met["learner/entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1.0))
+        met.update(token_quantiles(entropy, mask, "learner/entropy"))  # p10/p50/p90 on trained tokens
         if c.kl_coef > 0:
             with torch.no_grad():
                 ref = self._reference_logprobs(mb)

@@ -99,7 +99,8 @@ class _Engine:
     def get_lr(self) -> list[float]: return [1e-5]
 
 
-@pytest.mark.parametrize("loss", ["ppo_tis", "gspo"])
+@pytest.mark.parametrize("loss", ["ppo_tis", "gspo", "clip_cov", "kl_cov", "bapo",
+                                  pytest.param({"type": "ppo_tis", "token_selection_rho": 0.5}, id="ppo_tis_rho")])
 def test_two_real_ranks_merge_as_the_old_key_table_did(tiny_model, loss):
     """Two ranks of a real `LearnerWorker.train_step` (2 PPO minibatches, so the later-minibatch metrics appear
     too) on a stand-in engine: every key is declared, and merges to what the old table of prefixes gave."""
@@ -121,7 +122,12 @@ def test_two_real_ranks_merge_as_the_old_key_table_did(tiny_model, loss):
         per_rank.append(worker.train_step(batch, version=0))
     r0, r1 = per_rank
     assert {"learner/intra_batch_drift", "off_policy/prox_loglinear_abs_err", "rollout/reward_mean",
-            "learner/entropy", "learner/pg_clipfrac"} <= set(r0)
+            "learner/entropy", "learner/entropy_p10", "learner/entropy_p90"} <= set(r0)
+    assert r0["learner/entropy_p10"] <= r0["learner/entropy_p50"] <= r0["learner/entropy_p90"]
+    assert {"clip_cov": {"learner/cov_clipped_frac", "learner/cov_max"}, "kl_cov": {"learner/cov_kl_frac"},
+            "bapo": {"learner/bapo_clip_low", "learner/bapo_pos_share"}}.get(cfg.learner.loss.type, set()) <= set(r0)
+    assert ("learner/entropy_selected_frac" in r0) == (cfg.learner.loss.token_selection_rho < 1)
+    assert ("learner/pg_clipfrac" in r0) == (cfg.learner.loss.type != "kl_cov")  # KL-Cov has no clip
     assert set(r0.reductions) == set(r0) and set(r1.reductions) == set(r1)
     merged = LearnerGroup.merge_metrics(per_rank)
     toks = [r0["learner/tokens"], r1["learner/tokens"]]

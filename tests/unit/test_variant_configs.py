@@ -72,7 +72,7 @@ def test_a_knob_at_the_top_level_says_where_it_went(override, message):
 
 
 def test_unknown_names_list_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"learner.loss = 'foo' is not registered; use one of \['gspo'"):
+    with pytest.raises(ConfigError, match=r"learner.loss = 'foo' is not registered; use one of \['bapo', 'clip_cov', 'gspo'"):
         load_config(None, ["learner.loss=foo"])
     with pytest.raises(ConfigError, match="does not match any of the expected tags: 'ppo_tis'"):
         load_config(None, ['learner.loss={type = "foo"}'])
