@@ -2,7 +2,8 @@
 worker (gloo on CPU, NCCL on GPU), instead of passing them through Ray's object store.
 
 The group is learner rank 0 (group rank 0, the source) plus the rollout workers (ranks 1..N), built
-with its own TCP store so it is independent of the learner's DeepSpeed process group. Its membership
+with its own TCP store so it is independent of the learner's DeepSpeed process group; the store listens on a
+port the kernel picked and held from then on (`host_store`), never one found free and released. Its membership
 is fixed, so the orchestrator builds a new one (a new ``name``) whenever rollout workers come, go or
 restart. It lives in buffer/ because both ends use it: learner rank 0 sends, rollout workers receive.
 A push is versioned and bucketed: a header ``[version, number of buckets]``, the bucket lengths,
@@ -40,6 +41,38 @@ NCCL_WEIGHT_GROUP_ENV = {
 """Environment ProcessGroupNCCL reads when the weight group is built (set only while it is built)."""
 
 
+def host_store(host: str, timeout_s: float):
+    """A TCP store server (`torch.distributed.TCPStore`, the master of a group's rendezvous) on a port the kernel
+    picks: it binds port 0 and listens (on every interface) before anyone learns the port, and holds it until the
+    store is dropped, so nothing can take the port between its pick and the group's use of it (a port found free
+    by binding and releasing a socket can: the kernel may hand it to the next bind). Read the port from ``.port``.
+
+    Args:
+        host: this node's address (the store's own client connects to it).
+        timeout_s: the store's default bound on a wait, in seconds (a group sets its own when it uses the store).
+    """
+    from torch.distributed import TCPStore
+
+    return TCPStore(host, 0, None, True, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def group_store(addr: str, port: int, is_master: bool, timeout_s: float, hosted=None):
+    """The TCP store of a group at ``addr:port``: ``hosted`` (a `host_store` this process made for the group) when
+    it listens on ``port``, else a new server on ``port`` (``is_master``: a port the caller chose) or a client of it.
+
+    Raises:
+        RuntimeError / DistNetworkError: a client found no server at ``addr:port`` within ``timeout_s``; a server
+            could not bind ``port`` (in use).
+    """
+    from torch.distributed import TCPStore
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if hosted is not None and hosted.port == port:
+        hosted.set_timeout(timeout)
+        return hosted
+    return TCPStore(addr, port, None, is_master, timeout=timeout, wait_for_workers=False)
+
+
 @contextmanager
 def scoped_env(values: dict[str, str]) -> Iterator[None]:
     """Set the environment variables in ``values`` inside the block; restore the previous ones after."""
@@ -64,6 +97,8 @@ class WeightGroup:
         rank, world_size: this member's rank (0 = learner rank 0, the source) and the group size.
         timeout_s: bound on joining and on each whole send or receive, in seconds.
         name: unique per group generation (prefixes the store keys).
+        store: rank 0: the store it hosts for this group (`host_store`, listening on ``master_port``); without
+            it rank 0 starts a store on ``master_port``.
 
     Raises:
         ValueError: unknown backend.
@@ -71,9 +106,9 @@ class WeightGroup:
     """
 
     def __init__(self, backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
-                 timeout_s: float, name: str) -> None:
+                 timeout_s: float, name: str, store=None) -> None:
         import torch
-        from torch.distributed import PrefixStore, TCPStore
+        from torch.distributed import PrefixStore
 
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"weight transport backend must be 'gloo' or 'nccl', got {backend!r}")
@@ -81,7 +116,7 @@ class WeightGroup:
         self.rank, self.world_size, self.name, self.timeout_s = rank, world_size, name, timeout_s
         self.broken: str | None = None  # why a send/receive failed; the group is not used again
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        self._store = TCPStore(master_addr, master_port, world_size, rank == 0, timeout=timeout)
+        self._store = group_store(master_addr, master_port, rank == 0, timeout_s, store)
         prefix = PrefixStore(name, self._store)
         if backend == "gloo":
             from torch._C._distributed_c10d import ProcessGroupGloo

@@ -1,7 +1,8 @@
 """`LearnerGroup`: N `LearnerWorker` ranks as Ray actors, addressed as one learner.
 
 Methods ending in ``_remote`` return ObjectRefs; the others wait with the configured timeout and
-raise naming the rank that did not answer.
+raise naming the rank that did not answer, or at once the first rank that died (its survivors are
+stopped: under NCCL they would wait for it in a collective until the timeout).
 
 Placement is decided by the caller and handed down: one Ray scheduling strategy per rank (the
 orchestrator reserves the ranks together as one placement group).
@@ -12,6 +13,7 @@ Left out on purpose: an in-process mode.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from learner.config import LearnerConfig
@@ -63,6 +65,9 @@ class LearnerGroup:
         TimeoutError: a rank did not finish setup in time.
     """
 
+    failed: str | None = None  # why the group stopped (a rank died during a call); it refuses calls after that
+    stepped_to: int | None = None  # policy version at the end of the newest step submitted (None: none since load)
+
     def __init__(self, cfg: LearnerConfig, model: ModelSource | str, strategies: list, samples_per_step: int, max_tokens: int,
                  temperature: float, seed: int, worker_cls: type = LearnerWorker) -> None:
         import ray
@@ -83,29 +88,74 @@ class LearnerGroup:
         self.num_params = self._get([r.setup.remote(addr, port) for r in self.ranks], "setup")[0]
         logger.info("learner group up: %d ranks, %.1fM params", len(self.ranks), self.num_params / 1e6)
 
-    def _get(self, refs: list, what: str, timeout: float | None = None):
+    def _get(self, refs: list, what: str, timeout: float | None = None) -> list:
+        """Wait for one call on every rank (``refs[i]``: rank i's ObjectRef) and return their results in rank order.
+
+        Polls the ranks as they finish (as the train-step poll does, `orchestrator.learner_step.LearnerStep.done`):
+        the first rank found dead raises at once, and the survivors still inside the call are killed, since under
+        NCCL they would wait in a collective for their dead peer until ``step_timeout_s``; the group is then
+        marked failed and refuses every later call at once. A rank that raised (not died) is reported only once
+        every rank has answered, so that a peer's death, the cause, is named over its consequences.
+
+        Args:
+            refs: one ObjectRef per rank, rank order (or rank 0's alone).
+            what: the call's name, for errors.
+            timeout: seconds to wait in all (default ``step_timeout_s``).
+
+        Raises:
+            LearnerRankDied: a rank's process died (names the first found).
+            TimeoutError: ranks that did not finish within ``timeout`` (named).
+            RuntimeError: the group failed in an earlier call.
+            Exception: the first error a rank raised (rank order), when no rank died.
+        """
         import ray
 
+        if self.failed is not None:
+            raise RuntimeError(f"learner group refuses {what}: it failed earlier ({self.failed}); its surviving ranks "
+                               "were stopped: resume the run from its last checkpoint")
         timeout = timeout or self.cfg.step_timeout_s
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if len(ready) < len(refs):
-            missing = [i for i, r in enumerate(refs) if r not in ready]
-            raise TimeoutError(f"learner rank(s) {missing} did not finish {what} within {timeout:.0f} s")
-        out, first_error = [], None
-        for rank, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref))
-            except ray.exceptions.RayActorError as e:  # the process is gone: name it, not its peers' errors
-                raise LearnerRankDied(rank, what, type(e).__name__) from None
-            except Exception as e:  # noqa: BLE001 (re-raised below, once every rank is checked for death)
-                first_error = first_error or e
-        if first_error is not None:
-            raise first_error
+        deadline = time.monotonic() + timeout
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        out, errors, pending = [None] * len(refs), {}, list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"learner rank(s) {sorted(rank_of[r] for r in pending)} did not finish {what} "
+                                   f"within {timeout:.0f} s")
+            for ref in ready:
+                try:
+                    out[rank_of[ref]] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:  # the process is gone: name it, not its peers' errors
+                    died = LearnerRankDied(rank_of[ref], what, type(e).__name__)
+                    self._stop_survivors([rank_of[r] for r in pending], str(died))
+                    raise died from None
+                except Exception as e:  # noqa: BLE001 (re-raised below, once every rank is checked for death)
+                    errors[rank_of[ref]] = e
+        if errors:
+            raise errors[min(errors)]
         return out
+
+    def _stop_survivors(self, ranks: list[int], why: str) -> None:
+        """Kill ``ranks`` (still inside a call whose peer died: they may never return) and mark the group failed."""
+        import ray
+
+        self.failed = why
+        for r in ranks:
+            logger.warning("learner rank %d stopped: %s", r, why)
+            ray.kill(self.ranks[r], no_restart=True)
 
     def train_step_remote(self, batch_ref, version: int) -> list:
         """Start one training step (from policy ``version``) on every rank; one metrics ObjectRef per rank."""
+        self.stepped_to = version + 1
         return [r.train_step.remote(batch_ref, version) for r in self.ranks]
+
+    def version_at_next_call(self, known: int) -> int:
+        """The policy version the ranks will hold when a call submitted now runs: a rank runs its calls in
+        order, so after every step submitted so far, finished or not. That is the newest submitted step's end
+        version, or ``known`` (the caller's version: the start, or a restored checkpoint's) when no step was
+        submitted since the last `load_checkpoint` or ``known`` is newer. An export labelled with anything else
+        while a step is in flight would name weights one version too old."""
+        return known if self.stepped_to is None else max(known, self.stepped_to)
 
     @staticmethod
     def merge_metrics(per_rank: list[Metrics]) -> dict[str, float]:
@@ -152,7 +202,8 @@ class LearnerGroup:
         self._get([r.save_checkpoint.remote(ckpt_dir) for r in self.ranks], "save_checkpoint")
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
-        """Every rank restores from ``ckpt_dir`` (waits, bounded)."""
+        """Every rank restores from ``ckpt_dir`` (waits, bounded); the caller knows the version it holds."""
+        self.stepped_to = None
         self._get([r.load_checkpoint.remote(ckpt_dir) for r in self.ranks], "load_checkpoint")
 
     def save_pretrained(self, out_dir: str) -> str:

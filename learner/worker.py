@@ -34,10 +34,10 @@ import datetime
 import logging
 import math
 import os
-import socket
 import time
 from typing import TYPE_CHECKING
 
+from base.weight_group import group_store, host_store
 from learner import model_support, weight_export
 from learner.checkpointing import LearnerCheckpoints
 from learner.metrics import Metrics, Reduce, token_quantiles
@@ -47,12 +47,6 @@ logger = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from base.model_source import ModelSource
     from learner.config import LearnerConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class LearnerWorker(LearnerCheckpoints):
@@ -89,13 +83,27 @@ class LearnerWorker(LearnerCheckpoints):
         self.scoring: model_support.Scoring | None = None  # set by setup(): the model checked once, at start
 
     def master_address(self) -> tuple[str, int]:
-        """Address and a free port for the rendezvous (called on rank 0)."""
+        """This node's address and the port of a TCP store this rank now hosts for a group it is about to join
+        (the DeepSpeed rendezvous, a weight group; called on rank 0). The store holds its port from the moment
+        the kernel picks it (`base.weight_group.host_store`), so no other process can take it before the group
+        starts. The next `setup` or `join_weight_group` given this port uses the store; a later call replaces
+        one that was never used."""
         import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+        addr = ray.util.get_node_ip_address()
+        self._hosted_store = None  # an unused earlier one releases its port
+        self._hosted_store = host_store(addr, self.cfg.step_timeout_s)
+        return addr, self._hosted_store.port
+
+    def _group_store(self, addr: str, port: int, timeout_s: float):
+        """The TCP store of the group at ``addr:port``: the one `master_address` hosts on this rank (used once),
+        else a server (rank 0, a port the caller chose) or a client of it (`base.weight_group.group_store`)."""
+        hosted, self._hosted_store = getattr(self, "_hosted_store", None), None
+        return group_store(addr, port, self.rank == 0, timeout_s, hosted)
 
     def setup(self, master_addr: str, master_port: int) -> int:
-        """Join the process group and build the DeepSpeed engine; returns the trainable parameter count."""
+        """Join the process group (its store: rank 0's from `master_address`) and build the DeepSpeed engine;
+        returns the trainable parameter count."""
         import deepspeed
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -112,8 +120,15 @@ class LearnerWorker(LearnerCheckpoints):
             # avoid a ~40 s JIT build of DeepSpeed's shared-memory comm op on first init
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # collectives time out instead of waiting forever on a rank that died
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=self.cfg.step_timeout_s))
+        timeout, backend = datetime.timedelta(seconds=self.cfg.step_timeout_s), "nccl" if use_cuda else "gloo"
+        # torch's group over the store rank 0 already listens on (an env:// rendezvous would have rank 0 bind
+        # MASTER_PORT only now, after that port was found free and released); DeepSpeed adopts an initialized group.
+        # On CUDA the device is bound as DeepSpeed's own init binds it (LOCAL_RANK 0: Ray shows each rank one GPU)
+        device = {"device_id": torch.device("cuda", 0)} if use_cuda and self.world_size > 1 else {}
+        torch.distributed.init_process_group(backend, store=self._group_store(master_addr, master_port,
+                                                                              self.cfg.step_timeout_s),
+                                             rank=self.rank, world_size=self.world_size, timeout=timeout, **device)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
         c = self.cfg
         from learner.ds_config import deepspeed_config
 
@@ -338,7 +353,8 @@ class LearnerWorker(LearnerCheckpoints):
             from base.weight_group import WeightGroup
 
             self.weight_group = None  # the previous generation's group goes first
-            self.weight_group = WeightGroup(backend, addr, port, 0, world_size, timeout_s, name)
+            self.weight_group = WeightGroup(backend, addr, port, 0, world_size, timeout_s, name,
+                                            store=self._group_store(addr, port, timeout_s))
 
     def broadcast_weights(self, version: int, dtype: str, bucket_bytes: int) -> dict:
         """Export the weights (every rank: ZeRO-3 gathers) and broadcast them from rank 0 to the rollout workers

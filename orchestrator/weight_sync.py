@@ -158,15 +158,19 @@ class WeightSync:
         return self.retire()
 
     def bring_to_current(self, slot: int, version: int, who: str) -> None:
-        """Give worker ``slot`` the weights of ``version`` through the object store and wait (bounded).
+        """Give worker ``slot`` the weights of ``version`` or newer through the object store and wait (bounded).
 
-        Version 0 is the base model every worker starts with: nothing to send.
+        The push is labelled with the version the learner holds when its export runs
+        (`learner.LearnerGroup.version_at_next_call`): with a train step in flight the export waits for it on
+        every rank and carries the step's new weights, so they are labelled ``version + 1``, not ``version``.
+        Version 0 is the base model every worker starts with: nothing to send (it gets the next push).
 
         Raises:
             TimeoutError: the push did not finish within ``push_timeout_s``.
         """
         if version == 0:
             return
+        version = self.learner.version_at_next_call(version)
         wait_all([self.fallback.send_to(slot, version)], self.cfg.push_timeout_s, f"weight push to {who}")
 
     def push_everywhere(self, version: int) -> None:

@@ -182,11 +182,13 @@ def test_a_dead_rank_is_named_over_its_peers_errors(ray_local):
     ray.get([r.call.remote(False) for r in ranks], timeout=60)
     ray.kill(ranks[1])
     group = object.__new__(LearnerGroup)
-    group.cfg = SimpleNamespace(step_timeout_s=60)
+    group.cfg, group.ranks = SimpleNamespace(step_timeout_s=60), ranks
     with pytest.raises(LearnerRankDied, match=r"learner rank 1 died during save_checkpoint \(\w*Actor\w*Error\)"):
         group._get([ranks[0].call.remote(True), ranks[1].call.remote(False)], "save_checkpoint")
+    fresh = object.__new__(LearnerGroup)  # that group failed for good (a survivor still in the call is stopped)
+    fresh.cfg, fresh.ranks = group.cfg, [_Rank.remote()]
     with pytest.raises(RuntimeError, match="Connection reset"):  # no rank died: the error itself
-        group._get([ranks[0].call.remote(True)], "save_checkpoint")
+        fresh._get([fresh.ranks[0].call.remote(True)], "save_checkpoint")
 
 
 class DiesOnceAfterTheFirstPush(RolloutWorker):
