@@ -31,6 +31,16 @@ class LearnerCheckpoints:
             torch.save({"torch": torch.get_rng_state()}, os.path.join(local, f"rng_rank{self.rank}.pt"))
         return True
 
+    def write_probe(self, run_dir: str, token: str) -> str:
+        """Write a small file ``.probe/<token>-rank<r>`` under ``run_dir`` (a local path or storage URI) where this
+        rank will write its checkpoints; returns its name relative to ``run_dir``. The driver then checks it can
+        see every rank's file (`orchestrator.checkpoint.check_visible`) before anything trains."""
+        from base import storage
+
+        name = f".probe/{token}-rank{self.rank}"
+        storage.write_bytes(storage.join(run_dir, name), b"relayrl: a learner rank can write here\n")
+        return name
+
     def load_checkpoint(self, ckpt_dir: str) -> bool:
         """Restore what `save_checkpoint` wrote; every rank must call it. From an object store each rank
         downloads the learner state itself into a node-local temporary dir. It downloads all of it, though

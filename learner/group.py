@@ -206,6 +206,10 @@ class LearnerGroup:
         self.stepped_to = None
         self._get([r.load_checkpoint.remote(ckpt_dir) for r in self.ranks], "load_checkpoint")
 
+    def write_probes(self, run_dir: str, token: str) -> list[str]:
+        """Every rank writes a probe file under ``run_dir`` (`LearnerCheckpoints.write_probe`); their names."""
+        return self._get([r.write_probe.remote(run_dir, token) for r in self.ranks], "write_probe")
+
     def save_pretrained(self, out_dir: str) -> str:
         """Write the current policy as an HF dir; returns its path."""
         return self._get([r.save_pretrained.remote(out_dir) for r in self.ranks], "save_pretrained")[0]

@@ -109,6 +109,7 @@ class Trainer:
             self.learner = LearnerGroup(lc, self.model, [scheduling(self.learner_pg, r) for r in range(lc.num_learners)],
                                         cfg.samples_per_step, rc.max_tokens, rc.temperature, cfg.seed,
                                         worker_cls=learner_worker_cls or LearnerWorker)
+            self._check_run_dir_visible()
         except BaseException:  # no rollout worker outlives a learner that failed to start
             for slot in list(self.rollout.slots):
                 self.rollout.release(slot)
@@ -139,6 +140,15 @@ class Trainer:
                                                      buffer=self.buffer, trainer=self, weight_sync=self.weight_sync)
         self.resumed = resume_from is not None
         self.sentinel.start_at(self.version)  # a resumed run checks its restored weights at once
+
+    def _check_run_dir_visible(self) -> None:
+        """Every learner rank writes a probe file into the run dir, where its checkpoints and the final model will go,
+        and the driver must see each one: a local ``output_dir`` that a rank's node does not share is a one-line
+        error before anything trains, not after the run (`checkpoint.check_visible`)."""
+        token = uuid.uuid4().hex[:12]
+        names = self.learner.write_probes(self.run_uri, token)
+        checkpoint.check_visible(self.run_uri, names, "its start-up probe file", self.run_uri)
+        storage.remove(storage.join(self.run_uri, ".probe"))
 
     @property
     def version(self) -> int:

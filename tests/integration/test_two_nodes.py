@@ -219,8 +219,9 @@ def _jsonl(uri: str) -> list[dict]:
 
 @pytest.mark.timeout(600)
 def test_a_local_run_dir_that_a_learner_node_cannot_see_is_a_one_line_error(cluster, tiny_sums_model):
-    """A learner rank on node 2 writing checkpoints into a local output_dir that only node 2 sees: the
-    driver notices at the first checkpoint and stops naming the fix, instead of a run that cannot resume."""
+    """A learner rank on node 2 would write checkpoints and the final model into a local output_dir that only
+    node 2 sees: its start-up probe file is missing on the driver's side, so the run stops naming the fix before
+    any step trains, instead of a run that cannot resume or loses its trained model at the end."""
     hidden, env = cluster.hidden, cluster.env
     model = hidden / "model_local_out"
     shutil.copytree(tiny_sums_model, model)
@@ -230,7 +231,10 @@ def test_a_local_run_dir_that_a_learner_node_cannot_see_is_a_one_line_error(clus
                           env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode != 0
     err = [ln for ln in proc.stderr.splitlines() if "not shared by every node" in ln]
-    assert err and "set output_dir to a storage URI" in err[0], proc.stderr[-3000:]
+    assert err and "start-up probe" in err[0] and "set output_dir to a storage URI" in err[0], proc.stderr[-3000:]
+    trained = [r for p in (hidden / "runs_local").glob("*/metrics.jsonl") for r in p.read_text().splitlines()
+               if r.strip() and json.loads(r).get("step", 0) >= 1]
+    assert not trained, trained  # refused before the first step
 
 
 @pytest.mark.timeout(1200)
