@@ -6,6 +6,7 @@ sides all need that is not training data.
 - `base.model_source.ModelSource`: distribution of the policy's model files to every node.
 - `base.adapter`: the LoRA adapter spec and its on-disk format.
 - `base.weight_buckets`: the weight wire format (bucketed safetensors).
+- `base.weight_delta`: delta weight pushes (changed tensors only, rebuilt bit-exactly on the worker).
 - `base.weight_group.WeightGroup`: a collective group that broadcasts weight buckets.
 
 It depends on no other relayrl package (the import-linter contract in pyproject.toml keeps it so).

@@ -5,7 +5,8 @@ collective broadcast: `base.weight_group`), and the rollout engine loads them
 (`iter_buckets`). Buckets bound the size of each message (never one RPC per parameter); a push always
 names the policy version it carries. Both sides depend on this module, not on each other.
 
-Left out on purpose: quantised or delta formats (full tensors in the export dtype only).
+Left out on purpose: quantised or delta formats (full tensors in the export dtype only; deltas are
+`base.weight_delta`, which packs into the same container).
 """
 
 from __future__ import annotations

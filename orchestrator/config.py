@@ -127,7 +127,7 @@ class RunConfig(StrictConfig):
                                    "advantage, policy loss, batching, memory, LoRA")
     weights: WeightsConfig = Field(
         default_factory=ObjectStoreWeights, description="weight push from learner to rollout workers: a transport "
-        "chosen by type (object_store, collective) with its own knobs (orchestrator.weights)")
+        "chosen by type (default object_store) with its own knobs (orchestrator.weights)")
     sentinel: SentinelConfig = Field(default_factory=SentinelConfig, description="run-time check that the "
                                      "learner and the rollout engines compute the same logprobs")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints and resume")

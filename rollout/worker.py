@@ -19,6 +19,7 @@ import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
+from base.weight_delta import DeltaReceiver
 from buffer import GenerateRequest, Problem, RolloutResult, Sample, scored_rewards
 from rollout.rewards import RewardSet, Score, score_response
 
@@ -83,6 +84,7 @@ class RolloutWorker:
         logger.info("rollout worker %d: first sampling call %.1f s", worker_index, warm_up_seconds)
         self.version = 0
         self._pending: tuple[int, list[bytes]] | None = None
+        self._delta_in = DeltaReceiver()  # the held version, base of ``weights.type = "delta"`` pushes
         self._cond = threading.Condition()
         self._engine_lock = threading.Lock()
         self._load_seconds = 0.0
@@ -114,6 +116,10 @@ class RolloutWorker:
             if got != version:
                 raise RuntimeError(f"rollout worker {self.index} expected a broadcast of policy version {version}, "
                                    f"got version {got}")
+        nbytes = float(sum(len(b) for b in buckets))
+        buckets = self._delta_in.receive(version, buckets, self.cfg.weight_wait_timeout_s)  # a delta: full weights
+        if buckets is None:  # not newer than a push already received (out of order): nothing to load
+            return {"bytes": nbytes, "applied": 0.0, "load_seconds": 0.0}
         with self._cond:
             if self._pending is None or version > self._pending[0]:
                 self._pending = (version, buckets)
@@ -126,7 +132,7 @@ class RolloutWorker:
                 seconds = time.perf_counter() - t0
             finally:
                 self._engine_lock.release()
-        return {"bytes": float(sum(len(b) for b in buckets)), "applied": applied, "load_seconds": seconds}
+        return {"bytes": nbytes, "applied": applied, "load_seconds": seconds}
 
     def join_weight_group(self, backend: str, addr: str, port: int, rank: int, world_size: int, timeout_s: float,
                           name: str) -> None:

@@ -5,6 +5,8 @@ Benchmarks (``--only`` picks some), run one after the other in one invocation, n
 - ``wrapper``: seconds per generated token of `RolloutWorker.generate` (scoring, `Sample` s, buffer write)
   against the raw `vllm.LLM.generate` that `VLLMEngine` builds, same prompts, seeds and sampling params.
 - ``weight_push``: learner export + transfer + rollout reload of the full weights, against a learner step.
+- ``weight_push_delta``: bytes and seconds per push, delta (``weights.type = "delta"``) against full, between
+  real consecutive learner versions (`tooling.bench_delta`).
 - ``lora``: LoRA (``learner.lora``, adapter-only pushes) against full fine-tuning, side by side: bytes and
   seconds per push, learner step seconds, peak learner memory.
 - ``learner_paths``: the learner step on one real batch with ``learner.shared_prefix`` off (one padded row per
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tooling import bench_layouts, bench_memory, bench_training
+from tooling import bench_delta, bench_layouts, bench_memory, bench_training
 from tooling.bench_actors import FAKE_GROUP_SECONDS, FakeRolloutWorker, RawVLLM, tiny_copy
 from tooling.bench_math import (Row, ideal_speedup, overlap_efficiency, paired_overhead_pct, rate, render,
                                            row, to_json)
@@ -61,6 +63,7 @@ NOTES = {
     "`RolloutWorker.receive_weights` on every rollout worker, which reloads in place when the engine is idle "
     f"(here it is); median of {PUSH_REPEATS}. GB/s is model bytes over the whole push. The learner step is "
     f"the mean of {TRAIN_REPEATS} `train_step` s on one real batch of `samples_per_step` generated samples.",
+    "weight_push_delta": bench_delta.NOTE,
     **bench_training.NOTES,
     "learner_layouts": bench_layouts.NOTE,
     "learner_memory": bench_memory.NOTE,
@@ -176,7 +179,8 @@ def bench_scaling(s: Session) -> dict[str, Row]:
 
 
 BENCHMARKS: dict[str, Callable[[Session], dict[str, Row]]] = {
-    "wrapper": bench_wrapper, "weight_push": bench_weight_push, "lora": bench_training.bench_lora,
+    "wrapper": bench_wrapper, "weight_push": bench_weight_push,
+    "weight_push_delta": bench_delta.bench_weight_push_delta, "lora": bench_training.bench_lora,
     "learner_paths": bench_training.bench_learner_paths, "learner_layouts": bench_layouts.bench_learner_layouts,
     "learner_memory": bench_memory.bench_learner_memory, "overlap": bench_overlap,
     "speedup": bench_speedup, "scaling": bench_scaling}

@@ -3,7 +3,7 @@
 Each module of this package defines one transport (a `WeightTransport` subclass and its config class,
 see `orchestrator.weights.base`); importing the package imports them all, so `TRANSPORTS` and the
 ``weights`` union of `orchestrator.config.RunConfig` list every transport that exists, with no second
-copy of their names. Built in: ``object_store`` (the default) and ``collective``.
+copy of their names. Built in: ``object_store`` (the default), ``collective`` and ``delta``.
 
 Config: ``[weights]`` with ``type = "..."`` and that transport's knobs, or just ``weights = "collective"``
 (its defaults).

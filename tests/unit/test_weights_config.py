@@ -43,7 +43,7 @@ def test_a_transport_gets_its_own_knobs_only():
 def test_an_unknown_transport_names_the_known_ones():
     with pytest.raises(ConfigError, match="collective.*object_store"):
         load_config(None, ["weights=carrier_pigeon"])
-    with pytest.raises(ConfigError, match="'collective', 'object_store'"):
+    with pytest.raises(ConfigError, match="'collective', 'delta', 'object_store'"):
         load_config(None, ["weights.type=carrier_pigeon"])
 
 
@@ -96,5 +96,5 @@ def test_a_new_transport_is_one_new_module(tmp_path):
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["['collective',", "'object_store',", "'shared_fs']", "shared_fs", "/mnt/x",
+    assert out.stdout.split() == ["['collective',", "'delta',", "'object_store',", "'shared_fs']", "shared_fs", "/mnt/x",
                                   "SharedFsWeights"], out.stdout
