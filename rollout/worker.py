@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from base.weight_delta import DeltaReceiver
 from buffer import GenerateRequest, Problem, RolloutResult, Sample, scored_rewards
+from rollout.engine_args import batch_seqs
 from rollout.rewards import RewardSet, Score, score_response
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ class RolloutWorker:
         self.engine = VLLMEngine(
             model_path, cfg.dtype, cfg.kv_cache_memory_bytes, cfg.max_model_len, cfg.seed + worker_index, lora,
             cfg.lora_serving,
+            kv_cache_seqs=batch_seqs(data_cfg.eval_size, cfg.num_workers, cfg.prompts_per_request, cfg.group_size),
             gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
+            block_size=cfg.block_size,
         )
         warm_up_seconds = self.engine.warm_up()  # the first sampling call is slow: not on a real request
         logger.info("rollout worker %d: first sampling call %.1f s", worker_index, warm_up_seconds)
@@ -279,8 +282,18 @@ class RolloutWorker:
 
     def greedy_transcripts(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[dict]:
         """The greedy episodes of `evaluate`, as records to read: per problem ``turns`` (the assistant's decoded
-        turns, in order), ``reward`` (the episode's, unitless), ``correct`` and ``status``."""
-        episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
+        turns, in order), ``reward`` (the episode's, unitless), ``correct`` and ``status``. Generates with
+        ``rollout.eval_num_threads`` threads when set (the learner waits for the eval, so its core is free)."""
+        import torch
+
+        threads = self.cfg.eval_num_threads or max(1, int(self.cfg.num_cpus))
+        # torch._C's own setter: on CPU vLLM replaces torch.set_num_threads with a no-op once its engine is up
+        before = torch.get_num_threads()
+        torch._C.set_num_threads(threads)
+        try:
+            episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
+        finally:
+            torch._C.set_num_threads(before)
         return [{"prompt_id": p.prompt_id, "turns": list(g[0].texts), "reward": g[0].reward,
                  "correct": g[0].correct, "status": g[0].status} for p, g in zip(problems, episodes)]
 

@@ -35,11 +35,14 @@ class RawVLLM:
         import torch
 
         from rollout.engine import VLLMEngine
+        from rollout.engine_args import batch_seqs
 
         torch.set_num_threads(max(1, int(rc.num_cpus)))  # as RolloutWorker does
         self.rc, self.data_cfg = rc, data_cfg
         self.llm = VLLMEngine(model_path, rc.dtype, rc.kv_cache_memory_bytes, rc.max_model_len, rc.seed,
-                              gpu_memory_utilization=rc.gpu_memory_utilization,
+                              kv_cache_seqs=batch_seqs(data_cfg.eval_size, rc.num_workers, rc.prompts_per_request,
+                                                       rc.group_size),
+                              gpu_memory_utilization=rc.gpu_memory_utilization, block_size=rc.block_size,
                               tensor_parallel_size=rc.tensor_parallel_size).llm
 
     def generate(self, problems: list, seed: int) -> int:

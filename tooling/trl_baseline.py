@@ -192,7 +192,8 @@ def evaluate_policies(cfg, model_path: str, wdir: Path, problems: list) -> dict[
     rc, dc = cfg.rollout, cfg.data
     if not problems:
         return {}
-    engine = VLLMEngine(model_path, rc.dtype, rc.kv_cache_memory_bytes, rc.max_model_len)
+    engine = VLLMEngine(model_path, rc.dtype, rc.kv_cache_memory_bytes, rc.max_model_len,
+                        kv_cache_seqs=len(problems), block_size=rc.block_size)
 
     def acc() -> float:
         return greedy_accuracy(engine, problems, dc.instruction, dc.one_shot, cfg.eval_max_tokens or rc.max_tokens)

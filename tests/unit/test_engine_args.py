@@ -96,3 +96,64 @@ def test_cast_load_only_for_unquantised_float_checkpoints_of_another_dtype(tmp_p
     assert not needs_cast_load(str(tmp_path), "auto")  # vLLM picks the dtype: nothing to cast to
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
     assert not needs_cast_load(str(tmp_path), "bfloat16")  # quantised weights are vLLM's to load
+
+
+def test_cpu_blocks_are_small_enough_for_a_shared_prompt_prefix():
+    from rollout.engine_args import CPU_BLOCK_SIZE
+
+    assert CPU_BLOCK_SIZE == 32 and engine_args("cpu", **COMMON)["block_size"] == 32  # vLLM's CPU default: 128
+    assert engine_args("cpu", **COMMON, block_size=64)["block_size"] == 64
+    assert "block_size" not in engine_args("cuda", **COMMON)  # vLLM's own default on GPU
+    assert engine_args("cuda", **COMMON, block_size=16)["block_size"] == 16
+    with pytest.raises(ValueError, match="block_size must be >= 1 token, got 0"):
+        engine_args("cpu", **COMMON, block_size=0)
+
+
+# SmolLM2-135M-Instruct's config.json (the fields the KV size reads)
+SMOLLM2 = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3}
+
+
+def test_kv_bytes_per_token_by_hand():
+    from rollout.engine_args import kv_bytes_per_token
+
+    # K and V x 30 layers x 3 KV heads x head_dim 576 / 9 = 64 x 2 bytes (bf16)
+    assert kv_bytes_per_token(SMOLLM2, "bfloat16") == 2 * 30 * 3 * 64 * 2 == 23040
+    assert kv_bytes_per_token(SMOLLM2, "float32") == 46080
+    no_gqa = {k: v for k, v in SMOLLM2.items() if k != "num_key_value_heads"}
+    assert kv_bytes_per_token(no_gqa, "float16") == 2 * 30 * 9 * 64 * 2  # every head keeps its K and V
+    assert kv_bytes_per_token({**SMOLLM2, "head_dim": 128}, "bfloat16") == 2 * 30 * 3 * 128 * 2
+    with pytest.raises(ValueError, match=r"lacks \['num_hidden_layers'\].*rollout.kv_cache_memory_bytes"):
+        kv_bytes_per_token({"hidden_size": 8, "num_attention_heads": 2}, "bfloat16")
+    with pytest.raises(ValueError, match="dtype 'int8' has no known size"):
+        kv_bytes_per_token(SMOLLM2, "int8")
+
+
+def test_batch_kv_cache_holds_whole_blocks_within_bounds():
+    from rollout.engine_args import KV_AUTO_MIN_BYTES, batch_kv_cache_bytes
+
+    ram = 24 << 30
+    # the main job's eval: 200 sequences of 256 tokens (8 blocks of 32) x 23040 bytes
+    assert batch_kv_cache_bytes(23040, 200, 256, 32, ram) == 200 * 256 * 23040
+    assert batch_kv_cache_bytes(23040, 200, 250, 32, ram) == 200 * 256 * 23040  # rounded up to whole blocks
+    assert batch_kv_cache_bytes(23040, 200, 257, 32, ram) == 200 * 288 * 23040
+    assert batch_kv_cache_bytes(1024, 2, 64, 32, ram) == KV_AUTO_MIN_BYTES  # a tiny model's cache: the floor
+    assert batch_kv_cache_bytes(23040, 256, 4096, 32, ram) == ram // 16  # capped at 1/16 of the node's memory
+    with pytest.raises(ValueError, match="seqs must be >= 1, got 0"):
+        batch_kv_cache_bytes(23040, 0, 256, 32, ram)
+
+
+def test_batch_seqs_is_the_largest_engine_call():
+    from rollout.engine_args import batch_seqs
+
+    assert batch_seqs(200, 1, 4, 8) == 200  # the held-out eval, one greedy sample per problem
+    assert batch_seqs(201, 2, 4, 8) == 101  # each worker evaluates its share
+    assert batch_seqs(0, 1, 4, 8) == 32  # no eval: a request's prompts x samples
+    assert batch_seqs(0, 1, 1, 1) == 1
+
+
+def test_rollout_config_kv_fields():
+    rc = load_config(None).rollout
+    assert rc.kv_cache_memory_bytes is None and rc.block_size is None  # sized for the batch; 32 on CPU
+    assert load_config(None, ["rollout.kv_cache_memory_bytes=67108864"]).rollout.kv_cache_memory_bytes == 64 << 20
+    with pytest.raises(ConfigError, match="rollout.block_size"):
+        load_config(None, ["rollout.block_size=0"])
