@@ -4,7 +4,8 @@ The driver and the learner ranks both write run outputs (checkpoints, the final 
 live here, below both. A URI is a plain string: a local path (``runs``, ``/mnt/shared/runs``) or a URL
 whose scheme fsspec knows (``s3://bucket/prefix`` needs ``s3fs``, ``gs://`` needs ``gcsfs``). Writers on
 object stores work in a node-local temporary dir and upload it (`staged_write`); readers download into
-one (`local_copy`); on a local path both use the path itself.
+one (`local_copy`), or fetch only the files they need into a dir the processes of a node share
+(`fetch_files`); on a local path both use the path itself.
 
 Credentials and endpoints come only from the environment or the platform's identity, as the storage
 library reads them (for S3: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_PROFILE`` or an
@@ -85,6 +86,15 @@ def children(uri: str) -> list[str]:
         return []
 
 
+def files_under(uri: str) -> list[str]:
+    """Paths, relative to ``uri`` and ``/``-separated, of every file or object under it (at any depth), sorted;
+    ``[]`` if there is none (no cached listing)."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    root = path.rstrip("/") + "/"
+    return sorted(p[len(root):] for p in fs.find(path) if p.startswith(root))
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` as the object or file ``uri`` (parents created on local paths)."""
     fs, path = filesystem(uri)
@@ -137,6 +147,45 @@ def download_dir(uri: str, local_dir: str, skip: tuple[str, ...] = ()) -> int:
         fs.get_file(src, dst)
         received += os.path.getsize(dst)
     return received
+
+
+def fetch_files(uri: str, names: list[str], local_dir: str, timeout_s: float) -> tuple[list[str], int]:
+    """Copy the objects ``uri/<name>`` for each of ``names`` (relative paths, ``/``-separated) to
+    ``local_dir/<name>``, skipping those already there: processes sharing ``local_dir`` (the ranks of one
+    node) fetch each file once. Each file is fetched under its own lock (``<file>.lock``, `filelock`) into a
+    temporary name and renamed, so a file present in ``local_dir`` is complete.
+
+    Returns:
+        ``(names this call fetched, their bytes)``; the other names were already in ``local_dir``.
+
+    Raises:
+        TimeoutError: another process held a file's lock (it was fetching that file) for over ``timeout_s``.
+        FileNotFoundError: an object is missing under ``uri``.
+    """
+    from filelock import FileLock, Timeout
+
+    fs, path = filesystem(uri)
+    fetched, received = [], 0
+    for name in names:
+        dst = os.path.join(local_dir, *name.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            with FileLock(dst + ".lock", timeout=timeout_s):
+                if os.path.isfile(dst):  # another process of this node fetched it
+                    continue
+                tmp = f"{dst}.part-{uuid.uuid4().hex[:8]}"
+                try:
+                    fs.get_file(join(path, name), tmp)
+                    os.replace(tmp, dst)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+        except Timeout:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for another process's download of {join(uri, name)} "
+                               f"to {dst}") from None
+        fetched.append(name)
+        received += os.path.getsize(dst)
+    return fetched, received
 
 
 @contextlib.contextmanager

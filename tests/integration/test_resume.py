@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 
 from base import storage
 from orchestrator.checkpoint import find_run_to_resume, latest_checkpoint
-from orchestrator.run_outputs import staging_dir
+from orchestrator.run_outputs import logs_dir_of, staging_dir
 from tiny_run import tiny_run_toml, train_cli
 
 pytestmark = pytest.mark.integration
@@ -147,6 +148,17 @@ def test_async_run_on_s3_resumes_from_the_bucket_alone_losing_and_duplicating_no
     assert {int(g[1:]) for g in trained} <= set(range(int(s["data/dispatched_groups"])))
     assert s["final_model"] == storage.join(run, "final_model") and s["step"] == STEPS
     assert storage.children(ckpts) == [f"step_{k:06d}" for k in (STEPS - 1, STEPS)]  # keep = 2, all complete
+    # on resume each rank fetched only what DeepSpeed reads for it: its own optimizer partition and RNG state,
+    # and the model states that both read once for the node (both ranks share this machine)
+    log = (logs_dir_of(run) / "LearnerWorker.log").read_text()
+    fetched = dict(re.findall(r"learner rank (\d) fetched \d of 3 checkpoint files \([\d.]+ MB\) from \S+: (\S+);",
+                              log))
+    assert sorted(fetched) == ["0", "1"], log[-3000:]
+    model_states = "deepspeed/mp_rank_00_model_states.pt"
+    for r, names in fetched.items():
+        assert set(names.split(",")) - {model_states} == {f"deepspeed/zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                                                          f"rng_rank{r}.pt"}, fetched
+    assert sum(model_states in names.split(",") for names in fetched.values()) == 1, fetched
 
     with storage.local_copy(storage.join(run, "final_model")) as model_dir:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
