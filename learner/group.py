@@ -192,6 +192,12 @@ class LearnerGroup:
         order), so it scores with the weights of ``version``."""
         return [r.probe.remote(groups_ref, version, num_samples) for r in self.ranks]
 
+    def sequence_logprobs_remote(self, token_ids: list[int], prompt_len: int) -> list:
+        """Start `sequence_logprobs` on every rank (ZeRO-3 gathers need them all); one ObjectRef per rank, rank 0's
+        holding the logprobs. Submitted now, it runs after every step submitted so far, with the weights of
+        `version_at_next_call`."""
+        return [r.sequence_logprobs.remote(token_ids, prompt_len) for r in self.ranks]
+
     def sequence_logprobs(self, token_ids: list[int], prompt_len: int) -> list[float]:
         """Rank 0's logprobs of ``token_ids[prompt_len:]`` (every rank runs the forward: ZeRO-3 gathers)."""
         return self._get([r.sequence_logprobs.remote(token_ids, prompt_len) for r in self.ranks],

@@ -127,7 +127,7 @@ class Trainer:
         self.staleness = StalenessManager(bc.max_staleness, P, cfg.num_steps)
         self.tally = RolloutTally(rc.max_reward_failure_frac)
         self.weight_sync = WeightSync(cfg.weights, self.learner, self.rollout, rc.dtype, self.outputs.name,
-                                      lc.num_gpus > 0 and rc.num_gpus > 0)
+                                      lc.num_gpus > 0 and rc.num_gpus > 0, bounds=cfg.sentinel)
         self.scaler = Scaler(rc, self.rollout, self.control, self.weight_sync)
         self.sentinel = Sentinel(cfg.sentinel, bc.max_staleness, cfg.num_steps)
         self.dispatcher = Dispatcher(cfg, self.rollout, self.buffer, self.staleness, self.tally, self.scaler,
@@ -248,7 +248,8 @@ class Trainer:
         final_dir = self.learner.save_pretrained(storage.join(self.run_uri, "final_model"))
         checkpoint.check_visible(final_dir, ["config.json"], "the final model", self.run_uri)
         stats = wait_all([w.stats.remote() for w in self.rollout.workers], 60, "rollout stats")
-        summary = {**last, **self._audit_groups(), "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
+        summary = {**last, **self._audit_groups(), **self.weight_sync.verify_metrics(),
+                   "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
                    "perf/trained_samples_per_s": self.clock.samples_per_s(),
                    "final_model": final_dir}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -131,6 +131,13 @@ class Sentinel:
                 "sentinel/worker": float(probe.worker), "sentinel/seconds": gap["seconds"]}
 
 
+def gap_within(gap: dict[str, float], cfg: SentinelConfig) -> bool:
+    """Whether ``gap`` (`learner.sentinel.logprob_gap`'s result, nats/token) is within the bounds of ``cfg``:
+    ``mean_abs_logprob_diff <= max_mean_abs_logprob_diff`` and ``mismatch_kl <= max_mismatch_kl`` (also the
+    bound of a weight push's canary check, `orchestrator.weight_verify`)."""
+    return gap["mean_abs_logprob_diff"] <= cfg.max_mean_abs_logprob_diff and gap["mismatch_kl"] <= cfg.max_mismatch_kl
+
+
 def check_gap(gap: dict[str, float], worker: int, version: int, cfg: SentinelConfig) -> None:
     """Compare ``gap`` (`learner.sentinel.logprob_gap`'s result, nats/token) of rollout worker ``worker`` at
     policy ``version`` with the bounds of ``cfg``.
@@ -139,9 +146,9 @@ def check_gap(gap: dict[str, float], worker: int, version: int, cfg: SentinelCon
         SentinelError: ``mean_abs_logprob_diff`` or ``mismatch_kl`` exceeds its bound; one line naming the
             worker, the version and both numbers with their bounds.
     """
-    d, kl = gap["mean_abs_logprob_diff"], gap["mismatch_kl"]
-    if d <= cfg.max_mean_abs_logprob_diff and kl <= cfg.max_mismatch_kl:
+    if gap_within(gap, cfg):
         return
+    d, kl = gap["mean_abs_logprob_diff"], gap["mismatch_kl"]
     raise SentinelError(
         f"sentinel: rollout worker {worker} at weights version {version}: mean |learner - engine logprob| = "
         f"{d:.4g} nats/token (bound {cfg.max_mean_abs_logprob_diff:g}), mismatch KL {kl:.4g} (bound "

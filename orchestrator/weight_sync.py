@@ -12,6 +12,14 @@ it takes prompts, `drain` waits for them all at the end of a run. Before each pu
 membership, ``(slot, incarnation)`` of every worker, is compared with what the transport was set up
 for, so an added, removed or restarted worker makes a fixed-membership transport set up anew (with no
 push in flight) without being told.
+
+Every push is verified. Each worker checks the checksums of the bytes it received before it loads any
+(`base.weight_buckets.verify_checksums`); every ``weights.verify_every`` versions it also scores a canary once it
+applied the push and `retire` compares that with the learner's (`orchestrator.weight_verify`). A worker that fails
+either is pushed the weights again, once, in full through the object store (``weights/repushes_total``); failing
+again, it is replaced by a new actor in its slot (`RolloutGroup.replace`, as for a hung worker;
+``weights/verify_replaced_total``), whose weights are checked too; a replacement that fails stops the run with one
+line naming the worker, the version and why. ``weights/verify_failures_total`` counts every failure.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from base.weight_buckets import WeightChecksumError
 from orchestrator.remote import wait_all
+from orchestrator.weight_verify import CanaryChecks
 from orchestrator.weights import WeightsConfigBase, make_transport
 from orchestrator.weights.object_store import ObjectStoreTransport, ObjectStoreWeights
 
@@ -30,12 +40,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Push:
-    """One push in flight: ``refs`` of the workers' receive calls, by slot, due by ``deadline`` (monotonic s)."""
+    """One push in flight: ``refs`` of the workers' receive calls, by slot, due by ``deadline`` (monotonic s);
+    ``check``: start a canary check of each worker that received it."""
 
     version: int
     deadline: float
     refs: dict[int, Any]
     transport: str
+    check: bool = False
 
 
 class WeightSync:
@@ -49,10 +61,12 @@ class WeightSync:
         dtype: dtype the rollout engines load (``rollout.dtype``).
         run_name: prefix of the collective group names.
         gpus: whether learner ranks and rollout workers both hold GPUs (``backend = "auto"`` picks nccl then).
+        bounds: the sentinel's bounds (``[sentinel]``) the canary checks use; None: no canary checks (checksums
+            are still checked).
     """
 
     def __init__(self, cfg: WeightsConfigBase, learner: Any, rollout: Any, dtype: str, run_name: str,
-                 gpus: bool) -> None:
+                 gpus: bool, bounds: Any = None) -> None:
         self.cfg, self.learner, self.rollout = cfg, learner, rollout
         self.transport = make_transport(cfg, learner, rollout, dtype, run_name, gpus)
         if isinstance(self.transport, ObjectStoreTransport):
@@ -62,6 +76,13 @@ class WeightSync:
             self.fallback = ObjectStoreTransport(fallback_cfg, learner, rollout, dtype, run_name, gpus)
         self.pushes: list[Push] = []
         self.fallbacks = 0  # pushes that fell back to the object store
+        self.canary = (CanaryChecks(cfg.verify_every, bounds, learner, rollout, cfg.push_timeout_s)
+                       if bounds is not None and cfg.verify_every else None)
+        if self.canary is not None:
+            self.canary.tokens()  # now, before any request: the tokenizer is not shared with a generation yet
+        self.newest = 0  # newest version pushed
+        self.failures: dict[int, int] = {}  # slot -> verifications failed since it last passed one
+        self.verify_failures = self.repushes = self.replaced = 0
 
     def _ready(self, transport) -> None:
         """Set ``transport`` up for the workers there now, if they changed since its last set-up."""
@@ -69,7 +90,7 @@ class WeightSync:
         if members == transport.members:
             return
         if transport.fixed_membership:
-            self.drain(self.cfg.push_timeout_s)  # its members change only between pushes
+            self.drain(self.cfg.push_timeout_s, checks=False)  # its members change only between pushes
         transport.setup(members)
 
     def push(self, version: int) -> dict[str, float]:
@@ -94,9 +115,21 @@ class WeightSync:
             transport = self.fallback
             self._ready(transport)
             refs, out = transport.push(version)
+        check = self.canary is not None and self.canary.due(version)
+        if check:
+            self.canary.expect(version)  # the ranks run it right after the export
         # the receives are in flight from now: a fallback push gets its own full timeout
-        self.pushes.append(Push(version, time.monotonic() + self.cfg.push_timeout_s, refs, transport.type))
-        return {**out, "weights/push_fallbacks_total": float(self.fallbacks)}
+        self.pushes.append(Push(version, time.monotonic() + self.cfg.push_timeout_s, refs, transport.type, check))
+        self.newest = max(self.newest, version)
+        return {**out, "weights/push_fallbacks_total": float(self.fallbacks), **self.verify_metrics()}
+
+    def verify_metrics(self) -> dict[str, float]:
+        """Run totals of push verification (``weights/verify_failures_total``: checksum or canary failures,
+        ``weights/repushes_total``, ``weights/verify_replaced_total``) and the canary metrics
+        (`CanaryChecks.metrics`); counted on the driver, over all workers."""
+        out = {"weights/verify_failures_total": float(self.verify_failures),
+               "weights/repushes_total": float(self.repushes), "weights/verify_replaced_total": float(self.replaced)}
+        return {**out, **(self.canary.metrics() if self.canary is not None else {})}
 
     def retire(self) -> float:
         """Collect finished pushes; returns the seconds workers spent loading them on arrival.
@@ -104,14 +137,19 @@ class WeightSync:
         A broadcast a worker failed to receive is re-sent to it through the object store; a dead worker
         is left to recovery (it gets the current weights then).
 
+        Judges finished canary checks too; a worker that failed a checksum or a canary is pushed again or
+        replaced (see the module doc).
+
         Raises:
-            TimeoutError: a push is past its deadline.
-            RuntimeError: a worker failed to load pushed weights (names the worker and the version).
+            TimeoutError: a push or a canary check is past its deadline.
+            RuntimeError: a worker failed to load pushed weights (names the worker and the version), or a
+                replaced worker failed verification.
         """
         import ray
 
-        still, seconds = [], 0.0
-        for p in self.pushes:
+        still, seconds, todo = [], 0.0, self.pushes
+        self.pushes = []  # a failed receipt may start a new push
+        for p in todo:
             refs = list(p.refs.values())
             if ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
                 if time.monotonic() > p.deadline:
@@ -121,7 +159,14 @@ class WeightSync:
                 continue
             for slot, ref in p.refs.items():
                 seconds += self._receipt(p, slot, ref)
-        self.pushes = still
+        self.pushes = still + self.pushes
+        for v in self.canary.poll() if self.canary is not None else []:
+            if v.ok is None or self.rollout.incarnation.get(v.slot) != v.incarnation:
+                continue  # not compared, or the worker was replaced since
+            if v.ok:
+                self.failures.pop(v.slot, None)
+            else:
+                self._failed(v.slot, v.version, v.why)
         return seconds
 
     def _receipt(self, p: Push, slot: int, ref) -> float:
@@ -129,11 +174,17 @@ class WeightSync:
         import ray
 
         try:
-            return ray.get(ref)["load_seconds"]
+            seconds = ray.get(ref)["load_seconds"]
+            if p.check:
+                self.canary.start(slot, p.version)
+            return seconds
         except ray.exceptions.RayActorError:
             logger.warning("weight push of version %d hit dead rollout worker %d; it gets the current weights "
                            "when it is recovered", p.version, slot)
         except ray.exceptions.RayTaskError as e:
+            if isinstance(e, WeightChecksumError) or isinstance(getattr(e, "cause", None), WeightChecksumError):
+                self._failed(slot, p.version, str(getattr(e, "cause", e)).splitlines()[0])
+                return 0.0
             if p.transport == ObjectStoreTransport.type:
                 raise RuntimeError(f"rollout worker {slot} failed to load the weights of policy version "
                                    f"{p.version}: {e}") from None
@@ -144,18 +195,60 @@ class WeightSync:
             self.bring_to_current(slot, p.version, f"rollout worker {slot} (broadcast fallback)")
         return 0.0
 
-    def drain(self, timeout_s: float) -> float:
-        """Wait for every push in flight, then retire them; returns load seconds.
+    def _failed(self, slot: int, version: int, why: str) -> None:
+        """Worker ``slot`` failed verification of ``version``: the first time since it last passed one it is pushed
+        the weights again (full, object store), the second time replaced by a new actor that is pushed them.
+
+        Raises:
+            RuntimeError: it failed a third time (a replacement failed too): one line naming it, the version, why.
+        """
+        self.verify_failures += 1
+        if slot not in self.rollout.slots:  # retired meanwhile
+            return
+        n = self.failures[slot] = self.failures.get(slot, 0) + 1
+        if n > 2:
+            raise RuntimeError(f"rollout worker {slot} failed verification of the weights of policy version {version} "
+                               f"after a re-push and a replacement: {why}; the engine does not serve what the learner "
+                               "pushes (a loader or kernel bug?); set weights.verify_every = 0 to skip the canary")
+        logger.warning("rollout worker %d failed verification of policy version %d (%s); %s", slot, version, why,
+                       "pushing the weights to it again" if n == 1 else "replacing it")
+        if n == 2:
+            self.rollout.replace(slot)
+            self.replaced += 1
+        self.transport.forget(slot)  # it gets the full weights now, whatever the transport sent it before
+        self.repushes += n == 1
+        self._send(slot, max(self.newest, version))
+
+    def _send(self, slot: int, version: int) -> Any:
+        """Push ``version`` or newer (`bring_to_current`'s label) to worker ``slot`` through the object store, in
+        the background, with a canary check after it when checks are on; returns its receipt ObjectRef."""
+        ref = self.fallback.send_to(slot, self.learner.version_at_next_call(version))
+        label = self.fallback.last_export[0]
+        if self.canary is not None:
+            self.canary.expect(label)  # the ranks run it right after that export
+        self.pushes.append(Push(label, time.monotonic() + self.cfg.push_timeout_s, {slot: ref},
+                                ObjectStoreTransport.type, self.canary is not None))
+        return ref
+
+    def drain(self, timeout_s: float, checks: bool = True) -> float:
+        """Wait for every push and (with ``checks``) canary check in flight, and the re-pushes they lead to, retiring
+        them; returns load seconds.
 
         Raises:
             TimeoutError: they did not finish within ``timeout_s``.
         """
         import ray
 
-        refs = [r for p in self.pushes for r in p.refs.values()]
-        if len(ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0]) < len(refs):
-            raise TimeoutError(f"weight pushes did not finish within {timeout_s:.0f} s")
-        return self.retire()
+        deadline, seconds = time.monotonic() + timeout_s, 0.0
+        while True:
+            refs = [r for p in self.pushes for r in p.refs.values()] + (self.canary.refs() if checks and self.canary
+                                                                         else [])
+            if not refs:
+                return seconds
+            left = deadline - time.monotonic()
+            if left <= 0 or len(ray.wait(refs, num_returns=len(refs), timeout=left)[0]) < len(refs):
+                raise TimeoutError(f"weight pushes did not finish within {timeout_s:.0f} s")
+            seconds += self.retire()
 
     def bring_to_current(self, slot: int, version: int, who: str) -> None:
         """Give worker ``slot`` the weights of ``version`` or newer through the object store and wait (bounded).
@@ -170,8 +263,13 @@ class WeightSync:
         """
         if version == 0:
             return
-        version = self.learner.version_at_next_call(version)
-        wait_all([self.fallback.send_to(slot, version)], self.cfg.push_timeout_s, f"weight push to {who}")
+        import ray
+
+        self._send(slot, version)
+        p = self.pushes.pop()  # waited for here; its receipt starts the canary check
+        if not ray.wait(list(p.refs.values()), timeout=self.cfg.push_timeout_s)[0]:
+            raise TimeoutError(f"weight push to {who} did not finish within {self.cfg.push_timeout_s:.0f} s")
+        self._receipt(p, slot, p.refs[slot])
 
     def push_everywhere(self, version: int) -> None:
         """Push ``version`` through the object store to every worker and wait (bounded): a resumed run.
@@ -181,6 +279,7 @@ class WeightSync:
         """
         self._ready(self.fallback)
         refs, _ = self.fallback.push(version)
+        self.newest = max(self.newest, version)
         wait_all(list(refs.values()), self.cfg.push_timeout_s, "weight push of the restored policy")
 
     def close(self) -> None:

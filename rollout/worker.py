@@ -19,6 +19,7 @@ import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
+from base.weight_buckets import verify_checksums
 from base.weight_delta import DeltaReceiver
 from buffer import GenerateRequest, Problem, RolloutResult, Sample, scored_rewards
 from rollout.engine_args import batch_seqs
@@ -109,6 +110,8 @@ class RolloutWorker:
 
         Raises:
             RuntimeError: no weight group, or it delivered another version than ``version``.
+            base.weight_buckets.WeightChecksumError: the bytes received differ from the checksums made where the
+                buckets were made (`base.weight_buckets.verify_checksums`); nothing is staged or loaded.
             TimeoutError / RuntimeError: the group's receive timed out or lost its source (`WeightGroup.receive`).
         """
         if buckets is None:
@@ -120,11 +123,12 @@ class RolloutWorker:
                 raise RuntimeError(f"rollout worker {self.index} expected a broadcast of policy version {version}, "
                                    f"got version {got}")
         nbytes = float(sum(len(b) for b in buckets))
+        buckets = verify_checksums(buckets, f"rollout worker {self.index}", version)  # before anything is loaded
         buckets = self._delta_in.receive(version, buckets, self.cfg.weight_wait_timeout_s)  # a delta: full weights
         if buckets is None:  # not newer than a push already received (out of order): nothing to load
             return {"bytes": nbytes, "applied": 0.0, "load_seconds": 0.0}
         with self._cond:
-            if self._pending is None or version > self._pending[0]:
+            if self._pending is None or version >= self._pending[0]:
                 self._pending = (version, buckets)
             self._cond.notify_all()
         applied, seconds = 0.0, 0.0
@@ -150,7 +154,7 @@ class RolloutWorker:
         """Load staged weights (caller holds the engine lock). Returns whether it loaded any."""
         with self._cond:
             pending, self._pending = self._pending, None
-        if pending is None or pending[0] <= self.version:
+        if pending is None or pending[0] < self.version:  # the version served again: a re-push, loaded
             return False
         t0 = time.perf_counter()
         self.engine.load_weights(pending[1])
@@ -176,6 +180,22 @@ class RolloutWorker:
     def get_version(self) -> int:
         """Policy version currently served."""
         return self.version
+
+    def canary_tokens(self, text: str, max_tokens: int) -> list[int]:
+        """Token ids of ``text`` (this engine's tokenizer), at most ``max_tokens``: the canary of push checks."""
+        return list(self.engine.tokenizer.encode(text))[:max_tokens]
+
+    def score_canary(self, token_ids: list[int], prompt_len: int, version: int) -> dict:
+        """Engine logprobs of ``token_ids[prompt_len:]`` (temperature 1, nats) once the weights of policy
+        ``version`` or newer are applied (staged weights load first; waits up to ``weight_wait_timeout_s``):
+        ``{"version": the version scored, "logprobs": [...], "seconds": the scoring}``
+        (`orchestrator.weight_verify`)."""
+        self._wait_for_version(version, self.cfg.weight_wait_timeout_s)
+        with self._engine_lock:
+            self._apply_pending()
+            t0 = time.perf_counter()
+            lp = self.engine.sequence_logprobs(token_ids, prompt_len)
+            return {"version": self.version, "logprobs": lp, "seconds": time.perf_counter() - t0}
 
     # ---- generation ----------------------------------------------------------------------
     def _check_environment(self) -> None:

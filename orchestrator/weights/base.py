@@ -33,6 +33,11 @@ class WeightsConfigBase(StrictConfig):
     push_timeout_s: float = Field(
         300.0, gt=0, description="max seconds for one weight push, export to last worker loaded; past it the run "
         "stops (object store) or falls back to the object store (collective)")
+    verify_every: int = Field(
+        1, ge=0, le=1_000_000, description="every Nth policy version, each worker scores a fixed 32-token canary once "
+        "it applied the push and the driver compares its logprobs with the learner's (sentinel bounds); a worker "
+        "that fails is re-pushed once, then replaced (orchestrator.weight_verify); 0: never (checksums are always "
+        "checked)")
 
 
 class WeightTransport(ABC):
@@ -78,6 +83,10 @@ class WeightTransport(ABC):
             TimeoutError: the learner side did not finish within ``push_timeout_s``.
             ray.exceptions.RayError: a learner rank or worker failed.
         """
+
+    def forget(self, slot: int) -> None:
+        """Worker ``slot`` gets its weights elsewhere now (`WeightSync` pushes them again through the object store, or
+        it was replaced): forget what this transport sent it. Nothing to forget by default."""
 
     def invalidate(self) -> None:
         """Forget the set-up (a failed push can leave it unusable): `setup` runs again before the next push."""

@@ -59,6 +59,10 @@ class DeltaTransport(WeightTransport):
         self.held = {m: v for m, v in self.held.items() if m in members}
         self.members = members
 
+    def forget(self, slot: int) -> None:
+        """Worker ``slot`` gets the full weights next (it was pushed them elsewhere, or replaced)."""
+        self.held = {m: v for m, v in self.held.items() if m[0] != slot}
+
     def invalidate(self) -> None:
         """After a failed push nobody's version is known: everyone gets the full weights next."""
         super().invalidate()
@@ -80,13 +84,14 @@ class DeltaTransport(WeightTransport):
         """
         import ray
 
-        from base.weight_buckets import iter_buckets
+        from base.weight_buckets import iter_buckets, seal, verify_checksums
         from base.weight_delta import encode, to_buckets
 
         buckets_ref, metrics_ref = self.learner.export_weights_remote(self.dtype, self.cfg.bucket_bytes)
         metrics = ray.get(metrics_ref, timeout=self.cfg.push_timeout_s)
         t0 = time.perf_counter()
-        new = dict(iter_buckets(ray.get(buckets_ref, timeout=self.cfg.push_timeout_s)))
+        export = ray.get(buckets_ref, timeout=self.cfg.push_timeout_s)
+        new = dict(iter_buckets(verify_checksums(export, "the driver (delta encoding)", version)))
         prev = self.prev
         full_due = prev is None or self.deltas_since_full + 1 >= self.cfg.full_every
         delta_to = [] if full_due else [s for s, i in self.members if self.held.get((s, i)) == prev[0]]
@@ -95,7 +100,7 @@ class DeltaTransport(WeightTransport):
         if delta_to:
             payload, entries = encode(prev[1], new, self.cfg.dense_frac)
             changed = sum(e["changed"] if "changed" in e else _numel(e["shape"]) for e in entries.values())
-            delta = to_buckets(version, prev[0], payload, entries, bb)
+            delta = seal(to_buckets(version, prev[0], payload, entries, bb))  # checked by each worker
             out["weights/delta_bytes"] = float(sum(map(len, delta)))
             out["weights/delta_changed_frac"] = changed / max(1, sum(t.numel() for t in new.values()))
             ref = ray.put(delta)
@@ -104,7 +109,7 @@ class DeltaTransport(WeightTransport):
         else:
             out["weights/delta_bytes"] = 0.0
         if full_to:
-            full = to_buckets(version, None, new, {n: _meta(t) for n, t in new.items()}, bb)
+            full = seal(to_buckets(version, None, new, {n: _meta(t) for n, t in new.items()}, bb))
             out["weights/delta_full_bytes"] = float(sum(map(len, full)))
             ref = ray.put(full)
             refs.update({s: self.rollout.receive_weights_remote(s, version, ref) for s in full_to})
