@@ -81,7 +81,9 @@ class Session:
 
             label = "rig" if not extra else f"rig{abs(hash(key)) % 10**6}"
             run_dir = self.out_root / f"{Path(self.config_path).stem}-{label}-{self.stamp}"  # names its control actor
-            cfg = self.variant("buffer.dynamic_sampling=false", *extra)
+            # stand-in workers have no engine to score the canary of a push check
+            cfg = self.variant("buffer.dynamic_sampling=false", *(["weights.verify_every=0"] if learner_only else []),
+                               *extra)
             self._rig = (key, Trainer(cfg, run_dir, self.model_path, self.problems, [],
                                       rollout_worker_cls=IdleRolloutWorker if learner_only else None,
                                       learner_worker_cls=learner_cls))
@@ -171,7 +173,9 @@ class Session:
         from orchestrator.loop import Trainer
 
         self.release()
-        cfg = self.variant(f"num_steps={self.steps}", "checkpoint.every=0", *extra)
+        # a stand-in worker (`worker_cls`, e.g. a fake engine) cannot score the canary of a push check
+        cfg = self.variant(f"num_steps={self.steps}", "checkpoint.every=0",
+                           *(["weights.verify_every=0"] if worker_cls is not None else []), *extra)
         run_dir = self.out_root / f"{Path(self.config_path).stem}-{label}-{self.stamp}"  # also the control actor name
         run_dir.mkdir(parents=True)
         trainer = Trainer(cfg, run_dir, model_path or self.model_path, self.problems, [], rollout_worker_cls=worker_cls)
