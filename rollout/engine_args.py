@@ -166,12 +166,7 @@ def check_window_convention(model_path: str, max_model_len: int) -> None:
     Raises:
         ValueError: one line naming the model type, its window and the setting to change.
     """
-    path = os.path.join(model_path, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        config = json.load(f)
-    config = config.get("text_config") or config  # a multimodal model's language model (Cohere 2 Vision)
+    config = model_config(model_path)  # a multimodal model's language model (Cohere 2 Vision); {}: no config
     window, kind = config.get("sliding_window"), config.get("model_type")
     layer_types = config.get("layer_types")
     slides = ("sliding_attention" in layer_types) if layer_types is not None else \
