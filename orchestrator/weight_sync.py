@@ -217,18 +217,18 @@ class WeightSync:
             self.replaced += 1
         self.transport.forget(slot)  # it gets the full weights now, whatever the transport sent it before
         self.repushes += n == 1
-        self._send(slot, max(self.newest, version))
+        self.pushes.append(self._send(slot, max(self.newest, version)))  # retired in the background
 
-    def _send(self, slot: int, version: int) -> Any:
-        """Push ``version`` or newer (`bring_to_current`'s label) to worker ``slot`` through the object store, in
-        the background, with a canary check after it when checks are on; returns its receipt ObjectRef."""
+    def _send(self, slot: int, version: int) -> Push:
+        """Start pushing ``version`` or newer (`bring_to_current`'s label) to worker ``slot`` through the object
+        store, with a canary check after it when checks are on; returns the push, for the caller to wait on or to
+        retire."""
         ref = self.fallback.send_to(slot, self.learner.version_at_next_call(version))
         label = self.fallback.last_export[0]
         if self.canary is not None:
             self.canary.expect(label)  # the ranks run it right after that export
-        self.pushes.append(Push(label, time.monotonic() + self.cfg.push_timeout_s, {slot: ref},
-                                ObjectStoreTransport.type, self.canary is not None))
-        return ref
+        return Push(label, time.monotonic() + self.cfg.push_timeout_s, {slot: ref}, ObjectStoreTransport.type,
+                    self.canary is not None)
 
     def drain(self, timeout_s: float, checks: bool = True) -> float:
         """Wait for every push and (with ``checks``) canary check in flight, and the re-pushes they lead to, retiring
@@ -265,8 +265,7 @@ class WeightSync:
             return
         import ray
 
-        self._send(slot, version)
-        p = self.pushes.pop()  # waited for here; its receipt starts the canary check
+        p = self._send(slot, version)  # waited for here; its receipt starts the canary check
         if not ray.wait(list(p.refs.values()), timeout=self.cfg.push_timeout_s)[0]:
             raise TimeoutError(f"weight push to {who} did not finish within {self.cfg.push_timeout_s:.0f} s")
         self._receipt(p, slot, p.refs[slot])
