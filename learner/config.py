@@ -71,6 +71,14 @@ class LearnerConfig(StrictConfig):
         3, ge=1, description="stop the run after this many consecutive optimizer steps skipped for "
         "non-finite gradients")
     torch_threads: int = Field(0, ge=0, description="torch threads per rank (0: from num_cpus)")
+    snapshot_every: int = Field(
+        1, ge=0, description="learner failover: every this many steps each rank copies its training state (ZeRO "
+        "partition, optimizer, LR scheduler, RNG) into memory on another node; when a rank dies the ranks are "
+        "replaced and restored from the newest snapshot, losing at most one step. 0: no snapshots (a dead rank "
+        "falls back to the last checkpoint)")
+    max_failovers: int = Field(
+        3, ge=0, description="learner failovers (from a snapshot, or from the last checkpoint when the snapshot "
+        "was lost too) one run may make; a dead rank past it stops the run")
     zero3_param_persistence_threshold: int = Field(
         100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank instead of "
         "being gathered for each forward (DeepSpeed's stage3_param_persistence_threshold)")

@@ -75,18 +75,67 @@ class LearnerGroup:
         if len(strategies) != cfg.num_learners:
             raise ValueError(f"got {len(strategies)} scheduling strategies for learner.num_learners = "
                              f"{cfg.num_learners}; give one per rank")
-        self.cfg = cfg
-        env = {"env_vars": rank_env(cfg)}
-        actor = ray.remote(worker_cls)
+        self.cfg, self.strategies = cfg, strategies
+        self._args = (model, samples_per_step, max_tokens, temperature, seed)
+        self._actor = ray.remote(worker_cls)
+        self._start_ranks()
+
+    def _start_ranks(self) -> None:
+        """Create the rank actors (one per scheduling strategy), join them into one group, build their engines."""
+        env = {"env_vars": rank_env(self.cfg)}
+        model, samples_per_step, max_tokens, temperature, seed = self._args
+        cfg = self.cfg
         self.ranks = [
-            actor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, runtime_env=env,
-                          scheduling_strategy=strategies[r]).remote(
+            self._actor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources, runtime_env=env,
+                                scheduling_strategy=self.strategies[r]).remote(
                 cfg, model, r, cfg.num_learners, samples_per_step, max_tokens, temperature, seed)
             for r in range(cfg.num_learners)
         ]
         addr, port = self._get([self.ranks[0].master_address.remote()], "master_address")[0]
         self.num_params = self._get([r.setup.remote(addr, port) for r in self.ranks], "setup")[0]
         logger.info("learner group up: %d ranks, %.1fM params", len(self.ranks), self.num_params / 1e6)
+
+    def replace_ranks(self) -> None:
+        """Kill every rank (a peer died: the survivors' process group is broken) and start a new group in the same
+        placement (a bundle whose node died is rescheduled by Ray); the new ranks hold the model the group started
+        from until they load a snapshot or checkpoint. The group accepts calls again.
+
+        Raises:
+            TimeoutError / LearnerRankDied: a new rank did not set up (bounded by ``step_timeout_s``).
+        """
+        import ray
+
+        for r in self.ranks:
+            ray.kill(r, no_restart=True)
+        self.failed, self.stepped_to = None, None
+        self._start_ranks()
+
+    def dead_ranks(self) -> list[int]:
+        """Ranks whose actor is dead, from Ray's actor table (answers at once, even while the ranks are inside a
+        call)."""
+        import ray._private.state as ray_state
+
+        dead = []
+        for i, r in enumerate(self.ranks):
+            info = ray_state.state.actor_table(r._actor_id.hex()) or {}
+            if info.get("State") == "DEAD":
+                dead.append(i)
+        return dead
+
+    def node_ids(self) -> list[str]:
+        """The Ray node id of every rank, rank order (waits, bounded)."""
+        return self._get([r.node_id.remote() for r in self.ranks], "node_id", timeout=60)
+
+    def snapshot_remote(self, store, version: int) -> list:
+        """Start a snapshot of policy ``version`` on every rank into ``store`` (`learner.snapshots`); one metrics
+        ObjectRef per rank. Submitted right after a step, it runs right after it on every rank."""
+        return [r.snapshot.remote(store, version, self.cfg.step_timeout_s) for r in self.ranks]
+
+    def restore_snapshot(self, store, version: int) -> None:
+        """Every rank loads the snapshot of ``version`` from ``store`` (waits, bounded by ``step_timeout_s``)."""
+        self.stepped_to = None
+        self._get([r.restore_snapshot.remote(store, version, self.cfg.step_timeout_s) for r in self.ranks],
+                  "restore_snapshot")
 
     def _get(self, refs: list, what: str, timeout: float | None = None) -> list:
         """Wait for one call on every rank (``refs[i]``: rank i's ObjectRef) and return their results in rank order.

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from base.weight_group import group_store, host_store
 from learner import model_support
 from learner.checkpointing import LearnerCheckpoints
+from learner.snapshots import LearnerSnapshots
 from learner.weight_push import LearnerWeightPush
 from learner.metrics import Metrics, Reduce, token_quantiles
 
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from learner.config import LearnerConfig
 
 
-class LearnerWorker(LearnerCheckpoints, LearnerWeightPush):
+class LearnerWorker(LearnerCheckpoints, LearnerSnapshots, LearnerWeightPush):
     """One DeepSpeed rank.
 
     Args:

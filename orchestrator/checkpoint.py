@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from base import storage
-from learner.group import LearnerRankDied
 
 logger = logging.getLogger(__name__)
 
@@ -188,16 +187,13 @@ def save(run: str, step: int, keep: int, *, learner, buffer, trainer_state: dict
 
     Raises:
         TimeoutError: the learner or the buffer did not answer in time.
-        RuntimeError: a learner rank died while writing (names the last complete checkpoint).
+        learner.group.LearnerRankDied: a learner rank died while writing (the trainer fails over).
     """
     import ray
 
     tmp = begin(run, step)
     t0 = time.perf_counter()
-    try:
-        learner.save_checkpoint(storage.join(tmp, "learner"))
-    except LearnerRankDied as e:
-        raise run_stops_for_dead_rank(run, str(e)) from None
+    learner.save_checkpoint(storage.join(tmp, "learner"))
     check_visible(storage.join(tmp, "learner"), [f"rng_rank{r}.pt" for r in range(len(learner.ranks))],
                   "its checkpoint part", run)
     buffer_state = ray.get(buffer.state_dict.remote(), timeout=300)

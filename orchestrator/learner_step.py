@@ -23,33 +23,40 @@ class LearnerStep:
     deadline: float
     version: int
     probe: object | None = None
+    batch_ref: object = None  # the batch (ObjectRef), kept to start the step again after a learner failover
+    timeout_s: float = 0.0
 
     @classmethod
     def start(cls, buffer, learner, num_groups: int, version: int, min_version: int, timeout_s: float) -> LearnerStep:
         """Take ``num_groups`` groups no older than ``min_version`` from the buffer straight into a
         step of every learner rank (the batch never passes through the driver)."""
         batch_ref, stats_ref = buffer.take_batch.options(num_returns=2).remote(num_groups, version, min_version)
-        return cls(learner.train_step_remote(batch_ref, version), stats_ref, time.monotonic() + timeout_s, version)
+        return cls(learner.train_step_remote(batch_ref, version), stats_ref, time.monotonic() + timeout_s, version,
+                   batch_ref=batch_ref, timeout_s=timeout_s)
 
-    def done(self, run: str) -> bool:
+    def restart(self, learner) -> None:
+        """Start this step again, on the same batch, on ``learner``'s ranks (new ones after a failover), with a new
+        deadline; the sentinel's probe, if any, is the caller's to start again first."""
+        self.refs = learner.train_step_remote(self.batch_ref, self.version)
+        self.deadline = time.monotonic() + self.timeout_s
+
+    def done(self) -> bool:
         """Whether every rank finished; raises at once if a rank died (its peers would wait in a
         collective until the timeout).
 
         Raises:
-            RuntimeError: a learner rank died; names the last complete checkpoint.
+            LearnerRankDied: a learner rank died (`orchestrator.failover` replaces the ranks).
         """
         import ray
+
+        from learner.group import LearnerRankDied
 
         ready, pending = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
         for ref in ready:
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                from learner.group import LearnerRankDied
-                from orchestrator.checkpoint import run_stops_for_dead_rank
-
-                died = LearnerRankDied(self.refs.index(ref), f"step {self.version + 1}", type(e).__name__)
-                raise run_stops_for_dead_rank(run, str(died), "none (set checkpoint.every)") from None
+                raise LearnerRankDied(self.refs.index(ref), f"step {self.version + 1}", type(e).__name__) from None
         return not pending
 
 

@@ -16,7 +16,9 @@ Every remote wait is bounded: each generate request by ``rollout.request_timeout
 when the weights it needs exist), each learner step by ``learner.step_timeout_s``, each weight push by
 ``weights.push_timeout_s``.
 
-Left out on purpose: recovery of learner ranks (a dead rank ends the run; resume from a checkpoint).
+A dead learner rank costs at most one step: the ranks are replaced and restored from in-memory snapshots
+(`orchestrator.failover`), or, where the snapshot died with the rank, the run goes on from its last checkpoint
+(`train`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from orchestrator import checkpoint
 from orchestrator.clock import RunClock
 from orchestrator.control import start_control
 from orchestrator.dispatch import Dispatcher
+from orchestrator.failover import LearnerFailover, LearnerLost, rank_died
 from orchestrator.learner_step import LearnerStep, SkippedSteps
 from orchestrator.metrics import MetricsLogger, held_out_metrics
 from orchestrator.models import model_source, module_names, resolve_model_path
@@ -140,6 +143,8 @@ class Trainer:
                                                      buffer=self.buffer, trainer=self, weight_sync=self.weight_sync)
         self.resumed = resume_from is not None
         self.sentinel.start_at(self.version)  # a resumed run checks its restored weights at once
+        self.failover = LearnerFailover(lc, self.learner, self.run_uri)
+        self.failover.snapshot(self.version, due=True)  # new ranks start from the model, not from a restored version
 
     def _check_run_dir_visible(self) -> None:
         """Every learner rank writes a probe file into the run dir, where its checkpoints and the final model will go,
@@ -159,7 +164,9 @@ class Trainer:
         """Kill every actor of this run (buffer, learner ranks, rollout workers) and free their placement groups."""
         import ray
 
-        for actor in [self.buffer, self.control, self.model_server, *self.reward_model_servers, *self.learner.ranks]:
+        store = [self.failover.store] if getattr(self, "failover", None) and self.failover.store else []
+        for actor in [self.buffer, self.control, self.model_server, *self.reward_model_servers, *self.learner.ranks,
+                      *store]:
             ray.kill(actor)
         for slot in list(self.rollout.slots):
             self.rollout.release(slot)
@@ -209,21 +216,53 @@ class Trainer:
         step: LearnerStep | None = None
         with StepProgress(self.cfg.num_steps, self.version, progress, start=last) as bar:
             while self.version < self.cfg.num_steps:
-                self.scaler.apply(self.version)
-                self.dispatcher.dispatch()
-                step = step or self._start_step()
-                self.dispatcher.wait(step.refs if step else [], step.deadline if step else None)
-                self.dispatcher.collect()
-                self.tally.load_seconds += self.weight_sync.retire()
-                if step is not None and step.done(self.run_uri):
-                    last, out_of_time = self._end_step(step)
-                    step = None
-                    bar.update(last, self.clock.samples_per_s())
-                    if out_of_time:
-                        logger.info("time budget of %.0f s reached after %d steps", self.cfg.time_budget_s,
-                                    self.version)
-                        break
+                try:
+                    self.scaler.apply(self.version)
+                    self.dispatcher.dispatch()
+                    step = step or self._start_step()
+                    self.dispatcher.wait(step.refs if step else [], step.deadline if step else None)
+                    self.dispatcher.collect()
+                    self.tally.load_seconds += self.weight_sync.retire()
+                    if step is None or not step.done():
+                        continue
+                    finished, step = step, None
+                    last, out_of_time = self._end_step(finished)
+                except Exception as e:
+                    why = rank_died(e, self.learner)
+                    if why is None:
+                        raise
+                    step = self._fail_over(why, step)
+                    continue
+                bar.update(last, self.clock.samples_per_s())
+                if out_of_time:
+                    logger.info("time budget of %.0f s reached after %d steps", self.cfg.time_budget_s, self.version)
+                    break
         return self._finish_run(last)
+
+    def _fail_over(self, why: str, step: LearnerStep | None) -> LearnerStep | None:
+        """A learner rank died: replace the ranks, restore the newest snapshot, train again the steps it lacks (their
+        kept batches; metrics dropped: each step's record was logged when it first ran), push the current policy to
+        every worker, start the step that was in flight again on its batch. Returns that step (or None).
+
+        Raises:
+            LearnerLost: no snapshot can restore the group (`train` resumes from the last checkpoint).
+            RuntimeError: ``learner.max_failovers`` reached.
+        """
+        t0 = time.perf_counter()
+        version = self.version
+        for v, batch_ref in self.failover.recover(why, version):
+            wait_all(self.learner.train_step_remote(batch_ref, v), self.cfg.learner.step_timeout_s,
+                     f"learner step {v + 1} trained again after a failover")
+            self.failover.snapshot(v + 1)
+        self.weight_sync.learner_replaced(version)
+        if step is not None:
+            step.probe = self.sentinel.start(self.buffer, self.learner, step.version) if step.probe else None
+            step.restart(self.learner)
+            self.failover.step_started(step.version, step.batch_ref)
+        self.failover.seconds += time.perf_counter() - t0
+        logger.warning("learner failover done in %.1f s: policy version %d restored; training goes on",
+                       time.perf_counter() - t0, version)
+        return step
 
     # ---- the loop's parts --------------------------------------------------------------------
     def _start_run(self) -> dict:
@@ -288,6 +327,7 @@ class Trainer:
         step = LearnerStep.start(self.buffer, self.learner, P, self.version, self.staleness.oldest_trainable(),
                                  self.cfg.learner.step_timeout_s)
         step.probe = probe
+        self.failover.step_started(step.version, step.batch_ref)
         return step
 
     def _end_step(self, step: LearnerStep) -> tuple[dict, bool]:
@@ -333,6 +373,7 @@ class Trainer:
         })
         for pool in self.reward_models:  # reward_model/<name>/*: items scored and failed during the step
             m.update(pool.metrics())
+        m.update(self.failover.metrics())
         self.scaler.autoscale(m["perf/learner_wait_frac"])
         self.resume_metrics = {}  # logged once
         return m
@@ -376,6 +417,33 @@ def upgrade_state(state: dict) -> dict:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, model_path: str, train_problems: list, eval_problems: list,
-          progress: bool = True, resume_from: str | Path | None = None) -> dict:
-    """Build a `Trainer` (restored from ``resume_from`` when given) and run it; returns its summary."""
-    return Trainer(cfg, run_dir, model_path, train_problems, eval_problems, resume_from=resume_from).run(progress)
+          progress: bool = True, resume_from: str | Path | None = None, learner_worker_cls: type | None = None) -> dict:
+    """Build a `Trainer` (restored from ``resume_from`` when given; ``learner_worker_cls`` as `Trainer`'s), run it and
+    stop its actors; returns its summary.
+
+    A learner rank that died with its snapshot (`orchestrator.failover.LearnerLost`) makes the run go on from its
+    last complete checkpoint: the trainer's actors are stopped and a new trainer resumes from it, here, counted with
+    the snapshot failovers against ``learner.max_failovers``.
+
+    Raises:
+        RuntimeError: a learner rank died with no checkpoint to go on from, or past ``learner.max_failovers``
+            (names the last complete checkpoint and how to resume); and what `Trainer.run` raises.
+    """
+    used = 0
+    while True:
+        t = Trainer(cfg, run_dir, model_path, train_problems, eval_problems, resume_from=resume_from,
+                    learner_worker_cls=learner_worker_cls)
+        t.failover.earlier = used
+        try:
+            return t.run(progress)
+        except LearnerLost as e:
+            ckpt = checkpoint.latest_checkpoint(t.run_uri)
+            used = t.failover.failovers + t.failover.earlier + 1
+            if ckpt is None or used > cfg.learner.max_failovers:
+                why = "no complete checkpoint (set checkpoint.every)" if ckpt is None else (
+                    f"learner.max_failovers = {cfg.learner.max_failovers} reached")
+                raise checkpoint.run_stops_for_dead_rank(t.run_uri, f"{e}; {why}", "none") from None
+            logger.warning("%s; the run goes on from its last complete checkpoint %s", e, ckpt)
+            resume_from = ckpt
+        finally:
+            t.shutdown()

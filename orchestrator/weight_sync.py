@@ -281,6 +281,25 @@ class WeightSync:
         self.newest = max(self.newest, version)
         wait_all(list(refs.values()), self.cfg.push_timeout_s, "weight push of the restored policy")
 
+    def learner_replaced(self, version: int) -> None:
+        """The learner's ranks were replaced (`orchestrator.failover`) and hold ``version``: forget the pushes and
+        canaries in flight from the old ranks and every transport's set-up (a collective group held the old rank 0)
+        and what each sent each worker, then push ``version`` to every worker through the object store and wait
+        (bounded), so every worker holds exactly what the new ranks hold (version 0: the base model, nothing to send).
+
+        Raises:
+            TimeoutError: the push did not finish within ``push_timeout_s``.
+        """
+        self.pushes = []
+        for t in (self.transport, self.fallback):
+            t.invalidate()
+            for slot in list(self.rollout.slots):
+                t.forget(slot)
+        if self.canary is not None:
+            self.canary.expected.clear()  # the old ranks' canaries: checks in flight are not compared
+        if version:
+            self.push_everywhere(version)
+
     def close(self) -> None:
         """Release the transports' set-up (end of run)."""
         self.transport.close()

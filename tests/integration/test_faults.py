@@ -147,8 +147,9 @@ def test_non_finite_gradients_skip_the_step_and_repeated_ones_stop(tiny_sums_mod
 
 @pytest.mark.timeout(600)
 def test_dead_learner_rank_stops_the_run_naming_the_last_checkpoint(tiny_sums_model, ray_local, tmp_path):
+    """With learner failover off (``max_failovers = 0``; tests/integration/test_learner_failover.py has it on)."""
     cfg = _cfg(tiny_sums_model, tmp_path, "num_steps=6", "learner.num_learners=2", "learner.num_cpus=0.5",
-               "learner.micro_batch_size=4", "checkpoint.every=1", "checkpoint.keep=1")
+               "learner.micro_batch_size=4", "checkpoint.every=1", "checkpoint.keep=1", "learner.max_failovers=0")
     run_dir = tmp_path / "dead"
     t = Trainer(cfg, run_dir, tiny_sums_model, load_problems(cfg.data, "train"), [])
 
