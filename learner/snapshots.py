@@ -1,26 +1,28 @@
 """In-memory snapshots of the learner's training state, for failover without a restart from disk.
 
-Every ``learner.snapshot_every`` steps each rank writes what its checkpoint would hold (`LearnerCheckpoints`:
-DeepSpeed's model states, its ZeRO optimizer partition, the LR scheduler, its RNG) into a node-local dir in memory
-(``/dev/shm`` where there is one), reads the files back as bytes and hands them to a background thread that sends
-them to the run's `SnapshotStore`, an actor on another node than the ranks where the cluster has one. The step
-waits for the write alone (``learner/snapshot_seconds``); the send overlaps with the next steps, and a rank starts
+Every ``learner.snapshot_every`` steps each rank runs its checkpoint save (`LearnerCheckpoints.save_checkpoint`:
+DeepSpeed's model states, its ZeRO optimizer partition, the LR scheduler, its RNG) with a `MemoryCheckpointEngine`,
+which copies DeepSpeed's state dicts in memory instead of serialising them to files, and a background thread sends
+the copy to the run's `SnapshotStore`, an actor on another node than the ranks where the cluster has one. The step
+waits for the copy alone (``learner/snapshot_seconds``); the send overlaps with the next steps, and a rank starts
 a new snapshot only when its previous one has arrived, so the store's newest complete snapshot is at most one
 snapshot older than the newest started. After a rank dies the driver starts a new group of ranks, and each rank
-restores from the store's newest complete snapshot the files it reads (`learner.checkpointing.rank_checkpoint_files`)
-exactly as it would from a checkpoint (`LearnerSnapshots.restore_snapshot`).
+loads from the store's newest complete snapshot the parts it reads (`learner.checkpointing.rank_checkpoint_files`)
+through DeepSpeed's own checkpoint load, served from memory (`LearnerSnapshots.restore_snapshot`).
 
 The design follows in-memory checkpointing for fault tolerance: Wang et al., "GEMINI: Fast Failure Recovery in
 Distributed Training with In-Memory Checkpoints", SOSP 2023 (snapshots of every rank's state in CPU memory of
 other machines, recovery from them instead of from remote storage).
 
 Left out on purpose: replicas on more than one node (a rank and the store's node lost together fall back to the
-last checkpoint), and snapshots that avoid the serialisation (a copy of the tensors in memory): the write reuses
-DeepSpeed's own checkpoint format, the one thing both ZeRO-2 and ZeRO-3 restore exactly.
+last checkpoint), and a format of our own: the parts are DeepSpeed's checkpoint state dicts, the one thing both
+ZeRO-2 and ZeRO-3 restore exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 import shutil
@@ -92,7 +94,7 @@ class SnapshotStore:
 
     def nbytes(self) -> int:
         """Bytes held, over every snapshot and rank."""
-        return sum(len(b) for ranks in self.parts.values() for files in ranks.values() for b in files.values())
+        return sum(nbytes(files) for ranks in self.parts.values() for files in ranks.values())
 
     def _complete(self, version: int) -> dict[int, dict[str, bytes]]:
         ranks = self.parts.get(version, {})
@@ -101,14 +103,61 @@ class SnapshotStore:
         return ranks
 
 
-def snapshot_dir_root(nbytes: int) -> str | None:
-    """Where a rank writes a snapshot of about ``nbytes`` bytes before sending it: ``/dev/shm`` (memory) where it is
-    writable and has room for twice that (containers often mount a 64 MiB one), else the system's temporary dir
-    (None)."""
-    shm = "/dev/shm"
-    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
-        return None
-    return shm if shutil.disk_usage(shm).free > 2 * nbytes else None
+def nbytes(obj) -> int:
+    """Bytes of the tensors and byte strings in ``obj`` (nested dicts, lists and tuples)."""
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def cpu_copy(obj):
+    """``obj`` with every tensor in it (nested dicts, lists, tuples) copied to a new CPU tensor: a copy the next
+    optimizer step cannot change. Other values are kept as they are (DeepSpeed's state dicts hold numbers, strings,
+    shapes and its version beside the tensors)."""
+    if hasattr(obj, "detach") and hasattr(obj, "clone"):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the mapping's type (OrderedDict, defaultdict)
+        for k, v in obj.items():
+            out[k] = cpu_copy(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class MemoryCheckpointEngine:
+    """A DeepSpeed checkpoint engine that keeps what DeepSpeed saves in memory and serves loads from memory.
+
+    ``save(state_dict, path)`` keeps `cpu_copy` of the state under ``path`` (nothing is written), ``load(path)`` returns
+    the state given for ``path`` in ``loaded`` (DeepSpeed opens a path only if a file exists there: the caller puts an
+    empty one), falling back to ``base``; everything else (``makedirs``, ``create``, ``commit``, ...) is ``base``'s.
+    Paths are compared normalised (`os.path.normpath`).
+
+    Args:
+        base: the engine's own checkpoint engine (``DeepSpeedEngine.checkpoint_engine``).
+        loaded: ``{path: state dict}`` to serve loads from.
+    """
+
+    def __init__(self, base, loaded: dict[str, object] | None = None) -> None:
+        self.base, self.saved = base, {}
+        self.loaded = {os.path.normpath(p): v for p, v in (loaded or {}).items()}
+
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)
+
+    def save(self, state_dict, path: str) -> None:
+        self.saved[os.path.normpath(path)] = cpu_copy(state_dict)
+
+    def load(self, path: str, map_location=None):
+        key = os.path.normpath(path)
+        return self.loaded[key] if key in self.loaded else self.base.load(path, map_location=map_location)
 
 
 class LearnerSnapshots:
@@ -118,7 +167,6 @@ class LearnerSnapshots:
 
     _sending: threading.Thread | None = None
     _send_error: str | None = None
-    _snapshot_bytes = 2**30  # the last snapshot's size (a guess before the first), to choose where the next goes
 
     def node_id(self) -> str:
         """The Ray node id of this rank's node (the store goes to another one)."""
@@ -129,37 +177,51 @@ class LearnerSnapshots:
     def snapshot(self, store, version: int, timeout_s: float) -> Metrics:
         """Snapshot this rank's training state as policy ``version`` into ``store`` (a `SnapshotStore` actor handle).
 
-        Waits first for this rank's previous snapshot to arrive (bounded by ``timeout_s``), then writes the state
-        (`save_checkpoint`) into a dir in memory, reads it back and starts a thread that sends it to the store.
+        Waits first for this rank's previous snapshot to arrive (bounded by ``timeout_s``), then runs `save_checkpoint`
+        with a `MemoryCheckpointEngine`: DeepSpeed's state dicts are copied in memory (on CPU; nothing is serialised
+        or written but the small RNG file), and a thread sends them to the store while the next steps run.
 
-        Returns metrics: ``learner/snapshot_seconds`` (the time the rank was held, the wait for the previous send
-        included; max over ranks), ``learner/snapshot_bytes`` (this snapshot's bytes, summed over ranks).
+        Returns metrics: ``learner/snapshot_seconds`` (the time the rank was held, max over ranks), of which
+        ``learner/snapshot_wait_seconds`` waiting for the previous send, and ``learner/snapshot_bytes`` (this
+        snapshot's tensor bytes, summed over ranks).
 
         Raises:
             RuntimeError: the previous send failed (the store died or refused it); the next call tries again.
         """
         t0 = time.perf_counter()
         self.wait_snapshot_sent(timeout_s)
-        local = tempfile.mkdtemp(prefix=f"relayrl-snapshot-r{self.rank}-",
-                                 dir=snapshot_dir_root(self._snapshot_bytes))
+        waited = time.perf_counter() - t0
+        local = tempfile.mkdtemp(prefix=f"relayrl-snapshot-r{self.rank}-")
         try:
-            self.save_checkpoint(local)
-            files = {}
-            for root, _, names in os.walk(local):
+            with self._checkpoint_engine(MemoryCheckpointEngine(self.engine.checkpoint_engine)) as mem:
+                self.save_checkpoint(local)
+            parts = {os.path.relpath(p, local).replace(os.sep, "/"): state for p, state in mem.saved.items()}
+            for root, _, names in os.walk(local):  # what was written as files: the RNG state
                 for n in names:
-                    path = os.path.join(root, n)
-                    with open(path, "rb") as f:
-                        files[os.path.relpath(path, local).replace(os.sep, "/")] = f.read()
+                    rel = os.path.relpath(os.path.join(root, n), local).replace(os.sep, "/")
+                    if rel not in parts and not n.startswith("zero_to_"):  # not DeepSpeed's recovery scripts
+                        with open(os.path.join(root, n), "rb") as f:
+                            parts[rel] = f.read()
         finally:
             shutil.rmtree(local, ignore_errors=True)
-        self._snapshot_bytes = sum(len(b) for b in files.values())
-        self._sending = threading.Thread(target=self._send, args=(store, version, files, timeout_s), daemon=True,
+        self._sending = threading.Thread(target=self._send, args=(store, version, parts, timeout_s), daemon=True,
                                          name=f"snapshot-send-{version}")
         self._sending.start()
         out = Metrics()
-        out.put(Reduce.MAX, {"learner/snapshot_seconds": time.perf_counter() - t0})
-        out.put(Reduce.SUM, {"learner/snapshot_bytes": float(self._snapshot_bytes)})
+        out.put(Reduce.MAX, {"learner/snapshot_seconds": time.perf_counter() - t0,
+                             "learner/snapshot_wait_seconds": waited})
+        out.put(Reduce.SUM, {"learner/snapshot_bytes": float(nbytes(parts))})
         return out
+
+    @contextlib.contextmanager
+    def _checkpoint_engine(self, engine):
+        """DeepSpeed's checkpoint engine replaced by ``engine`` inside the block."""
+        own = self.engine.checkpoint_engine
+        self.engine.checkpoint_engine = engine
+        try:
+            yield engine
+        finally:
+            self.engine.checkpoint_engine = own
 
     def _send(self, store, version: int, files: dict[str, bytes], timeout_s: float) -> None:
         import ray
@@ -203,18 +265,21 @@ class LearnerSnapshots:
         if names is None:
             raise FileNotFoundError(f"learner snapshot of version {version} lacks a file rank {self.rank} reads "
                                     f"(has: {', '.join(present)})")
-        files = ray.get(store.files.remote(version, names), timeout=timeout_s)
-        local = tempfile.mkdtemp(prefix=f"relayrl-restore-r{self.rank}-",
-                                 dir=snapshot_dir_root(sum(len(b) for b in files.values())))
+        parts = ray.get(store.files.remote(version, names), timeout=timeout_s)
+        local = tempfile.mkdtemp(prefix=f"relayrl-restore-r{self.rank}-")
+        loaded = {}
         try:
-            for n, data in files.items():
+            for n, part in parts.items():
                 path = os.path.join(local, *n.split("/"))
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
-            self._load_local(local, f"the learner snapshot of version {version}")
+                with open(path, "wb") as f:  # a state dict: an empty file DeepSpeed finds, its load comes from memory
+                    f.write(part if isinstance(part, bytes) else b"")
+                if not isinstance(part, bytes):
+                    loaded[path] = part
+            with self._checkpoint_engine(MemoryCheckpointEngine(self.engine.checkpoint_engine, loaded)):
+                self._load_local(local, f"the learner snapshot of version {version}")
         finally:
             shutil.rmtree(local, ignore_errors=True)
-        logger.info("learner rank %d restored the snapshot of version %d (%d files, %.1f MB)", self.rank, version,
-                    len(files), sum(len(b) for b in files.values()) / 2**20)
+        logger.info("learner rank %d restored the snapshot of version %d (%d parts, %.1f MB)", self.rank, version,
+                    len(parts), nbytes(parts) / 2**20)
         return True

@@ -33,3 +33,22 @@ def test_bad_ranks_are_refused_naming_the_range():
         store = SnapshotStore(1)
         store.put(0, 1, {"a": b""})
         store.files(1, ["x"])
+
+
+def test_a_snapshot_copy_does_not_change_with_the_training_state():
+    import collections
+
+    import torch
+
+    from learner.snapshots import MemoryCheckpointEngine, cpu_copy, nbytes
+
+    w = torch.ones(4)
+    state = {"module": collections.OrderedDict(w=w), "step": 3, "groups": [torch.zeros(2, dtype=torch.bfloat16)]}
+    mem = MemoryCheckpointEngine(base=None)
+    mem.save(state, "/ckpt/deepspeed/../deepspeed/mp_rank_00_model_states.pt")
+    w.add_(1.0)  # the next optimizer step
+    saved = mem.saved["/ckpt/deepspeed/mp_rank_00_model_states.pt"]
+    assert saved["module"]["w"].tolist() == [1.0] * 4 and type(saved["module"]) is collections.OrderedDict
+    assert saved["step"] == 3 and nbytes(saved) == 4 * 4 + 2 * 2
+    served = MemoryCheckpointEngine(base=None, loaded={"/ckpt/deepspeed/x.pt": cpu_copy(state)})
+    assert served.load("/ckpt/./deepspeed/x.pt")["step"] == 3
