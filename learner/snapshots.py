@@ -29,6 +29,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from learner.checkpointing import rank_checkpoint_files
 from learner.metrics import Metrics, Reduce
@@ -39,8 +42,8 @@ logger = logging.getLogger(__name__)
 class SnapshotStore:
     """Holds the learner ranks' snapshots in memory (a Ray actor, ``num_cpus=0``).
 
-    A snapshot of policy ``version`` is complete once all ``num_ranks`` ranks sent their part (``{path relative to
-    the snapshot dir: bytes}``). The store keeps the newest complete snapshot and the parts of newer ones, and drops
+    A snapshot of policy ``version`` is complete once all ``num_ranks`` ranks sent their part: ``{path relative to
+    the checkpoint dir: a DeepSpeed state dict whose tensors are `HostTensor` s, or a file's bytes}``. The store keeps the newest complete snapshot and the parts of newer ones, and drops
     everything older, so it holds at most about two snapshots of the learner's state (bytes: see `nbytes`).
 
     Args:
@@ -54,9 +57,9 @@ class SnapshotStore:
         if num_ranks < 1:
             raise ValueError(f"a snapshot store needs num_ranks >= 1, got {num_ranks}")
         self.num_ranks = num_ranks
-        self.parts: dict[int, dict[int, dict[str, bytes]]] = {}  # version -> rank -> files
+        self.parts: dict[int, dict[int, dict[str, Any]]] = {}  # version -> rank -> parts
 
-    def put(self, rank: int, version: int, files: dict[str, bytes]) -> int:
+    def put(self, rank: int, version: int, files: dict[str, Any]) -> int:
         """Store rank ``rank``'s part of the snapshot of ``version``; returns the newest complete version (or -1).
 
         Raises:
@@ -64,7 +67,10 @@ class SnapshotStore:
         """
         if not 0 <= rank < self.num_ranks:
             raise ValueError(f"snapshot part from rank {rank}; this store holds ranks 0..{self.num_ranks - 1}")
-        self.parts.setdefault(version, {})[rank] = files
+        # arrays Ray hands an actor are read-only views of its object store, pinned while referenced: copied into
+        # this process's memory, so snapshots never hold the object store that weight pushes go through
+        self.parts.setdefault(version, {})[rank] = _map(files, lambda h: HostTensor(h.array.copy(), h.dtype),
+                                                        lambda x: isinstance(x, HostTensor))
         done = self.latest()
         for v in [v for v in self.parts if v < done]:
             del self.parts[v]
@@ -83,7 +89,7 @@ class SnapshotStore:
         """
         return sorted({n for files in self._complete(version).values() for n in files})
 
-    def files(self, version: int, names: list[str]) -> dict[str, bytes]:
+    def files(self, version: int, names: list[str]) -> dict[str, Any]:
         """The files ``names`` of the snapshot of ``version``, whichever rank wrote them.
 
         Raises:
@@ -96,17 +102,56 @@ class SnapshotStore:
         """Bytes held, over every snapshot and rank."""
         return sum(nbytes(files) for ranks in self.parts.values() for files in ranks.values())
 
-    def _complete(self, version: int) -> dict[int, dict[str, bytes]]:
+    def _complete(self, version: int) -> dict[int, dict[str, Any]]:
         ranks = self.parts.get(version, {})
         if len(ranks) != self.num_ranks:
             raise KeyError(f"no complete learner snapshot of version {version} (complete: {self.latest()})")
         return ranks
 
 
+_SAME_WIDTH_INT = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+@dataclass(frozen=True)
+class HostTensor:
+    """A tensor copied into host memory as a numpy array (a dtype numpy lacks, such as bfloat16, as the signed
+    integer of the same width), so that Ray sends it as an out-of-band buffer (one memory copy, no pickling of the
+    data) rather than through torch's pickler, which serialises every storage with ``torch.save``.
+
+    ``array``: the data (``numpy.ndarray``, the tensor's shape); ``dtype``: the torch dtype's name (``"bfloat16"``).
+    """
+
+    array: Any
+    dtype: str
+
+    @classmethod
+    def of(cls, t) -> HostTensor:
+        """A copy of tensor ``t`` (any device) that later changes to ``t`` do not reach."""
+        import torch
+
+        c = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        name = str(c.dtype).removeprefix("torch.")
+        try:
+            return cls(c.numpy(), name)
+        except TypeError:  # numpy has no such dtype
+            return cls(c.view(getattr(torch, _SAME_WIDTH_INT[c.element_size()])).numpy(), name)
+
+    def tensor(self):
+        """A new, writable CPU tensor with the data, dtype and shape copied."""
+        import numpy as np
+        import torch
+
+        t = torch.from_numpy(np.array(self.array))  # a copy: the array may be a read-only view of Ray's store
+        dtype = getattr(torch, self.dtype)
+        return t if t.dtype == dtype else t.view(dtype)
+
+
 def nbytes(obj) -> int:
-    """Bytes of the tensors and byte strings in ``obj`` (nested dicts, lists and tuples)."""
+    """Bytes of the tensors, `HostTensor` s and byte strings in ``obj`` (nested dicts, lists and tuples)."""
     if isinstance(obj, (bytes, bytearray)):
         return len(obj)
+    if isinstance(obj, HostTensor):
+        return obj.array.nbytes
     if hasattr(obj, "element_size") and hasattr(obj, "numel"):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -116,28 +161,39 @@ def nbytes(obj) -> int:
     return 0
 
 
-def cpu_copy(obj):
-    """``obj`` with every tensor in it (nested dicts, lists, tuples) copied to a new CPU tensor: a copy the next
-    optimizer step cannot change. Other values are kept as they are (DeepSpeed's state dicts hold numbers, strings,
-    shapes and its version beside the tensors)."""
-    if hasattr(obj, "detach") and hasattr(obj, "clone"):
-        return obj.detach().to("cpu", copy=True)
+def _map(obj, leaf: Callable[[Any], Any], is_leaf: Callable[[Any], bool]):
+    """``obj`` with ``leaf`` applied to every value ``is_leaf`` picks, through nested dicts (their type kept:
+    OrderedDict, defaultdict), lists and tuples; other values kept as they are."""
+    if is_leaf(obj):
+        return leaf(obj)
     if isinstance(obj, dict):
-        out = copy.copy(obj)  # keeps the mapping's type (OrderedDict, defaultdict)
+        out = copy.copy(obj)
         for k, v in obj.items():
-            out[k] = cpu_copy(v)
+            out[k] = _map(v, leaf, is_leaf)
         return out
     if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
+        return type(obj)(_map(v, leaf, is_leaf) for v in obj)
     return obj
+
+
+def host_copy(obj):
+    """``obj`` with every tensor in it copied to a `HostTensor`: a copy the next optimizer step cannot change, which
+    Ray sends without pickling the data. Other values are kept as they are (DeepSpeed's state dicts hold numbers,
+    strings, shapes and its version beside the tensors)."""
+    return _map(obj, HostTensor.of, lambda x: hasattr(x, "detach") and hasattr(x, "numel"))
+
+
+def to_tensors(obj):
+    """The inverse of `host_copy`: every `HostTensor` in ``obj`` back to a (new) torch tensor."""
+    return _map(obj, HostTensor.tensor, lambda x: isinstance(x, HostTensor))
 
 
 class MemoryCheckpointEngine:
     """A DeepSpeed checkpoint engine that keeps what DeepSpeed saves in memory and serves loads from memory.
 
-    ``save(state_dict, path)`` keeps `cpu_copy` of the state under ``path`` (nothing is written), ``load(path)`` returns
-    the state given for ``path`` in ``loaded`` (DeepSpeed opens a path only if a file exists there: the caller puts an
-    empty one), falling back to ``base``; everything else (``makedirs``, ``create``, ``commit``, ...) is ``base``'s.
+    ``save(state_dict, path)`` keeps `host_copy` of the state under ``path`` (nothing is written), ``load(path)``
+    returns `to_tensors` of the state given for ``path`` in ``loaded`` (DeepSpeed opens a path only if a file exists
+    there: the caller puts an empty one), falling back to ``base``; everything else (``makedirs``, ``create``, ``commit``, ...) is ``base``'s.
     Paths are compared normalised (`os.path.normpath`).
 
     Args:
@@ -153,11 +209,11 @@ class MemoryCheckpointEngine:
         return getattr(self.base, name)
 
     def save(self, state_dict, path: str) -> None:
-        self.saved[os.path.normpath(path)] = cpu_copy(state_dict)
+        self.saved[os.path.normpath(path)] = host_copy(state_dict)
 
     def load(self, path: str, map_location=None):
         key = os.path.normpath(path)
-        return self.loaded[key] if key in self.loaded else self.base.load(path, map_location=map_location)
+        return to_tensors(self.loaded[key]) if key in self.loaded else self.base.load(path, map_location=map_location)
 
 
 class LearnerSnapshots:

@@ -35,20 +35,28 @@ def test_bad_ranks_are_refused_naming_the_range():
         store.files(1, ["x"])
 
 
-def test_a_snapshot_copy_does_not_change_with_the_training_state():
+def test_a_snapshot_copy_does_not_change_with_the_training_state_and_round_trips_exactly():
     import collections
+    import pickle
 
     import torch
 
-    from learner.snapshots import MemoryCheckpointEngine, cpu_copy, nbytes
+    from learner.snapshots import HostTensor, MemoryCheckpointEngine, nbytes
 
     w = torch.ones(4)
-    state = {"module": collections.OrderedDict(w=w), "step": 3, "groups": [torch.zeros(2, dtype=torch.bfloat16)]}
+    bf = torch.tensor([[1.5, -2.25], [3.0, 1e-3]], dtype=torch.bfloat16).t()  # bf16 (no numpy dtype), not contiguous
+    state = {"module": collections.OrderedDict(w=w), "step": 3, "groups": [bf, torch.tensor(7)]}
     mem = MemoryCheckpointEngine(base=None)
     mem.save(state, "/ckpt/deepspeed/../deepspeed/mp_rank_00_model_states.pt")
     w.add_(1.0)  # the next optimizer step
     saved = mem.saved["/ckpt/deepspeed/mp_rank_00_model_states.pt"]
-    assert saved["module"]["w"].tolist() == [1.0] * 4 and type(saved["module"]) is collections.OrderedDict
-    assert saved["step"] == 3 and nbytes(saved) == 4 * 4 + 2 * 2
-    served = MemoryCheckpointEngine(base=None, loaded={"/ckpt/deepspeed/x.pt": cpu_copy(state)})
-    assert served.load("/ckpt/./deepspeed/x.pt")["step"] == 3
+    assert isinstance(saved["module"]["w"], HostTensor) and type(saved["module"]) is collections.OrderedDict
+    assert saved["step"] == 3 and nbytes(saved) == 4 * 4 + 4 * 2 + 8
+    # what the store sends back (pickled, as Ray does) loads as the state it was
+    served = MemoryCheckpointEngine(base=None, loaded={"/ckpt/deepspeed/x.pt": pickle.loads(pickle.dumps(saved))})
+    back = served.load("/ckpt/./deepspeed/x.pt")
+    assert back["module"]["w"].tolist() == [1.0] * 4 and back["step"] == 3
+    assert back["groups"][0].dtype == torch.bfloat16 and torch.equal(back["groups"][0], bf)
+    assert back["groups"][1].shape == () and back["groups"][1].item() == 7
+    back["module"]["w"].add_(1.0)  # writable, and a copy of what the store holds
+    assert saved["module"]["w"].array.tolist() == [1.0] * 4
