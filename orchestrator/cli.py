@@ -14,7 +14,7 @@ exits 1. The console shows relayrl's own progress, warnings and errors; every co
 ``relayrl report RUN [--out DIR]`` renders plots and a summary of a run dir (a local path or storage URI).
 
 ``relayrl scale RUN --rollout-workers N`` changes a running job's rollout worker count (RUN: its run dir,
-local or a storage URI, or its name).
+local or a storage URI, or its name); ``--reward-model NAME=N`` the server count of its reward-model pool NAME.
 
 ``relayrl bench CONFIG [--out docs/benchmarks.md] [--only NAME ...] [--steps N] [key.sub=value ...]``
 measures wrapper overhead, weight push, overlap/speedup and scaling on a run config and writes a table.
@@ -123,7 +123,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     from orchestrator.control import scale
 
-    print(json.dumps(scale(args.run, args.rollout_workers, args.address)))
+    pools = {}
+    for item in args.reward_model or []:
+        name, sep, n = item.partition("=")
+        if not sep or not name or not n.strip().lstrip("-").isdigit():
+            raise ValueError(f"--reward-model {item!r} is not NAME=N (a [[reward_models]] pool's name and a "
+                             "server count, e.g. --reward-model judge=2)")
+        pools[name] = int(n)
+    print(json.dumps(scale(args.run, args.rollout_workers, args.address, reward_models=pools)))
     return 0
 
 
@@ -211,8 +218,8 @@ def _add_bench(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=1")
     p.add_argument("--out", help="Markdown file to write (a .json with the raw measurements goes next to it)")
     p.add_argument("--only", action="append",
-                   help="run only this benchmark (repeatable): wrapper, weight_push, lora, learner_paths, "
-                   "learner_layouts, learner_memory, overlap, speedup, scaling")
+                   help="run only this benchmark (repeatable): wrapper, generation, weight_push, weight_push_delta, "
+                   "lora, learner_paths, learner_layouts, learner_memory, overlap, speedup, scaling")
     p.add_argument("--steps", type=int, default=4, help="learner steps of each real run (step 1 is not counted)")
     p.set_defaults(fn=cmd_bench)
 
@@ -225,9 +232,11 @@ def _add_trl_baseline(sub) -> None:
 
 
 def _add_scale(sub) -> None:
-    p = sub.add_parser("scale", help="change the number of rollout workers of a running job")
+    p = sub.add_parser("scale", help="change the number of rollout workers or reward-model servers of a running job")
     p.add_argument("run", help="a running job's run dir, local or a storage URI (s3://bucket/runs/...), or its name")
-    p.add_argument("--rollout-workers", type=int, required=True, help="rollout workers wanted")
+    p.add_argument("--rollout-workers", type=int, help="rollout workers wanted")
+    p.add_argument("--reward-model", action="append", metavar="NAME=N",
+                   help="servers wanted in the [[reward_models]] pool NAME (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else auto)")
     p.set_defaults(fn=cmd_scale)
 

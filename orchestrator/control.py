@@ -3,7 +3,8 @@
 The orchestrator creates ``RunControl`` under the run dir's name in the ``relayrl`` namespace and
 polls it about once a second; ``relayrl scale RUN --rollout-workers N`` (from any driver connected
 to the same cluster; RUN is the run's name, dir or storage URI) sets the desired number of rollout
-workers and prints what the run reports.
+workers, ``--reward-model NAME=N`` that of a ``[[reward_models]]`` pool's servers, and prints what the
+run reports.
 
 Automatic scaling (`orchestrator.scaling.Scaler.autoscale`) asks through the same actor.
 
@@ -20,8 +21,9 @@ NAMESPACE = "relayrl"
 class RunControl:
     """Desired state set from outside, and the status the run reports (plain values only)."""
 
-    def __init__(self, num_rollout_workers: int) -> None:
+    def __init__(self, num_rollout_workers: int, reward_model_workers: dict[str, int] | None = None) -> None:
         self.desired_rollout_workers = num_rollout_workers
+        self.desired_reward_model_workers = dict(reward_model_workers or {})
         self.status_: dict = {}
 
     def request_scale(self, num_rollout_workers: int) -> int:
@@ -35,28 +37,52 @@ class RunControl:
         self.desired_rollout_workers = int(num_rollout_workers)
         return self.desired_rollout_workers
 
+    def request_reward_model_scale(self, name: str, num_workers: int) -> int:
+        """Ask for ``num_workers`` servers in reward-model pool ``name``; returns the number asked for.
+
+        Raises:
+            ValueError: the run has no pool ``name`` (the message names those it has), or fewer than 1.
+        """
+        if name not in self.desired_reward_model_workers:
+            raise ValueError(f"the run has no reward-model pool {name!r} (its [[reward_models]]: "
+                             f"{sorted(self.desired_reward_model_workers) or 'none'}); pass one of those names")
+        if num_workers < 1:
+            raise ValueError(f"reward model {name!r}: workers must be >= 1, got {num_workers}")
+        self.desired_reward_model_workers[name] = int(num_workers)
+        return self.desired_reward_model_workers[name]
+
     def desired(self) -> int:
         return self.desired_rollout_workers
+
+    def desired_reward_models(self) -> dict[str, int]:
+        """Pool name -> servers wanted."""
+        return dict(self.desired_reward_model_workers)
 
     def report(self, status: dict) -> None:
         self.status_ = dict(status)
 
     def status(self) -> dict:
-        return {"desired_rollout_workers": self.desired_rollout_workers, **self.status_}
+        return {"desired_rollout_workers": self.desired_rollout_workers,
+                **({"desired_reward_model_workers": dict(self.desired_reward_model_workers)}
+                   if self.desired_reward_model_workers else {}), **self.status_}
 
 
-def start_control(run_name: str, num_rollout_workers: int):
-    """Create the run's named control actor (no CPU reserved); returns its handle."""
+def start_control(run_name: str, num_rollout_workers: int, reward_model_workers: dict[str, int] | None = None):
+    """Create the run's named control actor (no CPU reserved); returns its handle. ``reward_model_workers``: the
+    run's reward-model pools and their servers at start (pool name -> count)."""
     import ray
 
     from orchestrator.placement import on_driver_node
 
     return ray.remote(RunControl).options(name=run_name, namespace=NAMESPACE, num_cpus=0, get_if_exists=True,
-                                          scheduling_strategy=on_driver_node()).remote(num_rollout_workers)
+                                          scheduling_strategy=on_driver_node()).remote(num_rollout_workers,
+                                                                                        reward_model_workers)
 
 
-def scale(run: str, num_rollout_workers: int, address: str | None, timeout_s: float = 30.0) -> dict:
-    """Set a running job's rollout worker count; returns the run's status.
+def scale(run: str, num_rollout_workers: int | None, address: str | None, timeout_s: float = 30.0,
+          reward_models: dict[str, int] | None = None) -> dict:
+    """Set a running job's rollout worker count and/or its reward-model pools' server counts; returns the run's
+    status.
 
     The job is found by its control actor, named as the run dir; so ``run`` may be the run's name, its
     local dir or its storage URI (``s3://bucket/runs/<name>-<timestamp>``), and only the cluster, never
@@ -64,17 +90,22 @@ def scale(run: str, num_rollout_workers: int, address: str | None, timeout_s: fl
 
     Args:
         run: run name, dir or URI (``<output_dir>/<name>-<timestamp>``).
+        num_rollout_workers: rollout workers wanted (None: unchanged).
         address: Ray cluster address (default: RAY_ADDRESS, else ``auto``).
         timeout_s: seconds to wait for the control actor's answers.
+        reward_models: pool name -> servers wanted (`RunControl.request_reward_model_scale`).
 
     Raises:
         ValueError: no running job of that name on the cluster (when ``run`` is a dir or URI: whether
-            there is no run there, or it has finished), or a bad count.
+            there is no run there, or it has finished), a pool it does not have, a bad count, or nothing to change.
         ConnectionError: no Ray cluster to connect to.
     """
     import os
 
     import ray
+
+    if num_rollout_workers is None and not reward_models:
+        raise ValueError("nothing to scale: give --rollout-workers N and/or --reward-model NAME=N")
 
     name = storage.basename(run)
     if not ray.is_initialized():
@@ -84,7 +115,10 @@ def scale(run: str, num_rollout_workers: int, address: str | None, timeout_s: fl
         ctl = ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         raise ValueError(_not_running(run, name)) from None
-    ray.get(ctl.request_scale.remote(num_rollout_workers), timeout=timeout_s)
+    if num_rollout_workers is not None:
+        ray.get(ctl.request_scale.remote(num_rollout_workers), timeout=timeout_s)
+    for name, n in (reward_models or {}).items():
+        ray.get(ctl.request_reward_model_scale.remote(name, n), timeout=timeout_s)
     return ray.get(ctl.status.remote(), timeout=timeout_s)
 
 

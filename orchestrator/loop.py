@@ -126,12 +126,13 @@ class Trainer:
                                                            floor=bc.sampler_floor)
         self.allocator = RolloutAllocator(bc.rollout_allocation, rc.group_size, P, bc.allocation_min_n,
                                           bc.allocation_max_n)
-        self.control = start_control(self.outputs.name, rc.num_workers)
+        self.control = start_control(self.outputs.name, rc.num_workers,
+                                     {p.cfg.name: len(p.slots) for p in self.reward_models})
         self.staleness = StalenessManager(bc.max_staleness, P, cfg.num_steps)
         self.tally = RolloutTally(rc.max_reward_failure_frac)
         self.weight_sync = WeightSync(cfg.weights, self.learner, self.rollout, rc.dtype, self.outputs.name,
                                       lc.num_gpus > 0 and rc.num_gpus > 0, bounds=cfg.sentinel)
-        self.scaler = Scaler(rc, self.rollout, self.control, self.weight_sync)
+        self.scaler = Scaler(rc, self.rollout, self.control, self.weight_sync, self.reward_models)
         self.sentinel = Sentinel(cfg.sentinel, bc.max_staleness, cfg.num_steps)
         self.dispatcher = Dispatcher(cfg, self.rollout, self.buffer, self.staleness, self.tally, self.scaler,
                                      self.sampler, self.allocator, self.sentinel)

@@ -12,6 +12,10 @@ and the weight sync learns that membership changed.
   for more than ``autoscale_wait_frac`` of the step, one fewer (not below ``rollout.num_workers``)
   after as many steps in which it waited under a tenth of that.
 - Recovery: `Scaler.recover` brings a dead worker back (Ray's restart or a replacement actor).
+- Reward-model pools (``[[reward_models]]``): `Scaler.apply` also matches each pool's server count to what the
+  control actor holds for it (``relayrl scale RUN --reward-model NAME=N``): servers are added (started and
+  waited for) or removed (killed; callers resend their in-flight items to another server,
+  `rollout.reward_models.client`).
 
 Left out on purpose: scaling the learner (a dead learner rank ends the run; resume from a checkpoint).
 """
@@ -36,10 +40,12 @@ class Scaler:
         rollout: the `RolloutGroup`.
         control: the run's `RunControl` actor handle.
         weight_sync: the run's `WeightSync`.
+        reward_models: the run's `rollout.reward_models.RewardModelPool` s.
     """
 
-    def __init__(self, cfg: RolloutConfig, rollout, control, weight_sync) -> None:
+    def __init__(self, cfg: RolloutConfig, rollout, control, weight_sync, reward_models=()) -> None:
         self.cfg, self.rollout, self.control, self.weight_sync = cfg, rollout, control, weight_sync
+        self.reward_models = list(reward_models)
         self.next_poll = 0.0  # monotonic seconds of the next control poll
         self.wait_history: list[float] = []  # learner wait fraction of the last steps
 
@@ -77,7 +83,13 @@ class Scaler:
             logger.info("rollout worker %d draining", slot)
         for slot in self.rollout.retire_drained():
             logger.info("rollout worker %d removed", slot)
-        self.control.report.remote({"rollout_workers": len(self.rollout.active), "version": version})
+        if self.reward_models:
+            wanted = ray.get(self.control.desired_reward_models.remote(), timeout=30)
+            for pool in self.reward_models:
+                scale_pool(pool, wanted.get(pool.cfg.name, len(pool.slots)))
+        self.control.report.remote({"rollout_workers": len(self.rollout.active), "version": version,
+                                    **({"reward_model_workers": {p.cfg.name: len(p.slots) for p in self.reward_models}}
+                                       if self.reward_models else {})})
 
     def autoscale(self, wait_frac: float) -> None:
         """Record the step's learner wait fraction; ask for one worker more or fewer when it says so."""
@@ -115,3 +127,29 @@ class Scaler:
         how = self.rollout.replace(slot) if replace else self.rollout.recover(slot, self.cfg.request_timeout_s)
         self.weight_sync.bring_to_current(slot, version, f"recovered rollout worker {slot}")
         return how
+
+
+def scale_pool(pool, want: int) -> None:
+    """Add servers to reward-model ``pool`` (`rollout.reward_models.RewardModelPool`) while it has fewer than
+    ``want`` and the cluster has room (each waited for until it is up), or remove its highest slots down to ``want``.
+    A server that cannot be placed or started is logged and the run goes on with those it has."""
+    import ray
+
+    from orchestrator.placement import reward_model_bundle
+
+    c = pool.cfg
+    while len(pool.slots) < want:
+        free, need = ray.available_resources(), reward_model_bundle(c)
+        if any(free.get(k, 0.0) + 1e-9 < v for k, v in need.items()):
+            logger.warning("scale reward model %r to %d servers: the cluster has no room for another (needs %s; "
+                           "free %s)", c.name, want, need, free)
+            return
+        try:
+            slot = pool.add_worker()
+        except RuntimeError as e:
+            logger.warning("scale reward model %r to %d servers: %s", c.name, want, e)
+            return
+        logger.info("reward model %r: server %d added (%d now)", c.name, slot, len(pool.slots))
+    for slot in sorted(pool.slots, reverse=True)[: max(0, len(pool.slots) - want)]:
+        pool.remove_worker(slot)
+        logger.info("reward model %r: server %d removed (%d now)", c.name, slot, len(pool.slots))

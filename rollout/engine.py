@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,6 +242,68 @@ class VLLMEngine:
                 group.append(Completion(ids, lps, c.text, str(c.finish_reason)))
             groups.append(group)
         return groups
+
+    def generate_abortable(
+        self,
+        prompt_token_ids: list[list[int]],
+        max_tokens: int,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        abandoned: Callable[[], Iterable[int]] = tuple,
+    ) -> tuple[list[Completion | None], int]:
+        """One sample per prompt, stepping the engine in this thread so that requests nobody waits for any more stop
+        at once: before each engine step ``abandoned()`` names prompt indices whose results are no longer wanted,
+        and their requests are aborted in vLLM (`vllm.v1.engine.llm_engine.LLMEngine.abort_request`: out of the
+        scheduler, their KV blocks freed), instead of generating to ``max_tokens`` for no one.
+
+        Args:
+            prompt_token_ids: P prompts as token id lists.
+            max_tokens, temperature, seed: as in `generate`.
+            abandoned: ``() -> indices`` into ``prompt_token_ids``, polled once per engine step (cheap; called in
+                this thread).
+
+        Returns:
+            ``(completions, aborted)``: P completions in prompt order, None where aborted, and how many were.
+        """
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, logprobs=0, seed=seed)
+        # vLLM's internal ids ("<external id>-<random suffix>"); its outputs carry the external id
+        ids = self.llm.enqueue([{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False,
+                               lora_request=self.lora_request)
+        at = {rid: i for i, rid in enumerate(ids)} | {rid.rsplit("-", 1)[0]: i for i, rid in enumerate(ids)}
+        out: list[Completion | None] = [None] * len(ids)
+        live, engine, aborted = set(ids), self.llm.llm_engine, 0
+        try:
+            while live:
+                gone = [ids[i] for i in set(abandoned()) if ids[i] in live]
+                if gone:
+                    engine.abort_request(gone, internal=True)
+                    live.difference_update(gone)
+                    aborted += len(gone)
+                    continue
+                if not engine.has_unfinished_requests():  # nothing left to step (never expected): not a spin
+                    raise RuntimeError(f"vLLM finished with {len(live)} request(s) of this call unanswered")
+                for o in engine.step():
+                    i = at.get(o.request_id)
+                    if o.finished and i is not None and ids[i] in live:
+                        c = o.outputs[0]
+                        tok = list(c.token_ids)
+                        lps = [float(step[t].logprob) for t, step in zip(tok, c.logprobs or [])]
+                        out[i] = Completion(tok, lps, c.text, str(c.finish_reason))
+                        live.discard(ids[i])
+        finally:
+            if live:  # an engine step raised: leave nothing of this call behind in the engine
+                engine.abort_request(list(live), internal=True)
+        return out, aborted
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine holds that have not finished (queued or generating); 0 when idle."""
+        engine = self.llm.llm_engine
+        core = getattr(getattr(engine, "engine_core", None), "engine_core", None)  # the in-process engine core
+        scheduler = getattr(core, "scheduler", None)
+        in_core = scheduler.get_num_unfinished_requests() if scheduler is not None else 0
+        return max(engine.get_num_unfinished_requests(), in_core)
 
     def generate_chunked(
         self,

@@ -18,8 +18,9 @@ environment): the rollout worker has no other generation path.
 Environment calls run in a `CallPool`: each call may run ``rollout.env.step_timeout_s`` from the moment a thread
 takes it up (not from when the turn queued it), so episodes queued behind busy threads get their whole budget. A
 call past its budget fails its episode and is abandoned (a Python thread cannot be killed); once more than
-``rollout.env.max_hung_steps`` of them still run in one worker, its next request raises `HungWorkerError` and the
-orchestrator restarts that worker (`orchestrator.dispatch`).
+``rollout.env.max_hung_steps`` of them still run in one worker (0: the first), the request that abandoned the last
+one, or else the worker's next request, raises `HungWorkerError` (`check_hung`) and the orchestrator restarts that
+worker and re-issues the request's groups (`orchestrator.dispatch`).
 
 Left out on purpose: the OpenAI-messages path (an episode whose text is re-rendered by a server).
 """
@@ -142,6 +143,20 @@ class HungWorkerError(RuntimeError):
     it plays anything; the orchestrator restarts the worker and re-issues the request (`orchestrator.dispatch`)."""
 
 
+def check_hung(cfg: EnvConfig) -> None:
+    """Refuse to go on in a worker that holds more than ``cfg.max_hung_steps`` environment calls abandoned past
+    ``cfg.step_timeout_s`` and still running (`hung_steps`).
+
+    Raises:
+        HungWorkerError: one line naming the environment, the count and both settings.
+    """
+    hung = hung_steps()
+    if hung > cfg.max_hung_steps:
+        raise HungWorkerError(f"environment {cfg.type!r}: {hung} reset/step calls abandoned after "
+                              f"rollout.env.step_timeout_s = {cfg.step_timeout_s:g} s still run in this worker (more "
+                              f"than rollout.env.max_hung_steps = {cfg.max_hung_steps})")
+
+
 def run_episodes(episodes: list[list[Episode]], seeds: list[int], sample: SampleFn, encoder: TurnEncoder,
                  cfg: EnvConfig, max_tokens: int, max_model_len: int) -> None:
     """Play every episode to its end, in place. ``episodes[g]`` share the reset seed ``seeds[g]`` (a GRPO group).
@@ -163,11 +178,7 @@ def run_episodes(episodes: list[list[Episode]], seeds: list[int], sample: Sample
         HungWorkerError: more than ``cfg.max_hung_steps`` abandoned calls of earlier episodes still run in this
             process (each may hold the environment's resources); names the environment. Nothing was played.
     """
-    hung = hung_steps()
-    if hung > cfg.max_hung_steps:
-        raise HungWorkerError(f"environment {cfg.type!r}: {hung} reset/step calls abandoned after "
-                              f"rollout.env.step_timeout_s = {cfg.step_timeout_s:g} s still run in this worker (more "
-                              f"than rollout.env.max_hung_steps = {cfg.max_hung_steps})")
+    check_hung(cfg)
     live = [e for group in episodes for e in group]
     pool = CallPool(max(1, min(ENV_THREADS, len(live))), cfg.step_timeout_s, "env")
     try:

@@ -234,11 +234,15 @@ class RolloutWorker:
             RuntimeError: more than ``rollout.env.max_failure_frac`` of the request's episodes failed in the
                 environment (reward-function failures are counted apart, as ``reward_failures``); names it.
             rollout.episode.HungWorkerError: this worker holds more than ``rollout.env.max_hung_steps`` environment
-                calls abandoned past ``rollout.env.step_timeout_s``; nothing was played (the driver restarts it).
+                calls abandoned past ``rollout.env.step_timeout_s``, before this request (nothing was played) or
+                after it (nothing was added to the buffer); the driver restarts the worker and re-issues the groups.
         """
+        from rollout.episode import check_hung
+
         env_cfg = self.env_cfg
         episodes, load_seconds = self._play(list(req.problems), list(req.sizes), req.min_version, req.seed,
                                             self.cfg.temperature, self.cfg.max_tokens)
+        check_hung(env_cfg)  # this request left one hung call too many: none of its groups go to the buffer
         flat = [e for g in episodes for e in g]
         failed = [e for e in flat if e.status == "failed" and not e.reward_error]
         if len(failed) > env_cfg.max_failure_frac * len(flat):

@@ -67,9 +67,9 @@ class EnvConfig(StrictConfig):
         0.2, ge=0.0, le=1.0, description="stop the run when more than this fraction of a request's episodes "
         "failed in the environment (step raised or timed out)")
     max_hung_steps: int = Field(
-        8, ge=1, le=10000, description="reset/step calls past step_timeout_s still running in a worker (their "
-        "threads cannot be killed) before its next request is refused and the worker restarted (counted against "
-        "rollout.max_restarts)")
+        8, ge=0, le=10000, description="reset/step calls past step_timeout_s still running in a worker (their "
+        "threads cannot be killed) before the worker is restarted (counted against rollout.max_restarts) and the "
+        "request that went past the count re-issued; 0: restart at the first hung call")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="the subprocess sandbox that runs "
                                    "tool calls (tool_math): isolation and limits")
 

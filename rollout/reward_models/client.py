@@ -9,7 +9,9 @@ the group on its workers) and the servers by their Ray actor names. One client p
 here (`reward_model`; a `rollout.reward_models.pool.RewardModelPool` registers its own).
 
 A caller waits at most ``timeout_s`` per call; past it the call's items score None (the call is cancelled on the
-server, which skips items whose caller gave up) and the pool goes on.
+server, which skips items whose caller gave up, or aborts them in a judge's engine) and the pool goes on. A chunk
+whose server died (killed by a pool that shrank, crashed) is sent once more to a live server within the same
+deadline, so a pool can shrink while calls are in flight.
 
 Left out on purpose: load balancing beyond "fewest calls in flight from this process".
 """
@@ -61,6 +63,7 @@ class RewardModelClient:
         self._actors: dict[str, Any] = {}
         self._inflight: Counter = Counter()
         self._listed = -math.inf
+        self._dead: dict[str, float] = {}  # server name -> when a call found it dead (monotonic seconds)
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], timeout_s: float | None = None,
               **columns: Sequence[Any]) -> list[float | None]:
@@ -125,51 +128,77 @@ class RewardModelClient:
         import ray
 
         deadline = time.time() + timeout_s
-        sent = []  # (ref or None, actor name, chunk)
-        why = ""
-        for chunk in chunks:
-            try:
-                actor_name, actor = self._pick()
-                sent.append((actor.score.remote(chunk, deadline), actor_name, chunk))
-            except (RuntimeError, ValueError) as e:  # no server alive (or its name vanished): this chunk fails
-                sent.append((None, "", chunk))
-                why = str(e)
-        refs = [r for r, _, _ in sent if r is not None]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.time()))
-        ready = set(ready)
-        out: list[float | None] = []
-        for ref, actor_name, chunk in sent:
-            values: list[float | None] = [None] * len(chunk)
-            if ref is None:
-                pass
-            elif ref not in ready:
-                ray.cancel(ref)
-                why = f"timed out after {timeout_s:g} s"
-                with self._lock:
-                    self.counts["timeouts"] += len(chunk)
-            else:
-                try:
-                    values = ray.get(ref, timeout=0)
-                except Exception as e:  # noqa: BLE001 - a dead or failing server fails its chunk, not the caller
-                    why = f"server {actor_name} failed: {type(e).__name__}"
-                    with self._lock:
-                        self.counts["server_errors"] += len(chunk)
-                        self._listed = -math.inf  # look the servers up again
-            if ref is not None:
+        values: list[list[float | None] | None] = [None] * len(chunks)
+        why, todo = "", list(range(len(chunks)))
+        for attempt in range(2):  # a chunk whose server died goes once more to a live one
+            sent = [(k, *self._send(chunks[k], deadline)) for k in todo]  # (chunk index, ref or error, actor name)
+            refs = [r for _, r, _ in sent if not isinstance(r, str)]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.time()))
+            ready, todo = set(ready), []
+            for k, ref, actor_name in sent:
+                n = len(chunks[k])
+                if isinstance(ref, str):  # no server alive (or its name vanished): this chunk fails
+                    why = ref
+                    continue
                 with self._lock:
                     self._inflight[actor_name] -= 1
-            out += values
-        return out, why
+                if ref not in ready:
+                    ray.cancel(ref)
+                    why = f"timed out after {timeout_s:g} s"
+                    with self._lock:
+                        self.counts["timeouts"] += n
+                    continue
+                try:
+                    values[k] = ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError as e:  # the server died: look again, retry within the deadline
+                    with self._lock:
+                        self._listed = -math.inf
+                        self._dead[actor_name] = time.monotonic()
+                        self._actors.pop(actor_name, None)
+                    if attempt == 0 and time.time() < deadline:
+                        todo.append(k)
+                        with self._lock:
+                            self.counts["retried"] += n
+                        continue
+                    why = f"server {actor_name} failed: {type(e).__name__}"
+                    with self._lock:
+                        self.counts["server_errors"] += n
+                except Exception as e:  # noqa: BLE001 - a failing server fails its chunk, not the caller
+                    why = f"server {actor_name} failed: {type(e).__name__}"
+                    with self._lock:
+                        self.counts["server_errors"] += n
+                        self._listed = -math.inf  # look the servers up again
+            if not todo:
+                break
+        return [v for k, c in enumerate(chunks) for v in (values[k] if values[k] is not None else [None] * len(c))], why
+
+    def _send(self, chunk: list[dict], deadline: float) -> tuple[Any, str]:
+        """``(ref, actor name)`` of ``chunk`` sent to a server, or ``(why not, "")`` when none is alive."""
+        try:
+            actor_name, actor = self._pick()
+        except (RuntimeError, ValueError) as e:
+            return str(e), ""
+        return actor.score.remote(chunk, deadline), actor_name
 
     def _pick(self) -> tuple[str, Any]:
         """The server with the fewest calls in flight from this process (its name and handle)."""
         import ray
 
         with self._lock:
-            if not self._actors or time.monotonic() - self._listed > self.refresh_s:
-                names = sorted(n for n in ray.util.list_named_actors() if n.startswith(self.prefix + "-"))
-                self._actors = {n: self._actors.get(n) or ray.get_actor(n) for n in names}
-                self._listed = time.monotonic()
+            now = time.monotonic()
+            if not self._actors or now - self._listed > self.refresh_s:
+                # a server seen dead stays out for refresh_s while others are listed (its name may outlive it a
+                # moment; a server Ray restarts keeps its name, and is taken again when it is the only one)
+                self._dead = {n: t for n, t in self._dead.items() if now - t < self.refresh_s}
+                listed = sorted(n for n in ray.util.list_named_actors() if n.startswith(self.prefix + "-"))
+                names = [n for n in listed if n not in self._dead] or listed
+                actors = {}
+                for n in names:
+                    try:
+                        actors[n] = self._actors.get(n) or ray.get_actor(n)
+                    except ValueError:  # removed since it was listed
+                        pass
+                self._actors, self._listed = actors, now
             if not self._actors:
                 raise RuntimeError(f"reward model {self.name!r}: no server actor named {self.prefix}-* is alive")
             actor_name = min(self._actors, key=lambda n: self._inflight[n])
@@ -178,9 +207,10 @@ class RewardModelClient:
 
     def stats(self) -> dict[str, int]:
         """This process's counters: ``calls``, ``items``, ``failed_items`` (None results), of them ``timeouts``
-        and ``server_errors``."""
+        and ``server_errors``; ``retried``: items sent again because their server died."""
         with self._lock:
-            return {k: int(self.counts[k]) for k in ("calls", "items", "failed_items", "timeouts", "server_errors")}
+            return {k: int(self.counts[k]) for k in ("calls", "items", "failed_items", "timeouts", "server_errors",
+                                                     "retried")}
 
 
 _CLIENTS: dict[str, RewardModelClient] = {}

@@ -160,8 +160,8 @@ class RewardModelPool:
                 except ray.exceptions.RayError as e:
                     logger.warning("reward model %r: a server did not report its stats: %s", self.cfg.name,
                                    type(e).__name__)
-        total: dict[str, Any] = {k: sum(p[k] for p in per) for k in ("items", "batches", "unscored", "errors",
-                                                                       "expired", "seconds")}
+        total: dict[str, Any] = {k: sum(p.get(k, 0) for p in per) for k in (
+            "items", "batches", "unscored", "errors", "expired", "aborted", "queued", "engine_unfinished", "seconds")}
         total["workers"] = len(per)
         total["last_error"] = next((p["last_error"] for p in per if p["last_error"]), "")
         total["last_unparsed"] = next((p["last_unparsed"] for p in per if p["last_unparsed"]), "")

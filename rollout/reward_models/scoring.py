@@ -10,7 +10,9 @@
   ``{completion}`` and the sample's columns (``{answer}``, ...), as one user turn of its chat template, and answers
   in at most ``max_tokens`` tokens; `VerdictParser` turns the answer into a score (a regex with one capture group,
   read as a number or looked up in ``verdicts``, e.g. ``{yes = 1.0, no = 0.0}``). An answer it cannot parse scores
-  None.
+  None. It steps its engine itself (`rollout.engine.VLLMEngine.generate_abortable`), so an item whose caller gave
+  up (timed out, cancelled) is aborted in vLLM at the next engine step rather than generated for no one
+  (``abortable``: the server then hands ``score_batch`` a callable naming those items).
 
 torch, transformers and vLLM are imported inside the scorers. Left out on purpose: vLLM's pooling runner for
 classifiers (the transformers forward is what runs here).
@@ -18,7 +20,7 @@ classifiers (the transformers forward is what runs here).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from rollout.reward_models.config import ClassifierRewardModelConfig, JudgeRewardModelConfig
@@ -113,6 +115,13 @@ class JudgeScorer:
                                  gpu_memory_utilization=cfg.gpu_memory_utilization)
         self.tokenizer = self.engine.tokenizer
         self.last_unparsed = ""  # the latest answer without a verdict, for `RewardModelServer.stats`
+        self.aborted = 0  # items aborted in the engine because their caller gave up, since start
+
+    abortable = True  # score_batch takes ``abandoned`` (`RewardModelServer`)
+
+    def unfinished(self) -> int:
+        """Requests its engine holds unfinished (0 between batches: nothing is left generating)."""
+        return self.engine.unfinished_requests()
 
     def prompt_ids(self, item: dict[str, Any]) -> list[int]:
         """Token ids of the judge's prompt about ``item``."""
@@ -123,20 +132,31 @@ class JudgeScorer:
                                                       tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def score_batch(self, items: list[dict[str, Any]]) -> list[float | None]:
+    def score_batch(self, items: list[dict[str, Any]],
+                    abandoned: Callable[[], Iterable[int]] | None = None) -> list[float | None]:
         """One engine call over ``items``; an item whose prompt leaves no room for the answer in
-        ``max_model_len``, or whose answer has no verdict, scores None."""
+        ``max_model_len``, or whose answer has no verdict, scores None, as does one that ``abandoned()`` (indices
+        into ``items``, polled every engine step) names while it generates: it is aborted in the engine
+        (counted in ``aborted``)."""
         ids = [self.prompt_ids(it) for it in items]
         room = self.cfg.max_model_len - self.cfg.max_tokens
         fits = [i for i, p in enumerate(ids) if len(p) <= room]
         out: list[float | None] = [None] * len(items)
         if fits:
-            groups = self.engine.generate([ids[i] for i in fits], 1, self.cfg.max_tokens, self.cfg.temperature,
-                                          seed=self.cfg.seed)
-            for i, g in zip(fits, groups):
-                out[i] = self.parse(g[0].text)
+            where = {i: k for k, i in enumerate(fits)}
+
+            def gone() -> list[int]:
+                return [where[i] for i in (abandoned() if abandoned is not None else ()) if i in where]
+
+            done, aborted = self.engine.generate_abortable([ids[i] for i in fits], self.cfg.max_tokens,
+                                                           self.cfg.temperature, self.cfg.seed, gone)
+            self.aborted += aborted
+            for i, c in zip(fits, done):
+                if c is None:
+                    continue
+                out[i] = self.parse(c.text)
                 if out[i] is None:
-                    self.last_unparsed = g[0].text[:200]
+                    self.last_unparsed = c.text[:200]
         return out
 
 

@@ -4,10 +4,11 @@
 Calls from several rollout workers (and several threads of one) arrive at a server concurrently; the server runs
 them together in batches of up to ``batch_size`` items (waiting ``batch_wait_s`` for more before a partial batch),
 one batch at a time in a worker thread. Each call carries its caller's deadline: items not started by then, or
-whose call was cancelled (the caller timed out), are skipped and score None.
+whose call was cancelled (the caller timed out), are skipped and score None; a judge also aborts such items in its
+engine while they generate (a scorer with ``abortable``), so an abandoned call leaves the engine idle.
 
 Left out on purpose: restarting a server whose model call hangs (its callers time out, counted, but the server
-stays busy until the call returns).
+stays busy until the call returns); stopping a classifier's forward midway.
 """
 
 from __future__ import annotations
@@ -132,9 +133,15 @@ class RewardModelServer:
                     call.set(i, v)
 
     def _score_batch(self, batch: list[tuple[_Call, int, dict]]) -> list[float | None]:
+        def abandoned() -> list[int]:  # items of the batch whose caller gave up
+            now = time.time()
+            return [j for j, (call, _, _) in enumerate(batch) if call.cancelled or now > call.deadline]
+
         t0 = time.perf_counter()
         try:
-            values = self.scorer.score_batch([item for _, _, item in batch])
+            items = [item for _, _, item in batch]
+            values = (self.scorer.score_batch(items, abandoned) if getattr(self.scorer, "abortable", False)
+                      else self.scorer.score_batch(items))
         except Exception as e:  # noqa: BLE001 - a batch that raises fails its items; the server goes on
             logger.warning("reward model %r: a batch of %d raised %s: %s", self.cfg.name, len(batch),
                            type(e).__name__, e)
@@ -150,7 +157,12 @@ class RewardModelServer:
     def stats(self) -> dict[str, Any]:
         """Counters since this server started: ``items`` scored (in ``batches``, taking ``seconds``), items
         that scored None (``unscored``: of them ``errors`` in batches that raised), items skipped because their
-        caller had given up (``expired``), ``last_error`` and the judge's ``last_unparsed`` answer."""
+        caller had given up (``expired``), of the scored ones those a judge aborted in its engine for the same
+        reason (``aborted``), ``last_error`` and the judge's ``last_unparsed`` answer; and now: ``queued`` items
+        and a judge's engine requests still unfinished (``engine_unfinished``; 0 for a classifier)."""
+        unfinished = getattr(self.scorer, "unfinished", None)
         return {**{k: int(self.counts[k]) for k in ("items", "batches", "unscored", "errors", "expired")},
+                "aborted": int(getattr(self.scorer, "aborted", 0)), "queued": len(self._queue),
+                "engine_unfinished": int(unfinished()) if unfinished is not None else 0,
                 "seconds": self.seconds, "last_error": self.last_error,
                 "last_unparsed": getattr(self.scorer, "last_unparsed", "")}

@@ -3,14 +3,17 @@ sequence-classification model and SmolLM2-135M-Instruct as a generative judge (v
 
 Checked against independent references: the classifier's scores equal a plain transformers forward of each text
 alone, the judge's scores equal the verdicts parsed from a plain transformers greedy generation of the same
-prompts. A call past its timeout scores None, is counted, and the pool serves the next call. A rollout worker
-(started by `RolloutGroup`, which hands it the pools through its environment) scores its samples with the
-built-in ``reward_model:<name>`` reward and a user reward function that calls the judge itself.
+prompts. A call past its timeout scores None, is counted, its items are aborted in the judge's engine (which is
+left with no unfinished request), and the pool serves the next call. A pool grows and shrinks while calls go on,
+none of them failing. A rollout worker (started by `RolloutGroup`, which hands it the pools through its environment)
+scores its samples with the built-in ``reward_model:<name>`` reward and a user reward function that calls the judge
+itself.
 """
 
 from __future__ import annotations
 
 import textwrap
+import threading
 import time
 
 import pytest
@@ -143,17 +146,70 @@ def test_judge_pool_matches_greedy_transformers_and_survives_a_timeout(pools):
     assert got == [parse(t) for t in texts], texts
     assert sum(v is not None for v in got) >= 2, texts  # the judge answers with ratings, not only prose
 
-    # a call past its timeout: every item None and counted; the pool goes on serving
-    before = client.stats()
+    # a call past its timeout: every item None and counted; the items that were generating are aborted in the
+    # judge's engine (not generated for no one), the others skipped; the pool goes on serving
+    before, server_before = client.stats(), pools["judge"].stats()
     many = 8 * prompts
     values, why = client.score_explained(many, 8 * completions, timeout_s=0.02, answer=8 * answers)
     assert values == [None] * len(many) and why == "timed out after 0.02 s"
     after = client.stats()
     assert after["timeouts"] - before["timeouts"] == len(many)
     assert after["failed_items"] - before["failed_items"] == len(many)
+    deadline = time.monotonic() + 60
+    while True:  # until the server has accounted for every item of the abandoned call
+        st = pools["judge"].stats()
+        if st["items"] + st["expired"] - server_before["items"] - server_before["expired"] >= len(many):
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    assert st["aborted"] - server_before["aborted"] >= 1, st  # a batch had started: aborted, not finished
+    assert st["engine_unfinished"] == 0 and st["queued"] == 0, st
     assert client.score(prompts, completions, answer=answers) == got
     st = pools["judge"].stats()
     assert st["workers"] == 1 and st["items"] >= 2 * len(prompts) and st["errors"] == 0, st
+
+
+def test_a_pool_grows_and_shrinks_while_calls_go_on(pools):
+    """`orchestrator.scaling.scale_pool` (what the run's scaler does for ``relayrl scale --reward-model``) adds a
+    classifier server while a thread keeps calling, then removes it: the new server takes calls, and a call whose
+    chunk went to the removed server is resent to the other within its deadline, so no call fails."""
+    import ray
+
+    from orchestrator.scaling import scale_pool
+
+    pool, client = pools["classifier"], reward_model("it_rm")
+    prompts, _, completions = map(list, zip(*QUESTIONS))
+    ref = client.score(prompts, completions)
+    calls, stop = [], threading.Event()
+
+    def keep_calling():
+        while not stop.is_set():
+            calls.append(client.score(prompts, completions))
+
+    before = client.stats()
+    caller = threading.Thread(target=keep_calling, daemon=True)
+    caller.start()
+    try:
+        client.refresh_s = 0.0  # look the servers up at every call: the new one is used at once
+        scale_pool(pool, 2)
+        assert sorted(pool.slots) == [0, 1]
+        # two chunks of batch_size 16, each to the server with the fewest calls in flight from this process
+        assert client.score(8 * prompts, 8 * completions) == pytest.approx(8 * ref, abs=1e-5)
+        assert ray.get(pool.slots[1].stats.remote(), timeout=30)["items"] > 0  # the new server took calls
+        client.refresh_s = 3600.0  # no look-up until a call finds a server dead: the removed one is still listed,
+        retried = client.stats()["retried"]  # so the next chunk sent to it (the thread's or this call's) is resent
+        scale_pool(pool, 1)
+        assert sorted(pool.slots) == [0]
+        assert client.score(8 * prompts, 8 * completions) == pytest.approx(8 * ref, abs=1e-5)
+        assert client.stats()["retried"] - retried >= len(prompts), client.stats()
+    finally:
+        stop.set()
+        caller.join(60)
+        del client.refresh_s  # the class default again
+    assert calls and all(c == pytest.approx(ref, abs=1e-5) for c in calls), calls
+    after = client.stats()
+    assert after["failed_items"] == before["failed_items"] and after["server_errors"] == before["server_errors"]
+    assert pool.metrics()["reward_model/it_rm/workers"] == 1.0
 
 
 def test_a_rollout_worker_scores_with_both_pools(pools):

@@ -7,8 +7,9 @@ checkpoint, resumes, and checks that every trained group was trained once:
 
 - the rollout worker and learner rank 1 on node 2, rank 0 on the head, model and run outputs on an S3
   server (moto on loopback): each node copies the model from the bucket once (and reuses it after the
-  resume), each rank uploads its own checkpoint shards, and the worker scores with a user's reward function
-  whose module only the driver has (Ray's runtime_env ``py_modules`` ships it: `base.user_code.ship_user_code`).
+  resume), each rank uploads its own checkpoint shards, and the worker plays a user's environment and scores
+  with a user's reward function whose modules only the driver has (Ray's runtime_env ``py_modules`` ships them:
+  `base.user_code.ship_user_code`).
 
 Two more cases: a learner rank on node 2 with a local run dir is a one-line error; and node 2 lost mid-run
 (SIGKILL of all its processes) is replaced by a new node whose rollout worker copies the model from the
@@ -152,8 +153,23 @@ WHERE_AM_I = """import os
 HIDDEN = {hidden!r}
 def where_am_i(prompts, completions, **columns):
     shipped = not os.path.realpath(__file__).startswith(HIDDEN)
-    on_node2 = not os.path.exists(os.path.join(HIDDEN, "rollout.toml"))
+    on_node2 = not os.path.exists(os.path.join(HIDDEN, "node2.toml"))
     return [0.25 if shipped and on_node2 else 0.75] * len(completions)
+"""
+
+# A user's environment (the single-turn task) in a module of its own: each step adds a reward term "env_where", 0.25
+# where it runs from a shipped copy of its module on node 2, 0.75 anywhere else (a term only: the reward is unchanged)
+WHERE_AM_I_ENV = """import os
+from rollout.envs.builtin import SingleTurn
+HIDDEN = {hidden!r}
+class WhereAmI(SingleTurn):
+    def step(self, action):
+        res = super().step(action)
+        shipped = not os.path.realpath(__file__).startswith(HIDDEN)
+        on_node2 = not os.path.exists(os.path.join(HIDDEN, "node2.toml"))
+        res.info["reward_terms"] = {{**res.info.get("reward_terms", {{}}), "env_where": 0.25 if shipped and on_node2
+                                    else 0.75}}
+        return res
 """
 
 
@@ -172,10 +188,12 @@ def test_rollout_worker_and_a_learner_rank_on_a_node_without_the_drivers_files(c
         s3.upload_file(str(f), bucket, f"models/tiny/{f.name}")
     # content of its own: neither node may find another test's copy of the same model in its cache
     s3.put_object(Bucket=bucket, Key="models/tiny/README.md", Body=bucket.encode())
-    # the user's module exists only in a dir of the driver's (node 2 has a tmpfs over hidden)
-    user_dir, module = hidden / "user_code", f"relayrl_user_rewards_{uuid.uuid4().hex[:8]}"
+    # the user's modules exist only in a dir of the driver's (node 2 has a tmpfs over hidden)
+    tag = uuid.uuid4().hex[:8]
+    user_dir, module, env_module = hidden / "user_code", f"relayrl_user_rewards_{tag}", f"relayrl_user_envs_{tag}"
     user_dir.mkdir()
     (user_dir / f"{module}.py").write_text(WHERE_AM_I.format(hidden=str(hidden.resolve())))
+    (user_dir / f"{env_module}.py").write_text(WHERE_AM_I_ENV.format(hidden=str(hidden.resolve())))
     monkeypatch.syspath_prepend(str(user_dir))  # tiny_run_toml loads the config here too
     env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(user_dir),
                                                                       cluster.env.get("PYTHONPATH")]))}
@@ -183,7 +201,8 @@ def test_rollout_worker_and_a_learner_rank_on_a_node_without_the_drivers_files(c
     # one learner slot per node: rank 0 on the head, rank 1 on node 2 with the rollout worker
     cfg = _config(hidden / "node2.toml", f"s3://{bucket}/models/tiny", output, cluster, "learner.num_learners=2",
                   "learner.resources={learner_slot = 1}", "rollout.resources={node2 = 1}",
-                  f'rollout.rewards=[{{fn = "exact_match"}}, {{fn = "{module}:where_am_i", weight = 0.0}}]')
+                  f'rollout.rewards=[{{fn = "exact_match"}}, {{fn = "{module}:where_am_i", weight = 0.0}}]',
+                  f"rollout.env.type={env_module}:WhereAmI", "rollout.env.max_episode_tokens=16")
     run, resumed_at = _train_twice(cfg, env, output)
 
     trained = _trained_groups(run)
@@ -203,13 +222,15 @@ def test_rollout_worker_and_a_learner_rank_on_a_node_without_the_drivers_files(c
     stamps = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
               for m in (re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", ln) for ln in copies) if m]
     assert len(stamps) == len(copies) and max(stamps) < resumed_at, (copies, resumed_at)
-    # the user's reward ran on node 2, from the copy of its module that Ray shipped there, wherever it ran: a
-    # step's row has the key only when the step generated groups (a resumed run's first step may train on
-    # groups restored with the buffer), so the count of rows is not asserted, only that every one says node 2
-    # and that no sample failed the function
+    # the user's reward and environment ran on node 2, from the copies of their modules that Ray shipped there,
+    # wherever they ran: a step's row has the keys only when the step generated groups (a resumed run's first step
+    # may train on groups restored with the buffer), so the count of rows is not asserted, only that every one
+    # says node 2 and that no sample failed the function or the environment
     rows = _jsonl(storage.join(run, "metrics.jsonl"))
-    where = [r["rollout/reward/where_am_i"] for r in rows if "rollout/reward/where_am_i" in r]
-    assert where and set(where) == {0.25}, where
+    for key in ("rollout/reward/where_am_i", "rollout/reward/env_where"):
+        where = [r[key] for r in rows if key in r]
+        assert where and set(where) == {0.25}, (key, where)
+    assert all(r.get("rollout/env_failed_frac", 0.0) == 0.0 for r in rows), rows
     assert all(r.get("rollout/reward_failures/where_am_i", 0.0) == 0.0 for r in rows), rows
 
 

@@ -76,3 +76,26 @@ def test_overrides_may_follow_options_and_only_subcommands_that_take_them_get_th
     with pytest.raises(SystemExit) as e:
         parse_args(["report", "runs/x", "a.b=1"])
     assert e.value.code == 2 and "unrecognized arguments: a.b=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--reward-model", "judge"), "--reward-model 'judge' is not NAME=N"),
+    (("--reward-model", "judge=two"), "--reward-model 'judge=two' is not NAME=N"),
+    ((), "nothing to scale: give --rollout-workers N and/or --reward-model NAME=N"),
+])
+def test_scale_bad_arguments_are_one_line_before_connecting(args, needle):
+    r = _run("scale", "some-run", *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_run_control_scales_only_the_runs_own_reward_model_pools():
+    from orchestrator.control import RunControl
+
+    ctl = RunControl(2, {"judge": 1})
+    assert ctl.request_reward_model_scale("judge", 3) == 3 and ctl.desired_reward_models() == {"judge": 3}
+    assert ctl.status()["desired_reward_model_workers"] == {"judge": 3}
+    with pytest.raises(ValueError, match=r"no reward-model pool 'jduge' \(its \[\[reward_models\]\]: \['judge'\]\)"):
+        ctl.request_reward_model_scale("jduge", 2)
+    with pytest.raises(ValueError, match="reward model 'judge': workers must be >= 1, got 0"):
+        ctl.request_reward_model_scale("judge", 0)
+    assert "desired_reward_model_workers" not in RunControl(1).status()  # a run without pools says nothing of them

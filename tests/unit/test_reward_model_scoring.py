@@ -177,6 +177,54 @@ def test_server_skips_expired_items_and_fails_a_raising_batch_only():
     assert out == [4.0]  # the server goes on after a failed batch
 
 
+class _Abortable:
+    """A scorer that generates like a judge: one "engine step" every 10 ms for ``steps`` steps, polling
+    ``abandoned()`` before each; items it names are dropped (None) and recorded, the others score 1.0."""
+
+    abortable = True
+
+    def __init__(self, steps: int = 100) -> None:
+        self.steps, self.aborted_at = steps, {}
+
+    def score_batch(self, items, abandoned):
+        live = set(range(len(items)))
+        for step in range(self.steps):
+            for i in set(abandoned()) & live:
+                live.discard(i)
+                self.aborted_at[items[i]["completion"]] = step
+            if not live:
+                break
+            time.sleep(0.01)
+        return [1.0 if i in live else None for i in range(len(items))]
+
+
+def test_server_names_the_items_whose_caller_gave_up_to_an_abortable_scorer():
+    """A judge's batch is told, while it generates, which items nobody waits for any more (deadline passed, or
+    the call cancelled when its caller timed out), so it can abort them in its engine; the others finish."""
+    scorer = _Abortable()
+    server = _server(scorer, batch_size=8, batch_wait_s=0.0)
+
+    async def calls():
+        now = time.time()
+        cancelled = asyncio.ensure_future(server.score([{"prompt": "p", "completion": "cancelled"}], now + 60))
+        near = server.score([{"prompt": "p", "completion": "near"}], now + 0.15)
+        far = server.score([{"prompt": "p", "completion": "far"}], now + 60)
+
+        async def cancel_soon():
+            await asyncio.sleep(0.3)
+            cancelled.cancel()
+        results = await asyncio.gather(near, far, cancel_soon())
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        return results[:2]
+
+    assert asyncio.run(calls()) == [[None], [1.0]]
+    # one batch of three; 'near' dropped once its deadline passed (~15 steps), 'cancelled' once cancelled (~30)
+    assert set(scorer.aborted_at) == {"near", "cancelled"}, scorer.aborted_at
+    assert 8 <= scorer.aborted_at["near"] < scorer.aborted_at["cancelled"] < 60, scorer.aborted_at
+    assert server.stats()["batches"] == 1 and server.stats()["queued"] == 0
+
+
 # ---- an in-process classifier pool ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory) -> str:
