@@ -1,6 +1,7 @@
 """relayrl's tooling: benchmarks, experiments, reports and the TRL baseline: built on the core, never imported by it.
 
-- `bench` (with `bench_session`, `bench_training`, `bench_memory`, `bench_actors`, `bench_math`): ``relayrl bench``,
+- `bench` (with `bench_session`, `bench_generation`, `bench_delta`, `bench_training`, `bench_memory`, `bench_layouts`,
+  `bench_actors`, `bench_math`): ``relayrl bench``,
   relayrl's overheads and overlap on a run config.
 - `experiment`: ``relayrl experiment``, named variants of one config and their comparison table.
 - `report`: ``relayrl report``, plots and a one-page summary of a run dir.
@@ -16,6 +17,7 @@ contract (pyproject.toml) keeps the core from importing tooling.
 """
 
 __all__ = [
-    "bench", "bench_actors", "bench_math", "bench_memory", "bench_session", "bench_training", "config_reference",
+    "bench", "bench_actors", "bench_delta", "bench_generation", "bench_layouts", "bench_math", "bench_memory",
+    "bench_session", "bench_training", "config_reference",
     "experiment", "report", "sentinel_gap", "trl_baseline",
 ]

@@ -4,6 +4,8 @@ Benchmarks (``--only`` picks some), run one after the other in one invocation, n
 
 - ``wrapper``: seconds per generated token of `RolloutWorker.generate` (scoring, `Sample` s, buffer write)
   against the raw `vllm.LLM.generate` that `VLLMEngine` builds, same prompts, seeds and sampling params.
+- ``generation``: the same calls as tokens/s per core, side by side, and the seconds of a held-out eval of the
+  config's ``data.eval_size`` problems as a run evaluates them (`tooling.bench_generation`).
 - ``weight_push``: learner export + transfer + rollout reload of the full weights, against a learner step.
 - ``weight_push_delta``: bytes and seconds per push, delta (``weights.type = "delta"``) against full, between
   real consecutive learner versions (`tooling.bench_delta`).
@@ -15,8 +17,11 @@ Benchmarks (``--only`` picks some), run one after the other in one invocation, n
   default picks by cost, for short and long responses (`tooling.bench_layouts`; no Ray).
 - ``learner_memory``: peak host memory of each of 2 learner ranks under ZeRO-1, 2 and 3, at start, during a train
   step and during a weight export (`tooling.bench_memory`; idle rollout workers).
+- ``learner_snapshot``: the learner step without and with a failover snapshot after every step, the snapshot's
+  hold and size, and one failover's seconds (`tooling.bench_snapshot`; idle rollout workers).
 - ``overlap`` / ``speedup``: stand-alone generation (G) and training (T) throughput against real runs,
-  async (A, ``buffer.max_staleness=1``) and sync (S, ``max_staleness=0``).
+  async (A, ``buffer.max_staleness=1``) and sync (S, ``max_staleness=0``); the async run's learner wait
+  fraction (``perf/learner_wait_frac``) per step.
 - ``scaling``: a real run with 1, 2, 4 SLOWED FAKE rollout workers (a sleep per group, synthetic
   samples) and a real learner on a 2-layer random copy of the model.
 
@@ -32,19 +37,18 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tooling import bench_delta, bench_layouts, bench_memory, bench_training
-from tooling.bench_actors import FAKE_GROUP_SECONDS, FakeRolloutWorker, RawVLLM, tiny_copy
+from tooling import bench_delta, bench_generation, bench_layouts, bench_memory, bench_snapshot, bench_training
+from tooling.bench_actors import FAKE_GROUP_SECONDS, FakeRolloutWorker, tiny_copy
+from tooling.bench_generation import WRAPPER_REPEATS
 from tooling.bench_math import (Row, ideal_speedup, overlap_efficiency, paired_overhead_pct, rate, render,
-                                           row, to_json)
+                                           row, spread_row, to_json)
 from tooling.bench_session import PUSH_REPEATS, TRAIN_REPEATS, Session, pushes
 
 logger = logging.getLogger(__name__)
 
-WRAPPER_REPEATS = 5  # timed generate calls per side, after one warm-up call each
 SCALING_WORKERS = (1, 2, 4)
 TTA_NOTE = ("**Time to accuracy** (async vs sync, and against TRL's GRPOTrainer) is not part of this "
             "command: each system trains the main job for ~12-18 min, so it is an experiment of its own, "
@@ -63,13 +67,17 @@ NOTES = {
     "`RolloutWorker.receive_weights` on every rollout worker, which reloads in place when the engine is idle "
     f"(here it is); median of {PUSH_REPEATS}. GB/s is model bytes over the whole push. The learner step is "
     f"the mean of {TRAIN_REPEATS} `train_step` s on one real batch of `samples_per_step` generated samples.",
+    "generation": bench_generation.NOTE,
     "weight_push_delta": bench_delta.NOTE,
     **bench_training.NOTES,
     "learner_layouts": bench_layouts.NOTE,
     "learner_memory": bench_memory.NOTE,
+    "learner_snapshot": bench_snapshot.NOTE,
     "overlap": "`overlap`: G = samples/s of the rollout workers generating with the learner idle; T = samples/s "
     "of learner steps repeated on one fixed batch; A = samples/s of a real run (`Trainer`, "
-    "`buffer.max_staleness=1`, no eval) from its `perf/step_seconds`, step 1 excluded.",
+    "`buffer.max_staleness=1`, no eval) from its `perf/step_seconds`, step 1 excluded. Learner wait: that run's "
+    "`perf/learner_wait_frac` (the share of a step the learner spent waiting for a batch), one value per step "
+    "from step 2.",
     "speedup": "`speedup`: S = the same run with `buffer.max_staleness=0` (synchronous). The ideal speedup, "
     "full overlap of generation and training, is (1/G + 1/T) / max(1/G, 1/T).",
     "scaling": "`scaling`: **the rollout workers are FAKE**: a `RolloutWorker` whose vLLM engine is replaced by "
@@ -83,41 +91,9 @@ NOTES = {
 
 
 def bench_wrapper(s: Session) -> dict[str, Row]:
-    """Tokens/s of raw vLLM and of `RolloutWorker.generate`, and the wrapper's overhead in % of seconds/token."""
-    import ray
-
-    from buffer import GenerateRequest, ReplayBuffer
-    from rollout.worker import RolloutWorker
-
-    cfg = s.variant("rollout.num_workers=1")
-    rc = cfg.rollout
-    if ray.cluster_resources().get("CPU", 0.0) + 1e-9 < 2 * rc.num_cpus:
-        raise RuntimeError(f"bench wrapper needs 2 x rollout.num_cpus = {2 * rc.num_cpus:g} CPUs; the Ray cluster "
-                           f"has {ray.cluster_resources().get('CPU', 0.0):g}")
-    # both sides: the same actor options (those RolloutGroup gives its workers), no placement group
-    env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, int(rc.num_cpus)))}}
-    opts = dict(num_cpus=rc.num_cpus, num_gpus=rc.gpus_per_worker, max_concurrency=4, runtime_env=env)
-    buffer = ray.remote(ReplayBuffer).options(num_cpus=0).remote()
-    ours = ray.remote(RolloutWorker).options(**opts).remote(rc, cfg.data, s.model_path, 0, buffer)
-    raw = ray.remote(RawVLLM).options(**opts).remote(rc, cfg.data, s.model_path)
-    calls: dict[str, list] = {"raw": [], "relayrl": []}  # (tokens, seconds) of each timed call
-    try:
-        for i in range(WRAPPER_REPEATS + 1):  # call 0 warms both up
-            problems, keys = s.take(rc.prompts_per_request)
-            seed = cfg.seed * 100003 + i
-            for side in ("raw", "relayrl") if i % 2 else ("relayrl", "raw"):
-                t0 = time.perf_counter()
-                if side == "raw":
-                    tokens = ray.get(raw.generate.remote(problems, seed), timeout=rc.request_timeout_s)
-                else:
-                    ref = ours.generate.remote(GenerateRequest(problems, keys, [rc.group_size] * len(keys), 0, seed))
-                    tokens = ray.get(ref, timeout=rc.request_timeout_s).tokens
-                if i:
-                    calls[side].append((tokens, time.perf_counter() - t0))
-    finally:
-        for actor in (raw, ours, buffer):
-            ray.kill(actor)
-    s.raw["wrapper"] = {"calls_tokens_seconds": calls}
+    """Tokens/s of raw vLLM and of `RolloutWorker.generate`, and the wrapper's overhead in % of seconds/token
+    (the calls of `tooling.bench_generation.wrapper_calls`)."""
+    calls = bench_generation.wrapper_calls(s)
     raw_tps, ours_tps = (rate(*map(sum, zip(*calls[k]))) for k in ("raw", "relayrl"))
     return {"raw vLLM": row(raw_tps, "tokens/s"), "relayrl RolloutWorker": row(ours_tps, "tokens/s"),
             "overhead (s/token, median of pairs)": row(paired_overhead_pct(calls["raw"], calls["relayrl"]), "%",
@@ -144,12 +120,15 @@ def _gen_train_rates(s: Session) -> tuple[float, float]:
 
 
 def bench_overlap(s: Session) -> dict[str, Row]:
-    """G, T, A in samples/s and the overlap efficiency A / min(G, T)."""
+    """G, T, A in samples/s, the overlap efficiency A / min(G, T), and the async run's learner wait fraction
+    per step (target <= 10%: issue 33)."""
     g, t = _gen_train_rates(s)
     a = s.once("async_samples_per_s", lambda: s.run_rate("async", "buffer.max_staleness=1"))
+    wait = s.raw["runs"]["async"]["learner_wait_frac"]
     return {"G generate only": row(g, "samples/s"), "T train only": row(t, "samples/s"),
             "A async run (staleness 1)": row(a, "samples/s"),
-            "overlap efficiency A/min(G,T)": row(overlap_efficiency(a, g, t), "", (">=", 0.9))}
+            "overlap efficiency A/min(G,T)": row(overlap_efficiency(a, g, t), "", (">=", 0.9)),
+            "learner wait, async run (per step)": spread_row([100 * w for w in wait], "% of step", ("<=", 10.0))}
 
 
 def bench_speedup(s: Session) -> dict[str, Row]:
@@ -179,11 +158,26 @@ def bench_scaling(s: Session) -> dict[str, Row]:
 
 
 BENCHMARKS: dict[str, Callable[[Session], dict[str, Row]]] = {
-    "wrapper": bench_wrapper, "weight_push": bench_weight_push,
+    "wrapper": bench_wrapper, "generation": bench_generation.bench_generation, "weight_push": bench_weight_push,
     "weight_push_delta": bench_delta.bench_weight_push_delta, "lora": bench_training.bench_lora,
     "learner_paths": bench_training.bench_learner_paths, "learner_layouts": bench_layouts.bench_learner_layouts,
-    "learner_memory": bench_memory.bench_learner_memory, "overlap": bench_overlap,
+    "learner_memory": bench_memory.bench_learner_memory, "learner_snapshot": bench_snapshot.bench_learner_snapshot,
+    "overlap": bench_overlap,
     "speedup": bench_speedup, "scaling": bench_scaling}
+
+
+def git_state() -> dict[str, object]:
+    """``{"commit": short HEAD, with "+dirty" when tracked files have uncommitted changes, "dirty_files": [...]}``
+    of the working tree the benchmarks run from; ``"unknown"`` outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+        return out.stdout.rstrip("\n") if out.returncode == 0 else ""  # porcelain lines start with a space
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": head + ("+dirty" if dirty else ""), "dirty_files": dirty}
 
 
 def run_bench(config_path: str, overrides: list[str], out_md: str | None, only: list[str] | None, steps: int,
@@ -204,6 +198,7 @@ def run_bench(config_path: str, overrides: list[str], out_md: str | None, only: 
     if steps < 2:
         raise ValueError(f"--steps {steps}: runs need at least 2 steps (step 1 is excluded from throughput)")
     s = Session(config_path, overrides, steps)
+    git = git_state()
     start_ray(s.cfg)
     results: dict[str, dict[str, Row]] = {}
     failure = []
@@ -217,12 +212,15 @@ def run_bench(config_path: str, overrides: list[str], out_md: str | None, only: 
         raise
     finally:
         s.release()
-        notes = [NOTES[n] for n in results] + failure + [TTA_NOTE]
+        commit = (f"Measured at git commit {git['commit']}" + (
+            f" (uncommitted changes in {len(git['dirty_files'])} tracked files, listed in the JSON)."
+            if git["dirty_files"] else "."))
+        notes = [NOTES[n] for n in results] + failure + [TTA_NOTE, commit]
         md = render(results, command, config_path, notes)
         if out_md:
-            raw = {**s.raw, "measured": s.measured, "steps": steps}
+            raw = {**s.raw, "measured": s.measured, "steps": steps, "dirty_files": git["dirty_files"]}
             Path(out_md).parent.mkdir(parents=True, exist_ok=True)
             Path(out_md).write_text(md)
             Path(out_md).with_suffix(".json").write_text(
-                json.dumps(to_json(results, command, config_path, notes, raw), indent=2))
+                json.dumps({**to_json(results, command, config_path, notes, raw), "commit": git["commit"]}, indent=2))
     return md

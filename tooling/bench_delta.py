@@ -11,10 +11,10 @@ from __future__ import annotations
 import statistics
 import time
 
-from tooling.bench_math import Row, row
+from tooling.bench_math import Row, row, spread_row
 from tooling.bench_session import PUSH_REPEATS, Session, pushes
 
-DELTA_STEPS = 2  # learner steps, each followed by a delta push
+DELTA_STEPS = 3  # learner steps, each followed by a delta push
 
 NOTE = ("`weight_push_delta`: on one rig (the config's model, learner and one rollout worker set), first "
         f"{PUSH_REPEATS} full pushes through the object store (as `weight_push`), then a `DeltaTransport` push of the "
@@ -60,20 +60,35 @@ def bench_weight_push_delta(s: Session) -> dict[str, Row]:
     transport.close()
     s.raw["weight_push_delta"] = {"object_store_pushes": full, "delta_transport_pushes": done,
                                   "learner_lr": s.cfg.learner.lr}
-    deltas = [p for p in done if p["kind"] == "delta"]
-    if not deltas:
+    if not any(p["kind"] == "delta" for p in done):
         raise RuntimeError(f"no delta push among {done}: every worker got the full weights")
+    return delta_rows(full, done)
 
-    def med(ps, k):
-        return statistics.median(p[k] for p in ps)
+
+def delta_rows(full: list[dict[str, float]], done: list[dict[str, float]]) -> dict[str, Row]:
+    """The ``weight_push_delta`` rows (min/median/max where repeated) from the object store's full pushes
+    (`bench_session.pushes`: ``bytes``, ``push_s``) and the delta transport's pushes, its first one full (``kind``,
+    ``bytes``, ``push_s``, ``encode_s``, ``changed_frac``).
+
+    Raises:
+        ValueError: no full push, or no delta push among ``done``.
+    """
+    deltas = [p for p in done if p["kind"] == "delta"]
+    if not full or not deltas or done[0]["kind"] != "full":
+        raise ValueError(f"need full object-store pushes ({len(full)}) and a full then delta pushes through the "
+                         f"delta transport (kinds {[p['kind'] for p in done]})")
+
+    def each(ps, k, scale=1.0):
+        return [scale * p[k] for p in ps]
 
     first = done[0]
-    return {"full, object store: MB per worker": row(med(full, "bytes") / 1e6, "MB"),
-            "full, object store: push": row(med(full, "push_s"), "s"),
+    full_mb = statistics.median(each(full, "bytes", 1e-6))
+    return {"full, object store: MB per worker": spread_row(each(full, "bytes", 1e-6), "MB"),
+            "full, object store: push": spread_row(each(full, "push_s"), "s"),
             "full, delta transport: MB per worker": row(first["bytes"] / 1e6, "MB"),
             "full, delta transport: push": row(first["push_s"], "s"),
-            "delta: MB per worker": row(med(deltas, "bytes") / 1e6, "MB"),
-            "delta: push": row(med(deltas, "push_s"), "s"),
-            "delta: encode (driver)": row(med(deltas, "encode_s"), "s"),
-            "delta: changed elements": row(100 * med(deltas, "changed_frac"), "%"),
-            "delta / full bytes": row(100 * med(deltas, "bytes") / med(full, "bytes"), "%")}
+            "delta: MB per worker": spread_row(each(deltas, "bytes", 1e-6), "MB"),
+            "delta: push": spread_row(each(deltas, "push_s"), "s"),
+            "delta: encode (driver)": spread_row(each(deltas, "encode_s"), "s"),
+            "delta: changed elements": spread_row(each(deltas, "changed_frac", 100.0), "%"),
+            "delta / full bytes": spread_row([100 * mb / full_mb for mb in each(deltas, "bytes", 1e-6)], "%")}

@@ -31,6 +31,33 @@ def row(value: float, unit: str, target: tuple[str, float] | None = None) -> Row
     return {"value": float(value), "unit": unit, "target": f"{op} {bound:g}", "met": bool(ok and math.isfinite(value))}
 
 
+def spread_row(values: list[float], unit: str, target: tuple[str, float] | None = None) -> Row:
+    """One table row of a repeated measurement: `row` of the median (``target`` is checked on it), plus
+    ``min``, ``median``, ``max`` and ``n`` (the number of values).
+
+    Raises:
+        ValueError: no values, or an unknown comparison in ``target``.
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError(f"a row of a repeated measurement needs at least one value (unit {unit!r}), got none")
+    med = statistics.median(vals)
+    return {**row(med, unit, target), "min": min(vals), "median": med, "max": max(vals), "n": len(vals)}
+
+
+def step_values(records: list[dict], key: str) -> list[float]:
+    """``key`` of every step 2.. of a run's metrics records, in step order (step 1 carries start-up, as in
+    `run_throughput`).
+
+    Raises:
+        ValueError: no step from 2 on has ``key``.
+    """
+    vals = [r[key] for r in sorted(records, key=lambda r: r.get("step", 0)) if r.get("step", 0) >= 2 and key in r]
+    if not vals:
+        raise ValueError(f"a run needs at least 2 steps with {key!r} (step 1 is excluded); raise --steps")
+    return vals
+
+
 def rate(amount: float, seconds: float) -> float:
     """``amount / seconds`` (tokens/s, samples/s, bytes/s).
 
@@ -148,12 +175,16 @@ def fmt(value: float) -> str:
 
 
 def table(results: dict[str, dict[str, Row]]) -> list[str]:
-    """Markdown table lines: benchmark, metric, value, target, met?"""
+    """Markdown table lines: benchmark, metric, value, target, met? A repeated measurement (`spread_row`)
+    shows its median, then its min and max over its n values."""
     lines = ["| benchmark | metric | value | target | met? |", "|---|---|---|---|---|"]
     for bench, rows in results.items():
         for metric, r in rows.items():
             met = {True: "yes", False: "**no**", None: ""}[r["met"]]
-            lines.append(f"| {bench} | {metric} | {fmt(r['value'])} {r['unit']} | {r['target']} | {met} |")
+            value = f"{fmt(r['value'])} {r['unit']}".strip()
+            if r.get("n", 1) > 1:
+                value += f" (min {fmt(r['min'])}, max {fmt(r['max'])}, n={r['n']})"
+            lines.append(f"| {bench} | {metric} | {value} | {r['target']} | {met} |")
     return lines
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tooling.bench_math import learner_busy_frac, rate, run_throughput
+from tooling.bench_math import learner_busy_frac, rate, run_throughput, step_values
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Session:
         times = []
         for i in range(TRAIN_REPEATS + 1):
             t0 = time.perf_counter()
-            ray.get(learner.train_step_remote(batch, 0), timeout=timeout)
+            ray.get(learner.train_step_remote(batch, self.pushed_version), timeout=timeout)
             times += [time.perf_counter() - t0] if i else []
         return statistics.fmean(times)
 
@@ -185,12 +185,13 @@ class Session:
             trainer.shutdown()
         shutil.rmtree(run_dir / "final_model", ignore_errors=True)  # a model copy per run is not needed here
         recs = read_run(run_dir)[0]
-        self.raw.setdefault("runs", {})[label] = {"run_dir": str(run_dir), "learner_busy_frac": learner_busy_frac(recs)}
+        self.raw.setdefault("runs", {})[label] = {"run_dir": str(run_dir), "learner_busy_frac": learner_busy_frac(recs),
+                                                  "learner_wait_frac": step_values(recs, "perf/learner_wait_frac")}
         return run_throughput(recs, cfg.samples_per_step)
 
 
-def pushes(s: Session, extra: tuple[str, ...] = ()) -> list[dict[str, float]]:
-    """``PUSH_REPEATS`` weight pushes on the rig of variant ``extra``: export seconds, bytes, reload and
+def pushes(s: Session, extra: tuple[str, ...] = (), repeats: int = PUSH_REPEATS) -> list[dict[str, float]]:
+    """``repeats`` weight pushes on the rig of variant ``extra``: export seconds, bytes, reload and
     whole-push seconds.
 
     Raises:
@@ -201,7 +202,7 @@ def pushes(s: Session, extra: tuple[str, ...] = ()) -> list[dict[str, float]]:
     _, rollout, learner = s.rig(extra)
     rc, out = s.cfg.rollout, []
     s._pushed = True  # the rig's workers no longer serve the base policy
-    for _ in range(PUSH_REPEATS):
+    for _ in range(repeats):
         s.pushed_version += 1
         version = s.pushed_version
         t0 = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Learner rank 0 exports the full buckets as for the object store; the driver decodes them, keeps them as the base
 of the next push and encodes the difference from the previous version (`base.weight_delta`: per tensor nothing,
-the zlib-compressed XOR of the bits, or the whole tensor when most of it changed). A worker gets the delta when it
+the changed elements' positions and the XOR of their bits, compressed, or the whole tensor when most of it
+changed). A worker gets the delta when it
 holds exactly the previous version pushed through this transport, else the full weights in the same format; every
 ``full_every`` versions everyone gets the full weights. Delta and full buckets each go once into Ray's object store,
 so workers fetch them as with ``object_store``. The worker reconstructs the version bit for bit
@@ -34,11 +35,11 @@ class DeltaWeights(WeightsConfigBase):
     """Changed tensors only (XOR of the bits, compressed), a full push every ``full_every`` versions."""
 
     type: Literal["delta"] = Field("delta", description="only what changed since the version each worker holds "
-                                   "(compressed XOR of the bits), through Ray's object store")
+                                   "(positions and XOR of the changed bits, compressed), through Ray's object store")
     full_every: int = Field(20, ge=1, le=100_000, description="every worker gets the full weights at least every "
                             "this many pushes (1: every push is full); new or restarted workers get them at once")
     dense_frac: float = Field(0.5, gt=0, le=1, description="a tensor with more than this fraction of its elements "
-                              "changed is sent whole instead of as a compressed XOR")
+                              "changed is sent whole instead of as compressed positions and XORs")
 
 
 class DeltaTransport(WeightTransport):

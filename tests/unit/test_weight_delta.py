@@ -43,7 +43,7 @@ def test_sparse_all_changed_and_unchanged_tensors_round_trip_bit_exactly(dtype):
     new = {"sparse": _changed(prev["sparse"], 0.02, gen), "dense": prev["dense"] + 1.0, "same": prev["same"].clone(),
            "scalar": torch.tensor(-0.25, dtype=dtype)}
     payload, entries = encode(prev, new)
-    assert entries["sparse"]["kind"] == "xor_zlib" and entries["dense"]["kind"] == "full"
+    assert entries["sparse"]["kind"] == "xor_sparse" and entries["dense"]["kind"] == "full"
     assert "same" not in entries and "same" not in payload  # no change: nothing sent
     assert entries["sparse"]["changed"] == int((new["sparse"] != prev["sparse"]).sum())
     sparse_bytes = payload["sparse"].numel()
@@ -65,7 +65,7 @@ def test_special_bit_patterns_survive():
     new["w"].view(torch.int32)[2] = 0x7FC00123  # a NaN with a payload
     new["w"][3] = 1e-45  # subnormal
     payload, entries = encode(prev, new)
-    assert entries["w"]["kind"] == "xor_zlib" and entries["w"]["changed"] == 4
+    assert entries["w"]["kind"] == "xor_sparse" and entries["w"]["changed"] == 4
     _bits_equal(apply(prev, payload, entries), new)
     assert digest(apply(prev, payload, entries)) == digest(new) != digest(prev)
 
@@ -181,3 +181,21 @@ def test_bytes_that_are_no_safetensors_pass_through_to_the_engine_unchanged():
     r = DeltaReceiver()
     junk = [b"\x05\x00\x00\x00\x00\x00\x00\x00{junk", b"x"]
     assert header(junk[0]) is None and r.receive(1, junk, timeout_s=1) is junk
+
+
+def test_a_delta_that_does_not_fit_its_base_is_refused_in_one_line():
+    """The changed elements' count and positions are checked against the base before anything is applied."""
+    import zlib
+
+    prev = {"w": torch.zeros(64, dtype=torch.bfloat16)}
+    new = {"w": prev["w"].clone()}
+    new["w"][[3, 40]] = 1.0
+    payload, entries = encode(prev, new)
+    assert entries["w"] == {"kind": "xor_sparse", "changed": 2, "shape": [64], "dtype": "bfloat16"}
+    with pytest.raises(ValueError, match=r"tensor 'w': \d+ bytes for 3 changed elements of 6 bytes each"):
+        apply(prev, payload, {"w": {**entries["w"], "changed": 3}})
+    # one change at position 70 of a 64-element tensor: gap 70 (int32), XOR 1 (int16), each byte plane by plane
+    raw = bytes([70, 0, 0, 0, 1, 0])
+    bad = {"w": torch.frombuffer(bytearray(zlib.compress(raw)), dtype=torch.uint8)}
+    with pytest.raises(ValueError, match=r"tensor 'w': a changed position 70 past its 64 elements"):
+        apply(prev, bad, {"w": {**entries["w"], "changed": 1}})
