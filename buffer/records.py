@@ -122,8 +122,10 @@ class RolloutResult:
 
 @dataclass(frozen=True)
 class BatchStats:
-    """What the buffer reports with a batch: ``metrics`` (``off_policy/*``, ``buffer/*``, ``curation/*``)
-    and ``group_ids`` of the groups handed out, for the driver's audit log."""
+    """What the buffer reports with a batch: ``metrics`` (``off_policy/*``, ``buffer/*``, ``curation/*``),
+    ``group_ids`` of the groups handed out and ``replayed_ids``, the groups of the self-imitation replays that
+    joined it (one per replayed sample; trained before, not new dispatches), for the driver's audit log."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     group_ids: tuple[str, ...] = ()
+    replayed_ids: tuple[str, ...] = ()

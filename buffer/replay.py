@@ -13,7 +13,11 @@ not stored) and SPO's per-prompt value tracker (sets each sample's ``baseline``)
 With ``prioritized = True`` a batch takes the highest-`group_priority` groups among the fresh-enough
 ones instead of the oldest; passed-over groups age and are dropped (counted) once past the bound.
 
-Left out on purpose: reuse of a group for more than one step.
+With a self-imitation store (`buffer.self_imitation`) a batch also carries replayed copies of earlier
+successful samples, each as a one-sample group marked ``replayed`` after the fresh groups; they are not
+dispatches (no staleness accounting, not in the ledger of taken groups, reported apart in `BatchStats`).
+
+Left out on purpose: reuse of a whole group for more than one step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections import deque
 from buffer.curation import PromptValueTracker, ZeroVarianceFilter, group_priority
 from buffer.records import BatchStats
 from buffer.sample import Sample, scored_rewards
+from buffer.self_imitation import SelfImitationStore
 
 
 def _too_old(group: list[Sample], min_version: int) -> bool:
@@ -41,14 +46,19 @@ class ReplayBuffer:
         value_tracker_discount: when set, SPO's per-prompt value tracker with this discount fills
             every sample's ``baseline``.
         prioritized: take the highest-priority fresh groups first (`group_priority`), not FIFO.
+        self_imitation: ``(capacity, fraction, min_reward)`` of a `SelfImitationStore` whose replays join each
+            batch (``buffer.self_imitation``); None: no replay.
+        seed: seed of the self-imitation draws.
 
     Raises:
         ValueError: on an empty group.
     """
 
     def __init__(self, capacity_groups: int = 100_000, dynamic_sampling: bool = False,
-                 value_tracker_discount: float | None = None, prioritized: bool = False) -> None:
+                 value_tracker_discount: float | None = None, prioritized: bool = False,
+                 self_imitation: tuple[int, float, float] | None = None, seed: int = 0) -> None:
         self.capacity_groups = capacity_groups
+        self.sil = SelfImitationStore(*self_imitation, seed=seed) if self_imitation else None
         self.filter = ZeroVarianceFilter() if dynamic_sampling else None
         self.values = PromptValueTracker(value_tracker_discount) if value_tracker_discount else None
         self.prioritized = prioritized
@@ -75,6 +85,8 @@ class ReplayBuffer:
                 f"refusing {len(groups)} more rather than dropping data"
             )
         kept = []
+        if self.sil is not None:  # every arriving group updates its prompt's value, filtered ones too
+            self.sil.observe(groups)
         for g in groups:
             if self.values is not None:
                 b = self.values.baseline_then_update(g[0].prompt_id, scored_rewards(g))
@@ -134,7 +146,9 @@ class ReplayBuffer:
         """Remove and return up to ``num_groups`` fresh-enough groups, oldest (or highest-priority) first.
 
         Groups with a token older than policy version ``min_version`` are dropped and counted.
-        Returns ``(groups, stats)``; ``groups`` is shorter than asked when the buffer runs out.
+        Returns ``(groups, stats)``; ``groups`` is shorter than asked when the buffer runs out. With a
+        self-imitation store, replayed samples follow as one-sample groups (`SelfImitationStore.draw`, drawn before
+        this batch's successes are stored) and ``stats.replayed_ids`` names their groups.
         ``stats.metrics``: dropped count and fraction, staleness (``learner_version`` minus each
         sample's oldest token version) mean/max and histogram (``off_policy/staleness_frac_<lag>`` for
         lag 0..learner_version-min_version); ``stats.group_ids``: the groups handed out.
@@ -167,10 +181,16 @@ class ReplayBuffer:
         }
         if self.filter is not None:
             metrics.update(self.filter.metrics())
+        replayed: list[Sample] = []
+        if self.sil is not None:
+            replayed = self.sil.draw(taken)
+            self.sil.store(out)
+            metrics.update(self.sil.metrics(len(replayed), taken))
         # staleness histogram: fraction of trained samples at each lag 0..learner_version - min_version
         for lag in range(learner_version - min_version + 1):
             metrics[f"off_policy/staleness_frac_{lag}"] = lags.count(lag) / taken if taken else 0.0
-        return out, BatchStats(metrics, tuple(g[0].group_id for g in out))
+        return out + [[s] for s in replayed], BatchStats(metrics, tuple(g[0].group_id for g in out),
+                                                         tuple(s.group_id for s in replayed))
 
     def state_dict(self) -> dict:
         """Everything needed to resume: held groups and drop counters."""
@@ -181,6 +201,7 @@ class ReplayBuffer:
             "filter": self.filter.state_dict() if self.filter else None,
             "values": self.values.state_dict() if self.values else None,
             "taken_ids": sorted(self._taken_ids),
+            "self_imitation": self.sil.state_dict() if self.sil else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -193,3 +214,5 @@ class ReplayBuffer:
             self.filter.load_state_dict(state["filter"])
         if self.values is not None and state.get("values"):
             self.values.load_state_dict(state["values"])
+        if self.sil is not None and state.get("self_imitation"):
+            self.sil.load_state_dict(state["self_imitation"])

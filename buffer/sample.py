@@ -41,6 +41,9 @@ class Sample:
         turn_rewards: per-turn rewards of a multi-turn episode (``reward`` is their sum; the response then
             interleaves sampled tokens with observation tokens, the latter at loss mask 0); empty for a
             single-turn sample.
+        replayed: a self-imitation replay of a sample trained at an earlier step (`buffer.self_imitation`); its
+            ``baseline`` is then its prompt's value estimate at the replay, and the learner trains it with the
+            self-imitation term only.
     """
 
     prompt_id: str
@@ -58,6 +61,7 @@ class Sample:
     baseline: float | None = None
     error: str = ""
     turn_rewards: list[float] = field(default_factory=list)
+    replayed: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)

@@ -19,6 +19,7 @@ from base.adapter import LoraSpec
 from base.config import StrictConfig, tagged_union
 from learner.advantages import ADVANTAGE_ESTIMATORS, GrpoAdvantageConfig
 from learner.losses import POLICY_LOSSES, PpoTisLossConfig
+from learner.self_imitation import SelfImitationLossConfig
 
 
 LossConfig = tagged_union("learner.loss", [e.config for e in POLICY_LOSSES.values()], PpoTisLossConfig)
@@ -50,6 +51,10 @@ class LearnerConfig(StrictConfig):
         default_factory=PpoTisLossConfig, description="policy loss / off-policy correction and its knobs, chosen by "
         "type (learner.losses.POLICY_LOSSES; 'ppo' has no behaviour correction); a bare name gives its defaults")
     kl_coef: float = Field(0.0, ge=0.0, description="KL-to-reference weight (0: no reference model)")
+    self_imitation: SelfImitationLossConfig = Field(
+        default_factory=SelfImitationLossConfig, description="the self-imitation term on replayed samples (Oh et al. "
+        "2018: -(R - V)+ log pi, no importance ratio; learner.self_imitation), when buffer.self_imitation.fraction "
+        "> 0")
     ppo_minibatches: int = Field(1, ge=1, le=1024, description="optimizer steps per batch (PPO minibatches)")
     prox_logprobs: Literal["recompute", "loglinear"] = Field(
         "recompute", description="pi_prox for minibatches after the first: learner forward pass, or "

@@ -191,6 +191,10 @@ class LearnerWorker(LearnerCheckpoints, LearnerSnapshots, LearnerWeightPush):
         (`learner.batching.restrict_plan`): their gradient is exactly 0, and their tokens still count in
         the normaliser, so the update is the same up to floating-point summation order.
 
+        Self-imitation replays (one-sample groups marked ``replayed``, after the fresh groups:
+        `buffer.ReplayBuffer.take_batch`) take no part in the advantages, the policy loss or the batch metrics; each
+        is trained with the self-imitation term only (`learner.self_imitation`), its tokens in the same normaliser.
+
         Returns this rank's metrics, each with its cross-rank reduction (`learner.metrics.Metrics`):
         token-weighted means over this rank's micro-batches that ran; ``learner/tokens``: loss tokens of
         this rank's share, skipped samples included; ``learner/skipped_sample_frac``: samples of the batch
@@ -200,7 +204,10 @@ class LearnerWorker(LearnerCheckpoints, LearnerSnapshots, LearnerWeightPush):
             ValueError: too few samples for ``ppo_minibatches``, or a sample longer than
                 ``max_tokens_per_microbatch`` (`learner.batching.plan_microbatches`).
         """
+        import torch
+
         from learner.batching import BatchShape, plan_microbatches, prox_schedule, restrict_plan
+        from learner.self_imitation import sil_advantages
         from learner.step import TokenWeightedMeans, batch_metrics, recompute_prox, step_advantages
 
         t0 = time.perf_counter()
@@ -208,19 +215,26 @@ class LearnerWorker(LearnerCheckpoints, LearnerSnapshots, LearnerWeightPush):
         c, W, M = self.cfg, self.world_size, self.cfg.ppo_minibatches
         shape = BatchShape.of(batch)
         plan = plan_microbatches(shape, W, M, c.micro_batch_size, c.max_tokens_per_microbatch, c.shared_prefix)
-        prep = step_advantages(batch, version, c.advantage, c.staleness_decay)
+        fresh = [g for g in batch if not g[0].replayed]  # the replays follow the fresh groups
+        n_fresh = sum(len(g) for g in fresh)
+        assert not any(s.replayed for s in samples[:n_fresh]), "replayed samples must follow the fresh groups"
+        prep = step_advantages(fresh, version, c.advantage, c.staleness_decay)
+        advantages = prep.advantages + [0.0] * (len(samples) - n_fresh)
+        sil = [0.0] * n_fresh + sil_advantages(torch.tensor([s.reward for s in samples[n_fresh:]]),
+                                               torch.tensor([s.baseline or 0.0 for s in samples[n_fresh:]]),
+                                               c.self_imitation.max_advantage).tolist()
         normalizers = self._normalizers(plan, samples)  # over all samples, before any is skipped
         my_tokens = sum(sum(samples[i].loss_mask) for mb in plan[self.rank] for micro in mb for i in micro)
         keep = [True] * len(samples)
         if c.skip_zero_advantage and c.kl_coef == 0:  # a zero advantage is a zero gradient under every loss
-            keep = [a != 0.0 for a in prep.advantages]
+            keep = [a != 0.0 or b > 0.0 for a, b in zip(advantages, sil)]
             plan = restrict_plan(plan, shape, keep, c.micro_batch_size, c.max_tokens_per_microbatch, c.shared_prefix)
         skipped_before = self.engine.skipped_steps
         prox_exact = None
         if M > 1 and c.prox_logprobs == "recompute":
             prox_exact = recompute_prox(lambda mb: self._forward(self.engine, mb)[0], samples,
                                         prox_schedule(plan, self.rank))
-        means, loss_total = TokenWeightedMeans(), 0.0
+        means, loss_total, sil_totals = TokenWeightedMeans(), 0.0, {"learner/sil_loss": 0.0, "learner/sil_tokens": 0.0}
         for k in range(M):
             normalizer, passes = normalizers[k], plan[self.rank][k]
             for j, idx in enumerate(passes):
@@ -230,11 +244,18 @@ class LearnerWorker(LearnerCheckpoints, LearnerSnapshots, LearnerWeightPush):
                     self._train_pass([samples[0]], [0.0], None, k, version, normalizer, padding=True)
                     continue
                 exact = [prox_exact[i] for i in idx] if prox_exact is not None else None
-                loss, met = self._train_pass([samples[i] for i in idx], [prep.advantages[i] for i in idx], exact,
-                                             k, version, normalizer)
+                loss, met = self._train_pass([samples[i] for i in idx], [advantages[i] for i in idx], exact,
+                                             k, version, normalizer, sil=[sil[i] for i in idx])
+                if "learner/sil_loss" in met:  # the term's share of the batch loss, as learner/loss below
+                    sil_totals["learner/sil_loss"] += met.pop("learner/sil_loss") / (self.gas * W * M)
+                    sil_totals["learner/sil_tokens"] += met.pop("learner/sil_tokens")
+                    met.pop("learner/sil_advantage_mean")  # a micro-batch's; not weighted by the fresh tokens
                 means.add(met, met.pop("learner/tokens"))
                 loss_total += loss / (self.gas * W * M)  # this rank's share of the mean over minibatches
-        out = self._step_metrics(means, loss_total, skipped_before, t0, batch_metrics(samples, prep, self.rank == 0))
+        out = self._step_metrics(means, loss_total, skipped_before, t0,
+                                 batch_metrics(samples[:n_fresh], prep, self.rank == 0))
+        if n_fresh < len(samples):  # this rank's share: the sums over ranks are the batch's
+            out.put(Reduce.SUM, sil_totals)
         out.put(Reduce.SUM, {"learner/tokens": my_tokens})  # the loss's tokens on this rank, skipped samples included
         out.put(Reduce.FIRST, {"learner/skipped_sample_frac": 1.0 - sum(keep) / len(samples)})  # same on every rank
         return out
@@ -254,16 +275,20 @@ class LearnerWorker(LearnerCheckpoints, LearnerSnapshots, LearnerWeightPush):
         return out
 
     def _train_pass(self, mb: list, adv: list[float], exact: list | None, k: int, version: int, normalizer: float,
-                    padding: bool = False) -> tuple[float, dict[str, float]]:
-        """Forward, policy loss (+ KL to the reference), backward and ``engine.step()`` of one
-        micro-batch ``mb`` with ``[B]`` (weighted) advantages ``adv``; the optimizer steps only at the
+                    padding: bool = False, sil: list[float] | None = None) -> tuple[float, dict[str, float]]:
+        """Forward, policy loss (+ KL to the reference, + the self-imitation term), backward and ``engine.step()``
+        of one micro-batch ``mb`` with ``[B]`` (weighted) advantages ``adv``; the optimizer steps only at the
         boundary the caller set. ``exact``: recomputed pi_prox per sample (``[R_i]``) or None; ``k``:
         PPO minibatch index; ``normalizer``: the minibatch loss denominator over GAS and world size;
-        ``padding``: a zero-weighted pass (loss times 0). Returns the loss value and the loss metrics
-        (``learner/tokens``: trained tokens in ``mb``)."""
+        ``padding``: a zero-weighted pass (loss times 0); ``sil``: ``[B]`` self-imitation advantages (0 for fresh
+        samples). The policy loss sees the fresh samples' tokens only, the self-imitation term
+        (`learner.self_imitation.self_imitation_loss`) the replayed ones'. Returns the loss value and the loss
+        metrics (``learner/tokens``: trained tokens of fresh samples in ``mb``; ``learner/sil_*`` when ``mb`` holds
+        replays)."""
         import torch
 
         from learner.losses import PolicyLossInput, k3_kl_penalty, policy_loss
+        from learner.self_imitation import self_imitation_loss
         from learner.step import later_minibatch_prox, padded_field
 
         c = self.cfg
@@ -276,9 +301,15 @@ class LearnerWorker(LearnerCheckpoints, LearnerSnapshots, LearnerWeightPush):
             versions = padded_field(mb, "policy_versions", logprobs, float(version))
             prox, extra = later_minibatch_prox(logprobs.detach(), beh, versions, mask, version,
                                                k / c.ppo_minibatches, exact)
-        inp = PolicyLossInput(logprobs, prox, beh, torch.tensor(adv, device=logprobs.device), mask, normalizer,
-                              entropy=entropy)
+        replayed = torch.tensor([float(s.replayed) for s in mb], device=logprobs.device, dtype=mask.dtype)[:, None]
+        inp = PolicyLossInput(logprobs, prox, beh, torch.tensor(adv, device=logprobs.device), mask * (1 - replayed),
+                              normalizer, entropy=entropy)
         loss, met = policy_loss(inp, c.loss)
+        if bool(replayed.any()):  # no importance ratio: see learner.self_imitation
+            term, sil_met = self_imitation_loss(logprobs, mask * replayed, torch.tensor(sil, device=logprobs.device),
+                                                c.self_imitation.coef, normalizer)
+            loss = loss + term
+            met.update(sil_met)
         met.update(extra)
         met["learner/entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1.0))
         met.update(token_quantiles(entropy, mask, "learner/entropy"))  # p10/p50/p90 on trained tokens

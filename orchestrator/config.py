@@ -112,6 +112,11 @@ class RunConfig(StrictConfig):
     time_budget_s: float = Field(
         0.0, ge=0.0, description="stop after the first step that ends past this many seconds (0: none)")
     eval_max_tokens: int | None = Field(None, ge=1, description="eval max tokens (None: rollout's)")
+    eval_pass_k_problems: int = Field(
+        50, ge=0, le=100_000, description="held-out pass@k at every eval on the first N held-out problems, sampled k "
+        "times each at rollout.temperature in the greedy eval's engine calls (0: off)")
+    eval_pass_k: int | None = Field(None, ge=1, le=1024, description="k of held-out pass@k: samples per problem "
+                                    "(None: rollout.group_size)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the policy model: where its weights come from")
     data: DataConfig = Field(default_factory=DataConfig, description="prompts and reference answers: training and "
                              "held-out problems")
@@ -159,6 +164,16 @@ class RunConfig(StrictConfig):
     @model_validator(mode="after")
     def _reward_models_named(self) -> RunConfig:
         check_reward_models(self.reward_models, self.rollout.rewards, self.rollout.reward_timeout_s)
+        return self
+
+    @model_validator(mode="after")
+    def _replay_needs_its_term(self) -> RunConfig:
+        """Replayed samples train with the self-imitation term only: a weight of 0 would replay for nothing."""
+        if self.buffer.self_imitation.fraction > 0 and self.learner.self_imitation.coef == 0:
+            raise ValueError(f"buffer.self_imitation.fraction = {self.buffer.self_imitation.fraction:g} replays "
+                             "samples that only learner.self_imitation's term trains, but "
+                             "learner.self_imitation.coef = 0: set the coef > 0 (e.g. 1.0) or "
+                             "buffer.self_imitation.fraction = 0")
         return self
 
     @model_validator(mode="after")

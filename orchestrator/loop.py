@@ -41,7 +41,7 @@ from orchestrator.control import start_control
 from orchestrator.dispatch import Dispatcher
 from orchestrator.failover import LearnerFailover, LearnerLost, rank_died
 from orchestrator.learner_step import LearnerStep, SkippedSteps
-from orchestrator.metrics import MetricsLogger, held_out_metrics
+from orchestrator.metrics import MetricsLogger, held_out_metrics, pass_k_metrics
 from orchestrator.models import model_source, module_names, resolve_model_path
 from orchestrator.placement import (SlotPlacement, learner_bundle, on_driver_node, release, reserve,
                                     reward_model_bundle, rollout_bundle, scheduling, wait_for_resources)
@@ -91,7 +91,9 @@ class Trainer:
         self.buffer = ray.remote(ReplayBuffer).options(name=buffer_name, num_cpus=0,
                                                        scheduling_strategy=on_driver_node()).remote(
             dynamic_sampling=bc.dynamic_sampling, prioritized=bc.prioritized_replay,
-            value_tracker_discount=bc.value_tracker_discount if bc.value_tracker else None)
+            value_tracker_discount=bc.value_tracker_discount if bc.value_tracker else None,
+            self_imitation=(si.capacity, si.fraction, si.min_reward) if (si := bc.self_imitation).fraction else None,
+            seed=cfg.seed)
         self.learner_pg = reserve([learner_bundle(cfg)] * lc.num_learners,
                                   lc.placement_strategy, lc.node_labels, cfg.ray.placement_timeout_s, "the learner ranks")
         # the model by content, so actors on nodes that cannot see model_path get a copy of their own
@@ -190,15 +192,21 @@ class Trainer:
 
     def evaluate(self, version: int) -> dict[str, float]:
         """Greedy held-out accuracy (strict exact match) with weights of ``version`` or newer, its standard
-        error, and its paired gain over the start policy's eval (`metrics.held_out_metrics`)."""
+        error, and its paired gain over the start policy's eval (`metrics.held_out_metrics`); with
+        ``eval_pass_k_problems`` also pass@k on that many of the problems, sampled in the same engine calls
+        (`metrics.pass_k_metrics`)."""
         if not self.eval_problems:
             return {}
-        rc = self.cfg.rollout
+        rc, n_pass = self.cfg.rollout, min(self.cfg.eval_pass_k_problems, len(self.eval_problems))
+        k = self.cfg.eval_pass_k or rc.group_size
         t0 = time.perf_counter()
         # one request per worker, which may first wait for the weights of `version`
-        correct = self.rollout.evaluate(self.eval_problems, version, self.cfg.eval_max_tokens or rc.max_tokens,
-                                        rc.request_timeout_s + rc.weight_wait_timeout_s)
-        m = held_out_metrics(correct, self.eval_start)
+        args = (version, self.cfg.eval_max_tokens or rc.max_tokens, rc.request_timeout_s + rc.weight_wait_timeout_s)
+        if n_pass:
+            correct, counts = self.rollout.evaluate_pass_k(self.eval_problems, n_pass, k, *args)
+        else:
+            correct, counts = self.rollout.evaluate(self.eval_problems, *args), []
+        m = {**held_out_metrics(correct, self.eval_start), **pass_k_metrics(counts, k, k)}
         if self.eval_start is None:
             self.eval_start = correct
         return {**m, "eval/seconds": time.perf_counter() - t0}
@@ -360,7 +368,7 @@ class Trainer:
             m.update(self.sentinel.finish(step.probe, cfg.learner.step_timeout_s))
         stats = ray.get(step.stats_ref, timeout=60)
         m.update(stats.metrics)
-        self.metrics_log.audit(self.version + 1, list(stats.group_ids))
+        self.metrics_log.audit(self.version + 1, list(stats.group_ids), list(stats.replayed_ids))
         self.staleness.advance()
         self.dispatcher.start_clocks()
         m.update(self.weight_sync.push(self.version))

@@ -54,6 +54,41 @@ def held_out_metrics(correct: list[bool], start: list[bool] | None) -> dict[str,
     return out
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``n`` samples of one problem, ``c`` of them correct: the probability that
+    ``k`` samples drawn without replacement from the ``n`` hold at least one correct, ``1 - C(n - c, k) / C(n, k)``
+    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", eq. 1). With ``n == k`` it is 1 if any
+    sample is correct, else 0.
+
+    Raises:
+        ValueError: not ``0 <= c <= n`` and ``1 <= k <= n``.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n = {n}, c = {c}, k = {k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_k_metrics(counts: list[int], n: int, k: int) -> dict[str, float]:
+    """Held-out pass@k over problems sampled ``n`` times each at the rollout temperature, ``counts[i]`` of problem
+    ``i``'s samples correct (strict exact match): the mean of `pass_at_k` over problems and its standard error
+    ``std / sqrt(m)`` (sample std, ``m - 1``; 0 for one problem), the mean per-sample accuracy ``c / n`` (pass@1
+    at the rollout temperature), ``k`` and the problems ``m``. Keys: ``eval/pass@k``, ``eval/pass@k_se``,
+    ``eval/sampled_accuracy``, ``eval/pass_k_k``, ``eval/pass_k_problems`` (accuracy units, 0-1). Empty ``counts``:
+    no keys.
+
+    Raises:
+        ValueError: a count outside ``0..n``, or ``k`` outside ``1..n`` (`pass_at_k`).
+    """
+    m = len(counts)
+    if m == 0:
+        return {}
+    p = [pass_at_k(n, c, k) for c in counts]
+    mean = sum(p) / m
+    var = sum((x - mean) ** 2 for x in p) / (m - 1) if m > 1 else 0.0
+    return {"eval/pass@k": mean, "eval/pass@k_se": math.sqrt(var / m), "eval/sampled_accuracy": sum(counts) / (m * n),
+            "eval/pass_k_k": float(k), "eval/pass_k_problems": float(m)}
+
+
 def gain_line(accuracy: float, gain: float, gain_se: float | None, n: int) -> str:
     """The line a run ends with: held-out accuracy start -> end, the gain in points and in paired standard
     errors (`held_out_metrics`), e.g. ``held-out accuracy 0.455 -> 0.580: +12.5 points, 3.9 standard errors
@@ -103,9 +138,12 @@ class MetricsLogger:
         if wandb_cfg is not None and wandb_cfg.wandb_project:
             self._wandb = start_wandb(wandb_cfg, self.run_dir, run_config or {})
 
-    def audit(self, step: int, group_ids: list[str]) -> None:
-        """Record which groups (prompt dispatches) step ``step`` trained on (``trained_groups.jsonl``)."""
-        self._audit.write(json.dumps({"step": step, "groups": group_ids}) + "\n")
+    def audit(self, step: int, group_ids: list[str], replayed: list[str] | None = None) -> None:
+        """Record which groups (prompt dispatches) step ``step`` trained on (``trained_groups.jsonl``) and, apart
+        under ``replayed``, the groups of its self-imitation replays (trained before; no key when there are none),
+        so "every dispatched group is trained once" still reads off ``groups``."""
+        rec = {"step": step, "groups": group_ids, **({"replayed": replayed} if replayed else {})}
+        self._audit.write(json.dumps(rec) + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Record ``metrics`` at ``step``; returns the record written (with step and elapsed time)."""

@@ -203,33 +203,36 @@ class VLLMEngine:
         prompt_token_ids: list[list[int]],
         n: int | list[int],
         max_tokens: int,
-        temperature: float = 1.0,
+        temperature: float | list[float] = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[list[Completion]]:
-        """Sample ``n`` responses for each prompt.
+        """Sample ``n`` responses for each prompt, all in one engine call.
 
         Args:
             prompt_token_ids: P prompts as token id lists (chat template already applied).
             n: samples per prompt (the group size), or one count per prompt.
             max_tokens: max generated tokens per sample.
-            temperature, top_p: sampling parameters.
+            temperature: sampling temperature, or one per prompt (e.g. a held-out eval's greedy requests beside its
+                sampled ones); top_p: sampling parameter.
             seed: per-request sampling seed (None: engine RNG).
 
         Returns:
             P lists of ``n`` `Completion` s, in prompt order.
 
         Raises:
-            ValueError: a list ``n`` whose length differs from the number of prompts.
+            ValueError: a list ``n`` or ``temperature`` whose length differs from the number of prompts.
         """
         from vllm import SamplingParams
 
         counts = n if isinstance(n, list) else [n] * len(prompt_token_ids)
-        if len(counts) != len(prompt_token_ids):
-            raise ValueError(f"got {len(counts)} group sizes for {len(prompt_token_ids)} prompts")
-        by_n = {k: SamplingParams(n=k, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                                  seed=seed) for k in set(counts)}
-        params = [by_n[k] for k in counts]
+        temps = temperature if isinstance(temperature, list) else [temperature] * len(prompt_token_ids)
+        if len(counts) != len(prompt_token_ids) or len(temps) != len(prompt_token_ids):
+            raise ValueError(f"got {len(counts)} group sizes and {len(temps)} temperatures for "
+                             f"{len(prompt_token_ids)} prompts")
+        by_n = {(k, t): SamplingParams(n=k, max_tokens=max_tokens, temperature=t, top_p=top_p, logprobs=0,
+                                       seed=seed) for k, t in set(zip(counts, temps))}
+        params = [by_n[k, t] for k, t in zip(counts, temps)]
         outs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompt_token_ids], params, use_tqdm=False, lora_request=self.lora_request
         )

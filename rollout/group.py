@@ -260,3 +260,29 @@ class RolloutGroup:
         for i, r in enumerate(results):
             correct[i::k] = r
         return correct
+
+    def evaluate_pass_k(self, problems: list[Problem], pass_problems: int, k: int, min_version: int, max_tokens: int,
+                        timeout_s: float) -> tuple[list[bool], list[int]]:
+        """`evaluate`, and ``k`` episodes at ``rollout.temperature`` for each of the first ``pass_problems`` problems,
+        sampled in the same engine calls as the greedy ones (`RolloutWorker.evaluate_pass_k`), split across active
+        workers.
+
+        Returns:
+            ``(correct, counts)``: greedy correctness per problem, in ``problems``' order; for each of the first
+            ``pass_problems`` problems, in order, how many of its ``k`` samples were correct (0..k).
+
+        Raises:
+            ray.exceptions.GetTimeoutError: the workers did not answer within ``timeout_s`` seconds.
+        """
+        import ray
+
+        ws = [self.slots[i] for i in self.active]
+        w = len(ws)
+        refs = [ws[i].evaluate_pass_k.remote(problems[i::w], [j < pass_problems for j in range(i, len(problems), w)],
+                                             k, min_version, max_tokens) for i in range(w)]
+        results = ray.get(refs, timeout=timeout_s)
+        correct, counts = [False] * len(problems), [0] * min(pass_problems, len(problems))
+        for i, (c, n) in enumerate(results):
+            correct[i::w] = c
+            counts[i::w] = n  # worker i's sampled problems are i, i + w, ... below pass_problems
+        return correct, counts

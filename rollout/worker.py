@@ -263,10 +263,11 @@ class RolloutWorker:
             turns=sum(len(e.texts) for e in flat), reward_terms=_reward_terms(flat))
 
     def _play(self, problems: list[Problem], sizes: list[int], min_version: int, seed: int | None,
-              temperature: float, max_tokens: int):
+              temperature: float, max_tokens: int, greedy_groups: int = 0):
         """Play ``sizes[i]`` episodes of ``problems[i]`` from one reset seed; returns ``(episodes,
         seconds spent loading staged weights)``. Staged weights load between turns (and every
-        ``update_interval_tokens`` inside one)."""
+        ``update_interval_tokens`` inside one). With ``greedy_groups = G > 0`` the first G groups are played at
+        temperature 0 and the others at ``temperature``, in the same engine calls (`_mixed_sample`)."""
         from rollout.envs import make_environment
         from rollout.episode import Episode, run_episodes
 
@@ -275,6 +276,8 @@ class RolloutWorker:
         calls = [0]
 
         def sample(prompts, n, budget):
+            if greedy_groups:
+                return self._mixed_sample(episodes[:greedy_groups], prompts, n, budget, temperature)
             if temperature == 0.0 and max(n) > 1:  # greedy: vLLM takes n = 1 only; equal contexts go one by one
                 outs, vers = sample([p for p, k in zip(prompts, n) for _ in range(k)], [1] * sum(n), budget)
                 at = [sum(n[:i]) for i in range(len(n) + 1)]
@@ -299,15 +302,61 @@ class RolloutWorker:
             load_seconds = self._load_seconds - loaded_before
         return episodes, load_seconds
 
+    def _mixed_sample(self, greedy: list, prompts: list[list[int]], n: list[int], budget: int, temperature: float):
+        """The sample function of a `_play` with greedy groups: one engine call in which, for each context, the
+        samples of the greedy episodes (the running episodes of ``greedy`` whose ids so far equal it) are requested
+        at temperature 0, one request each (vLLM's greedy takes n = 1), and the rest at ``temperature``. The greedy
+        groups come first in `_play`'s groups, so their episodes come first in each context's episodes
+        (`rollout.episode.run_episodes` keeps the episodes' order) and take the first completions."""
+        from collections import Counter
+
+        at_zero = Counter(tuple(e.prompt_ids + e.response_ids) for g in greedy for e in g if e.status == "running")
+        ps, ks, ts, parts = [], [], [], []
+        for p, k in zip(prompts, n):
+            g = min(at_zero.get(tuple(p), 0), k)
+            reqs = [(1, 0.0)] * g + ([(k - g, temperature)] if k > g else [])
+            ps += [p] * len(reqs)
+            ks += [r[0] for r in reqs]
+            ts += [r[1] for r in reqs]
+            parts.append(len(reqs))
+        self._apply_pending()
+        outs = self.engine.generate(ps, ks, budget, ts, self.cfg.top_p, None)
+        grouped, at = [], 0
+        for m in parts:
+            grouped.append([x for o in outs[at:at + m] for x in o])
+            at += m
+        return grouped, [[[self.version] * len(x.token_ids) for x in g] for g in grouped]
+
     def evaluate(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[bool]:
         """One greedy (temperature 0) episode per problem, at most ``max_tokens`` tokens per turn; returns
         whether each was correct, as its environment says (single-turn: strict exact match)."""
         return [t["correct"] for t in self.greedy_transcripts(problems, min_version, max_tokens)]
 
-    def greedy_transcripts(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[dict]:
-        """The greedy episodes of `evaluate`, as records to read: per problem ``turns`` (the assistant's decoded
-        turns, in order), ``reward`` (the episode's, unitless), ``correct`` and ``status``. Generates with
-        ``rollout.eval_num_threads`` threads when set (the learner waits for the eval, so its core is free)."""
+    def evaluate_pass_k(self, problems: list[Problem], sampled: list[bool], k: int, min_version: int,
+                        max_tokens: int) -> tuple[list[bool], list[int]]:
+        """`evaluate` and, for each problem with ``sampled[i]``, ``k`` episodes at ``rollout.temperature`` (the
+        data pass@k is estimated from, `orchestrator.metrics.pass_k_metrics`), in the same engine calls.
+
+        Returns:
+            ``(correct, counts)``: the greedy episode's correctness per problem, and per sampled problem (in
+            ``problems``' order) how many of its ``k`` episodes were correct (0..k).
+
+        Raises:
+            ValueError: ``sampled`` and ``problems`` differ in length, or ``k`` < 1.
+        """
+        if len(sampled) != len(problems) or k < 1:
+            raise ValueError(f"evaluate_pass_k: {len(sampled)} sampled flags for {len(problems)} problems, k = {k} "
+                             "(one flag per problem, k >= 1)")
+        chosen = [p for p, s in zip(problems, sampled) if s]
+        episodes = self._eval_play(problems, chosen, k, min_version, max_tokens)
+        return ([g[0].correct for g in episodes[:len(problems)]],
+                [sum(e.correct for e in g) for g in episodes[len(problems):]])
+
+    def _eval_play(self, problems: list[Problem], sampled: list[Problem], k: int, min_version: int,
+                   max_tokens: int) -> list:
+        """One greedy episode per problem of ``problems`` (its groups first), then ``k`` at the rollout temperature
+        per problem of ``sampled``, with ``rollout.eval_num_threads`` threads when set (the learner waits for the
+        eval, so its core is free); returns the groups of episodes."""
         import torch
 
         threads = self.cfg.eval_num_threads or max(1, int(self.cfg.num_cpus))
@@ -315,9 +364,21 @@ class RolloutWorker:
         before = torch.get_num_threads()
         torch._C.set_num_threads(threads)
         try:
-            episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
+            if not sampled:
+                episodes, *_ = self._play(problems, [1] * len(problems), min_version, None, 0.0, max_tokens)
+            else:
+                episodes, *_ = self._play(list(problems) + list(sampled), [1] * len(problems) + [k] * len(sampled),
+                                          min_version, None, self.cfg.temperature, max_tokens,
+                                          greedy_groups=len(problems))
         finally:
             torch._C.set_num_threads(before)
+        return episodes
+
+    def greedy_transcripts(self, problems: list[Problem], min_version: int, max_tokens: int) -> list[dict]:
+        """The greedy episodes of `evaluate`, as records to read: per problem ``turns`` (the assistant's decoded
+        turns, in order), ``reward`` (the episode's, unitless), ``correct`` and ``status``. Generates with
+        ``rollout.eval_num_threads`` threads when set (the learner waits for the eval, so its core is free)."""
+        episodes = self._eval_play(problems, [], 0, min_version, max_tokens)
         return [{"prompt_id": p.prompt_id, "turns": list(g[0].texts), "reward": g[0].reward,
                  "correct": g[0].correct, "status": g[0].status} for p, g in zip(problems, episodes)]
 

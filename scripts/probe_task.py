@@ -12,8 +12,8 @@ with its system prompt, one-shot demo, instruction or a conversational row's own
   ``sampled_reward_mean`` (the weighted reward the learner would train on, over the samples whose reward
   functions did not fail), ``reward/<name>`` (each function's unweighted mean over the samples it applied to),
   ``reward_failures`` (samples a function failed), ``sampled_correct_frac`` and ``pass_at_n`` (strict
-  correctness), and ``mixed_group_frac``: the groups whose rewards differ, the only ones with non-zero GRPO
-  advantage.
+  correctness; `orchestrator.metrics.pass_at_k`, as ``eval/pass@k``), and ``mixed_group_frac``: the groups whose
+  rewards differ, the only ones with non-zero GRPO advantage.
 
     .venv/bin/python scripts/probe_task.py deploy/examples/gsm_symbolic_smollm2.toml [overrides] \
         --eval 100 --groups 32 [--transcripts 5]
@@ -54,6 +54,7 @@ def probe(cfg, worker, eval_problems: int, groups: int, transcripts: int = 0) ->
         ValueError: ``groups`` < 1, or the worker's buffer is not a `_Kept`.
     """
     from buffer import GenerateRequest, scored_rewards
+    from orchestrator.metrics import pass_at_k
     from rollout.tasks import load_problems
 
     if groups < 1:
@@ -89,7 +90,8 @@ def probe(cfg, worker, eval_problems: int, groups: int, transcripts: int = 0) ->
         **{f"reward/{name}": (s / n if n else None) for name, (s, n, _) in sorted(terms.items())},
         "reward_failures": reward_failures,
         "sampled_correct_frac": sum(s.correct for s in samples) / len(samples),
-        "pass_at_n": sum(any(s.correct for s in g) for g in sampled) / len(sampled), "n": rc.group_size,
+        "pass_at_n": sum(pass_at_k(len(g), sum(s.correct for s in g), len(g)) for g in sampled) / len(sampled),
+        "n": rc.group_size,
         "mixed_group_frac": sum(len(r) > 1 and min(r) < max(r) for r in rewards) / len(rewards),
         "groups": len(sampled),
         **({"turns_per_episode": turns / len(samples), "env_and_tool_failures": env_failures} if multi_turn else {}),

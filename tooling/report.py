@@ -80,6 +80,8 @@ def _render(run: str, recs: list[dict], steps: list[dict], out: Path) -> list[st
     for ax, x, label in ((axes[0], "step", "step"), (axes[1], "time/elapsed_s", "wall clock (s)")):
         ax.plot(*_series(steps, "rollout/reward_mean", x), marker=".", label="batch reward (T=1)")
         ax.plot(*_series(recs, "eval/accuracy", x), marker="o", label="held-out accuracy (greedy)")
+        if any(r.get("eval/pass@k") is not None for r in recs):  # a run that sampled held-out pass@k
+            ax.plot(*_series(recs, "eval/pass@k", x), marker="s", label=f"held-out pass@{_pass_k(recs)}")
         ax.set_xlabel(label)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -138,6 +140,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _pass_k(recs: list[dict]) -> str:
+    """The k of the run's held-out pass@k (``eval/pass_k_k`` of its last eval that has one), as text."""
+    ks = [r["eval/pass_k_k"] for r in recs if r.get("eval/pass_k_k") is not None]
+    return f"{ks[-1]:.0f}" if ks else "k"
+
+
 def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -145,6 +153,8 @@ def _num(v) -> str:
 def _summary(run: str, recs: list[dict], steps: list[dict], path: Path) -> Path:
     summary, config = (json.loads(_read(run, name) or "{}") for name in ("summary.json", "config.json"))
     evals = [(r["step"], r["eval/accuracy"]) for r in recs if r.get("eval/accuracy") is not None]
+    passes = [(r["step"], r["eval/pass@k"], r.get("eval/pass_k_problems") or 0) for r in recs
+              if r.get("eval/pass@k") is not None]
     last = steps[-1]
 
     def mean(key: str) -> str:
@@ -155,6 +165,8 @@ def _summary(run: str, recs: list[dict], steps: list[dict], path: Path) -> Path:
         f"# {storage.basename(run)}", "", f"- run: {run}", _config_line(config),
         f"- steps: {last['step']} ({'finished' if summary else 'not finished'}), wall clock {last['time/elapsed_s']:.0f} s",
         "- held-out accuracy: " + (", ".join(f"{a:.3f} @ step {s}" for s, a in evals) or "-"),
+        *([f"- held-out pass@{_pass_k(recs)} ({passes[0][2]:.0f} problems): "
+           + ", ".join(f"{a:.3f} @ step {s}" for s, a, _ in passes)] if passes else []),
         f"- batch reward: first {_num(steps[0].get('rollout/reward_mean'))}, last {_num(last.get('rollout/reward_mean'))}",
         f"- mean step seconds {mean('perf/step_seconds')}, rollout tokens/s {mean('perf/rollout_tokens_per_s')}, "
         f"learner tokens/s {mean('perf/learner_tokens_per_s')}",

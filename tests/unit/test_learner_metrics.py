@@ -13,6 +13,7 @@ from learner.group import LearnerGroup
 from learner.metrics import Metrics, Reduce, merge
 from learner.worker import LearnerWorker
 from orchestrator.config import RunConfig
+from engine_stand_in import StandInEngine
 
 
 def _rank(tokens: float, loss: float, clipfrac: float, seconds: float, grad_norm: float, rollout: bool) -> Metrics:
@@ -81,24 +82,6 @@ def _table_reduction(key: str) -> Reduce:
     return Reduce.TOKEN_MEAN
 
 
-class _Engine:
-    """What `LearnerWorker.train_step` uses of a DeepSpeed engine (no optimizer step, no collectives)."""
-
-    def __init__(self, model) -> None:
-        self.module, self.device, self.skipped_steps = model, torch.device("cpu"), 0
-
-    def __call__(self, **kw):
-        return self.module(**kw)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def set_gradient_accumulation_boundary(self, _: bool) -> None: ...
-    def step(self) -> None: ...
-    def get_global_grad_norm(self) -> float: return 0.75
-    def get_lr(self) -> list[float]: return [1e-5]
-
-
 @pytest.mark.parametrize("loss", ["ppo_tis", "gspo", "clip_cov", "kl_cov", "bapo",
                                   pytest.param({"type": "ppo_tis", "token_selection_rho": 0.5}, id="ppo_tis_rho")])
 def test_two_real_ranks_merge_as_the_old_key_table_did(tiny_model, loss):
@@ -117,7 +100,7 @@ def test_two_real_ranks_merge_as_the_old_key_table_did(tiny_model, loss):
     for rank in range(2):
         worker = LearnerWorker(cfg.learner, tiny_model, rank=rank, world_size=2, samples_per_step=8,
                                max_tokens=4, temperature=1.0, seed=0)
-        worker.engine = _Engine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
+        worker.engine = StandInEngine(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
         worker.ref_model = None
         per_rank.append(worker.train_step(batch, version=0))
     r0, r1 = per_rank

@@ -103,3 +103,29 @@ def test_report_has_the_policy_entropy_curve_and_its_summary_line(tmp_path, caps
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert main(["report", str(run)]) == 0
     assert "- policy entropy on trained tokens (nats): -" in (run / "report" / "summary.md").read_text().splitlines()
+
+
+def test_report_shows_held_out_pass_at_k_beside_greedy_accuracy(tmp_path, capsys):
+    """Evals that sampled held-out pass@k (``eval/pass@k``, ``eval/pass_k_k``): its summary line names k and the
+    problems; a run without it has no such line."""
+    import json
+
+    run = tmp_path / "passk-20260101-000000"
+    run.mkdir()
+    recs = [{"step": 0, "time/elapsed_s": 5.0, "eval/accuracy": 0.4, "eval/pass@k": 0.625, "eval/pass_k_k": 8.0,
+             "eval/pass_k_problems": 50.0},
+            {"step": 1, "time/elapsed_s": 15.0, "rollout/reward_mean": 0.2},
+            {"step": 2, "time/elapsed_s": 25.0, "rollout/reward_mean": 0.3, "eval/accuracy": 0.45,
+             "eval/pass@k": 0.7, "eval/pass_k_k": 8.0, "eval/pass_k_problems": 50.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["report", str(run)]) == 0
+    capsys.readouterr()
+    lines = (run / "report" / "summary.md").read_text().splitlines()
+    assert "- held-out pass@8 (50 problems): 0.625 @ step 0, 0.700 @ step 2" in lines
+
+    for r in recs:
+        for k in ("eval/pass@k", "eval/pass_k_k", "eval/pass_k_problems"):
+            r.pop(k, None)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["report", str(run)]) == 0
+    assert not any("pass@" in ln for ln in (run / "report" / "summary.md").read_text().splitlines())
