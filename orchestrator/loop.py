@@ -296,7 +296,7 @@ class Trainer:
         final_dir = self.learner.save_pretrained(storage.join(self.run_uri, "final_model"))
         checkpoint.check_visible(final_dir, ["config.json"], "the final model", self.run_uri)
         stats = wait_all([w.stats.remote() for w in self.rollout.workers], 60, "rollout stats")
-        summary = {**last, **self._audit_groups(), **self.weight_sync.verify_metrics(),
+        summary = {**last, **self._audit_groups(), **self.weight_sync.verify_metrics(run=True),
                    "weights/load_seconds_total": sum(s["load_seconds"] for s in stats),
                    "perf/trained_samples_per_s": self.clock.samples_per_s(),
                    "final_model": final_dir}

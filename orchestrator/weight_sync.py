@@ -123,13 +123,16 @@ class WeightSync:
         self.newest = max(self.newest, version)
         return {**out, "weights/push_fallbacks_total": float(self.fallbacks), **self.verify_metrics()}
 
-    def verify_metrics(self) -> dict[str, float]:
+    def verify_metrics(self, run: bool = False) -> dict[str, float]:
         """Run totals of push verification (``weights/verify_failures_total``: checksum or canary failures,
         ``weights/repushes_total``, ``weights/verify_replaced_total``) and the canary metrics
-        (`CanaryChecks.metrics`); counted on the driver, over all workers."""
+        (`CanaryChecks.metrics`, over the whole run with ``run``: a summary); counted on the driver, over all
+        workers."""
         out = {"weights/verify_failures_total": float(self.verify_failures),
                "weights/repushes_total": float(self.repushes), "weights/verify_replaced_total": float(self.replaced)}
-        return {**out, **(self.canary.metrics() if self.canary is not None else {})}
+        if self.canary is None:
+            return out
+        return {**out, **(self.canary.metrics(run=True) if run else self.canary.metrics())}
 
     def retire(self) -> float:
         """Collect finished pushes; returns the seconds workers spent loading them on arrival.

@@ -103,6 +103,7 @@ class CanaryChecks:
         self.expected: dict[int, list] = {}  # version -> the learner's canary refs (rank 0's holds the logprobs)
         self.checks: list[Check] = []
         self.passed, self.seconds, self.max_diff = 0, 0.0, 0.0  # metrics: totals / since the last `metrics`
+        self.run_seconds, self.run_max_diff = 0.0, 0.0  # the same over the whole run
 
     def due(self, version: int) -> bool:
         """Whether a push of ``version`` is checked (every ``every``-th; version 0 is the base model, never pushed)."""
@@ -176,6 +177,7 @@ class CanaryChecks:
             return Verdict(c.slot, c.incarnation, c.version, False, f"its canary call failed: {cause}")
         v = got["version"]
         self.seconds += got["seconds"]
+        self.run_seconds += got["seconds"]
         if v not in self.expected:
             logger.info("rollout worker %d serves version %d by its canary check of version %d; no learner canary "
                         "of %d: not compared", c.slot, v, c.version, v)
@@ -183,6 +185,7 @@ class CanaryChecks:
         learner_lp = wait_all([self.expected[v][0]], self.timeout_s, f"the learner's canary of version {v}")[0]
         gap = canary_gap(learner_lp, got["logprobs"])
         self.max_diff = max(self.max_diff, gap["mean_abs_logprob_diff"])
+        self.run_max_diff = max(self.run_max_diff, gap["mean_abs_logprob_diff"])
         if gap_within(gap, self.bounds):
             self.passed += 1
             return Verdict(c.slot, c.incarnation, v, True)
@@ -191,10 +194,14 @@ class CanaryChecks:
             f"{self.bounds.max_mean_abs_logprob_diff:g}), mismatch KL {gap['mismatch_kl']:.4g} (bound "
             f"{self.bounds.max_mismatch_kl:g}) over {gap['tokens']:.0f} tokens"))
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, run: bool = False) -> dict[str, float]:
         """``weights/verified_total`` (checks passed, run total), ``weights/verify_seconds`` (seconds workers spent
         scoring canaries since the last call, summed over workers) and ``weights/verify_max_abs_logprob_diff``
-        (largest mean |diff| of a check since the last call, nats/token, max over workers)."""
+        (largest mean |diff| of a check since the last call, nats/token, max over workers); with ``run``, the
+        last two over the whole run (a run's summary), and the since-last-call values are left as they are."""
+        if run:
+            return {"weights/verified_total": float(self.passed), "weights/verify_seconds": self.run_seconds,
+                    "weights/verify_max_abs_logprob_diff": self.run_max_diff}
         out = {"weights/verified_total": float(self.passed), "weights/verify_seconds": self.seconds,
                "weights/verify_max_abs_logprob_diff": self.max_diff}
         self.seconds, self.max_diff = 0.0, 0.0

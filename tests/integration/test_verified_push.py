@@ -5,6 +5,7 @@ The run finishes, the counters say so, and the new worker serves the learner's f
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -68,5 +69,9 @@ def test_a_damaged_then_a_wrong_push_are_pushed_again_then_the_worker_is_replace
             summary["weights/verify_replaced_total"]) == (2.0, 1.0, 1.0), summary
     assert incarnation == 1 and not sync.failures  # the replacement passed its check
     assert summary["weights/verified_total"] >= 1, summary
+    # the summary's canary seconds are the run's: every step record's share, and the checks after the last step
+    per_step = [json.loads(x).get("weights/verify_seconds", 0.0) for x in
+                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["weights/verify_seconds"] >= sum(per_step) and summary["weights/verify_seconds"] > 0, summary
     # the replacement serves the learner's final policy (it was checked against the learner's logprobs, too)
     assert max(abs(a - b) for a, b in zip(learner_lp, worker_lp)) < 1e-3

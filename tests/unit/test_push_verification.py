@@ -191,3 +191,16 @@ def test_a_checksum_failure_in_a_receipt_is_a_failed_verification_not_a_fallback
         assert [(p.version, list(p.refs)) for p in sync.pushes] == [(4, [1])]
         sync.failures.clear()
     assert sync.verify_failures == 2 and sync.repushes == 2
+
+
+def test_canary_metrics_per_interval_reset_and_run_totals_do_not():
+    from orchestrator.weight_verify import CanaryChecks
+
+    c = object.__new__(CanaryChecks)
+    c.passed, c.seconds, c.max_diff, c.run_seconds, c.run_max_diff = 3, 0.5, 0.02, 1.5, 0.04
+    assert c.metrics() == {"weights/verified_total": 3.0, "weights/verify_seconds": 0.5,
+                           "weights/verify_max_abs_logprob_diff": 0.02}
+    assert c.metrics()["weights/verify_seconds"] == 0.0  # since the last call
+    assert c.metrics(run=True) == {"weights/verified_total": 3.0, "weights/verify_seconds": 1.5,
+                                   "weights/verify_max_abs_logprob_diff": 0.04}
+    assert c.metrics(run=True)["weights/verify_seconds"] == 1.5  # a summary read resets nothing
