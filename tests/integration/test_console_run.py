@@ -24,31 +24,65 @@ VLLM_LINE = re.compile(r"\b(INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d \[")  # vLLM'
 MAX_CONSOLE_LINES = 25  # a quiet run prints ~10 lines; before the logs dir, ~70 on this model (~180 on SmolLM2)
 
 
-def _train(tmp_path: Path, model: str, *args: str, env: dict | None = None
-           ) -> tuple[subprocess.CompletedProcess, Path]:
-    """``relayrl train`` on the tiny model (``args``: more options and overrides); returns it and its run dir."""
+def _start(tmp_path: Path, model: str, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start ``relayrl train`` on the tiny model (``args``: more options and overrides), its stdout and stderr
+    going to files in ``tmp_path`` (a pipe left unread would stall it); returns the process and ``tmp_path``."""
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "orchestrator.cli", "train", "deploy/examples/tiny_cpu.toml",
            f"model.path={model}", f"output_dir={out}", "ray.num_cpus=2", "data.eval_size=0", "rollout.max_tokens=16",
            "rollout.kv_cache_memory_bytes=67108864", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=300)
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=stdout, stderr=stderr,
+                                text=True), tmp_path
+
+
+def _finish(proc: subprocess.Popen, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """Wait (300 s at most) for a run `_start` started; returns it (with its output) and its run dir."""
+    try:
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    out = tmp_path / "runs"
     runs = [p for p in out.iterdir() if p.is_dir()] if out.exists() else []
-    assert len(runs) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, runs[0]
+    assert len(runs) == 1, stdout[-3000:] + stderr[-3000:]
+    return done, runs[0]
+
+
+# a run whose rollout worker raises in its constructor (vLLM refuses a max_model_len beyond the model's)
+FAILING_ACTOR = ("rollout.max_model_len=100000", "rollout.max_restarts=0")
 
 
 @pytest.fixture(scope="module")
-def quiet_run(tiny_model, tmp_path_factory):
-    """A short quiet run with checkpoints, TensorBoard and (when installed) offline W&B, with secrets
-    in its environment; returns ``(process, run dir, the secrets)``."""
+def runs(tiny_model, tmp_path_factory) -> dict[str, tuple]:
+    """The module's three runs, started side by side (each its own process and Ray instance):
+
+    - ``quiet``: a short quiet run with checkpoints, TensorBoard and (when installed) offline W&B, with secrets
+      in its environment: ``(process, run dir, the secrets)``;
+    - ``failing`` and ``failing_verbose`` (``-v``): a run whose rollout worker raises: ``(process, run dir)``.
+    """
     planted = {"AWS_SECRET_ACCESS_KEY": f"relayrl-test-secret-{secrets.token_hex(8)}",
                "WANDB_API_KEY": f"relayrl-test-secret-{secrets.token_hex(20)}"}
     extra = ["rollout.max_model_len=256", "checkpoint.every=1"]
     if importlib.util.find_spec("wandb"):
         extra += ["metrics.wandb_project=relayrl-secret-test", "metrics.wandb_mode=offline"]
-    proc, run_dir = _train(tmp_path_factory.mktemp("quiet"), tiny_model, "-q", *extra,
-                           env={**planted, "WANDB_SILENT": "true"})
+    started = {"quiet": _start(tmp_path_factory.mktemp("quiet"), tiny_model, "-q", *extra,
+                               env={**planted, "WANDB_SILENT": "true"}),
+               "failing": _start(tmp_path_factory.mktemp("failing"), tiny_model, "-q", *FAILING_ACTOR),
+               "failing_verbose": _start(tmp_path_factory.mktemp("verbose"), tiny_model, "-v", "-q", *FAILING_ACTOR)}
+    try:
+        done = {name: _finish(*s) for name, s in started.items()}
+    finally:
+        for proc, _ in started.values():
+            proc.kill()
+    return {**done, "quiet": (*done["quiet"], planted)}
+
+
+@pytest.fixture
+def quiet_run(runs):
+    """The quiet run of `runs`, which must have succeeded: ``(process, run dir, the secrets)``."""
+    proc, run_dir, planted = runs["quiet"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, run_dir, planted
 
@@ -89,12 +123,8 @@ def test_no_secret_in_any_file_the_run_wrote(quiet_run):
         assert secret not in proc.stdout + proc.stderr, name
 
 
-# a run whose rollout worker raises in its constructor (vLLM refuses a max_model_len beyond the model's)
-FAILING_ACTOR = ("rollout.max_model_len=100000", "rollout.max_restarts=0")
-
-
-def test_actor_error_reaches_the_console_naming_its_log(tiny_model, tmp_path):
-    proc, run_dir = _train(tmp_path, tiny_model, "-q", *FAILING_ACTOR)
+def test_actor_error_reaches_the_console_naming_its_log(runs):
+    proc, run_dir = runs["failing"]
     assert proc.returncode != 0
     log = run_dir / "logs" / "RolloutWorker.log"
     console = (proc.stdout + proc.stderr).splitlines()
@@ -107,8 +137,8 @@ def test_actor_error_reaches_the_console_naming_its_log(tiny_model, tmp_path):
     assert "Traceback (most recent call last)" in log.read_text()  # the whole traceback is in the file
 
 
-def test_verbose_brings_every_actor_line_back_to_the_console(tiny_model, tmp_path):
-    proc, run_dir = _train(tmp_path, tiny_model, "-v", "-q", *FAILING_ACTOR)
+def test_verbose_brings_every_actor_line_back_to_the_console(runs):
+    proc, run_dir = runs["failing_verbose"]
     assert proc.returncode != 0
     console = proc.stdout + proc.stderr
     assert len([x for x in console.splitlines() if VLLM_LINE.search(x)]) >= 3, console[-3000:]

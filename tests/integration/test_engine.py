@@ -115,9 +115,16 @@ def test_bf16_engine_on_an_fp32_checkpoint_loads_it_cast_without_dtype_warnings(
     save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(bf16_dir / "model.safetensors"),
               metadata={"format": "pt"})
     runs = {}
-    for name, model in (("fp32", tiny_model), ("bf16", str(bf16_dir))):
-        out = subprocess.run([sys.executable, "-c", _CAST_LOAD.format(model=model)], capture_output=True, text=True,
-                             timeout=300)
+    procs = {name: subprocess.Popen([sys.executable, "-c", _CAST_LOAD.format(model=model)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, model in (("fp32", tiny_model), ("bf16", str(bf16_dir)))}  # both engines start side by side
+    try:
+        outs = {name: p.communicate(timeout=300) for name, p in procs.items()}
+        done = {name: subprocess.CompletedProcess(p.args, p.returncode, *outs[name]) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+    for name, out in done.items():
         assert out.returncode == 0, out.stderr[-3000:]
         assert "Attempted to load weight" not in out.stderr + out.stdout, name
         runs[name] = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")).split(" ", 1)[1])

@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 _SCRIPT = r"""
-import json, time, torch
+import json, threading, time, torch
 from transformers import AutoModelForCausalLM
 from buffer import GenerateRequest, Problem
 from buffer.replay import ReplayBuffer
@@ -30,6 +30,7 @@ from rollout.episode import Episode, TurnEncoder, run_episodes
 from rollout.worker import RolloutWorker
 
 MODEL = {model!r}
+HUNG = threading.Event()  # set when the script is done: the hung environment step returns then
 
 class Echo(Environment):
     # three turns; each observation reports the length of the last answer; the 'bad' episodes misbehave
@@ -43,7 +44,7 @@ class Echo(Environment):
         if self.mode == "raise" and self.turn == 2:
             raise ValueError("broken environment")
         if self.mode == "hang" and self.turn == 2:
-            time.sleep(30)
+            HUNG.wait(60)  # hangs until the script is done (its thread would otherwise hold the exit for as long)
         return StepResult([{{"role": "user", "content": f"You wrote {{len(action)}} characters. Again."}}],
                           float(self.turn), self.turn == 3)
 
@@ -110,7 +111,8 @@ print("RESULT", json.dumps({{
     "lp_err": errs, "seconds": seconds,
     "worker": {{"samples": res.samples, "kept": list(res.kept_keys), "turns": res.turns, "stored": len(stored),
                "env_failures": res.env_failures, "statuses": [s.status for s in stored],
-               "has_turn_rewards": all(len(s.turn_rewards) >= 1 for s in stored)}}}}))
+               "has_turn_rewards": all(len(s.turn_rewards) >= 1 for s in stored)}}}}), flush=True)
+HUNG.set()
 """
 
 
@@ -171,6 +173,9 @@ evals = w.evaluate(probs, 0, MAX)
 raw_greedy = w.engine.generate(prompts, 1, MAX, 0.0)
 greedy = [score_response(g[0].text, p.answer)[1] for p, g in zip(probs, raw_greedy)]
 tx = w.greedy_transcripts(probs, 0, MAX)
+# held-out pass@k: greedy and sampled requests of one prompt in one engine call, each at its own temperature
+mixed = w.engine.generate([prompts[0], prompts[0]], [1, 6], MAX, [0.0, 1.0])
+pass_correct, pass_counts = w.evaluate_pass_k(probs, [True, False, True], 4, 0, MAX)
 eos = tok.eos_token_id
 print("RESULT", json.dumps({{
     "prompt_ok": [s.prompt_ids == prompts[i // 4] for i, s in enumerate(stored)],
@@ -186,7 +191,10 @@ print("RESULT", json.dumps({{
     "reward_failures": res.reward_failures, "env_failures": res.env_failures, "turns": res.turns,
     "tokens": res.tokens, "sampled": sum(len(s.response_ids) for s in stored),
     "evals": evals, "greedy": greedy, "tx_turns": [t["turns"] for t in tx], "tx_correct": [t["correct"] for t in tx],
-    "raw_greedy_texts": [[g[0].text] for g in raw_greedy]}}))
+    "raw_greedy_texts": [[g[0].text] for g in raw_greedy],
+    "mixed_greedy_ok": mixed[0][0].token_ids == raw_greedy[0][0].token_ids and len(mixed[1]) == 6,
+    "mixed_sampled_differ": any(c.token_ids != raw_greedy[0][0].token_ids for c in mixed[1]),
+    "pass_correct": pass_correct, "pass_counts": pass_counts}}))
 """
 
 
@@ -205,3 +213,8 @@ def test_single_turn_tasks_are_one_step_episodes_of_the_same_worker_path(tiny_su
     assert res["turns"] == 12 and res["tokens"] == res["sampled"]
     assert res["evals"] == res["greedy"] and len(res["evals"]) == 3
     assert res["tx_turns"] == res["raw_greedy_texts"] and res["tx_correct"] == res["evals"]  # the same greedy episodes
+    # pass@k's samples ride in the greedy eval's engine call: the greedy answers stay those of a greedy-only call,
+    # the others are sampled at the rollout temperature (6 samples of a tiny random model: not all the greedy one)
+    assert res["mixed_greedy_ok"] and res["mixed_sampled_differ"]
+    assert res["pass_correct"] == res["evals"] and len(res["pass_counts"]) == 2
+    assert all(0 <= c <= 4 for c in res["pass_counts"])

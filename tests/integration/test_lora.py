@@ -5,6 +5,7 @@ the final merged model and adapter, and resume onto a worker that merges pushed 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -77,23 +78,26 @@ def test_lora_zero3_pushes_adapters_only_and_resumes(tiny_sums_model, ray_local,
     assert (learner_lp - wrong_lp).abs().max().item() > 10 * LOGPROB_TOL
     # final output: the merged HF model (transformers and vLLM load it) and the PEFT adapter
     final = summary["final_model"]
-    assert (hf_logprobs(final, tok_ids, 8) - learner_lp).abs().max().item() < LOGPROB_TOL
-    assert (vllm_logprobs(final, tok_ids, 8) - learner_lp).abs().max().item() < LOGPROB_TOL
-    assert json.loads((run_dir / "final_model" / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    # a fresh vLLM engine on the merged model, in a subprocess of its own, starts while the resume below runs
+    with ThreadPoolExecutor(1) as pool:
+        final_vllm_lp = pool.submit(vllm_logprobs, final, tok_ids, 8)
+        assert (hf_logprobs(final, tok_ids, 8) - learner_lp).abs().max().item() < LOGPROB_TOL
+        assert json.loads((run_dir / "final_model" / "adapter" / "adapter_config.json").read_text())["r"] == 8
 
-    # resume: the checkpoint holds the adapters (not the frozen base); a new learner restores the policy, and
-    # a worker that merges the pushed adapter into its base weights serves it too
-    ckpt = Path(latest_checkpoint(run_dir))
-    shards = sum(f.stat().st_size for f in (ckpt / "learner").rglob("*model_states.pt"))
-    # measured: ~30 KB with the adapters only, ~520 KB when the frozen base weights are saved as well
-    assert shards < 2 * adapter_bytes, shards
-    resumed = Trainer(merge_cfg, run_dir, tiny_sums_model, problems, [], resume_from=ckpt)
-    try:
-        assert resumed.version == 3
-        restored_lp = torch.tensor(resumed.learner.sequence_logprobs(tok_ids, 8))
-        pushed_lp = torch.tensor(ray.get(resumed.rollout.workers[0].sequence_logprobs.remote(tok_ids, 8, 3),
-                                         timeout=120))
-    finally:
-        resumed.shutdown()
+        # resume: the checkpoint holds the adapters (not the frozen base); a new learner restores the policy, and
+        # a worker that merges the pushed adapter into its base weights serves it too
+        ckpt = Path(latest_checkpoint(run_dir))
+        shards = sum(f.stat().st_size for f in (ckpt / "learner").rglob("*model_states.pt"))
+        # measured: ~30 KB with the adapters only, ~520 KB when the frozen base weights are saved as well
+        assert shards < 2 * adapter_bytes, shards
+        resumed = Trainer(merge_cfg, run_dir, tiny_sums_model, problems, [], resume_from=ckpt)
+        try:
+            assert resumed.version == 3
+            restored_lp = torch.tensor(resumed.learner.sequence_logprobs(tok_ids, 8))
+            pushed_lp = torch.tensor(ray.get(resumed.rollout.workers[0].sequence_logprobs.remote(tok_ids, 8, 3),
+                                             timeout=120))
+        finally:
+            resumed.shutdown()
+        assert (final_vllm_lp.result(timeout=300) - learner_lp).abs().max().item() < LOGPROB_TOL
     assert (restored_lp - learner_lp).abs().max().item() < 1e-5
     assert (pushed_lp - learner_lp).abs().max().item() < LOGPROB_TOL

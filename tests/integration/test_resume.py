@@ -57,31 +57,28 @@ def _run_dir(tmp_path: Path, name: str) -> Path:
     return d
 
 
-@pytest.mark.timeout(900)
-def test_sync_resume_after_sigkill_equals_uninterrupted_run(tiny_sums_model, tmp_path):
-    _train(_config(tmp_path, tiny_sums_model, "straight", 0))
-    cfg = _config(tmp_path, tiny_sums_model, "killed", 0)
-    _train(cfg, kill_after_checkpoint=2)
-    run = _run_dir(tmp_path, "killed")
-    _train(cfg, "--resume", str(run))
+@pytest.fixture(scope="module")
+def sync_runs(tiny_sums_model, tmp_path_factory):
+    """The synchronous runs of `test_sync_resume_after_sigkill_equals_uninterrupted_run`, going on in the
+    background from the first test that asks for them (the S3 test, first in this file, so that they overlap
+    its runs; each process is single-threaded much of the time): the uninterrupted reference beside a run
+    SIGKILLed after a checkpoint and then resumed. Yields a future of ``(reference run dir, resumed run dir)``."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    ref, res = _run_dir(tmp_path, "straight"), run
-    a = [r for r in _records(ref, "metrics.jsonl") if r["step"] > 0]
-    b = [r for r in _records(res, "metrics.jsonl") if r["step"] > 0]
-    assert [r["step"] for r in b] == list(range(1, STEPS + 1))  # the curve continues; later records replaced
-    resumed = [r for r in b if "resume/step" in r]  # the first step after the resume carries these
-    assert len(resumed) == 1 and resumed[0]["step"] == resumed[0]["resume/step"] + 1, resumed
-    assert 2 <= resumed[0]["resume/step"] < STEPS  # the kill lands after checkpoint 2 or a later one
-    assert resumed[0]["resume/reissued_groups"] == 0.0  # synchronous: nothing in flight at a checkpoint
-    for x, y in zip(a, b):
-        assert x["rollout/reward_mean"] == y["rollout/reward_mean"], x["step"]
-        assert x["learner/loss"] == pytest.approx(y["learner/loss"], rel=1e-4, abs=1e-6), x["step"]
-        assert x["learner/grad_norm"] == pytest.approx(y["learner/grad_norm"], rel=1e-3), x["step"]
-    # same groups at every step (dispatch keys map to prompts through the restored cursor); order within
-    # a batch follows which of the two requests reached the buffer first, so compare per step as sets
-    per_step = lambda d: [(r["step"], sorted(r["groups"])) for r in _records(d, "trained_groups.jsonl")]  # noqa: E731
-    assert per_step(ref) == per_step(res)
-    assert len(list((res / "checkpoints").glob("step_*"))) == 2  # keep = 2
+    tmp = tmp_path_factory.mktemp("sync")
+
+    def runs() -> tuple[Path, Path]:
+        with ThreadPoolExecutor(1) as pool:  # synchronous runs do not depend on timing: the reference goes beside
+            straight = pool.submit(_train, _config(tmp, tiny_sums_model, "straight", 0))
+            cfg = _config(tmp, tiny_sums_model, "killed", 0)
+            _train(cfg, kill_after_checkpoint=2)
+            run = _run_dir(tmp, "killed")
+            _train(cfg, "--resume", str(run))
+            straight.result()
+        return _run_dir(tmp, "straight"), run
+
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(runs)
 
 
 def _groups_to_reissue(run: str) -> tuple[float, float]:
@@ -101,7 +98,7 @@ def _jsonl(uri: str) -> list[dict]:
 
 @pytest.mark.timeout(900)
 def test_async_run_on_s3_resumes_from_the_bucket_alone_losing_and_duplicating_nothing(tiny_sums_model, s3_bucket,
-                                                                                     tmp_path):
+                                                                                     tmp_path, sync_runs):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,3 +173,24 @@ def test_async_run_on_s3_resumes_from_the_bucket_alone_losing_and_duplicating_no
     assert len(objects) > 20
     assert not [o for o in objects if secret in fs.cat_file(o)]
     assert not [p for p in local.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+@pytest.mark.timeout(900)
+def test_sync_resume_after_sigkill_equals_uninterrupted_run(sync_runs):
+    ref, res = sync_runs.result(timeout=850)
+    a = [r for r in _records(ref, "metrics.jsonl") if r["step"] > 0]
+    b = [r for r in _records(res, "metrics.jsonl") if r["step"] > 0]
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1))  # the curve continues; later records replaced
+    resumed = [r for r in b if "resume/step" in r]  # the first step after the resume carries these
+    assert len(resumed) == 1 and resumed[0]["step"] == resumed[0]["resume/step"] + 1, resumed
+    assert 2 <= resumed[0]["resume/step"] < STEPS  # the kill lands after checkpoint 2 or a later one
+    assert resumed[0]["resume/reissued_groups"] == 0.0  # synchronous: nothing in flight at a checkpoint
+    for x, y in zip(a, b):
+        assert x["rollout/reward_mean"] == y["rollout/reward_mean"], x["step"]
+        assert x["learner/loss"] == pytest.approx(y["learner/loss"], rel=1e-4, abs=1e-6), x["step"]
+        assert x["learner/grad_norm"] == pytest.approx(y["learner/grad_norm"], rel=1e-3), x["step"]
+    # same groups at every step (dispatch keys map to prompts through the restored cursor); order within
+    # a batch follows which of the two requests reached the buffer first, so compare per step as sets
+    per_step = lambda d: [(r["step"], sorted(r["groups"])) for r in _records(d, "trained_groups.jsonl")]  # noqa: E731
+    assert per_step(ref) == per_step(res)
+    assert len(list((res / "checkpoints").glob("step_*"))) == 2  # keep = 2
