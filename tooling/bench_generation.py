@@ -32,7 +32,10 @@ NOTE = ("`generation`: tokens/s per core: each timed call of the `wrapper` bench
         "(greedy, `eval_max_tokens`, `rollout.eval_num_threads` threads) on the rollout workers of a built `Trainer`, "
         f"as the run's evals call it; {EVAL_REPEATS} evals, each after a weight push of the unchanged base weights "
         "(a push resets the prefix cache, as before every eval of a run), timed from the driver. The accuracy row "
-        "is the strict exact-match share of the base policy (the run's step-0 eval).")
+        "is the strict exact-match share of the base policy (the run's step-0 eval). With `eval_pass_k_problems` > 0, "
+        f"{EVAL_REPEATS} more evals as `Trainer.evaluate` runs them with pass@k on (`RolloutGroup.evaluate_pass_k`: "
+        "the greedy episodes and k samples at the rollout temperature for each of the first `eval_pass_k_problems` "
+        "problems, in the same engine calls), each after a push, and the base policy's pass@k.")
 
 
 def wrapper_calls(s) -> dict[str, list[tuple[int, float]]]:
@@ -159,4 +162,20 @@ def bench_generation(s) -> dict[str, Row]:
     threads = engine_threads(rc.num_cpus)
     s.raw["generation"] = {"engine_threads": threads, "eval_seconds": seconds, "eval_problems": len(problems),
                            "eval_correct": [sum(c) for c in correct], "eval_num_threads": rc.eval_num_threads}
-    return generation_rows(calls, threads, seconds, correct)
+    rows = generation_rows(calls, threads, seconds, correct)
+    n_pass, k = min(cfg.eval_pass_k_problems, len(problems)), cfg.eval_pass_k or rc.group_size
+    if n_pass:  # the eval as Trainer.evaluate runs it with pass@k on: the sampled episodes in the same engine calls
+        from orchestrator.metrics import pass_k_metrics
+
+        pk_seconds, pk = [], []
+        for _ in range(EVAL_REPEATS):
+            pushes(s, repeats=1)
+            t0 = time.perf_counter()
+            _, counts = rollout.evaluate_pass_k(problems, n_pass, k, s.pushed_version, cfg.eval_max_tokens or
+                                                rc.max_tokens, rc.request_timeout_s + rc.weight_wait_timeout_s)
+            pk_seconds.append(time.perf_counter() - t0)
+            pk.append(pass_k_metrics(counts, k, k)["eval/pass@k"])
+        s.raw["generation"].update(pass_k_eval_seconds=pk_seconds, pass_k=pk, pass_k_problems=n_pass, k=k)
+        rows[f"held-out eval + pass@{k} on {n_pass} of the problems"] = spread_row(pk_seconds, "s")
+        rows[f"held-out pass@{k} (base policy)"] = spread_row(pk, "fraction")
+    return rows

@@ -83,6 +83,10 @@ class _Rollout:
         self.calls.append((len(problems), min_version, max_tokens, timeout_s))
         return [i % 2 == 0 for i in range(len(problems))]
 
+    def evaluate_pass_k(self, problems, pass_problems, k, min_version, max_tokens, timeout_s):
+        self.calls.append(("pass@k", len(problems), pass_problems, k, min_version))
+        return [True] * len(problems), [k if i % 4 == 0 else 0 for i in range(pass_problems)]
+
 
 class _Session:
     """Stand-in `tooling.bench_session.Session`: the config, measured values and a stand-in rig."""
@@ -138,6 +142,25 @@ def test_bench_generation_evaluates_after_a_push_as_the_run_does(monkeypatch):
     assert s.raw["generation"]["eval_correct"] == [cfg.data.eval_size // 2] * EVAL_REPEATS
     js = to_json({"generation": rows}, "relayrl bench main.toml", "main.toml", [], s.raw)
     assert {r["metric"] for r in js["rows"]} == set(rows)
+
+
+def test_bench_generation_times_the_eval_with_pass_k_when_it_is_on(monkeypatch):
+    cfg = _main_job_cfg().model_copy(update={"eval_pass_k_problems": 8})
+    s = _Session(cfg, raw={"wrapper": {"calls_tokens_seconds": CALLS}})
+
+    def push(sess, extra=(), repeats=3):
+        sess.pushed_version += 1
+        return [{}]
+
+    monkeypatch.setattr(bench_generation, "pushes", push)
+    rows = bench_generation.bench_generation(s)
+    _well_formed(rows)
+    k = cfg.rollout.group_size
+    # after the greedy evals, as many with pass@k, each after its own push
+    assert s.rollout.calls[EVAL_REPEATS:] == [("pass@k", cfg.data.eval_size, 8, k, v)
+                                              for v in range(EVAL_REPEATS + 1, 2 * EVAL_REPEATS + 1)]
+    assert rows[f"held-out eval + pass@{k} on 8 of the problems"]["n"] == EVAL_REPEATS
+    assert rows[f"held-out pass@{k} (base policy)"]["value"] == 0.25  # 2 of 8 problems solved by all k samples
 
 
 def test_bench_generation_refuses_a_config_without_held_out_problems():
