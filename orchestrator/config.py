@@ -113,8 +113,9 @@ class RunConfig(StrictConfig):
         0.0, ge=0.0, description="stop after the first step that ends past this many seconds (0: none)")
     eval_max_tokens: int | None = Field(None, ge=1, description="eval max tokens (None: rollout's)")
     eval_pass_k_problems: int = Field(
-        50, ge=0, le=100_000, description="held-out pass@k at every eval on the first N held-out problems, sampled k "
-        "times each at rollout.temperature in the greedy eval's engine calls (0: off)")
+        0, ge=0, le=100_000, description="held-out pass@k at every eval on the first N held-out problems, sampled k "
+        "times each at rollout.temperature in the greedy eval's engine calls (0: off; 50 with k = 8 made the main "
+        "job's eval 3x longer on 2 CPUs, docs/bench_eval_pass_k.md)")
     eval_pass_k: int | None = Field(None, ge=1, le=1024, description="k of held-out pass@k: samples per problem "
                                     "(None: rollout.group_size)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the policy model: where its weights come from")

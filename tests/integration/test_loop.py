@@ -39,7 +39,8 @@ def _cfg(model: str, tmp_path, zero_stage: int, steps: int, max_staleness: int, 
 def test_real_loop_two_ranks_pushes_weights_and_writes_metrics(tiny_model, ray_local, tmp_path, zero_stage,
                                                                max_staleness, skip):
     # zero3-sync skips zero-advantage samples (the default): with no reward, every step is padding passes
-    cfg = _cfg(tiny_model, tmp_path, zero_stage, 3, max_staleness, f"learner.skip_zero_advantage={str(skip).lower()}")
+    cfg = _cfg(tiny_model, tmp_path, zero_stage, 3, max_staleness, f"learner.skip_zero_advantage={str(skip).lower()}",
+               "eval_pass_k_problems=4")
     run_dir = tmp_path / "run"
     trainer = Trainer(cfg, run_dir, tiny_model, load_problems(cfg.data, "train"), load_problems(cfg.data, "eval"))
     try:
@@ -123,6 +124,10 @@ def _check_run(trainer, summary, cfg, run_dir, tiny_model):
     max_tokens = cfg.eval_max_tokens or cfg.rollout.max_tokens
     assert recs[-1]["eval/accuracy"] == hf_greedy_accuracy(summary["final_model"], problems, cfg.data.instruction,
                                                            cfg.data.one_shot, max_tokens)
+    # pass@k beside it at every eval, on the first 4 problems, k = group size; none solved by this random model
+    for r in (recs[0], recs[-1]):
+        assert (r["eval/pass_k_problems"], r["eval/pass_k_k"]) == (4, cfg.rollout.group_size), r
+        assert r["eval/pass@k"] == 0.0 and r["eval/sampled_accuracy"] == 0.0, r
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     _check_report(run_dir)
 
