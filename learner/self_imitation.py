@@ -54,6 +54,26 @@ def sil_advantages(rewards: torch.Tensor, baselines: torch.Tensor, max_advantage
     return (rewards - baselines).clamp(min=0.0, max=max_advantage)
 
 
+def split_replays(batch: list[list], max_advantage: float) -> tuple[list[list], list[float]]:
+    """The fresh groups of a training ``batch`` (groups of `buffer.Sample`, the replays last, as
+    `buffer.ReplayBuffer.take_batch` orders them) and every sample's self-imitation advantage in batch order: 0 for a
+    fresh sample, `sil_advantages` of its reward and baseline for a replay.
+
+    Raises:
+        ValueError: a replayed group before a fresh one, or ``max_advantage <= 0``.
+    """
+    import torch
+
+    fresh = [g for g in batch if not g[0].replayed]
+    if any(s.replayed for g in batch[:len(fresh)] for s in g):
+        raise ValueError("a training batch holds a replayed sample before a fresh group; the replays must come last "
+                         "(buffer.ReplayBuffer.take_batch)")
+    replays = [s for g in batch[len(fresh):] for s in g]
+    sil = sil_advantages(torch.tensor([s.reward for s in replays]), torch.tensor([s.baseline or 0.0 for s in replays]),
+                         max_advantage)
+    return fresh, [0.0] * sum(len(g) for g in fresh) + sil.tolist()
+
+
 def self_imitation_loss(logprobs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, coef: float,
                         loss_normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``coef * sum_{i,t} -A_i * log pi_theta(y_it) * mask_it / loss_normalizer``: SIL's policy term (Oh et al.

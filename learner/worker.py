@@ -201,13 +201,12 @@ class LearnerWorker(LearnerCheckpoints, LearnerSnapshots, LearnerWeightPush):
         not run.
 
         Raises:
-            ValueError: too few samples for ``ppo_minibatches``, or a sample longer than
-                ``max_tokens_per_microbatch`` (`learner.batching.plan_microbatches`).
+            ValueError: too few samples for ``ppo_minibatches``, a sample longer than
+                ``max_tokens_per_microbatch`` (`learner.batching.plan_microbatches`), or a replay before a fresh
+                group (`learner.self_imitation.split_replays`).
         """
-        import torch
-
         from learner.batching import BatchShape, plan_microbatches, prox_schedule, restrict_plan
-        from learner.self_imitation import sil_advantages
+        from learner.self_imitation import split_replays
         from learner.step import TokenWeightedMeans, batch_metrics, recompute_prox, step_advantages
 
         t0 = time.perf_counter()
@@ -215,14 +214,10 @@ class LearnerWorker(LearnerCheckpoints, LearnerSnapshots, LearnerWeightPush):
         c, W, M = self.cfg, self.world_size, self.cfg.ppo_minibatches
         shape = BatchShape.of(batch)
         plan = plan_microbatches(shape, W, M, c.micro_batch_size, c.max_tokens_per_microbatch, c.shared_prefix)
-        fresh = [g for g in batch if not g[0].replayed]  # the replays follow the fresh groups
+        fresh, sil = split_replays(batch, c.self_imitation.max_advantage)  # the replays follow the fresh groups
         n_fresh = sum(len(g) for g in fresh)
-        assert not any(s.replayed for s in samples[:n_fresh]), "replayed samples must follow the fresh groups"
         prep = step_advantages(fresh, version, c.advantage, c.staleness_decay)
         advantages = prep.advantages + [0.0] * (len(samples) - n_fresh)
-        sil = [0.0] * n_fresh + sil_advantages(torch.tensor([s.reward for s in samples[n_fresh:]]),
-                                               torch.tensor([s.baseline or 0.0 for s in samples[n_fresh:]]),
-                                               c.self_imitation.max_advantage).tolist()
         normalizers = self._normalizers(plan, samples)  # over all samples, before any is skipped
         my_tokens = sum(sum(samples[i].loss_mask) for mb in plan[self.rank] for micro in mb for i in micro)
         keep = [True] * len(samples)

@@ -157,3 +157,15 @@ def test_audit_lists_replays_apart_from_the_trained_groups(tmp_path):
     log.close()
     rows = [json.loads(x) for x in (tmp_path / "trained_groups.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "groups": ["g1", "g2"]}, {"step": 2, "groups": ["g3"], "replayed": ["g1", "g1"]}]
+
+
+def test_split_replays_gives_fresh_groups_and_sil_advantages_and_refuses_a_replay_first():
+    from learner.self_imitation import split_replays
+
+    fresh = [Sample("p1", "g1", [1], [2], [-1.0], [0], reward=0.0),
+             Sample("p1", "g1", [1], [3], [-1.0], [0], reward=1.0)]
+    replay = Sample("p2", "g2", [1], [4], [-1.0], [0], reward=1.0, replayed=True, baseline=0.25)
+    groups, sil = split_replays([fresh, [replay]], max_advantage=0.5)
+    assert groups == [fresh] and sil == [0.0, 0.0, 0.5]  # 1.0 - 0.25 clipped to 0.5
+    with pytest.raises(ValueError, match="replayed sample before a fresh group"):
+        split_replays([[replay], fresh], max_advantage=0.5)
